@@ -1,0 +1,803 @@
+"""Tests for chat.py: the real server on an ephemeral port, driven by real sockets,
+and the real client in a subprocess. Run with: python -m unittest -v
+"""
+
+import collections
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from unittest import mock
+
+import chat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT = os.path.join(HERE, "chat.py")
+TIMEOUT = 5.0              # a hang detector, never a delay
+POSIX = os.name == "posix"
+
+chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
+
+
+def raise_fd_limit(test, needed):
+    """Raise this process's open-file soft limit to needed, or skip the test."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        test.skipTest("needs %d open files, the hard limit is %d" % (needed, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def ipv6_available():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(condition, timeout=TIMEOUT, message="condition"):
+    """Poll an in-process condition until it holds; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + message)
+        time.sleep(0.01)
+
+
+class Peer:
+    """A chat user on a raw socket, as nc would be, with a transcript for failures."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(TIMEOUT)
+        self.buffer = b""
+        self.pending = collections.deque()    # received lines not read yet
+        self.transcript = []
+
+    def recent(self):
+        """The last lines received, shortened, for failure messages."""
+        return [line[:80] for line in self.transcript[-8:]]
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def say(self, *lines):
+        self.send("".join(line + "\n" for line in lines).encode())
+
+    def read_line(self):
+        """The next line as text, or None at end of stream."""
+        while not self.pending:
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            except socket.timeout:
+                raise AssertionError("no line within %.0f s; got so far: %r"
+                                     % (TIMEOUT, self.recent()))
+            if not data:
+                return None
+            lines = (self.buffer + data).split(b"\n")
+            self.buffer = lines.pop()
+            self.pending.extend(lines)
+        line = self.pending.popleft().decode("utf-8")
+        self.transcript.append(line)
+        return line
+
+    def lines_until(self, pattern):
+        """Every line before the first one matching pattern (a regex), which is consumed."""
+        before = []
+        while True:
+            line = self.read_line()
+            if line is None:
+                raise AssertionError("connection closed waiting for %r after %r"
+                                     % (pattern, self.recent()))
+            if re.fullmatch(pattern, line):
+                return before
+            before.append(line)
+
+    def expect(self, pattern):
+        """Skip lines up to one that matches pattern; return it."""
+        self.lines_until(pattern)
+        return self.transcript[-1]
+
+    def next_line(self):
+        line = self.read_line()
+        if line is None:
+            raise AssertionError("connection closed; got %r" % self.recent())
+        return line
+
+    def sync(self):
+        """Lines that arrived before the answer to a /who sent now: a barrier."""
+        self.say("/who")
+        return self.lines_until(r"\*\*\* \d+ online: .*")
+
+    def expect_closed(self):
+        """Read to the end of the stream; return what came before it."""
+        rest = []
+        while True:
+            line = self.read_line()
+            if line is None:
+                return rest
+            rest.append(line)
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a real ChatServer on 127.0.0.1, port 0, in a named daemon thread."""
+
+    options = {}
+
+    def setUp(self):
+        settings = dict(host="127.0.0.1", port=0, name="testroom",
+                        close_linger=0.5, shutdown_timeout=1.0)
+        settings.update(self.options)
+        self.server = chat.ChatServer(chat.ServerOptions(**settings))
+        self.addCleanup(self.server.server_close)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="chat-server",
+                                       daemon=True)
+        self.thread.start()
+        self.addCleanup(self.stop_server)
+        self.address = self.server.addresses[0]
+
+    def stop_server(self):
+        self.server.shutdown()
+        self.thread.join(TIMEOUT)
+        self.assertFalse(self.thread.is_alive(), "server thread did not end")
+
+    def open_peer(self, address=None):
+        sock = socket.create_connection(address or self.address, timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        return Peer(sock)
+
+    def connect(self, nick=None):
+        """A peer past its greeting, renamed to nick when given (which announces it)."""
+        peer = self.open_peer()
+        peer.expect(r"\*\*\* type /help for commands")
+        if nick:
+            peer.say("/nick " + nick)
+            peer.expect(r"\*\*\* you are now known as " + re.escape(nick))
+        return peer
+
+
+class ProtocolTextTest(unittest.TestCase):
+    """The pure helpers every line goes through."""
+
+    def test_sanitize_keeps_plain_and_unicode_text(self):
+        for text in ("hello world", "héllo wörld", "日本語テキスト", "emoji 🎉 ok", "a\u00a0b"):
+            self.assertEqual(chat.sanitize(text), text)
+
+    def test_sanitize_strips_whole_escape_sequences(self):
+        cases = {
+            "\x1b[31mred\x1b[0m": "red",
+            "\x1b[2J\x1b[Hwiped": "wiped",
+            "a\x1b[?1049hb": "ab",
+            "\x1b]0;evil title\x07text": "text",
+            "\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\": "link",
+            "\x1b]52;c;Zm9v": "",                       # OSC to the end of the line
+            "\x1bP+q544e\x1b\\after": "after",          # DCS up to ST
+            "\x1b_apc\x07after": "after",               # APC up to BEL
+            "\x9b31mC1 csi": "C1 csi",
+            "\x1b(Bcharset": "charset",
+            "\x1b7save\x1b8": "save",
+            "bell\x07 bs\x08 nul\x00 del\x7f": "bell bs nul del",
+            "tab\there": "tab here",
+            "cr\rlf\n": "crlf",
+            "bidi \u202eevil\u202c \u2066x\u2069 \u200fy": "bidi evil x y",
+            "line\u2028para\u2029end": "lineparaend",
+            "c1 \x85\x90\x9c controls": "c1  controls",
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(chat.sanitize(text), expected)
+
+    def test_decode_line(self):
+        self.assertEqual(chat.decode_line(b"hello\r"), "hello")
+        self.assertEqual(chat.decode_line(b"bad \xfe utf8 \xc3("), "bad \ufffd utf8 \ufffd(")
+        self.assertEqual(chat.decode_line(b"caf\xe9"), "caf\ufffd")
+        self.assertEqual(chat.decode_line(b"\xff\xfb\x01\xff\xfd\x03hi"), "hi")
+        self.assertEqual(chat.decode_line(b"\xff\xfa\x18\x00xterm\xff\xf0hi"), "hi")
+        self.assertEqual(chat.decode_line("grüße".encode()), "grüße")
+
+    def test_valid_nicks_in_many_scripts(self):
+        for nick in ("alice", "Bob_2", "x-y", "देवनागरी", "สมชาย", "张伟", "さくら", "Ωμέγα", "Дима"):
+            with self.subTest(nick=nick):
+                self.assertEqual(chat.normalize_nick(nick), nick)
+
+    def test_nicks_are_nfkc_normalised(self):
+        self.assertEqual(chat.normalize_nick("ａｌｉｃｅ"), "alice")   # full-width letters
+        self.assertEqual(chat.normalize_nick("e\u0301"), "\u00e9")    # combining accent composed
+
+    def test_invalid_nicks(self):
+        for nick in ("", "a b", "x" * 21, "<alice>", "a\x1b[31m", "\u0301x", "bob!", "a.b",
+                     "p\u0430ypal", "Ωmegaa"):   # Latin with a Cyrillic a; Greek with Latin
+            with self.subTest(nick=nick):
+                with self.assertRaises(ValueError):
+                    chat.normalize_nick(nick)
+
+    def test_nick_key_ignores_case(self):
+        self.assertEqual(chat.nick_key("Alice"), chat.nick_key("aLICE"))
+        self.assertEqual(chat.nick_key("STRASSE"), chat.nick_key("straße"))
+
+    def test_make_valid_nick_from_login_names(self):
+        self.assertEqual(chat.make_valid_nick("john.doe"), "john_doe")
+        self.assertEqual(chat.make_valid_nick("DOMAIN\\user"), "DOMAIN_user")
+        self.assertEqual(chat.make_valid_nick("a" * 30), "a" * 20)
+        self.assertIsNone(chat.make_valid_nick("..."))
+        self.assertIsNone(chat.make_valid_nick(""))
+        self.assertEqual(chat.nick_variant("a" * 20, 12), "a" * 18 + "12")
+
+    def test_peer_ip_unmaps_ipv4(self):
+        self.assertEqual(chat.peer_ip(("::ffff:10.0.0.1", 5, 0, 0)), "10.0.0.1")
+        self.assertEqual(chat.peer_ip(("::1", 5, 0, 0)), "::1")
+        self.assertEqual(chat.format_address("::1", 80), "[::1]:80")
+
+
+class ChatTest(ServerTestCase):
+    """The conversation rules, as an nc user sees them."""
+
+    def test_greeting_names_server_nick_and_who_is_online(self):
+        alice = self.connect("alice")
+        peer = self.open_peer()
+        self.assertEqual(peer.next_line(), "*** welcome to testroom, you are guest2")
+        self.assertEqual(peer.next_line(), "*** 2 online: alice, guest2")
+        self.assertEqual(peer.next_line(), "*** type /help for commands")
+        self.assertEqual(alice.sync(), [])
+
+    def test_chat_line_reaches_others_not_sender(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("hello bob")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> hello bob")
+        self.assertEqual(alice.sync(), ["*** bob joined"])   # no echo of its own line
+
+    def test_action_and_private_message(self):
+        alice, bob, carol = self.connect("alice"), self.connect("bob"), self.connect("carol")
+        alice.say("/me waves", "/msg BOB psst, secret")
+        self.assertEqual(bob.lines_until(r"\*alice\* psst, secret")[-1], "* alice waves")
+        self.assertEqual(alice.lines_until(r"-> \*bob\* psst, secret")[-2:],
+                         ["*** bob joined", "*** carol joined"])
+        self.assertEqual(carol.sync(), ["* alice waves"])   # the private line stays private
+
+    def test_command_errors(self):
+        alice = self.connect("alice")
+        alice.say("/dance", "/msg nobody hi", "/msg", "/me", "/nick")
+        self.assertEqual(alice.next_line(), "*** error: unknown command /dance (try /help)")
+        self.assertEqual(alice.next_line(), "*** error: no such nick nobody")
+        self.assertEqual(alice.next_line(), "*** error: usage: /msg NICK TEXT")
+        self.assertEqual(alice.next_line(), "*** error: usage: /me ACTION")
+        self.assertEqual(alice.next_line(), "*** error: usage: /nick NAME (you are alice)")
+
+    def test_who_and_help(self):
+        bob, alice = self.connect("bob"), self.connect("alice")
+        alice.say("/WHO", "/help")
+        self.assertEqual(alice.next_line(), "*** 2 online: alice, bob")
+        help_lines = alice.lines_until(r"\*\*\*   //text .*")
+        for command in ("/nick", "/me", "/msg", "/who", "/quit"):
+            self.assertTrue(any(command in line for line in help_lines), command)
+
+    def test_double_slash_sends_literal_slash_line_and_blank_lines_are_ignored(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("", "   ", "//etc/hosts is a file", "\x1b[2J")
+        self.assertEqual(alice.sync(), ["*** bob joined"])   # alice's lines are handled
+        self.assertEqual(bob.sync(), ["<alice> /etc/hosts is a file"])
+
+    def test_nick_rules(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.say("/nick ALICE", "/nick a b", "/nick p\u0430ypal", "/nick  bobby ")
+        self.assertEqual(bob.next_line(), "*** error: nick ALICE is taken")
+        self.assertRegex(bob.next_line(), r"\*\*\* error: invalid nick a b: .*")
+        self.assertRegex(bob.next_line(), r"\*\*\* error: invalid nick p\u0430ypal: .*mix.*")
+        self.assertEqual(bob.next_line(), "*** you are now known as bobby")
+        self.assertEqual(alice.expect(r"\*\*\* bob is .*"), "*** bob is now known as bobby")
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* 2 online.*"), "*** 2 online: alice, bobby")
+
+    def test_unicode_nick_and_text(self):
+        alice, bob = self.connect("alice"), self.connect("देव")
+        bob.say("नमस्ते 🎉")
+        self.assertEqual(alice.expect(r"<.*"), "<देव> नमस्ते 🎉")
+
+    def test_hostile_bytes_are_neutralised(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.send(b"\xff\xfd\x03hi \x1b]0;pwned\x07\x1b[31mred\tx\xc3( \xe2\x80\xae end\r\n")
+        bob.say("/me \x1b[2Jdances", "/msg alice \x1b[Hpsst", "/quit \x1b[31mgone\x07")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> hi red x\ufffd(  end")
+        self.assertEqual(alice.next_line(), "* bob dances")
+        self.assertEqual(alice.next_line(), "*bob* psst")
+        self.assertEqual(alice.next_line(), "*** bob left (quit: gone)")
+
+    def test_quit_says_bye_and_closes(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.say("/quit see you")
+        self.assertEqual(bob.expect_closed(), ["*** bye"])
+        self.assertEqual(alice.expect(r"\*\*\* bob left.*"), "*** bob left (quit: see you)")
+
+    def test_abrupt_disconnects(self):
+        alice, bob, carol = self.connect("alice"), self.connect("bob"), self.connect("carol")
+        bob.sync()   # nothing unread, so the close is a clean FIN
+        bob.sock.close()
+        self.assertEqual(alice.expect(r"\*\*\* bob left.*"), "*** bob left (connection closed)")
+        carol.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        carol.sock.close()   # linger 0: the close is a reset
+        self.assertRegex(alice.expect(r"\*\*\* carol left.*"),
+                         r"\*\*\* carol left \((connection reset|connection closed)\)")
+        self.assertEqual(alice.sync(), [])
+
+    def test_lines_before_half_close_are_delivered(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.expect(r"\*\*\* bob joined")
+        bob.send(b"first\nsecond\nno newline at the end")
+        bob.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(alice.lines_until(r"\*\*\* bob left.*"),
+                         ["<bob> first", "<bob> second", "<bob> no newline at the end"])
+        self.assertEqual(bob.expect_closed(), [])
+
+    def test_many_lines_arrive_in_order(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        lines = ["line %d %s" % (i, "x" * (i % 50)) for i in range(2000)]
+        bob.send("".join(line + "\n" for line in lines).encode())
+        self.assertEqual(alice.lines_until(r"<bob> line 1999 .*")[-1999:],
+                         ["<bob> " + line for line in lines[:1999]])
+
+    def test_unexpected_error_drops_only_that_client(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        with mock.patch.object(chat.ChatServer, "_cmd_help", side_effect=RuntimeError("boom")):
+            with self.assertLogs(chat.log, logging.ERROR) as logs:
+                bob.say("/help")
+                self.assertEqual(bob.expect_closed(), [])
+        self.assertIn("boom", "\n".join(logs.output))
+        self.assertEqual(alice.expect(r"\*\*\* bob left.*"), "*** bob left (internal error)")
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* 1 online.*"), "*** 1 online: alice")
+
+
+class JoinNoticeTest(ServerTestCase):
+    """Join notices wait for the nick, so people appear once, under their name."""
+
+    def test_nick_set_at_once_is_announced_once(self):
+        alice = self.connect("alice")
+        bob = self.open_peer()
+        bob.say("/nick bob")
+        bob.expect(r"\*\*\* you are now known as bob")
+        self.assertEqual(alice.sync(), ["*** bob joined"])
+
+    def test_taken_nick_does_not_announce_the_guest(self):
+        alice = self.connect("alice")
+        guest = self.open_peer()
+        guest.say("/nick alice", "/nick alice2")
+        guest.expect(r"\*\*\* you are now known as alice2")
+        self.assertEqual(alice.sync(), ["*** alice2 joined"])
+
+
+    def test_first_line_announces_before_it_is_relayed(self):
+        alice = self.connect("alice")
+        guest = self.open_peer()
+        guest.say("hi all")
+        self.assertEqual(alice.lines_until(r"<guest2> hi all"), ["*** guest2 joined"])
+
+    def test_newcomer_receives_broadcasts_from_its_greeting_on(self):
+        alice = self.connect("alice")
+        guest = self.open_peer()
+        guest.expect(r"\*\*\* type /help for commands")
+        alice.say("welcome, whoever you are")
+        self.assertEqual(guest.next_line(), "<alice> welcome, whoever you are")
+
+    def test_quitting_before_the_notice_leaves_no_trace(self):
+        alice = self.connect("alice")
+        guest = self.open_peer()
+        guest.say("/quit")
+        guest.expect_closed()
+        self.assertEqual(alice.sync(), [])
+
+
+class SilentGuestTest(ServerTestCase):
+
+    options = {"join_delay": 0.2}
+
+    def test_silent_guest_is_announced_after_the_delay(self):
+        alice = self.connect("alice")
+        self.open_peer()
+        self.assertEqual(alice.expect(r"\*\*\* guest.*"), "*** guest2 joined")
+
+
+
+class BigRoomTest(ServerTestCase):
+    """Notices stop above --announce-limit; the greeting lists at most 20 names."""
+
+    options = {"announce_limit": 3}
+
+    def test_notices_only_in_small_rooms(self):
+        alice, bob, carol = self.connect("alice"), self.connect("bob"), self.connect("carol")
+        dave = self.connect("dave")           # the fourth member: not announced
+        self.assertEqual(alice.sync(), ["*** bob joined", "*** carol joined"])
+        dave.say("/nick david", "/quit")
+        dave.expect_closed()
+        bob.say("/nick bobby")                # announced member, room of 3 again: notice
+        bob.expect(r"\*\*\* you are now known as bobby")
+        self.assertEqual(alice.sync(), ["*** bob is now known as bobby"])
+
+    def test_greeting_lists_twenty_names_then_a_count(self):
+        for i in range(22):
+            self.connect("user%d" % i)
+        peer = self.open_peer()
+        peer.next_line()
+        names = peer.next_line()
+        self.assertTrue(names.startswith("*** 23 online: user0, user1, "), names)
+        self.assertTrue(names.endswith(", user19, and 3 more"), names)
+
+
+class LimitsTest(ServerTestCase):
+    """Over-long lines, slow readers and a full server."""
+
+    options = {"max_line": 100, "queue_limit": 64 * 1024, "max_clients": 4}
+
+    def test_long_line_is_refused_and_connection_stays_usable(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.say("x" * 101, "y" * 100)
+        self.assertEqual(bob.next_line(), "*** error: line too long (over 100 bytes), not sent")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> " + "y" * 100)
+
+    def test_long_partial_line_is_discarded_without_buffering_it(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        for _ in range(50):
+            bob.send(b"z" * 100)
+        self.assertEqual(bob.next_line(), "*** error: line too long (over 100 bytes), not sent")
+        bob_conn = self.server._nicks["bob"]
+        self.assertTrue(bob_conn.discarding)
+        self.assertLessEqual(len(bob_conn.inbuf), 101)
+        bob.send(b"z" * 50000 + b"\nshort line\n")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> short line")
+        self.assertEqual(bob.sync(), [])
+
+    def test_full_server_refuses_with_a_message(self):
+        peers = [self.connect() for _ in range(4)]
+        extra = self.open_peer()
+        self.assertEqual(extra.expect_closed(), ["*** error: server full"])
+        peers[0].sock.close()
+        wait_for(lambda: len(self.server._conns) == 3, message="a slot to free up")
+        self.connect("late")
+
+
+class SlowReaderTest(ServerTestCase):
+
+    def test_slow_reader_is_dropped_others_get_everything_in_order(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(TIMEOUT)
+        slow.connect(self.address)
+        self.addCleanup(slow.close)
+        slow.sendall(b"/nick slow\n")
+        self.assertEqual(alice.expect(r"\*\*\* slow joined"), "*** slow joined")
+        # More than the kernel buffers (up to 4 MB on Linux) plus the 1 MiB queue.
+        lines = ["%05d %s" % (i, "p" * 1000) for i in range(8000)]
+        data = "".join(line + "\n" for line in lines).encode()
+        sender = threading.Thread(target=bob.send, args=(data,), name="sender", daemon=True)
+        with self.assertLogs(chat.log, logging.WARNING) as logs:
+            sender.start()
+            received = alice.lines_until(r"<bob> 07999 .*")
+            sender.join(TIMEOUT)
+        self.assertIn("*** slow left (send queue exceeded)", received)
+        self.assertEqual([line for line in received if line[0] == "<"],
+                         ["<bob> " + line for line in lines[:7999]])
+        self.assertIn("send queue exceeded", "\n".join(logs.output))
+
+
+class ShutdownTest(ServerTestCase):
+
+    def test_shutdown_tells_everyone_and_closes(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        self.server.shutdown()
+        self.assertEqual(alice.expect_closed()[-1], "*** server shutting down")
+        self.assertEqual(bob.expect_closed(), ["*** server shutting down"])
+
+
+class ManyClientsTest(ServerTestCase):
+
+    def test_hundreds_of_concurrent_clients(self):
+        raise_fd_limit(self, 1200)
+        peers = [self.open_peer() for _ in range(300)]
+        for peer in peers:
+            peer.expect(r"\*\*\* type /help for commands")
+        peers[0].say("/nick speaker", "hello everyone")
+        for peer in peers[1:]:
+            self.assertEqual(peer.expect(r"<speaker> .*"), "<speaker> hello everyone")
+
+
+@unittest.skipUnless(ipv6_available(), "no IPv6 on this machine")
+class IPv6Test(ServerTestCase):
+
+    options = {"host": "::1"}
+
+    def test_ipv6_clients_chat(self):
+        self.assertEqual(self.address[0], "::1")
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("over v6")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> over v6")
+
+
+# --- The programs, as processes ---
+
+class ServerProcess:
+    """chat.py server in a subprocess; its stderr is collected by a thread."""
+
+    def __init__(self, test, *args, preexec_fn=None):
+        argv = [sys.executable, CHAT, "server", "--port", "0", "--name", "proc"] + list(args)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+        test.addCleanup(self.stop)
+        self.lines = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._collect, name="server-stderr", daemon=True).start()
+        listening = self.wait_for(r"listening on .*")
+        self.port = int(listening.rsplit(":", 1)[1])
+
+    def _collect(self):
+        for raw in self.proc.stderr:
+            with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append(None)
+            self._changed.notify_all()
+
+    def wait_for(self, pattern):
+        with self._changed:
+            ok = self._changed.wait_for(lambda: None in self.lines or any(
+                line and re.search(pattern, line) for line in self.lines), TIMEOUT)
+            found = [line for line in self.lines if line and re.search(pattern, line)]
+            if not ok or not found:
+                raise AssertionError("server never logged %r; stderr: %r" % (pattern, self.lines))
+            return found[0]
+
+    @property
+    def stderr(self):
+        with self._changed:
+            return "\n".join(line for line in self.lines if line)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        self.proc.stderr.close()
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, CHAT] + list(args), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT * 2, **kwargs)
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def peer(self, port, host="127.0.0.1"):
+        sock = socket.create_connection((host, port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        peer = Peer(sock)
+        peer.expect(r"\*\*\* type /help for commands")
+        return peer
+
+    def test_help_explains_every_flag(self):
+        top = run_cli("--help").stdout
+        self.assertIn("server", top)
+        self.assertIn("client", top)
+        server_help = run_cli("server", "--help").stdout
+        for flag in ("--host", "--port", "-4", "-6", "--max-clients", "--max-line",
+                     "--announce-limit", "--name", "--verbose", "--quiet"):
+            self.assertIn(flag, server_help)
+        client_help = run_cli("client", "--help").stdout
+        for flag in ("--host", "--port", "-4", "-6", "--nick"):
+            self.assertIn(flag, client_help)
+        self.assertEqual(run_cli("--version").stdout.strip(), "chat.py " + chat.__version__)
+
+    def test_bad_arguments_are_usage_errors(self):
+        for args in (("server", "--port", "70000"), ("server", "--max-line", "0"), ()):
+            result = run_cli(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertIn("usage:", result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
+
+    def test_busy_port_is_a_clear_error(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            result = run_cli("server", "--host", "127.0.0.1", "--port", str(port))
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r"cannot listen on 127\.0\.0\.1:%d: .*in use" % port)
+        self.assertNotIn("Traceback", result.stderr)
+
+    @unittest.skipUnless(ipv6_available() and socket.has_dualstack_ipv6(), "no dual-stack IPv6")
+    def test_default_is_dual_stack_with_real_port(self):
+        server = ServerProcess(self)
+        self.assertRegex(server.lines[0], r"^listening on \[::\]:\d+$")
+        self.assertNotEqual(server.port, 0)
+        alice, bob = self.peer(server.port, "127.0.0.1"), self.peer(server.port, "::1")
+        alice.say("/nick alice", "over v4")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> over v4")
+
+    def test_ipv4_only(self):
+        server = ServerProcess(self, "-4")
+        self.assertRegex(server.lines[0], r"^listening on 0\.0\.0\.0:\d+$")
+        self.peer(server.port)
+
+    @unittest.skipUnless(ipv6_available(), "no IPv6 on this machine")
+    def test_ipv6_only_and_one_address(self):
+        server = ServerProcess(self, "-6")
+        self.assertRegex(server.lines[0], r"^listening on \[::\]:\d+$")
+        self.peer(server.port, "::1")
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT).close()
+        server = ServerProcess(self, "--host", "::1")
+        self.assertRegex(server.lines[0], r"^listening on \[::1\]:\d+$")
+
+    @unittest.skipUnless(POSIX, "signals are POSIX")
+    def test_sigterm_and_ctrl_c_shut_down_cleanly(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = ServerProcess(self, "--host", "127.0.0.1")
+                alice, bob = self.peer(server.port), self.peer(server.port)
+                server.proc.send_signal(signum)
+                self.assertEqual(alice.expect_closed(), ["*** server shutting down"])
+                self.assertEqual(bob.expect_closed(), ["*** server shutting down"])
+                self.assertEqual(server.proc.wait(TIMEOUT), 0)
+                server.wait_for(r"INFO stopped")
+                self.assertNotIn("Traceback", server.stderr)
+
+    @unittest.skipUnless(POSIX, "signals are POSIX")
+    def test_quiet_still_prints_listening_and_logs_no_message_text(self):
+        quiet = ServerProcess(self, "--host", "127.0.0.1", "-q")
+        self.peer(quiet.port).say("/quit")
+        quiet.proc.send_signal(signal.SIGTERM)
+        quiet.proc.wait(TIMEOUT)
+        self.assertRegex(quiet.stderr, r"^listening on 127\.0\.0\.1:\d+$")
+
+        server = ServerProcess(self, "--host", "127.0.0.1", "-v")
+        alice, bob = self.peer(server.port), self.peer(server.port)
+        alice.say("/nick alice", "SECRET-1", "/me SECRET-2", "/msg guest2 SECRET-3",
+                  "/quit SECRET-4")
+        self.assertEqual(bob.expect(r"\*\*\* alice left.*"), "*** alice left (quit: SECRET-4)")
+        server.wait_for(r"#1 alice .* disconnected: quit")
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(TIMEOUT)
+        log_text = server.stderr
+        self.assertRegex(log_text, r"\d\d:\d\d:\d\d,\d+ INFO #1 \(127\.0\.0\.1:\d+\) connected")
+        self.assertIn("#1 alice (127.0.0.1", log_text)   # the rename
+        self.assertNotIn("SECRET", log_text)
+
+    @unittest.skipUnless(POSIX, "resource limits are POSIX")
+    def test_out_of_file_descriptors_pauses_accepting(self):
+        import resource
+
+        def limit_files():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+        server = ServerProcess(self, "--host", "127.0.0.1", preexec_fn=limit_files)
+        server.wait_for(r"open-file limit is 48")
+        socks = []
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+            self.addCleanup(sock.close)
+            socks.append(sock)
+        server.wait_for(r"cannot accept: Too many open files; pausing")
+        first = Peer(socks[0])
+        first.expect(r"\*\*\* type /help for commands")
+        first.say("/nick first", "still here")
+        self.assertEqual(first.expect(r"\*\*\* you are.*"), "*** you are now known as first")
+        for sock in socks[1:20]:
+            sock.close()
+        last = Peer(socks[-1])   # accepted once descriptors are free again
+        self.assertEqual(last.expect(r"\*\*\* welcome.*")[:20], "*** welcome to proc,")
+
+
+class ClientProcess:
+    """chat.py client in a subprocess with piped stdin/stdout."""
+
+    def __init__(self, test, port, *args, stdin_data=None, env=None):
+        argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
+        self.proc = subprocess.Popen(argv + list(args), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=env)
+        test.addCleanup(self.kill)
+        if stdin_data is not None:
+            self.proc.stdin.write(stdin_data)
+            self.proc.stdin.flush()
+
+    def finish(self):
+        """Close stdin (EOF for the client) and wait: (exit code, stdout, stderr)."""
+        if self.proc.stdin:
+            self.proc.stdin.close()
+            self.proc.stdin = None
+        out, err = self.proc.communicate(timeout=TIMEOUT * 2)
+        return self.proc.returncode, out.decode("utf-8"), err.decode("utf-8")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+class ClientTest(ServerTestCase):
+    """The real client, piped, as bots and scripts use it."""
+
+    def test_piped_line_is_sent_then_client_quits_cleanly(self):
+        alice = self.connect("alice")
+        client = ClientProcess(self, self.address[1], "--nick", "ci",
+                               stdin_data="build passed ✓\n".encode())
+        code, out, err = client.finish()
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(alice.lines_until(r"\*\*\* ci left \(quit\)"),
+                         ["*** ci joined", "<ci> build passed ✓"])
+        self.assertEqual(out.splitlines()[0], "*** welcome to testroom, you are guest2")
+        self.assertIn("*** you are now known as ci", out.splitlines())
+        self.assertNotIn("\x1b", out)
+
+    def test_piped_output_is_utf8_whatever_the_locale(self):
+        alice = self.connect("alice")
+        env = dict(os.environ, PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C")
+        client = ClientProcess(self, self.address[1], "--nick", "reader", env=env)
+        alice.expect(r"\*\*\* reader joined")
+        alice.say("grüße 日本 🎉", "/msg reader done")
+        alice.sync()   # both lines are out before the client's /quit
+        code, out, err = client.finish()
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("<alice> grüße 日本 🎉\n*alice* done\n", out)
+
+    def test_taken_nick_gets_a_free_variant(self):
+        self.connect("ci")
+        self.connect("ci2")
+        client = ClientProcess(self, self.address[1], "--nick", "CI", stdin_data=b"hi\n")
+        code, out, err = client.finish()
+        self.assertEqual(code, 0, err)
+        self.assertIn("*** you are now known as CI3", out.splitlines())
+
+    def test_server_gone_is_one_line_and_exit_1(self):
+        client = ClientProcess(self, self.address[1], "--nick", "ci")
+        wait_for(lambda: "ci" in self.server._nicks, message="the client to join")
+        self.server.shutdown()
+        code, out, err = client.finish()
+        self.assertEqual(code, 1)
+        self.assertTrue(out.endswith("*** server shutting down\n"), out)
+        self.assertEqual(err, "chat.py: connection to 127.0.0.1:%d lost: the server closed it\n"
+                         % self.address[1])
+
+    @unittest.skipUnless(POSIX, "signals are POSIX")
+    def test_ctrl_c_leaves_cleanly(self):
+        alice = self.connect("alice")
+        client = ClientProcess(self, self.address[1], "--nick", "ci")
+        alice.expect(r"\*\*\* ci joined")
+        client.proc.send_signal(signal.SIGINT)
+        code, out, err = client.finish()
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(alice.expect(r"\*\*\* ci left.*"), "*** ci left (quit)")
+
+    def test_cannot_connect_is_one_clear_line(self):
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        result = run_cli("client", "--host", "127.0.0.1", "--port", str(port))
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, "chat.py: cannot connect to 127.0.0.1:%d: "
+                         "Connection refused\n" % port)
+        result = run_cli("client", "--host", "no-such-host.invalid")
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r"^chat.py: cannot connect to no-such-host.invalid:7777: .+\n$")
+
+    def test_client_enables_keepalive(self):
+        with socket.socket() as sock:
+            chat.enable_keepalive(sock)
+            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
