@@ -21,7 +21,9 @@ import argparse
 import collections
 import errno
 import getpass
+import hashlib
 import heapq
+import hmac
 import itertools
 import logging
 import os
@@ -38,6 +40,11 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
+try:
+    import ssl
+except ImportError:   # Python built without OpenSSL: everything but TLS works
+    ssl = None
+
 __version__ = "1.0.0"
 
 DEFAULT_PORT = 7777
@@ -50,6 +57,10 @@ SEND_QUEUE_LIMIT = 1 << 20           # bytes queued for one client before it is 
 JOIN_NOTICE_DELAY = 2.0              # seconds a newcomer has to pick a nick before "joined"
 SHUTDOWN_FLUSH_TIMEOUT = 2.0         # seconds to flush "server shutting down" to everyone
 CLOSE_LINGER = 2.0                   # seconds a closing peer gets to read its last lines
+REGISTER_TIMEOUT = 30.0              # seconds to finish TLS and /pass before being dropped
+WRONG_PASSWORD_DELAY = 1.0           # seconds before a wrong /pass is closed: slows guessing
+DEFAULT_RATE = 5.0                   # lines per second a client may send, on average...
+DEFAULT_BURST = 30                   # ...and at once, so a pasted block of 20 lines goes through
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
 LISTEN_BACKLOG = 4096                # the kernel caps it at somaxconn
@@ -63,6 +74,11 @@ CONNECT_TIMEOUT = 10.0
 KEYBOARD_QUEUE = 1000                # typed or piped lines buffered before stdin backs off
 
 log = logging.getLogger("chat")
+
+# What a non-blocking socket raises when it has to wait; TLS adds its own two.
+WOULD_BLOCK = (BlockingIOError, InterruptedError)
+if ssl is not None:
+    WOULD_BLOCK += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 # --- Protocol text ---
@@ -81,6 +97,7 @@ _UNSAFE_CHARS = re.compile(
 # Telnet option negotiation (IAC ...): 0xFF never occurs in UTF-8 text.
 _TELNET_COMMAND = re.compile(rb"\xff(?:\xfa.*?(?:\xff\xf0|$)|[\xfb-\xfe].?|.?)", re.S)
 _CONFUSABLE_SCRIPTS = frozenset(("LATIN", "GREEK", "CYRILLIC"))
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 def sanitize(text):
@@ -180,74 +197,24 @@ def enable_keepalive(sock, idle=60, interval=15, count=4):
         sock.ioctl(socket.SIO_KEEPALIVE_VALS, (1, idle * 1000, interval * 1000))
 
 
-# --- Server ---
+# --- Sockets ---
 
-HELP_TEXT = (
-    "commands:",
-    "  /nick NAME       change your nick",
-    "  /me ACTION       say what you do: /me waves -> * you waves",
-    "  /msg NICK TEXT   private message to NICK",
-    "  /who             who is online",
-    "  /quit [REASON]   leave",
-    "  //text           send a line that starts with /",
-)
+class BufferedSocket:
+    """A non-blocking socket with an output queue that never blocks its owner.
 
-
-@dataclass
-class ServerOptions:
-    """Everything a ChatServer can be told; every timer is here so tests can shorten it."""
-    host: Optional[str] = None          # None: all interfaces
-    port: int = DEFAULT_PORT
-    family: Optional[int] = None        # socket.AF_INET / AF_INET6 to restrict, None for both
-    name: Optional[str] = None          # shown in the greeting; default: the host name
-    max_clients: int = DEFAULT_MAX_CLIENTS
-    max_line: int = DEFAULT_MAX_LINE
-    announce_limit: int = DEFAULT_ANNOUNCE_LIMIT
-    queue_limit: int = SEND_QUEUE_LIMIT
-    join_delay: float = JOIN_NOTICE_DELAY
-    shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT
-    close_linger: float = CLOSE_LINGER
-
-
-class Connection:
-    """One client socket: its input buffer, its output queue and its place in the room.
-
-    Only the server's loop touches a connection. Queued output is a deque of
-    shared bytes (a broadcast is encoded once for all receivers) with an offset
-    into the first chunk, so a backed-up client costs an append per message,
-    never a copy of its whole queue.
+    Queued output is a deque of shared bytes (a broadcast is encoded once for
+    all receivers) with an offset into the first chunk, so a backed-up peer
+    costs an append per message, never a copy of its whole queue.
     """
 
-    __slots__ = ("sock", "number", "peer", "ip", "stage", "nick", "key", "prefix",
-                 "inbuf", "discarding", "outbox", "queued", "head", "retry", "events",
-                 "reading", "want_write", "join_pending", "announced", "synced_batch", "synced")
+    __slots__ = ("sock", "outbox", "queued", "head", "retry")
 
-    def __init__(self, sock, peer, number):
+    def __init__(self, sock):
         self.sock = sock
-        self.number = number
-        self.peer = peer
-        self.ip = peer_ip(peer)
-        self.stage = ChatServer.ROOM
-        self.nick = None
-        self.key = None
-        self.prefix = b""               # b"<nick> ", the start of each chat line
-        self.inbuf = b""                # received bytes not yet handled
-        self.discarding = False         # inside an over-long line, dropping to its end
         self.outbox = collections.deque()
         self.queued = 0                 # bytes in outbox, minus the sent head
         self.head = 0                   # bytes of outbox[0] already sent
         self.retry = None               # buffer to send again after a would-block
-        self.events = 0                 # selector interest as registered
-        self.reading = True             # False: input is paused or over
-        self.want_write = False         # output is waiting for the socket to drain
-        self.join_pending = False       # join notice not sent yet
-        self.announced = False          # join notice was broadcast
-        self.synced_batch = -1          # see ChatServer._sync
-        self.synced = 0
-
-    def __repr__(self):
-        who = " " + self.nick if self.nick else ""
-        return "#%d%s (%s)" % (self.number, who, format_address(self.ip, self.peer[1]))
 
     def fileno(self):
         return self.sock.fileno()
@@ -302,7 +269,139 @@ class Connection:
             self.head = 0
 
 
-WOULD_BLOCK = (BlockingIOError, InterruptedError)
+def certificate_fingerprint(der):
+    """SHA256:ab:cd:... of a DER certificate, the form people compare and pin."""
+    return "SHA256:" + ":".join("%02x" % byte for byte in hashlib.sha256(der).digest())
+
+
+def normalize_fingerprint(text):
+    """The hex digits of a fingerprint as typed: colons, case and "SHA256:" ignored."""
+    text = text.strip().lower()
+    if text.startswith("sha256:"):
+        text = text[7:]
+    digits = text.replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digits):
+        raise ValueError("a SHA-256 fingerprint is 64 hex digits (colons optional)")
+    return digits
+
+
+def server_tls_context(cert_file, key_file=None):
+    """A TLS server context and its certificate's fingerprint (key_file may be in cert_file)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    with open(cert_file, encoding="ascii", errors="replace") as pem:
+        block = _PEM_CERTIFICATE.search(pem.read())
+    return context, certificate_fingerprint(ssl.PEM_cert_to_DER_cert(block.group()))
+
+
+# --- Server ---
+
+HELP_TEXT = (
+    "commands:",
+    "  /nick NAME       change your nick",
+    "  /me ACTION       say what you do: /me waves -> * you waves",
+    "  /msg NICK TEXT   private message to NICK",
+    "  /who             who is online",
+    "  /quit [REASON]   leave",
+    "  //text           send a line that starts with /",
+)
+
+
+@dataclass
+class ServerOptions:
+    """Everything a ChatServer can be told; every timer is here so tests can shorten it."""
+    host: Optional[str] = None          # None: all interfaces
+    port: int = DEFAULT_PORT
+    family: Optional[int] = None        # socket.AF_INET / AF_INET6 to restrict, None for both
+    name: Optional[str] = None          # shown in the greeting; default: the host name
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_line: int = DEFAULT_MAX_LINE
+    announce_limit: int = DEFAULT_ANNOUNCE_LIMIT
+    queue_limit: int = SEND_QUEUE_LIMIT
+    join_delay: float = JOIN_NOTICE_DELAY
+    shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT
+    close_linger: float = CLOSE_LINGER
+    tls_context: Optional["ssl.SSLContext"] = None   # set: clients must speak TLS
+    password: Optional[str] = None     # set: clients must send /pass first
+    register_timeout: float = REGISTER_TIMEOUT
+    wrong_password_delay: float = WRONG_PASSWORD_DELAY
+    rate: float = DEFAULT_RATE         # lines/s per client; 0 turns flood control off
+    burst: int = DEFAULT_BURST
+    max_per_ip: int = 0                # 0: no limit
+
+
+class Connection(BufferedSocket):
+    """One client of the server: its socket and buffers, and its place in the room.
+
+    Only the server's loop touches a connection; the server decides, the
+    connection only holds state and moves bytes.
+    """
+
+    __slots__ = ("number", "peer", "ip", "tls", "stage", "nick", "key", "prefix", "inbuf",
+                 "discarding", "events", "reading", "want_write", "peer_done", "join_pending",
+                 "announced", "synced_batch", "synced", "tokens", "refilled")
+
+    def __init__(self, sock, peer, number, burst):
+        super().__init__(sock)
+        self.number = number
+        self.peer = peer
+        self.ip = peer_ip(peer)
+        self.tls = False                # the socket is an SSLSocket
+        self.stage = None               # one of ChatServer's stages
+        self.nick = None
+        self.key = None
+        self.prefix = b""               # b"<nick> ", the start of each chat line
+        self.inbuf = b""                # received bytes not yet handled
+        self.discarding = False         # inside an over-long line, dropping to its end
+        self.events = 0                 # selector interest as registered
+        self.reading = True             # False: input is paused or over
+        self.want_write = False         # output is waiting for the socket to drain
+        self.peer_done = False          # a closing peer has closed its side too
+        self.join_pending = False       # join notice not sent yet
+        self.announced = False          # join notice was broadcast
+        self.synced_batch = -1          # see ChatServer._sync
+        self.synced = 0
+        self.tokens = burst             # flood control: lines it may send right now
+        self.refilled = time.monotonic()
+
+    def __repr__(self):
+        who = " " + self.nick if self.nick else ""
+        return "#%d%s (%s)" % (self.number, who, format_address(self.ip, self.peer[1]))
+
+    def read(self):
+        """Received bytes, b"" at end of stream; raises WOULD_BLOCK when there are none.
+
+        A TLS socket hands out one record (16 KB at most) per recv(), so keep
+        reading while records are there: the selector cannot see decrypted data.
+        """
+        data = self.sock.recv(RECV_SIZE)
+        if not self.tls or not data:
+            return data
+        parts = [data]
+        size = len(data)
+        while size < RECV_SIZE:
+            try:
+                more = self.sock.recv(RECV_SIZE)
+            except WOULD_BLOCK:
+                break
+            if not more:
+                break   # the end of stream shows again on the next read
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
+
+    def take_tokens(self, wanted, rate, burst):
+        """How many of wanted lines the flood allowance lets through now."""
+        now = time.monotonic()
+        self.tokens = min(burst, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        allowed = min(wanted, int(self.tokens))
+        self.tokens -= allowed
+        return allowed
+
+    def seconds_to_next_token(self, rate):
+        return max(0.0, (1 - self.tokens) / rate)
 
 
 class ChatServer:
@@ -315,9 +414,13 @@ class ChatServer:
     called from any thread.
     """
 
-    COMMANDS = frozenset(("nick", "me", "msg", "who", "help", "quit"))   # each has a _cmd_ method
+    COMMANDS = frozenset(("nick", "me", "msg", "who", "help", "quit", "pass"))  # _cmd_ methods
 
+    # The stages of a connection's life, in order; TLS and PASSWORD only when enabled.
+    TLS = "tls"              # the TLS handshake is running
+    PASSWORD = "password"    # waiting for the right /pass
     ROOM = "room"            # in the chat: receives broadcasts, may talk
+    DENIED = "denied"        # sent a wrong password: unheard until closed after a pause
     CLOSING = "closing"      # leaving: last output is flushed, input ignored
     CLOSED = "closed"
 
@@ -456,6 +559,9 @@ class ChatServer:
 
     def _handle_events(self, conn, mask):
         try:
+            if conn.stage is self.TLS:
+                self._continue_handshake(conn)
+                return
             if mask & selectors.EVENT_WRITE:
                 self._write(conn)
             if mask & selectors.EVENT_READ and conn.stage is not self.CLOSED:
@@ -516,20 +622,28 @@ class ChatServer:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            enable_keepalive(sock)
         except OSError as exc:
             log.debug("%s: setup failed: %s", format_address(*peer[:2]), exc)
             sock.close()
             return
-        conn = Connection(sock, peer, next(self._numbers))
+        conn = Connection(sock, peer, next(self._numbers), self.options.burst)
         self._conns[conn] = None
         self._per_ip[conn.ip] += 1
         self._update_interest(conn)
         log.info("%r connected", conn)
-        self._enter_room(conn)
+        if self.options.tls_context or self.options.password:
+            self._call_later(self.options.register_timeout, self._expire_registration, conn)
+        if self.options.tls_context:
+            conn.stage = self.TLS
+        else:
+            self._start_session(conn)
 
     def _refusal_for(self, peer):
         if len(self._conns) >= self.options.max_clients:
             return "server full"
+        if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
+            return "too many connections from your address"
         return None
 
     def _refuse(self, sock, peer, reason):
@@ -541,11 +655,95 @@ class ChatServer:
             pass
         sock.close()
 
+    # Registration: TLS, then the password, then the room
+
+    def _continue_handshake(self, conn):
+        """Advance a TLS handshake without blocking; a plaintext peer is told and dropped."""
+        if not conn.tls and not self._wrap_tls(conn):
+            return
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.want_write = False
+        except ssl.SSLWantWriteError:
+            conn.want_write = True
+        except OSError as exc:   # SSLError included
+            log.info("%r: TLS handshake failed: %s", conn, getattr(exc, "reason", None) or exc)
+            self._drop(conn, "TLS handshake failed")
+            return
+        else:
+            conn.want_write = False
+            self._update_interest(conn)
+            log.debug("%r: TLS %s established", conn, conn.sock.version())
+            self._start_session(conn)
+            if conn.stage is not self.CLOSED:
+                self._handle_read(conn)   # the client may have written already
+            return
+        self._update_interest(conn)
+
+    def _wrap_tls(self, conn):
+        """Start TLS once the first byte shows a TLS record; else answer in plaintext."""
+        try:
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+        except WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            self._drop(conn, describe_error(exc))
+            return False
+        if first != b"\x16":   # not a TLS handshake record: a plaintext client, or gone
+            if first:
+                log.info("%r: plaintext client on the TLS port", conn)
+                self._queue(conn, b"*** error: this server speaks TLS: connect with "
+                                  b"'chat.py client --tls' or 'openssl s_client'\n")
+            self._close(conn, "no TLS")
+            return False
+        self._selector.unregister(conn.sock)
+        conn.events = 0
+        conn.sock = self.options.tls_context.wrap_socket(
+            conn.sock, server_side=True, do_handshake_on_connect=False)
+        conn.tls = True
+        self._update_interest(conn)
+        return True
+
+    def _start_session(self, conn):
+        if self.options.password:
+            conn.stage = self.PASSWORD
+            self._tell(conn, "password required: /pass PASSWORD")
+        else:
+            self._enter_room(conn)
+
+    def _check_password(self, conn, text):
+        command, _, password = text.partition(" ")
+        if command.lower() == "/quit":
+            self._close(conn, "quit", farewell="bye")
+        elif command.lower() != "/pass":
+            self._tell(conn, "error: password required")
+        elif hmac.compare_digest(password.encode(), self.options.password.encode()):
+            log.info("%r: password accepted", conn)
+            self._enter_room(conn)
+        else:
+            log.info("%r: wrong password", conn)
+            self._tell(conn, "error: wrong password")
+            conn.stage = self.DENIED
+            conn.reading = False
+            self._update_interest(conn)
+            self._call_later(self.options.wrong_password_delay, self._close, conn,
+                             "wrong password")
+
+    def _expire_registration(self, conn):
+        if conn.stage in (self.TLS, self.PASSWORD):
+            log.info("%r: registration timed out in stage %s", conn, conn.stage)
+            if conn.stage is self.PASSWORD:
+                self._tell(conn, "error: registration timed out")
+                self._close(conn, "registration timed out")
+            else:
+                self._drop(conn, "registration timed out")
+
     # Reading
 
     def _handle_read(self, conn):
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            data = conn.read()
         except WOULD_BLOCK:
             return
         except OSError as exc:
@@ -572,29 +770,50 @@ class ChatServer:
         if conn.inbuf and not conn.discarding:
             conn.inbuf += b"\n"
             self._handle_input(conn)
-        if conn.stage is self.ROOM:
+        if conn.stage in (self.PASSWORD, self.ROOM):
             self._close(conn, "connection closed")
 
     def _handle_input(self, conn):
-        """Handle every complete line in the input buffer; guard the partial one's size."""
+        """Handle the complete lines in the input buffer that the flood allowance lets
+        through; the rest wait there while reading pauses, so TCP slows the sender."""
         lines = conn.inbuf.split(b"\n")
         conn.inbuf = lines.pop()
+        if self.options.rate and lines:
+            allowed = conn.take_tokens(len(lines), self.options.rate, self.options.burst)
+            if allowed < len(lines):
+                conn.inbuf = b"\n".join(lines[allowed:] + [conn.inbuf])
+                del lines[allowed:]
+                self._pause_input(conn)
         for raw in lines:
-            if conn.stage is not self.ROOM:
+            if conn.stage is not self.ROOM and conn.stage is not self.PASSWORD:
                 return
             if len(raw) > self.options.max_line + raw.endswith(b"\r"):
                 self._reject_long_line(conn)
             else:
                 self._handle_line(conn, decode_line(raw))
-        if len(conn.inbuf) > self.options.max_line + 1 and conn.stage is self.ROOM:
+        if conn.reading and len(conn.inbuf) > self.options.max_line + 1:
             conn.inbuf = b""
             conn.discarding = True
             self._reject_long_line(conn)
+
+    def _pause_input(self, conn):
+        conn.reading = False
+        self._update_interest(conn)
+        self._call_later(conn.seconds_to_next_token(self.options.rate), self._resume_input, conn)
+
+    def _resume_input(self, conn):
+        if conn.stage is self.ROOM or conn.stage is self.PASSWORD:
+            conn.reading = True
+            self._update_interest(conn)
+            self._handle_input(conn)
 
     def _reject_long_line(self, conn):
         self._tell(conn, "error: line too long (over %d bytes), not sent" % self.options.max_line)
 
     def _handle_line(self, conn, text):
+        if conn.stage is self.PASSWORD:
+            self._check_password(conn, text)
+            return
         if not text.strip():
             return
         if text.startswith("/") and not text.startswith("//"):
@@ -613,7 +832,7 @@ class ChatServer:
         if name not in self.COMMANDS:
             self._tell(conn, "error: unknown command /%s (try /help)" % sanitize(name)[:30])
             return
-        if name not in ("nick", "quit"):
+        if name not in ("nick", "quit", "pass"):
             self._announce_join(conn)
         getattr(self, "_cmd_" + name)(conn, argument.strip())
 
@@ -664,6 +883,9 @@ class ChatServer:
 
     def _cmd_help(self, conn, argument):
         self._send(conn, "".join("*** %s\n" % line for line in HELP_TEXT).encode())
+
+    def _cmd_pass(self, conn, argument):
+        self._tell(conn, "error: you are already in")
 
     def _cmd_quit(self, conn, argument):
         reason = sanitize(argument)[:MAX_REASON].strip()
@@ -844,6 +1066,8 @@ class ChatServer:
             self._tell(conn, farewell)
         conn.stage = self.CLOSING
         conn.inbuf = b""
+        conn.reading = True   # read, and discard, until the peer closes too
+        self._update_interest(conn)
         self._call_later(self.options.close_linger, self._finish, conn)
         if not conn.outbox:
             self._half_close(conn)
@@ -856,7 +1080,7 @@ class ChatServer:
         except OSError:
             self._finish(conn)
             return
-        if not conn.reading:
+        if conn.peer_done:
             self._finish(conn)
             return
         conn.want_write = False
@@ -865,6 +1089,7 @@ class ChatServer:
     def _closing_peer_done(self, conn):
         """A closing peer sent EOF: close now, or once its last output is out."""
         if conn.outbox:
+            conn.peer_done = True
             conn.reading = False
             self._update_interest(conn)
         else:
@@ -922,8 +1147,8 @@ class ChatServer:
 
 # --- Client ---
 
-class ClientError(Exception):
-    """A failure the client reports in one line on stderr before exiting with 1."""
+class ChatError(Exception):
+    """A failure main() reports on stderr, without a traceback, before exiting with 1."""
 
 
 def open_connection(host, port, family=socket.AF_UNSPEC, timeout=CONNECT_TIMEOUT):
@@ -931,7 +1156,7 @@ def open_connection(host, port, family=socket.AF_UNSPEC, timeout=CONNECT_TIMEOUT
     try:
         infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ClientError("cannot connect to %s: %s" % (format_address(host, port), exc.strerror))
+        raise ChatError("cannot connect to %s: %s" % (format_address(host, port), exc.strerror))
     error = None
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
@@ -943,7 +1168,7 @@ def open_connection(host, port, family=socket.AF_UNSPEC, timeout=CONNECT_TIMEOUT
             sock.close()
             error = exc
     reason = "timed out" if isinstance(error, socket.timeout) else describe_error(error)
-    raise ClientError("cannot connect to %s: %s" % (format_address(host, port), reason))
+    raise ChatError("cannot connect to %s: %s" % (format_address(host, port), reason))
 
 
 class PlainConsole:
@@ -997,22 +1222,31 @@ class ChatClient:
     NICK_TAKEN = re.compile(r"\*\*\* error: nick (\S+) is taken$")
 
     def __init__(self, host="localhost", port=DEFAULT_PORT, family=socket.AF_UNSPEC,
-                 nick=None, console=None):
+                 nick=None, console=None, tls_context=None, tls_pin=None, password=None,
+                 ask_password=None):
         self.host, self.port, self.family = host, port, family
         self.wanted_nick = nick
         self.nick = None
         self.console = console or PlainConsole()
+        self.tls_context = tls_context  # None: plaintext
+        self.tls_pin = tls_pin          # hex SHA-256 the server certificate must have
+        self.password = password
+        self.ask_password = ask_password   # callable prompting the user, or None
         self._events = queue.Queue(KEYBOARD_QUEUE)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._sock = None
+        self._conn = None               # BufferedSocket once connected
         self._inbuf = b""
-        self._outbuf = bytearray()
+        self._received = collections.deque()   # lines read but not handled yet
         self._nick_attempt = 0          # > 0 while asking for wanted_nick or a variant
         self._ready = False             # greeted and nick settled: typed lines may go out
         self._quitting = False
         self._interrupted = False
+
+    @property
+    def where(self):
+        return format_address(self.host, self.port)
 
     # Called from other threads and signal handlers
 
@@ -1023,7 +1257,7 @@ class ChatClient:
 
     def interrupt(self):
         """Ctrl+C: leave, or at once if already leaving. Safe in a signal handler."""
-        if self._sock is None:
+        if self._conn is None:
             raise KeyboardInterrupt   # still connecting: nothing to say goodbye to
         self._interrupted = True
         self._wake()
@@ -1034,25 +1268,118 @@ class ChatClient:
         except OSError:
             pass
 
-    # The main loop
+    # Connecting
 
     def run(self):
-        """Chat until the user leaves (return 0); raise ClientError when it fails."""
-        self._sock = open_connection(self.host, self.port, self.family)
+        """Chat until the user leaves (return 0); raise ChatError when it fails."""
         try:
-            enable_keepalive(self._sock)
-            self._sock.setblocking(False)
+            self._conn = BufferedSocket(self._connect())
             self.console.start(self.post)
             return self._loop()
         finally:
-            self._sock.close()
+            if self._conn:
+                self._conn.sock.close()
             self._wake_r.close()
             self._wake_w.close()
 
-    def _loop(self):
+    def _connect(self):
+        """A connected, registered socket, greeting read: TCP, then TLS, then /pass."""
+        sock = open_connection(self.host, self.port, self.family)
+        try:
+            if self.tls_context:
+                sock = self._start_tls(sock)
+            enable_keepalive(sock)
+            sock.settimeout(REGISTER_TIMEOUT)
+            self._register(sock)
+            sock.setblocking(False)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def _start_tls(self, sock):
+        try:
+            sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            raise ChatError("the TLS certificate of %s is not trusted: %s\n%s" % (
+                self.where, exc.verify_message, self._pin_advice()))
+        except (ssl.SSLError, OSError) as exc:
+            raise ChatError("TLS with %s failed: %s" % (
+                self.where, getattr(exc, "reason", None) or describe_error(exc)))
+        if self.tls_pin:
+            actual = certificate_fingerprint(sock.getpeercert(binary_form=True))
+            if normalize_fingerprint(actual) != self.tls_pin:
+                sock.close()
+                raise ChatError("the TLS certificate of %s does not match --tls-fingerprint "
+                                  "(someone may be in between, or the certificate changed)\n%s"
+                                  % (self.where, self._pin_advice(actual)))
+        return sock
+
+    def _pin_advice(self, fingerprint=None):
+        """Tell the server's fingerprint and how to trust it, the way ssh shows a host key."""
+        fingerprint = fingerprint or fetch_fingerprint(self.host, self.port, self.family)
+        if not fingerprint:
+            return "  (could not read the server's certificate)"
+        return ("  the server's certificate fingerprint is %s\n"
+                "  if that is the right one, connect with: --tls-fingerprint %s"
+                % (fingerprint, fingerprint[7:]))
+
+    def _register(self, sock):
+        """Read up to the greeting, answering a password request on the way."""
+        error = None
         while True:
-            writers = [self._sock] if self._outbuf else []
-            readable, writable, _ = select.select([self._sock, self._wake_r], writers, [])
+            line = self._next_line(sock)
+            if line is None:
+                raise ChatError("%s closed the connection%s"
+                                  % (self.where, ": " + error if error else ""))
+            self.console.show(line)
+            if line.startswith("*** password required"):
+                sock.sendall(("/pass %s\n" % self._get_password()).encode())
+            elif line == "*** error: wrong password":
+                raise ChatError("%s refused the password" % self.where)
+            elif line.startswith("*** error: "):
+                error = line[11:]
+            welcome = self.WELCOME.match(line)
+            if welcome:
+                self.nick = welcome.group(1)
+                self._request_nick(sock)
+                return
+
+    def _next_line(self, sock):
+        """The next line from the (blocking) socket, or None at its end."""
+        while not self._received:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except socket.timeout:
+                raise ChatError("%s did not greet us within %d s" % (self.where, REGISTER_TIMEOUT))
+            except OSError as exc:
+                raise ChatError("connection to %s failed: %s" % (self.where, describe_error(exc)))
+            if not data:
+                return None
+            self._split_lines(data)
+        return self._received.popleft()
+
+    def _split_lines(self, data):
+        lines = (self._inbuf + data).split(b"\n")
+        self._inbuf = lines.pop()
+        self._received.extend(sanitize(decode_line(raw)) for raw in lines)
+
+    def _get_password(self):
+        if self.password is None and self.ask_password:
+            self.password = self.ask_password("password for %s: " % self.where)
+        if self.password is None:
+            raise ChatError("%s requires a password: give it with --password-file FILE "
+                              "or the CHAT_PASSWORD environment variable" % self.where)
+        return self.password
+
+    # The main loop
+
+    def _loop(self):
+        sock = self._conn.sock
+        self._handle_received()
+        while True:
+            writers = [sock] if self._conn.outbox else []
+            readable, writable, _ = select.select([sock, self._wake_r], writers, [])
             if writable:
                 self._flush()
             if self._wake_r in readable:
@@ -1062,16 +1389,15 @@ class ChatClient:
                     return 0
                 self._interrupted = False
                 self._quit()
-            if self._sock in readable and not self._receive():
+            if sock in readable and not self._receive():
                 if self._quitting:
                     return 0
-                raise ClientError("connection to %s lost: the server closed it"
-                                  % format_address(self.host, self.port))
+                raise ChatError("connection to %s lost: the server closed it" % self.where)
             if self._ready:
                 self._take_keyboard_events()
 
     def _take_keyboard_events(self):
-        while len(self._outbuf) < SEND_CHUNK and not self._quitting:
+        while self._conn.queued < SEND_CHUNK and not self._quitting:
             try:
                 kind, text = self._events.get_nowait()
             except queue.Empty:
@@ -1093,41 +1419,37 @@ class ChatClient:
         self._quitting = True
 
     def _send_line(self, text):
-        self._outbuf += text.encode("utf-8", "replace") + b"\n"
+        self._conn.queue(text.encode("utf-8", "replace") + b"\n")
         self._flush()
 
     def _flush(self):
         try:
-            sent = self._sock.send(self._outbuf)
-        except WOULD_BLOCK:
-            return
+            self._conn.send_pending()
         except OSError:
-            return   # the read side reports the lost connection
-        del self._outbuf[:sent]
+            pass   # the read side reports the lost connection
 
     def _receive(self):
+        """Read and handle what arrived; False at the end of the stream."""
         try:
-            data = self._sock.recv(RECV_SIZE)
+            data = self._conn.sock.recv(RECV_SIZE)
         except WOULD_BLOCK:
             return True
         except OSError:
             data = b""
         if not data:
             return False
-        lines = (self._inbuf + data).split(b"\n")
-        self._inbuf = lines.pop()
-        for raw in lines:
-            self._handle_server_line(sanitize(decode_line(raw)))
+        self._split_lines(data)
+        self._handle_received()
         return True
+
+    def _handle_received(self):
+        while self._received:
+            self._handle_server_line(self._received.popleft())
 
     def _handle_server_line(self, line):
         self.console.show(line)
-        welcome = self.WELCOME.match(line)
         renamed = self.RENAMED.match(line)
-        if welcome:
-            self.nick = welcome.group(1)
-            self._request_nick()
-        elif renamed:
+        if renamed:
             self.nick = renamed.group(1)
             self._nick_settled()
         elif self._nick_attempt and self.NICK_TAKEN.match(line):
@@ -1139,15 +1461,44 @@ class ChatClient:
         self._nick_attempt = 0
         self._ready = True
 
-    def _request_nick(self):
+    def _request_nick(self, sock=None):
         """Ask for the wanted nick, or its next variant when the last one was taken."""
         if not self.wanted_nick or nick_key(self.wanted_nick) == nick_key(self.nick or ""):
             self._nick_settled()
             return
         self._nick_attempt += 1
         attempt = self._nick_attempt
-        self._send_line("/nick " + (nick_variant(self.wanted_nick, attempt) if attempt > 1
-                                     else self.wanted_nick))
+        line = "/nick " + (nick_variant(self.wanted_nick, attempt) if attempt > 1
+                           else self.wanted_nick)
+        if sock is not None:   # still registering, on the blocking socket
+            sock.sendall(line.encode() + b"\n")
+        else:
+            self._send_line(line)
+
+
+def fetch_fingerprint(host, port, family=socket.AF_UNSPEC):
+    """The fingerprint of the certificate a TLS server presents, unverified; None on failure."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with open_connection(host, port, family) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                return certificate_fingerprint(tls.getpeercert(binary_form=True))
+    except (ChatError, OSError):
+        return None
+
+
+def client_tls_context(ca_file=None, pinned=False):
+    """Verify the server against the system CAs (or ca_file), unless its key is pinned."""
+    if pinned:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE   # the pin is checked after the handshake
+    else:
+        context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def drain(sock):
@@ -1176,34 +1527,72 @@ def build_parser():
     parser.add_argument("--version", action="version", version="chat.py " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{server,client}")
     commands.required = True
+    add_server_parser(commands)
+    add_client_parser(commands)
+    return parser
 
+
+def add_server_parser(commands):
     server = commands.add_parser(
         "server", help="run a chat server",
-        description="Run a chat server. Clients connect with 'chat.py client' or nc/telnet.")
+        description="Run a chat server. Clients connect with 'chat.py client' or nc/telnet.",
+        epilog="The password may also come from the CHAT_PASSWORD environment variable "
+        "(never from the command line, where ps would show it).")
     add_network_arguments(server, "address to listen on (default: all interfaces, IPv4 and IPv6)")
-    server.add_argument("--max-clients", type=positive_int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-                        help="connections accepted at once (default %(default)s" +
+    server.add_argument("--name", help="server name shown in the greeting (default: host name)")
+    limits = server.add_argument_group("limits")
+    limits.add_argument("--max-clients", type=positive_int, default=DEFAULT_MAX_CLIENTS,
+                        metavar="N", help="connections accepted at once (default %(default)s" +
                         (", the most select() allows on Windows)" if WINDOWS else ")"))
-    server.add_argument("--max-line", type=positive_int, default=DEFAULT_MAX_LINE, metavar="BYTES",
-                        help="longest line accepted; longer ones are refused (default %(default)s)")
-    server.add_argument("--announce-limit", type=non_negative_int, default=DEFAULT_ANNOUNCE_LIMIT,
+    limits.add_argument("--max-per-ip", type=non_negative_int, default=0, metavar="N",
+                        help="connections from one IP address (default 0: no limit)")
+    limits.add_argument("--max-line", type=positive_int, default=DEFAULT_MAX_LINE,
+                        metavar="BYTES", help="longest line accepted; longer ones are refused "
+                        "(default %(default)s)")
+    limits.add_argument("--rate", type=non_negative_float, default=DEFAULT_RATE, metavar="LINES",
+                        help="lines per second one client may send on average; faster input "
+                        "waits, nothing is dropped (default %(default)s; 0: no limit)")
+    limits.add_argument("--burst", type=positive_int, default=DEFAULT_BURST, metavar="LINES",
+                        help="lines one client may send at once, e.g. a paste (default %(default)s)")
+    limits.add_argument("--announce-limit", type=non_negative_int, default=DEFAULT_ANNOUNCE_LIMIT,
                         metavar="N", help="announce joins, leaves and renames only while the room "
                         "has at most N members (default %(default)s)")
-    server.add_argument("--name", help="server name shown in the greeting (default: host name)")
+    limits.add_argument("--register-timeout", type=positive_float, default=REGISTER_TIMEOUT,
+                        metavar="SECONDS", help="time to finish the TLS handshake and /pass "
+                        "before being dropped (default %(default)s)")
+    security = server.add_argument_group("security")
+    security.add_argument("--tls-cert", metavar="FILE",
+                          help="PEM certificate (it may hold the key too): serve TLS only")
+    security.add_argument("--tls-key", metavar="FILE", help="PEM private key, if not in --tls-cert")
+    security.add_argument("--password-file", metavar="FILE",
+                          help="file holding the password clients must send with /pass")
     verbosity = server.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     server.set_defaults(run=run_server)
 
+
+def add_client_parser(commands):
     client = commands.add_parser(
         "client", help="join a chat server",
         description="Join a chat server. Type lines to talk; /help lists the commands; "
-        "/quit, Ctrl+D or Ctrl+C leave. Piped input is sent line by line.")
+        "/quit, Ctrl+D or Ctrl+C leave. Piped input is sent line by line.",
+        epilog="The password may also come from the CHAT_PASSWORD environment variable; "
+        "without either, the client asks for it when the server wants one.")
     add_network_arguments(client, "server to connect to (default: localhost)", default="localhost")
     client.add_argument("--nick", help="nick to use (default: your login name; "
                         "a free variant such as alice2 is picked if it is taken)")
+    security = client.add_argument_group("security")
+    security.add_argument("--tls", action="store_true",
+                          help="connect with TLS, verifying the server against the system CAs")
+    security.add_argument("--tls-ca", metavar="FILE",
+                          help="trust this CA or self-signed certificate instead (implies --tls)")
+    security.add_argument("--tls-fingerprint", metavar="HEX",
+                          help="trust only the server certificate with this SHA-256 fingerprint, "
+                          "as the server logs it (implies --tls)")
+    security.add_argument("--password-file", metavar="FILE",
+                          help="file holding the server password")
     client.set_defaults(run=run_client)
-    return parser
 
 
 def add_network_arguments(parser, host_help, default=None):
@@ -1238,6 +1627,38 @@ def non_negative_int(text):
     return int(text)
 
 
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of 0 or more" % text)
+    return value
+
+
+def positive_float(text):
+    value = non_negative_float(text)
+    if not value:
+        raise argparse.ArgumentTypeError("%r is not above 0" % text)
+    return value
+
+
+def read_password(path):
+    """The password from a file (its trailing newline stripped) or $CHAT_PASSWORD, or None."""
+    if path is None:
+        return os.environ.get("CHAT_PASSWORD") or None
+    try:
+        with open(path, encoding="utf-8") as file:
+            password = file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChatError("cannot read the password file %s: %s"
+                        % (path, getattr(exc, "strerror", None) or exc))
+    if not password:
+        raise ChatError("the password file %s is empty" % path)
+    return password
+
+
 def configure_logging(args):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -1263,22 +1684,43 @@ def raise_open_file_limit(needed):
                     "raise it with 'ulimit -n'", soft, needed)
 
 
-def run_server(args):
-    configure_logging(args)
+def server_options(args):
+    """ServerOptions from the command line; ChatError when a file cannot be used."""
     max_clients = args.max_clients
     if WINDOWS and max_clients > DEFAULT_MAX_CLIENTS:
         log.warning("--max-clients is capped at %d on Windows", DEFAULT_MAX_CLIENTS)
         max_clients = DEFAULT_MAX_CLIENTS
-    raise_open_file_limit(max_clients + RESERVED_FDS)
-    options = ServerOptions(host=args.host, port=args.port, family=args.family, name=args.name,
-                            max_clients=max_clients, max_line=args.max_line,
-                            announce_limit=args.announce_limit)
+    options = ServerOptions(
+        host=args.host, port=args.port, family=args.family, name=args.name,
+        max_clients=max_clients, max_line=args.max_line, announce_limit=args.announce_limit,
+        password=read_password(args.password_file), register_timeout=args.register_timeout,
+        rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip)
+    if args.tls_key and not args.tls_cert:
+        raise ChatError("--tls-key needs --tls-cert")
+    if args.tls_cert:
+        if ssl is None:
+            raise ChatError("this Python has no ssl module, so TLS is not available")
+        try:
+            options.tls_context, fingerprint = server_tls_context(args.tls_cert, args.tls_key)
+        except (OSError, ValueError, AttributeError) as exc:   # ssl.SSLError is an OSError
+            raise ChatError("cannot use the TLS certificate %s: %s"
+                            % (args.tls_cert, getattr(exc, "strerror", None) or exc))
+        log.info("tls fingerprint %s", fingerprint)
+    if options.password and not options.tls_context:
+        log.warning("a password is set without TLS: it and the chat cross the network in "
+                    "plaintext")
+    return options
+
+
+def run_server(args):
+    configure_logging(args)
+    options = server_options(args)
+    raise_open_file_limit(options.max_clients + RESERVED_FDS)
     try:
         server = ChatServer(options)
     except OSError as exc:
         where = format_address(args.host or "*", args.port)
-        print("chat.py: cannot listen on %s: %s" % (where, exc.strerror or exc), file=sys.stderr)
-        return 1
+        raise ChatError("cannot listen on %s: %s" % (where, exc.strerror or exc))
     with server:
         for host, port in server.addresses:
             print("listening on %s" % format_address(host, port), file=sys.stderr, flush=True)
@@ -1295,28 +1737,47 @@ def install_shutdown_signals(server):
             signal.signal(getattr(signal, name), lambda signum, frame: server.request_shutdown())
 
 
-def run_client(args):
-    nick = args.nick or default_nick()
+def client_from_args(args):
+    """A ChatClient configured from the command line."""
+    nick = default_nick()
     if args.nick:
         try:
             nick = normalize_nick(args.nick)
         except ValueError as exc:
-            print("chat.py: invalid --nick: %s" % exc, file=sys.stderr)
-            return 2
-    client = ChatClient(args.host, args.port, args.family or socket.AF_UNSPEC, nick=nick)
+            raise ChatError("invalid --nick: %s" % exc)
+    tls_context = pin = None
+    if args.tls or args.tls_ca or args.tls_fingerprint:
+        if ssl is None:
+            raise ChatError("this Python has no ssl module, so TLS is not available")
+        try:
+            pin = args.tls_fingerprint and normalize_fingerprint(args.tls_fingerprint)
+            tls_context = client_tls_context(args.tls_ca, pinned=bool(pin))
+        except ValueError as exc:
+            raise ChatError("invalid --tls-fingerprint: %s" % exc)
+        except OSError as exc:
+            raise ChatError("cannot use --tls-ca %s: %s" % (args.tls_ca, exc.strerror or exc))
+    ask = getpass.getpass if sys.stdin.isatty() else None
+    return ChatClient(args.host, args.port, args.family or socket.AF_UNSPEC, nick=nick,
+                      tls_context=tls_context, tls_pin=pin,
+                      password=read_password(args.password_file), ask_password=ask)
+
+
+def run_client(args):
+    client = client_from_args(args)
     signal.signal(signal.SIGINT, lambda signum, frame: client.interrupt())
     try:
         return client.run()
-    except ClientError as exc:
-        print("chat.py: %s" % exc, file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ChatError as exc:
+        print("chat.py: %s" % exc, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

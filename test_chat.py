@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -17,12 +18,75 @@ from unittest import mock
 
 import chat
 
+try:
+    import ssl
+except ImportError:
+    ssl = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
 TIMEOUT = 5.0              # a hang detector, never a delay
 POSIX = os.name == "posix"
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
+
+# A test CA and a certificate for localhost, 127.0.0.1 and ::1 that it signed
+# (EC P-256, valid 2000-01-01 to 2125-12-31, so clocks that differ do not matter).
+# Made once with openssl; the tests need no openssl.
+TEST_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBaTCCAQ6gAwIBAgICEAAwCgYIKoZIzj0EAwIwGjEYMBYGA1UEAwwPY2hhdC5w
+eSB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMjUxMjMxMjM1OTU5WjAaMRgw
+FgYDVQQDDA9jaGF0LnB5IHRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AAT9jvgLhH0qAEE9pag5o3QbQEKkN59rdNnrxRkWsIN2h2ZqhrqMoDFz5XtePc0S
+0L0iuDI2t2ZMJq9N5HMNdF/so0IwQDAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB
+/wQEAwIBBjAdBgNVHQ4EFgQUm/qsS38MvAaiJFRZUC1R1PorrQQwCgYIKoZIzj0E
+AwIDSQAwRgIhANdF9U33jgimFj3Gm28/lmKsDPi8dMjnFs01uicv+dvrAiEAvHqP
+Bk3Flz1MvpN+oRz1wnPGyyU+cstf8CqADy+ZXdo=
+-----END CERTIFICATE-----
+"""
+TEST_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBxTCCAWugAwIBAgICEAEwCgYIKoZIzj0EAwIwGjEYMBYGA1UEAwwPY2hhdC5w
+eSB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMjUxMjMxMjM1OTU5WjAUMRIw
+EAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAT0u6FK
+39fyHZq7VEA+dwGNLOZQEmYFeAnB8E5ko8l2Zq6sIaQl7uXyaO1rHYEP/RRZTWqr
+EfRytzd7Vx2MdCSoo4GkMIGhMAwGA1UdEwEB/wQCMAAwDgYDVR0PAQH/BAQDAgeA
+MBMGA1UdJQQMMAoGCCsGAQUFBwMBMCwGA1UdEQQlMCOCCWxvY2FsaG9zdIcEfwAA
+AYcQAAAAAAAAAAAAAAAAAAAAATAdBgNVHQ4EFgQUoIP8f2m6hzb9K49BIrUziO4K
+POYwHwYDVR0jBBgwFoAUm/qsS38MvAaiJFRZUC1R1PorrQQwCgYIKoZIzj0EAwID
+SAAwRQIgSUWbv3e4OVdaniMqi3gFpT6SI9lynjBXGpMpuUZTyTUCIQCQ42hLqixE
+9b/Yt1gtgatsDz1uLAj2cfAjHGc0OvHVyA==
+-----END CERTIFICATE-----
+"""
+TEST_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgd8qlat1SBEk3uYSE
+Xph+5tO+/CXLdWmsRKPlqtQOzj2hRANCAAT0u6FK39fyHZq7VEA+dwGNLOZQEmYF
+eAnB8E5ko8l2Zq6sIaQl7uXyaO1rHYEP/RRZTWqrEfRytzd7Vx2MdCSo
+-----END PRIVATE KEY-----
+"""
+TEST_CERT_FINGERPRINT = (
+    "SHA256:44:1f:ae:aa:d4:af:4e:28:79:f4:0c:aa:72:20:a0:37:34:50:e8:0d:70:ce:4b:f7:b3:14:c7:ef:f1:dc:14:5e")
+
+
+PKI = {}   # name -> path of the test PEM files, written by setUpModule
+
+
+def setUpModule():
+    folder = tempfile.mkdtemp(prefix="chat-test-")
+    contents = {"ca": TEST_CA_PEM, "cert": TEST_CERT_PEM, "key": TEST_KEY_PEM,
+                "both": TEST_CERT_PEM + TEST_KEY_PEM}
+    for name, text in contents.items():
+        PKI[name] = os.path.join(folder, name + ".pem")
+        with open(PKI[name], "w") as file:
+            file.write(text)
+
+
+def tearDownModule():
+    for path in PKI.values():
+        os.unlink(path)
+    os.rmdir(os.path.dirname(PKI["ca"]))
 
 
 def raise_fd_limit(test, needed):
@@ -140,7 +204,7 @@ class ServerTestCase(unittest.TestCase):
     options = {}
 
     def setUp(self):
-        settings = dict(host="127.0.0.1", port=0, name="testroom",
+        settings = dict(host="127.0.0.1", port=0, name="testroom", rate=0,
                         close_linger=0.5, shutdown_timeout=1.0)
         settings.update(self.options)
         self.server = chat.ChatServer(chat.ServerOptions(**settings))
@@ -159,7 +223,11 @@ class ServerTestCase(unittest.TestCase):
     def open_peer(self, address=None):
         sock = socket.create_connection(address or self.address, timeout=TIMEOUT)
         self.addCleanup(sock.close)
-        return Peer(sock)
+        return Peer(self.wrap(sock))
+
+    def wrap(self, sock):
+        """Hook for subclasses that speak TLS."""
+        return sock
 
     def connect(self, nick=None):
         """A peer past its greeting, renamed to nick when given (which announces it)."""
@@ -527,15 +595,179 @@ class IPv6Test(ServerTestCase):
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> over v6")
 
 
+class TLSServerMixin:
+    """Serve TLS with the test certificate; peers trust the test CA."""
+
+    def setUp(self):
+        context, self.fingerprint = chat.server_tls_context(PKI["cert"], PKI["key"])
+        self.options = dict(self.options, tls_context=context)
+        super().setUp()
+
+    def wrap(self, sock):
+        context = ssl.create_default_context(cafile=PKI["ca"])
+        return context.wrap_socket(sock, server_hostname="localhost")
+
+
+@unittest.skipIf(ssl is None, "no ssl module")
+class TLSTest(TLSServerMixin, ServerTestCase):
+    """TLS in the selector loop: handshakes never hold anyone up."""
+
+    options = {"register_timeout": 1.0}
+
+    def test_fingerprint_of_the_certificate(self):
+        self.assertEqual(self.fingerprint, TEST_CERT_FINGERPRINT)
+        self.assertEqual(chat.server_tls_context(PKI["both"])[1], TEST_CERT_FINGERPRINT)
+
+    def test_tls_chat_end_to_end(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        lines = ["line %d %s" % (i, "t" * 500) for i in range(500)]   # many TLS records
+        bob.send("".join(line + "\n" for line in lines).encode())
+        self.assertEqual([line for line in alice.lines_until(r"<bob> line 499 .*") if line[0] == "<"],
+                         ["<bob> " + line for line in lines[:499]])
+
+    def test_plaintext_client_is_told_and_dropped_while_others_chat(self):
+        alice = self.connect("alice")
+        with self.assertLogs(chat.log, logging.INFO) as logs:
+            plain = Peer(socket.create_connection(self.address, timeout=TIMEOUT))
+            self.addCleanup(plain.sock.close)
+            plain.say("hello?")
+            self.assertEqual(plain.expect_closed(), [
+                "*** error: this server speaks TLS: connect with 'chat.py client --tls' "
+                "or 'openssl s_client'"])
+        self.assertIn("plaintext client on the TLS port", "\n".join(logs.output))
+        bob = self.connect("bob")
+        bob.say("still here")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> still here")
+
+    def test_stalled_handshake_does_not_delay_others_and_is_dropped_at_the_timeout(self):
+        started = time.monotonic()
+        stalled = socket.create_connection(self.address, timeout=TIMEOUT)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00")   # the start of a ClientHello
+        silent = socket.create_connection(self.address, timeout=TIMEOUT)
+        self.addCleanup(silent.close)
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.say("not waiting for anyone")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> not waiting for anyone")
+        self.assertLess(time.monotonic() - started, 0.9)   # well before the 1 s timeout
+        for sock in (stalled, silent):
+            self.assertEqual(sock.recv(100), b"")
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+
+    def test_accepted_sockets_use_keepalive(self):
+        self.connect("alice")
+        for conn in list(self.server._conns):
+            self.assertEqual(conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+
+
+class PasswordTest(ServerTestCase):
+    """A password keeps strangers out of the room entirely."""
+
+    options = {"password": "open sesame", "wrong_password_delay": 0.3, "register_timeout": 1.0}
+
+    def enter(self, nick):
+        peer = self.open_peer()
+        self.assertEqual(peer.next_line(), "*** password required: /pass PASSWORD")
+        peer.say("/pass open sesame", "/nick " + nick)
+        self.assertEqual(peer.next_line()[:24], "*** welcome to testroom,")
+        peer.expect(r"\*\*\* you are now known as " + nick)
+        return peer
+
+    def test_right_password_enters_the_room(self):
+        alice = self.enter("alice")
+        self.enter("bob")
+        self.assertEqual(alice.sync(), ["*** bob joined"])
+
+    def test_stranger_sees_nothing_and_is_not_in_the_room(self):
+        alice = self.enter("alice")
+        stranger = self.open_peer()
+        stranger.say("hello?", "/who", "/nick mallory", "/msg alice hi")
+        alice.say("our secret plans")
+        self.assertEqual(alice.sync(), [])            # no join notice, not listed
+        self.assertEqual(self.server._members.keys(), {self.server._nicks["alice"]})
+        stranger.say("/pass open  sesame")            # one space too many
+        self.assertEqual(stranger.lines_until(r"\*\*\* error: wrong password"),
+                         ["*** password required: /pass PASSWORD"]
+                         + ["*** error: password required"] * 4)
+        self.assertEqual(stranger.expect_closed(), [])
+        self.assertEqual(alice.sync(), [])
+
+    def test_wrong_password_is_closed_after_a_pause(self):
+        peer = self.open_peer()
+        peer.next_line()
+        started = time.monotonic()
+        peer.say("/pass guess")
+        self.assertEqual(peer.next_line(), "*** error: wrong password")
+        self.assertEqual(peer.expect_closed(), [])
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+
+    def test_registration_times_out(self):
+        peer = self.open_peer()
+        self.assertEqual(peer.expect_closed(), ["*** password required: /pass PASSWORD",
+                                                "*** error: registration timed out"])
+
+    def test_quit_before_the_password(self):
+        peer = self.open_peer()
+        peer.say("/quit")
+        self.assertEqual(peer.expect_closed(), ["*** password required: /pass PASSWORD",
+                                                "*** bye"])
+
+    def test_pass_in_the_room_is_not_relayed(self):
+        alice, bob = self.enter("alice"), self.enter("bob")
+        bob.say("/pass open sesame")
+        self.assertEqual(bob.next_line(), "*** error: you are already in")
+        self.assertEqual(alice.sync(), ["*** bob joined"])
+
+
+class FloodTest(ServerTestCase):
+    """A flooder is slowed down by TCP, loses nothing, and slows nobody else."""
+
+    options = {"rate": 200, "burst": 20}
+
+    def test_flood_is_paced_complete_and_does_not_delay_others(self):
+        alice, bob, flooder = self.connect("alice"), self.connect("bob"), self.connect("flood")
+        alice.sync()
+        lines = ["flood %03d" % i for i in range(200)]
+        started = time.monotonic()
+        flooder.say(*lines)
+        alice.expect(r"<flood> flood 000")
+        bob_sent = time.monotonic()
+        bob.say("quick question")
+        received = alice.lines_until(r"<bob> quick question")
+        latency = time.monotonic() - bob_sent
+        received += alice.lines_until(r"<flood> flood 199")
+        elapsed = time.monotonic() - started
+        self.assertEqual(received, ["<flood> " + line for line in lines[1:199]])
+        self.assertLess(latency, 0.5)
+        self.assertGreaterEqual(elapsed, (200 - 20) / 200 * 0.9)   # paced at --rate
+        self.assertIn("flood", self.server._nicks)                 # not disconnected
+
+
+@unittest.skipUnless(socket.has_dualstack_ipv6() and ipv6_available(), "no dual-stack IPv6")
+class PerAddressLimitTest(ServerTestCase):
+
+    options = {"host": None, "max_per_ip": 2}
+
+    def test_connections_per_address_are_limited(self):
+        self.address = ("127.0.0.1", self.address[1])   # IPv4 peers of a dual-stack socket
+        first, _ = self.connect(), self.connect()
+        third = self.open_peer()
+        self.assertEqual(third.expect_closed(),
+                         ["*** error: too many connections from your address"])
+        first.sock.close()
+        wait_for(lambda: len(self.server._conns) == 1, message="a slot to free up")
+        self.connect("again")
+
+
 # --- The programs, as processes ---
 
 class ServerProcess:
     """chat.py server in a subprocess; its stderr is collected by a thread."""
 
-    def __init__(self, test, *args, preexec_fn=None):
+    def __init__(self, test, *args, preexec_fn=None, env=None):
         argv = [sys.executable, CHAT, "server", "--port", "0", "--name", "proc"] + list(args)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+                                     stderr=subprocess.PIPE, preexec_fn=preexec_fn, env=env)
         test.addCleanup(self.stop)
         self.lines = []
         self._changed = threading.Condition()
@@ -593,10 +825,13 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("client", top)
         server_help = run_cli("server", "--help").stdout
         for flag in ("--host", "--port", "-4", "-6", "--max-clients", "--max-line",
-                     "--announce-limit", "--name", "--verbose", "--quiet"):
+                     "--announce-limit", "--name", "--verbose", "--quiet", "--tls-cert",
+                     "--tls-key", "--password-file", "CHAT_PASSWORD", "--register-timeout",
+                     "--rate", "--burst", "--max-per-ip"):
             self.assertIn(flag, server_help)
         client_help = run_cli("client", "--help").stdout
-        for flag in ("--host", "--port", "-4", "-6", "--nick"):
+        for flag in ("--host", "--port", "-4", "-6", "--nick", "--tls", "--tls-ca",
+                     "--tls-fingerprint", "--password-file", "CHAT_PASSWORD"):
             self.assertIn(flag, client_help)
         self.assertEqual(run_cli("--version").stdout.strip(), "chat.py " + chat.__version__)
 
@@ -606,6 +841,47 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(result.returncode, 2, args)
             self.assertIn("usage:", result.stderr)
             self.assertNotIn("Traceback", result.stderr)
+
+    def test_unusable_files_are_clear_errors(self):
+        cases = [(("server", "--tls-cert", "/nonexistent.pem"), "cannot use the TLS certificate"),
+                 (("server", "--tls-cert", PKI["ca"]), "cannot use the TLS certificate"),
+                 (("server", "--tls-key", PKI["key"]), "--tls-key needs --tls-cert"),
+                 (("server", "--password-file", "/nonexistent"), "cannot read the password file"),
+                 (("client", "--tls-fingerprint", "abc"), "invalid --tls-fingerprint"),
+                 (("client", "--tls-ca", "/nonexistent.pem"), "cannot use --tls-ca"),
+                 (("client", "--nick", "a b"), "invalid --nick")]
+        for args, message in cases:
+            with self.subTest(args=args):
+                result = run_cli(*args)
+                self.assertEqual(result.returncode, 1)
+                self.assertIn(message, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    @unittest.skipIf(ssl is None, "no ssl module")
+    def test_tls_server_logs_its_fingerprint(self):
+        server = ServerProcess(self, "--host", "127.0.0.1", "--tls-cert", PKI["both"])
+        server.wait_for(r"INFO tls fingerprint " + TEST_CERT_FINGERPRINT + "$")
+        context = ssl.create_default_context(cafile=PKI["ca"])
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.addCleanup(sock.close)
+        Peer(sock).expect(r"\*\*\* welcome to proc, you are guest1")
+
+    @unittest.skipUnless(POSIX, "signals are POSIX")
+    def test_password_from_environment_is_never_logged(self):
+        env = dict(os.environ, CHAT_PASSWORD="s3cret PASS")
+        server = ServerProcess(self, "--host", "127.0.0.1", "-v", env=env)
+        server.wait_for(r"WARNING a password is set without TLS")
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        peer = Peer(sock)
+        peer.say("/pass s3cret PASS", "/quit")
+        peer.expect(r"\*\*\* bye")
+        server.wait_for(r"#1 guest1 .* disconnected: quit")
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(TIMEOUT)
+        self.assertIn("password accepted", server.stderr)
+        self.assertNotIn("s3cret", server.stderr)
 
     def test_busy_port_is_a_clear_error(self):
         with socket.socket() as busy:
@@ -797,6 +1073,75 @@ class ClientTest(ServerTestCase):
         with socket.socket() as sock:
             chat.enable_keepalive(sock)
             self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+
+
+@unittest.skipIf(ssl is None, "no ssl module")
+class ClientTLSTest(TLSServerMixin, ServerTestCase):
+    """The client verifies the server: CA file, pinned fingerprint, or a clear refusal."""
+
+    def run_client(self, *args):
+        alice = self.connect("alice")
+        client = ClientProcess(self, self.address[1], "--nick", "ci", *args,
+                               stdin_data=b"secure hello\n")
+        code, out, err = client.finish()
+        return alice, code, err
+
+    def test_ca_file_is_trusted(self):
+        alice, code, err = self.run_client("--tls-ca", PKI["ca"])
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(alice.expect(r"<ci> .*"), "<ci> secure hello")
+
+    def test_pinned_fingerprint_is_trusted(self):
+        pin = TEST_CERT_FINGERPRINT[7:].replace(":", "").upper()
+        alice, code, err = self.run_client("--tls-fingerprint", pin)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(alice.expect(r"<ci> .*"), "<ci> secure hello")
+
+    def test_untrusted_certificate_is_refused_with_its_fingerprint(self):
+        alice, code, err = self.run_client("--tls")
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"^chat.py: the TLS certificate of 127.0.0.1:\d+ is not trusted: ")
+        self.assertIn("fingerprint is " + TEST_CERT_FINGERPRINT, err)
+        self.assertIn("connect with: --tls-fingerprint " + TEST_CERT_FINGERPRINT[7:], err)
+        self.assertEqual(alice.sync(), [])
+
+    def test_wrong_fingerprint_is_refused(self):
+        alice, code, err = self.run_client("--tls-fingerprint", "ab" * 32)
+        self.assertEqual(code, 1)
+        self.assertIn("does not match --tls-fingerprint", err)
+        self.assertIn("connect with: --tls-fingerprint " + TEST_CERT_FINGERPRINT[7:], err)
+        self.assertEqual(alice.sync(), [])
+
+
+class ClientPasswordTest(ServerTestCase):
+
+    options = {"password": "two words", "wrong_password_delay": 0.1}
+
+    def run_client(self, *args, env=None):
+        client = ClientProcess(self, self.address[1], "--nick", "ci", *args,
+                               stdin_data=b"let me in\n", env=env)
+        return client.finish()
+
+    def test_password_file_and_environment(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as file:
+            file.write("two words\n")
+        self.addCleanup(os.unlink, file.name)
+        code, out, err = self.run_client("--password-file", file.name)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines()[0], "*** password required: /pass PASSWORD")
+        self.assertIn("*** you are now known as ci", out.splitlines())
+        code, out, err = self.run_client(env=dict(os.environ, CHAT_PASSWORD="two words"))
+        self.assertEqual((code, err), (0, ""))
+
+    def test_wrong_or_missing_password_exits_1(self):
+        env = dict(os.environ, CHAT_PASSWORD="guess")
+        code, out, err = self.run_client(env=env)
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"^chat.py: 127.0.0.1:\d+ refused the password\n$")
+        env.pop("CHAT_PASSWORD")
+        code, out, err = self.run_client(env=env)
+        self.assertEqual(code, 1)
+        self.assertIn("requires a password: give it with --password-file", err)
 
 
 if __name__ == "__main__":
