@@ -1023,12 +1023,14 @@ class ChatServer:
             try:
                 sent = conn.sock.send(data)
             except WOULD_BLOCK:
-                sent = 0
+                conn.retry = data   # TLS must retry with this very buffer
+                self._queue(conn, data)
+                continue
             except OSError as exc:
                 failed.append((conn, describe_error(exc)))
                 continue
             if sent < len(data):
-                self._queue(conn, memoryview(data)[sent:] if sent else data)
+                self._queue(conn, memoryview(data)[sent:])
 
     def _write(self, conn):
         try:

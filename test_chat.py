@@ -625,6 +625,16 @@ class TLSTest(TLSServerMixin, ServerTestCase):
         self.assertEqual([line for line in alice.lines_until(r"<bob> line 499 .*") if line[0] == "<"],
                          ["<bob> " + line for line in lines[:499]])
 
+    def test_reader_that_falls_behind_catches_up_intact(self):
+        self.server.options.queue_limit = 64 << 20
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.sync()
+        lines = ["%05d %s" % (i, "s" * 1000) for i in range(6000)]   # more than the kernel buffers
+        alice.send("".join(line + "\n" for line in lines).encode())
+        wait_for(lambda: self.server._nicks["bob"].queued, message="bob's queue to grow")
+        self.assertEqual(bob.lines_until(r"<alice> 05999 .*"),
+                         ["<alice> " + line for line in lines[:5999]])
+
     def test_plaintext_client_is_told_and_dropped_while_others_chat(self):
         alice = self.connect("alice")
         with self.assertLogs(chat.log, logging.INFO) as logs:
