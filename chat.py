@@ -1687,18 +1687,19 @@ def raise_open_file_limit(needed):
 
 
 def server_options(args):
-    """ServerOptions from the command line; ChatError when a file cannot be used."""
-    max_clients = args.max_clients
-    if WINDOWS and max_clients > DEFAULT_MAX_CLIENTS:
-        log.warning("--max-clients is capped at %d on Windows", DEFAULT_MAX_CLIENTS)
-        max_clients = DEFAULT_MAX_CLIENTS
+    """ServerOptions and the TLS fingerprint (or None) from the command line.
+
+    Raises ChatError when a file cannot be used.
+    """
     options = ServerOptions(
         host=args.host, port=args.port, family=args.family, name=args.name,
-        max_clients=max_clients, max_line=args.max_line, announce_limit=args.announce_limit,
+        max_clients=min(args.max_clients, DEFAULT_MAX_CLIENTS) if WINDOWS else args.max_clients,
+        max_line=args.max_line, announce_limit=args.announce_limit,
         password=read_password(args.password_file), register_timeout=args.register_timeout,
         rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip)
     if args.tls_key and not args.tls_cert:
         raise ChatError("--tls-key needs --tls-cert")
+    fingerprint = None
     if args.tls_cert:
         if ssl is None:
             raise ChatError("this Python has no ssl module, so TLS is not available")
@@ -1707,17 +1708,24 @@ def server_options(args):
         except (OSError, ValueError, AttributeError) as exc:   # ssl.SSLError is an OSError
             raise ChatError("cannot use the TLS certificate %s: %s"
                             % (args.tls_cert, getattr(exc, "strerror", None) or exc))
+    return options, fingerprint
+
+
+def log_start_notes(args, options, fingerprint):
+    """What an operator should know, logged once the listening lines are out."""
+    if options.max_clients < args.max_clients:
+        log.warning("--max-clients is capped at %d on Windows", options.max_clients)
+    if fingerprint:
         log.info("tls fingerprint %s", fingerprint)
     if options.password and not options.tls_context:
         log.warning("a password is set without TLS: it and the chat cross the network in "
                     "plaintext")
-    return options
+    raise_open_file_limit(options.max_clients + RESERVED_FDS)
 
 
 def run_server(args):
     configure_logging(args)
-    options = server_options(args)
-    raise_open_file_limit(options.max_clients + RESERVED_FDS)
+    options, fingerprint = server_options(args)
     try:
         server = ChatServer(options)
     except OSError as exc:
@@ -1726,6 +1734,7 @@ def run_server(args):
     with server:
         for host, port in server.addresses:
             print("listening on %s" % format_address(host, port), file=sys.stderr, flush=True)
+        log_start_notes(args, options, fingerprint)
         install_shutdown_signals(server)
         server.serve_forever()
     return 0

@@ -871,6 +871,7 @@ class CommandLineTest(unittest.TestCase):
     def test_tls_server_logs_its_fingerprint(self):
         server = ServerProcess(self, "--host", "127.0.0.1", "--tls-cert", PKI["both"])
         server.wait_for(r"INFO tls fingerprint " + TEST_CERT_FINGERPRINT + "$")
+        self.assertRegex(server.lines[0], r"^listening on 127\.0\.0\.1:\d+$")   # scripts read it first
         context = ssl.create_default_context(cafile=PKI["ca"])
         raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
         sock = context.wrap_socket(raw, server_hostname="localhost")
