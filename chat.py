@@ -97,6 +97,7 @@ _UNSAFE_CHARS = re.compile(
 # Telnet option negotiation (IAC ...): 0xFF never occurs in UTF-8 text.
 _TELNET_COMMAND = re.compile(rb"\xff(?:\xfa.*?(?:\xff\xf0|$)|[\xfb-\xfe].?|.?)", re.S)
 _CONFUSABLE_SCRIPTS = frozenset(("LATIN", "GREEK", "CYRILLIC"))
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7f))
 _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -108,14 +109,29 @@ def sanitize(text):
     return _UNSAFE_CHARS.sub("", text)
 
 
-def decode_line(raw):
-    """Turn one received line (without its LF) into text: CR and telnet commands
-    dropped, invalid UTF-8 replaced by U+FFFD."""
-    if raw.endswith(b"\r"):
+def strip_transport(raw):
+    """A received line (without its LF) without its CR and telnet commands."""
+    if raw[-1:] == b"\r":
         raw = raw[:-1]
     if b"\xff" in raw:
         raw = _TELNET_COMMAND.sub(b"", raw)
-    return raw.decode("utf-8", "replace")
+    return raw
+
+
+def decode_line(raw):
+    """A received line as text; invalid UTF-8 becomes U+FFFD, never an exception."""
+    return strip_transport(raw).decode("utf-8", "replace")
+
+
+def clean_text(raw):
+    """Safe UTF-8 bytes for relayed text (CR and telnet commands already stripped).
+
+    Plain printable ASCII, the common case, is proven safe without decoding it
+    (translate() deleting every printable byte leaves nothing), and relayed as is.
+    """
+    if not raw.translate(None, _PRINTABLE_ASCII):
+        return raw
+    return sanitize(raw.decode("utf-8", "replace")).encode()
 
 
 def _is_nick_char(char, position):
@@ -771,6 +787,7 @@ class ChatServer:
             conn.inbuf += b"\n"
             self._handle_input(conn)
         if conn.stage in (self.PASSWORD, self.ROOM):
+            conn.peer_done = True
             self._close(conn, "connection closed")
 
     def _handle_input(self, conn):
@@ -790,7 +807,7 @@ class ChatServer:
             if len(raw) > self.options.max_line + raw.endswith(b"\r"):
                 self._reject_long_line(conn)
             else:
-                self._handle_line(conn, decode_line(raw))
+                self._handle_line(conn, strip_transport(raw))
         if conn.reading and len(conn.inbuf) > self.options.max_line + 1:
             conn.inbuf = b""
             conn.discarding = True
@@ -810,19 +827,18 @@ class ChatServer:
     def _reject_long_line(self, conn):
         self._tell(conn, "error: line too long (over %d bytes), not sent" % self.options.max_line)
 
-    def _handle_line(self, conn, text):
+    def _handle_line(self, conn, raw):
+        """One line from a client, CR and telnet commands already stripped."""
         if conn.stage is self.PASSWORD:
-            self._check_password(conn, text)
-            return
-        if not text.strip():
-            return
-        if text.startswith("/") and not text.startswith("//"):
-            self._run_command(conn, text)
-            return
-        text = sanitize(text[1:] if text.startswith("//") else text)
-        if text.strip():
-            self._announce_join(conn)
-            self._broadcast(conn.prefix + text.encode() + b"\n", exclude=conn)
+            self._check_password(conn, raw.decode("utf-8", "replace"))
+        elif raw[:1] == b"/" and raw[:2] != b"//":
+            self._run_command(conn, raw.decode("utf-8", "replace"))
+        else:
+            text = clean_text(raw[1:] if raw[:1] == b"/" else raw)
+            if text and not text.isspace():
+                if conn.join_pending:
+                    self._announce_join(conn)
+                self._broadcast(conn.prefix + text + b"\n", exclude=conn)
 
     # Commands
 
@@ -920,10 +936,8 @@ class ChatServer:
         more = len(self._members) - len(names)
         if more:
             names.append("and %d more" % more)
-        lines = ("welcome to %s, you are %s" % (self.name, conn.nick),
-                 "%d online: %s" % (len(self._members), ", ".join(names)),
-                 "type /help for commands")
-        return "".join("*** %s\n" % line for line in lines).encode()
+        return ("*** welcome to %s, you are %s\n*** %d online: %s\n*** type /help for commands\n"
+                % (self.name, conn.nick, len(self._members), ", ".join(names))).encode()
 
     def _announce_join(self, conn):
         """Send the deferred join notice, under the nick the newcomer has by now."""
@@ -950,12 +964,14 @@ class ChatServer:
 
     def _broadcast(self, data, exclude=None):
         """Queue data for every member but exclude; it is sent at the end of the turn."""
-        if exclude is not None:
-            self._sync(exclude)
-            self._turn_chunks.append(data)
-            exclude.synced = len(self._turn_chunks)
-        else:
-            self._turn_chunks.append(data)
+        chunks = self._turn_chunks
+        if exclude is None:
+            chunks.append(data)
+            return
+        if exclude.synced_batch != self._batch or exclude.synced != len(chunks):
+            self._sync(exclude)   # not for a sender's second line in a row
+        chunks.append(data)
+        exclude.synced = len(chunks)
 
     def _sync(self, conn):
         """Queue for a member the broadcasts of this turn it has not got yet.
@@ -1068,7 +1084,10 @@ class ChatServer:
             self._tell(conn, farewell)
         conn.stage = self.CLOSING
         conn.inbuf = b""
-        conn.reading = True   # read, and discard, until the peer closes too
+        if conn.peer_done and not conn.outbox:
+            self._finish(conn)   # nothing to say and nothing to hear: the common hang-up
+            return
+        conn.reading = not conn.peer_done   # read, and discard, until the peer closes too
         self._update_interest(conn)
         self._call_later(self.options.close_linger, self._finish, conn)
         if not conn.outbox:
@@ -1661,9 +1680,29 @@ def read_password(path):
     return password
 
 
+class LogFormatter(logging.Formatter):
+    """The standard format, with the date text made once per second, not per line:
+    a storm of connects logs thousands of lines a second."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second = None
+        self._date = ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return "%s,%03d" % (self._date, record.msecs)
+
+
 def configure_logging(args):
+    # The logging HOWTO's advice for speed: skip caller, thread and process lookups.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(LogFormatter())
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)
 
