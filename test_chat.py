@@ -573,14 +573,19 @@ class ShutdownTest(ServerTestCase):
 
 class ManyClientsTest(ServerTestCase):
 
-    def test_hundreds_of_concurrent_clients(self):
-        raise_fd_limit(self, 1200)
-        peers = [self.open_peer() for _ in range(300)]
+    def test_a_thousand_clients_get_every_line_in_order(self):
+        raise_fd_limit(self, 2 * 1000 + 100)   # both ends of every connection live here
+        peers = [self.open_peer() for _ in range(1000)]
         for peer in peers:
             peer.expect(r"\*\*\* type /help for commands")
-        peers[0].say("/nick speaker", "hello everyone")
+        speaker = peers[0]
+        speaker.say("/nick speaker")
+        speaker.expect(r"\*\*\* you are now known as speaker")
+        lines = ["line %02d from the speaker" % i for i in range(50)]
+        speaker.say(*lines)
+        expected = ["<speaker> " + line for line in lines]
         for peer in peers[1:]:
-            self.assertEqual(peer.expect(r"<speaker> .*"), "<speaker> hello everyone")
+            self.assertEqual(peer.lines_until(r"<speaker> line 49 .*")[-49:], expected[:49])
 
 
 @unittest.skipUnless(ipv6_available(), "no IPv6 on this machine")
