@@ -18,6 +18,7 @@ Standard library only; Python 3.8+ on Linux, macOS and Windows.
 """
 
 import argparse
+import codecs
 import collections
 import errno
 import getpass
@@ -28,6 +29,7 @@ import itertools
 import logging
 import os
 import queue
+import random
 import re
 import select
 import selectors
@@ -37,6 +39,7 @@ import sys
 import threading
 import time
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +47,14 @@ try:
     import ssl
 except ImportError:   # Python built without OpenSSL: everything but TLS works
     ssl = None
+try:
+    import termios
+except ImportError:   # Windows: the console uses msvcrt instead
+    termios = None
+try:
+    import msvcrt
+except ImportError:   # POSIX
+    msvcrt = None
 
 __version__ = "1.0.0"
 
@@ -61,6 +72,7 @@ REGISTER_TIMEOUT = 30.0              # seconds to finish TLS and /pass before be
 WRONG_PASSWORD_DELAY = 1.0           # seconds before a wrong /pass is closed: slows guessing
 DEFAULT_RATE = 5.0                   # lines per second a client may send, on average...
 DEFAULT_BURST = 30                   # ...and at once, so a pasted block of 20 lines goes through
+DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
 LISTEN_BACKLOG = 4096                # the kernel caps it at somaxconn
@@ -72,6 +84,9 @@ MAX_REASON = 100                     # code points of a /quit reason
 RESERVED_FDS = 32                    # descriptors for listeners, logs, the selector...
 CONNECT_TIMEOUT = 10.0
 KEYBOARD_QUEUE = 1000                # typed or piped lines buffered before stdin backs off
+RETRY_DELAY = 1.0                    # seconds before the first reconnect, doubling...
+RETRY_MAX = 30.0                     # ...up to this
+SEEN_LINES = 500                     # public lines remembered to skip replayed history
 
 log = logging.getLogger("chat")
 
@@ -345,6 +360,7 @@ class ServerOptions:
     rate: float = DEFAULT_RATE         # lines/s per client; 0 turns flood control off
     burst: int = DEFAULT_BURST
     max_per_ip: int = 0                # 0: no limit
+    history: int = DEFAULT_HISTORY     # public lines replayed to newcomers; 0: none
 
 
 class Connection(BufferedSocket):
@@ -458,6 +474,8 @@ class ChatServer:
         self._batch = 0                # counts delivered batches of _turn_chunks
         self._dirty = set()            # connections with direct output this turn
         self._failed = []              # (connection, reason) to drop after the turn
+        self._history = collections.deque(maxlen=self.options.history)   # "*** [HH:MM] <a> x\n"
+        self._clock = (None, b"")      # (minute, b"HH:MM") for history lines
         self._accepting = False
         self._stop_requested = False
         self._started = False
@@ -838,7 +856,7 @@ class ChatServer:
             if text and not text.isspace():
                 if conn.join_pending:
                     self._announce_join(conn)
-                self._broadcast(conn.prefix + text + b"\n", exclude=conn)
+                self._say(conn, conn.prefix + text + b"\n")
 
     # Commands
 
@@ -878,7 +896,7 @@ class ChatServer:
         if not action.strip():
             self._tell(conn, "error: usage: /me ACTION")
             return
-        self._broadcast(b"* %s %s\n" % (conn.nick.encode(), action.encode()), exclude=conn)
+        self._say(conn, b"* %s %s\n" % (conn.nick.encode(), action.encode()))
 
     def _cmd_msg(self, conn, argument):
         target_name, _, text = argument.partition(" ")
@@ -915,6 +933,10 @@ class ChatServer:
         self._members[conn] = None
         conn.synced_batch, conn.synced = self._batch, len(self._turn_chunks)
         self._send(conn, self._greeting(conn))
+        if self._history:
+            self._send(conn, b"".join(itertools.chain(
+                (b"*** --- last %d messages ---\n" % len(self._history),), self._history,
+                (b"*** --- end of history ---\n",))))
         conn.join_pending = True
         self._call_later(self.options.join_delay, self._announce_join, conn)
 
@@ -938,6 +960,20 @@ class ChatServer:
             names.append("and %d more" % more)
         return ("*** welcome to %s, you are %s\n*** %d online: %s\n*** type /help for commands\n"
                 % (self.name, conn.nick, len(self._members), ", ".join(names))).encode()
+
+    def _say(self, conn, line):
+        """A public line (chat or action): to everyone else, and into the history."""
+        self._broadcast(line, exclude=conn)
+        if self.options.history:
+            self._history.append(b"*** [%s] %s" % (self._clock_text(), line))
+
+    def _clock_text(self):
+        """b"HH:MM" of the server's local time, formatted once a minute."""
+        now = time.time()
+        minute = int(now // 60)
+        if minute != self._clock[0]:
+            self._clock = (minute, time.strftime("%H:%M", time.localtime(now)).encode())
+        return self._clock[1]
 
     def _announce_join(self, conn):
         """Send the deferred join notice, under the nick the newcomer has by now."""
@@ -1172,6 +1208,10 @@ class ChatError(Exception):
     """A failure main() reports on stderr, without a traceback, before exiting with 1."""
 
 
+class RefusedError(ChatError):
+    """The server was refused (TLS verification) or refused us (password): retrying is futile."""
+
+
 def open_connection(host, port, family=socket.AF_UNSPEC, timeout=CONNECT_TIMEOUT):
     """Connect to the first address of host that answers (IPv4 or IPv6)."""
     try:
@@ -1190,311 +1230,6 @@ def open_connection(host, port, family=socket.AF_UNSPEC, timeout=CONNECT_TIMEOUT
             error = exc
     reason = "timed out" if isinstance(error, socket.timeout) else describe_error(error)
     raise ChatError("cannot connect to %s: %s" % (format_address(host, port), reason))
-
-
-class PlainConsole:
-    """Line input and output for pipes, files and plain terminals.
-
-    Output is written as UTF-8 and flushed after every line when it is not a
-    terminal, so `client > log` and `client | grep` see each line at once.
-    """
-
-    def __init__(self, stdin=None, stdout=None):
-        self._stdin = stdin or sys.stdin
-        self._stdout = stdout or sys.stdout
-        self._tty = self._stdout.isatty()
-
-    def start(self, post):
-        """Read lines in a daemon thread; post(kind, text) each one, then "eof"."""
-        thread = threading.Thread(target=self._read_lines, args=(post,),
-                                  name="keyboard", daemon=True)
-        thread.start()
-
-    def _read_lines(self, post):
-        stream = getattr(self._stdin, "buffer", self._stdin)
-        try:
-            for raw in iter(stream.readline, b""):
-                post("line", raw.rstrip(b"\r\n").decode("utf-8", "replace"))
-        except (OSError, ValueError):
-            pass
-        post("eof", None)
-
-    def show(self, text):
-        if self._tty:
-            self._stdout.write(text + "\n")
-        else:
-            self._stdout.buffer.write(text.encode("utf-8", "replace") + b"\n")
-        self._stdout.flush()
-
-    def close(self):
-        pass
-
-
-class ChatClient:
-    """Connect to a server, send what the user types, show what the server sends.
-
-    Threads: a daemon thread reads the keyboard (or a pipe) and posts each line
-    to a queue, waking the main loop through a socketpair; the main loop alone
-    owns the socket, so the connection needs no lock.
-    """
-
-    WELCOME = re.compile(r"\*\*\* welcome to .*, you are (\S+)$")
-    RENAMED = re.compile(r"\*\*\* you are now known as (\S+)$")
-    NICK_TAKEN = re.compile(r"\*\*\* error: nick (\S+) is taken$")
-
-    def __init__(self, host="localhost", port=DEFAULT_PORT, family=socket.AF_UNSPEC,
-                 nick=None, console=None, tls_context=None, tls_pin=None, password=None,
-                 ask_password=None):
-        self.host, self.port, self.family = host, port, family
-        self.wanted_nick = nick
-        self.nick = None
-        self.console = console or PlainConsole()
-        self.tls_context = tls_context  # None: plaintext
-        self.tls_pin = tls_pin          # hex SHA-256 the server certificate must have
-        self.password = password
-        self.ask_password = ask_password   # callable prompting the user, or None
-        self._events = queue.Queue(KEYBOARD_QUEUE)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._conn = None               # BufferedSocket once connected
-        self._inbuf = b""
-        self._received = collections.deque()   # lines read but not handled yet
-        self._nick_attempt = 0          # > 0 while asking for wanted_nick or a variant
-        self._ready = False             # greeted and nick settled: typed lines may go out
-        self._quitting = False
-        self._interrupted = False
-
-    @property
-    def where(self):
-        return format_address(self.host, self.port)
-
-    # Called from other threads and signal handlers
-
-    def post(self, kind, text=None):
-        """Hand a keyboard event ("line", "eof") to the main loop."""
-        self._events.put((kind, text))
-        self._wake()
-
-    def interrupt(self):
-        """Ctrl+C: leave, or at once if already leaving. Safe in a signal handler."""
-        if self._conn is None:
-            raise KeyboardInterrupt   # still connecting: nothing to say goodbye to
-        self._interrupted = True
-        self._wake()
-
-    def _wake(self):
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
-
-    # Connecting
-
-    def run(self):
-        """Chat until the user leaves (return 0); raise ChatError when it fails."""
-        try:
-            self._conn = BufferedSocket(self._connect())
-            self.console.start(self.post)
-            return self._loop()
-        finally:
-            if self._conn:
-                self._conn.sock.close()
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _connect(self):
-        """A connected, registered socket, greeting read: TCP, then TLS, then /pass."""
-        sock = open_connection(self.host, self.port, self.family)
-        try:
-            if self.tls_context:
-                sock = self._start_tls(sock)
-            enable_keepalive(sock)
-            sock.settimeout(REGISTER_TIMEOUT)
-            self._register(sock)
-            sock.setblocking(False)
-            return sock
-        except BaseException:
-            sock.close()
-            raise
-
-    def _start_tls(self, sock):
-        try:
-            sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
-        except ssl.SSLCertVerificationError as exc:
-            raise ChatError("the TLS certificate of %s is not trusted: %s\n%s" % (
-                self.where, exc.verify_message, self._pin_advice()))
-        except (ssl.SSLError, OSError) as exc:
-            raise ChatError("TLS with %s failed: %s" % (
-                self.where, getattr(exc, "reason", None) or describe_error(exc)))
-        if self.tls_pin:
-            actual = certificate_fingerprint(sock.getpeercert(binary_form=True))
-            if normalize_fingerprint(actual) != self.tls_pin:
-                sock.close()
-                raise ChatError("the TLS certificate of %s does not match --tls-fingerprint "
-                                  "(someone may be in between, or the certificate changed)\n%s"
-                                  % (self.where, self._pin_advice(actual)))
-        return sock
-
-    def _pin_advice(self, fingerprint=None):
-        """Tell the server's fingerprint and how to trust it, the way ssh shows a host key."""
-        fingerprint = fingerprint or fetch_fingerprint(self.host, self.port, self.family)
-        if not fingerprint:
-            return "  (could not read the server's certificate)"
-        return ("  the server's certificate fingerprint is %s\n"
-                "  if that is the right one, connect with: --tls-fingerprint %s"
-                % (fingerprint, fingerprint[7:]))
-
-    def _register(self, sock):
-        """Read up to the greeting, answering a password request on the way."""
-        error = None
-        while True:
-            line = self._next_line(sock)
-            if line is None:
-                raise ChatError("%s closed the connection%s"
-                                  % (self.where, ": " + error if error else ""))
-            self.console.show(line)
-            if line.startswith("*** password required"):
-                sock.sendall(("/pass %s\n" % self._get_password()).encode())
-            elif line == "*** error: wrong password":
-                raise ChatError("%s refused the password" % self.where)
-            elif line.startswith("*** error: "):
-                error = line[11:]
-            welcome = self.WELCOME.match(line)
-            if welcome:
-                self.nick = welcome.group(1)
-                self._request_nick(sock)
-                return
-
-    def _next_line(self, sock):
-        """The next line from the (blocking) socket, or None at its end."""
-        while not self._received:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except socket.timeout:
-                raise ChatError("%s did not greet us within %d s" % (self.where, REGISTER_TIMEOUT))
-            except OSError as exc:
-                raise ChatError("connection to %s failed: %s" % (self.where, describe_error(exc)))
-            if not data:
-                return None
-            self._split_lines(data)
-        return self._received.popleft()
-
-    def _split_lines(self, data):
-        lines = (self._inbuf + data).split(b"\n")
-        self._inbuf = lines.pop()
-        self._received.extend(sanitize(decode_line(raw)) for raw in lines)
-
-    def _get_password(self):
-        if self.password is None and self.ask_password:
-            self.password = self.ask_password("password for %s: " % self.where)
-        if self.password is None:
-            raise ChatError("%s requires a password: give it with --password-file FILE "
-                              "or the CHAT_PASSWORD environment variable" % self.where)
-        return self.password
-
-    # The main loop
-
-    def _loop(self):
-        sock = self._conn.sock
-        self._handle_received()
-        while True:
-            writers = [sock] if self._conn.outbox else []
-            readable, writable, _ = select.select([sock, self._wake_r], writers, [])
-            if writable:
-                self._flush()
-            if self._wake_r in readable:
-                drain(self._wake_r)
-            if self._interrupted:
-                if self._quitting:
-                    return 0
-                self._interrupted = False
-                self._quit()
-            if sock in readable and not self._receive():
-                if self._quitting:
-                    return 0
-                raise ChatError("connection to %s lost: the server closed it" % self.where)
-            if self._ready:
-                self._take_keyboard_events()
-
-    def _take_keyboard_events(self):
-        while self._conn.queued < SEND_CHUNK and not self._quitting:
-            try:
-                kind, text = self._events.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "line":
-                self._send_typed(text)
-            else:
-                self._quit()
-
-    def _send_typed(self, text):
-        if text.split(" ", 1)[0] == "/quit":
-            self._quit(text)
-        elif text:
-            self._send_line(text)
-
-    def _quit(self, command="/quit"):
-        """Say goodbye; the loop then waits for the server to close, so nothing sent is lost."""
-        self._send_line(command)
-        self._quitting = True
-
-    def _send_line(self, text):
-        self._conn.queue(text.encode("utf-8", "replace") + b"\n")
-        self._flush()
-
-    def _flush(self):
-        try:
-            self._conn.send_pending()
-        except OSError:
-            pass   # the read side reports the lost connection
-
-    def _receive(self):
-        """Read and handle what arrived; False at the end of the stream."""
-        try:
-            data = self._conn.sock.recv(RECV_SIZE)
-        except WOULD_BLOCK:
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            return False
-        self._split_lines(data)
-        self._handle_received()
-        return True
-
-    def _handle_received(self):
-        while self._received:
-            self._handle_server_line(self._received.popleft())
-
-    def _handle_server_line(self, line):
-        self.console.show(line)
-        renamed = self.RENAMED.match(line)
-        if renamed:
-            self.nick = renamed.group(1)
-            self._nick_settled()
-        elif self._nick_attempt and self.NICK_TAKEN.match(line):
-            self._request_nick()
-        elif self._nick_attempt and line.startswith("*** error: invalid nick"):
-            self._nick_settled()
-
-    def _nick_settled(self):
-        self._nick_attempt = 0
-        self._ready = True
-
-    def _request_nick(self, sock=None):
-        """Ask for the wanted nick, or its next variant when the last one was taken."""
-        if not self.wanted_nick or nick_key(self.wanted_nick) == nick_key(self.nick or ""):
-            self._nick_settled()
-            return
-        self._nick_attempt += 1
-        attempt = self._nick_attempt
-        line = "/nick " + (nick_variant(self.wanted_nick, attempt) if attempt > 1
-                           else self.wanted_nick)
-        if sock is not None:   # still registering, on the blocking socket
-            sock.sendall(line.encode() + b"\n")
-        else:
-            self._send_line(line)
 
 
 def fetch_fingerprint(host, port, family=socket.AF_UNSPEC):
@@ -1538,6 +1273,998 @@ def default_nick():
         return None
 
 
+def echo_of(text, nick):
+    """The line others receive when we send text, or None (commands, blank lines).
+
+    Mirrors what the server relays, so our own lines look like everyone else's
+    and can be matched against the history the server replays.
+    """
+    lower = text[:4].lower()
+    if lower == "/me ":
+        body, shape = sanitize(text[4:]).strip(), "* %s %s"
+    elif text[:2] == "//" or text[:1] != "/":
+        body, shape = sanitize(text[1:] if text[:2] == "//" else text), "<%s> %s"
+    else:
+        return None
+    return shape % (nick, body) if body.strip() else None
+
+
+# Rendering received lines
+
+_NICK_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
+_HISTORY_ENTRY = re.compile(r"\*\*\* \[(\d\d:\d\d)\] (.*)$")
+_CHAT_LINE = re.compile(r"<([^>\s]+)> (.*)$")
+_ACTION_LINE = re.compile(r"\* (\S+) (.*)$")
+_PRIVATE_LINE = re.compile(r"\*([^*\s]+)\* (.*)$")
+
+
+def char_width(char):
+    """Terminal columns of a character: 2 for wide East Asian forms, 0 for combining marks."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
+
+
+def colour_wanted(stream, no_color=False):
+    """Colour only on a terminal, and not with --no-color, NO_COLOR (no-color.org) or TERM=dumb."""
+    return (not no_color and stream.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")
+
+
+def paint(code, text):
+    return "\x1b[%sm%s\x1b[0m" % (code, text)
+
+
+class LineStyle:
+    """How a protocol line is shown: timestamp, colours, bell.
+
+    With everything off a line comes back untouched, which is what pipes get.
+    """
+
+    def __init__(self, colour=False, timestamps=False, bell=False):
+        self.colour, self.timestamps, self.bell = colour, timestamps, bell
+
+    def render(self, line, nick=None):
+        """The text to print for a line (bell included when it is for us)."""
+        stamp = time.strftime("[%H:%M] ") if self.timestamps else ""
+        replayed = _HISTORY_ENTRY.match(line)
+        if replayed and self.timestamps:   # history keeps the time it was said
+            stamp, line = "[%s] " % replayed.group(1), replayed.group(2)
+        text, for_me = self._paint(line, nick) if self.colour else (line, self._for_me(line, nick))
+        if self.colour and (stamp or replayed):
+            stamp = paint("2", stamp)
+            text = paint("2", line) if replayed else text
+        return stamp + text + ("\x07" if for_me and self.bell else "")
+
+    def _paint(self, line, nick):
+        chat, action = _CHAT_LINE.match(line), _ACTION_LINE.match(line)
+        if chat or action:
+            who, text = (chat or action).groups()
+            name = paint(self.nick_colour(who), who)
+            mention = self._mentions(text, nick) and who != nick
+            shown = "<%s> %s" % (name, text) if chat else "* %s %s" % (name, text)
+            return (paint("1", shown) if mention else shown), mention
+        if _PRIVATE_LINE.match(line):
+            return paint("1;35", line), True
+        if line.startswith("*** error:"):
+            return paint("31", line), False
+        if line.startswith(("*** ", "-> ")):
+            return paint("2", line), False
+        return line, False
+
+    def _for_me(self, line, nick):
+        if _PRIVATE_LINE.match(line):
+            return True
+        said = _CHAT_LINE.match(line) or _ACTION_LINE.match(line)
+        return bool(said) and said.group(1) != nick and self._mentions(said.group(2), nick)
+
+    @staticmethod
+    def _mentions(text, nick):
+        return bool(nick) and re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(nick), text,
+                                        re.IGNORECASE) is not None
+
+    @staticmethod
+    def nick_colour(nick):
+        """A stable colour per nick (crc32, not hash(): the same every run)."""
+        return _NICK_COLOURS[zlib.crc32(nick_key(nick).encode()) % len(_NICK_COLOURS)]
+
+
+class Roster:
+    """Nicks seen in the room, for Tab completion; fed every line shown."""
+
+    _PATTERNS = (
+        (re.compile(r"\*\*\* welcome to .*, you are (\S+)$"), "add"),
+        (re.compile(r"\*\*\* (\S+) joined$"), "add"),
+        (re.compile(r"\*\*\* (\S+) left \(.*\)$"), "remove"),
+        (re.compile(r"<(\S+)> "), "add"),
+        (re.compile(r"\* (\S+) "), "add"),
+        (re.compile(r"\*(\S+)\* "), "add"),
+    )
+    _RENAMED = re.compile(r"\*\*\* (\S+) is now known as (\S+)$")
+    _WHO = re.compile(r"\*\*\* \d+ online: (.*)$")
+
+    def __init__(self):
+        self.nicks = set()
+
+    def note(self, line):
+        renamed, who = self._RENAMED.match(line), self._WHO.match(line)
+        if renamed:
+            self.nicks.discard(renamed.group(1))
+            self.nicks.add(renamed.group(2))
+        elif who:
+            names = who.group(1).split(", ")
+            self.nicks.update(name for name in names if not name.startswith("and "))
+        else:
+            for pattern, action in self._PATTERNS:
+                found = pattern.match(line)
+                if found:
+                    getattr(self.nicks, "add" if action == "add" else "discard")(found.group(1))
+                    return
+
+
+class PlainConsole:
+    """Lines in, lines out: pipes, files, dumb terminals, or no raw mode.
+
+    Output goes out as UTF-8 (whatever the console encoding) and is flushed
+    after every line, so `client > log` and `client | grep` see each at once.
+    Notes from the client itself go to stderr, so stdout stays protocol lines.
+    """
+
+    def __init__(self, style=None, stdin=None, stdout=None, stderr=None):
+        self.style = style or LineStyle()
+        self._stdin = stdin or sys.stdin
+        self._stdout = stdout or sys.stdout
+        self._stderr = stderr or sys.stderr
+        self._tty = self._stdout.isatty()
+        self.nick = None
+
+    def start(self, client):
+        """Read lines in a daemon thread and post them to the client, then "eof"."""
+        threading.Thread(target=self._read_lines, args=(client,), name="keyboard",
+                         daemon=True).start()
+
+    def _read_lines(self, client):
+        stream = getattr(self._stdin, "buffer", self._stdin)
+        try:
+            for raw in iter(stream.readline, b""):
+                client.post("line", raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            pass
+        client.post("eof")
+
+    def set_nick(self, nick):
+        self.nick = nick
+
+    def show(self, *lines):
+        text = "".join(self.style.render(line, self.nick) + "\n" for line in lines)
+        if self._tty:
+            self._stdout.write(text)
+        else:
+            self._stdout.buffer.write(text.encode("utf-8", "replace"))
+        self._stdout.flush()
+
+    def show_own(self, line):
+        """Our own line, as others see it: only where a person is watching."""
+        if self._tty:
+            self.show(line)
+
+    def notice(self, text):
+        if self._tty:
+            self.show("*** " + text)
+        else:
+            self._stderr.write("chat.py: %s\n" % text)
+            self._stderr.flush()
+
+    def close(self):
+        pass
+
+
+class LineEditor:
+    """The line being typed: text, cursor, input history and completion.
+
+    Pure state with no terminal behind it; the console maps keys to these
+    methods and draws the result. The cursor moves over combining marks
+    together with the character they belong to.
+    """
+
+    HISTORY_SIZE = 500
+
+    def __init__(self):
+        self.text = ""
+        self.cursor = 0
+        self.history = []
+        self._browsing = None      # index into history while Up/Down browse it
+        self._draft = ""           # the line being typed before browsing started
+
+    def insert(self, text):
+        self.text = self.text[:self.cursor] + text + self.text[self.cursor:]
+        self.cursor += len(text)
+
+    def _previous_stop(self, index):
+        index -= 1
+        while index > 0 and char_width(self.text[index]) == 0:
+            index -= 1
+        return max(index, 0)
+
+    def _next_stop(self, index):
+        index += 1
+        while index < len(self.text) and char_width(self.text[index]) == 0:
+            index += 1
+        return min(index, len(self.text))
+
+    def left(self):
+        self.cursor = self._previous_stop(self.cursor)
+
+    def right(self):
+        self.cursor = self._next_stop(self.cursor)
+
+    def home(self):
+        self.cursor = 0
+
+    def end(self):
+        self.cursor = len(self.text)
+
+    def word_left(self):
+        while self.cursor and self.text[self.cursor - 1] == " ":
+            self.cursor -= 1
+        while self.cursor and self.text[self.cursor - 1] != " ":
+            self.cursor -= 1
+
+    def word_right(self):
+        while self.cursor < len(self.text) and self.text[self.cursor] == " ":
+            self.cursor += 1
+        while self.cursor < len(self.text) and self.text[self.cursor] != " ":
+            self.cursor += 1
+
+    def backspace(self):
+        start = self._previous_stop(self.cursor) if self.cursor else 0
+        self.text = self.text[:start] + self.text[self.cursor:]
+        self.cursor = start
+
+    def delete(self):
+        self.text = self.text[:self.cursor] + self.text[self._next_stop(self.cursor):]
+
+    def kill_to_start(self):
+        self.text, self.cursor = self.text[self.cursor:], 0
+
+    def kill_to_end(self):
+        self.text = self.text[:self.cursor]
+
+    def kill_word(self):
+        end = self.cursor
+        self.word_left()
+        self.text = self.text[:self.cursor] + self.text[end:]
+
+    def previous(self):
+        if self._browsing is None:
+            if not self.history:
+                return
+            self._browsing, self._draft = len(self.history), self.text
+        if self._browsing > 0:
+            self._browsing -= 1
+            self._replace(self.history[self._browsing])
+
+    def next(self):
+        if self._browsing is None:
+            return
+        self._browsing += 1
+        if self._browsing >= len(self.history):
+            self._browsing = None
+            self._replace(self._draft)
+        else:
+            self._replace(self.history[self._browsing])
+
+    def _replace(self, text):
+        self.text, self.cursor = text, len(text)
+
+    def submit(self):
+        """The finished line; the editor is empty again and the line is in the history."""
+        line = self.text
+        if line.strip() and (not self.history or self.history[-1] != line):
+            self.history = (self.history + [line])[-self.HISTORY_SIZE:]
+        self._browsing = None
+        self._replace("")
+        return line
+
+    def complete(self, commands, nicks):
+        """Complete the word before the cursor: a command first on the line, else a nick.
+
+        Returns the candidates when they are ambiguous and share no longer prefix,
+        so the console can list them.
+        """
+        start = self.text.rfind(" ", 0, self.cursor) + 1
+        word = self.text[start:self.cursor]
+        if not word:
+            return []
+        pool = commands if start == 0 and word[0] == "/" else nicks
+        folded = word.casefold()
+        matches = sorted({name for name in pool if name.casefold().startswith(folded)},
+                         key=str.casefold)
+        if len(matches) == 1:
+            ending = ": " if pool is nicks and start == 0 else " "
+            completion = matches[0] + ending
+        elif matches:
+            completion = os.path.commonprefix([name.casefold() for name in matches])
+            completion = matches[0][:len(completion)]
+            if len(completion) <= len(word):
+                return matches
+        else:
+            return []
+        self.text = self.text[:start] + completion + self.text[self.cursor:]
+        self.cursor = start + len(completion)
+        return []
+
+
+def parse_keys(text):
+    """Split typed text into keys: ("text", chars) or a key name. Returns (keys, rest),
+    rest being an escape sequence cut off by the end of the read."""
+    keys = []
+    start = 0
+    for match in _KEY_TOKEN.finditer(text):
+        token = match.group()
+        if token[0] == "\x1b":
+            if _PARTIAL_SEQUENCE.fullmatch(text, match.start()) and match.end() == len(text):
+                return keys, text[match.start():]
+            name = _ESCAPE_KEYS.get(token)
+        else:
+            name = _CONTROL_KEYS.get(token)
+        if name:
+            keys.append(name)
+        elif token[0] not in "\x1b\x7f" and token >= " ":
+            if keys and isinstance(keys[-1], tuple):
+                keys[-1] = ("text", keys[-1][1] + token)
+            else:
+                keys.append(("text", token))
+        start = match.end()
+    return keys, text[start:]
+
+
+_KEY_TOKEN = re.compile(
+    r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?|O.?|[^\[O])?|[\x00-\x1f\x7f]|[^\x00-\x1f\x7f\x1b]+",
+    re.S)
+_PARTIAL_SEQUENCE = re.compile(r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*|O)?")
+_ESCAPE_KEYS = {
+    "\x1b[A": "previous", "\x1b[B": "next", "\x1b[C": "right", "\x1b[D": "left",
+    "\x1bOA": "previous", "\x1bOB": "next", "\x1bOC": "right", "\x1bOD": "left",
+    "\x1b[H": "home", "\x1b[F": "end", "\x1bOH": "home", "\x1bOF": "end",
+    "\x1b[1~": "home", "\x1b[7~": "home", "\x1b[4~": "end", "\x1b[8~": "end",
+    "\x1b[3~": "delete", "\x1b[1;5D": "word_left", "\x1b[1;5C": "word_right",
+    "\x1b[1;3D": "word_left", "\x1b[1;3C": "word_right", "\x1bb": "word_left", "\x1bf": "word_right",
+}
+_CONTROL_KEYS = {
+    "\r": "enter", "\n": "enter", "\x7f": "backspace", "\x08": "backspace", "\t": "complete",
+    "\x01": "home", "\x05": "end", "\x02": "left", "\x06": "right", "\x10": "previous",
+    "\x0e": "next",
+    "\x15": "kill_to_start", "\x0b": "kill_to_end", "\x17": "kill_word", "\x03": "interrupt",
+    "\x04": "eof", "\x0c": "redraw", "\x1a": "suspend",
+}
+_WINDOWS_KEYS = {"H": "previous", "P": "next", "K": "left", "M": "right", "G": "home", "O": "end",
+                 "S": "delete", "s": "word_left", "t": "word_right"}
+COMMAND_WORDS = ("/nick", "/me", "/msg", "/who", "/help", "/quit")
+
+
+class TerminalConsole:
+    """The interactive terminal: a line editor in raw mode with incoming lines printed
+    above it, so what the user is typing is never clobbered.
+
+    Threads: the keyboard thread reads keys and edits the line; the main thread
+    shows incoming lines. Both draw, so every write to the screen happens under
+    one lock. The terminal is restored by close(), which run() always reaches.
+    """
+
+    ESCAPE_TIMEOUT = 0.05     # seconds after a lone ESC before it counts as the Esc key
+
+    def __init__(self, style, stdin=None, stdout=None):
+        self.style = style
+        self._stdin = stdin or sys.stdin
+        self._stdout = stdout or sys.stdout
+        self._fd = self._stdin.fileno()
+        self._lock = threading.RLock()
+        self.editor = LineEditor()
+        self.roster = Roster()
+        self.nick = None
+        self._client = None
+        self._rows_above = 0      # rows from the prompt's first row down to the cursor
+        self._saved_mode = None
+        self._resize_r = self._resize_w = None
+        self._closed = False
+
+    @classmethod
+    def usable(cls, stdin, stdout):
+        """Raw mode needs both ends to be a terminal that understands cursor movement."""
+        if not (stdin.isatty() and stdout.isatty()) or os.environ.get("TERM") == "dumb":
+            return False
+        return enable_windows_vt(stdout) if WINDOWS else termios is not None
+
+    # Life cycle
+
+    def start(self, client):
+        self._client = client
+        if not WINDOWS:
+            self._enter_raw_mode()
+            self._resize_r, self._resize_w = os.pipe()
+            os.set_blocking(self._resize_w, False)
+            signal.signal(signal.SIGWINCH, self._on_resize)
+        with self._lock:
+            self._draw()
+        reader = self._read_windows_keys if WINDOWS else self._read_keys
+        threading.Thread(target=reader, name="keyboard", daemon=True).start()
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._clear_input()
+            self._write("\r\n" if self.editor.text else "")
+            self._leave_raw_mode()
+
+    def _enter_raw_mode(self):
+        self._saved_mode = termios.tcgetattr(self._fd)
+        mode = termios.tcgetattr(self._fd)
+        mode[0] &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP | termios.IXON)
+        mode[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN | termios.ISIG)
+        mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(self._fd, termios.TCSANOW, mode)
+
+    def _leave_raw_mode(self):
+        if self._saved_mode is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved_mode)
+
+    # Output from the main thread
+
+    def set_nick(self, nick):
+        with self._lock:
+            self.nick = nick
+            self._redraw()
+
+    def show(self, *lines):
+        with self._lock:
+            for line in lines:
+                self.roster.note(line)
+            self._print_above("".join(self.style.render(line, self.nick) + "\r\n"
+                                      for line in lines))
+
+    def show_own(self, line):
+        self.show(line)
+
+    def notice(self, text):
+        self.show("*** " + text)
+
+    # Drawing (always under the lock)
+
+    def _write(self, text):
+        self._stdout.write(text)
+        self._stdout.flush()
+
+    def _print_above(self, text):
+        if not self._closed:
+            self._clear_input()
+            self._write(text)
+            self._draw()
+
+    def _clear_input(self):
+        up = "\x1b[%dA" % self._rows_above if self._rows_above else ""
+        self._write(up + "\r\x1b[J")
+        self._rows_above = 0
+
+    def _redraw(self):
+        if not self._closed:
+            self._clear_input()
+            self._draw()
+
+    def _prompt(self):
+        return "%s> " % self.nick if self.nick else "> "
+
+    def _width(self):
+        try:
+            return max(os.get_terminal_size(self._stdout.fileno()).columns, 2)
+        except (OSError, ValueError):
+            return 80
+
+    def _layout(self, width):
+        """(cursor row, cursor column, end row, whether the end is exactly at the edge)
+        of the prompt and line, wrapped at width as the terminal wraps them."""
+        prompt = self._prompt()
+        row = col = 0
+        cursor = None
+        for index, char in enumerate(prompt + self.editor.text):
+            columns = char_width(char)
+            if col + columns > width:   # a wide character never straddles two rows
+                row, col = row + 1, 0
+            if index == len(prompt) + self.editor.cursor:
+                cursor = (row, col)
+            col += columns
+        at_edge = col >= width
+        end = (row + 1, 0) if at_edge else (row, col)
+        cursor = cursor or end
+        if cursor[1] >= width:
+            cursor = (cursor[0] + 1, 0)
+        return cursor[0], cursor[1], end[0], at_edge
+
+    def _draw(self):
+        """Write prompt and line from the start of the input area; place the cursor."""
+        if self._closed:
+            return
+        row, col, end_row, at_edge = self._layout(self._width())
+        prompt = self._prompt()
+        if self.style.colour and self.nick:
+            prompt = paint(LineStyle.nick_colour(self.nick), self.nick) + "> "
+        out = [prompt, self.editor.text, "\r\n" if at_edge else ""]
+        if end_row > row:
+            out.append("\x1b[%dA" % (end_row - row))
+        out.append("\r" + ("\x1b[%dC" % col if col else ""))
+        self._write("".join(out))
+        self._rows_above = row
+
+    # Input, in the keyboard thread
+
+    def _read_keys(self):
+        """Read, decode and handle keys until the terminal closes; then the client leaves."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending = ""
+        try:
+            while True:
+                wait = self.ESCAPE_TIMEOUT if pending else None
+                ready, _, _ = select.select([self._fd, self._resize_r], [], [], wait)
+                if self._resize_r in ready:
+                    os.read(self._resize_r, 64)
+                    with self._lock:
+                        self._redraw()
+                if not ready and pending:       # a lone Esc: nothing follows it
+                    pending = ""
+                if self._fd not in ready:
+                    continue
+                data = os.read(self._fd, 4096)
+                if not data:
+                    break
+                keys, pending = parse_keys(pending + decoder.decode(data))
+                self._handle_keys(keys)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._client.post("eof")   # also after a bug here: leave cleanly, never hang
+
+    def _read_windows_keys(self):
+        while True:
+            char = msvcrt.getwch()
+            if char in ("\x00", "\xe0"):
+                name = _WINDOWS_KEYS.get(msvcrt.getwch())
+                keys = [name] if name else []
+            else:
+                keys = parse_keys(char)[0]
+            self._handle_keys(keys)
+
+    def _handle_keys(self, keys):
+        with self._lock:
+            for key in keys:
+                self._handle_key(key)
+            self._redraw()
+
+    def _handle_key(self, key):
+        editor = self.editor
+        if isinstance(key, tuple):
+            editor.insert(key[1])
+        elif key == "enter":
+            line = editor.submit()
+            if line:
+                self._client.post("line", line)
+        elif key == "eof":
+            if editor.text:
+                editor.delete()
+            else:
+                self._client.post("eof")
+        elif key == "interrupt":
+            os.kill(os.getpid(), signal.SIGINT)   # the main thread's handler decides
+        elif key == "complete":
+            candidates = editor.complete(COMMAND_WORDS, self.roster.nicks)
+            if candidates:
+                self._print_above("  ".join(candidates) + "\r\n")
+        elif key == "redraw":
+            self._write("\x1b[H\x1b[2J")
+            self._rows_above = 0
+        elif key == "suspend":
+            self._suspend()
+        else:
+            getattr(editor, key)()
+
+    def _suspend(self):
+        """Ctrl+Z: give the terminal back, stop; on fg take it again."""
+        if WINDOWS:
+            return
+        self._clear_input()
+        self._leave_raw_mode()
+        os.kill(os.getpid(), signal.SIGTSTP)
+        self._enter_raw_mode()
+
+    def _on_resize(self, signum, frame):
+        try:
+            os.write(self._resize_w, b"r")
+        except OSError:
+            pass
+
+
+def enable_windows_vt(stream):
+    """Turn on escape-sequence processing in a Windows console; False if it cannot be."""
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.GetStdHandle(-11)   # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))   # VT processing
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+class ChatClient:
+    """Connect to a server, send what the user types, show what the server sends.
+
+    Threads: the console's daemon thread reads the keyboard (or a pipe) and
+    posts each line to a queue, waking the main loop through a socketpair; the
+    main loop alone owns the socket, so the connection needs no lock.
+    A lost connection is reopened with backoff; lines typed meanwhile wait.
+    """
+
+    WELCOME = re.compile(r"\*\*\* welcome to .*, you are (\S+)$")
+    RENAMED = re.compile(r"\*\*\* you are now known as (\S+)$")
+    NICK_TAKEN = re.compile(r"\*\*\* error: nick (\S+) is taken$")
+    HISTORY_START = re.compile(r"\*\*\* --- last \d+ messages? ---$")
+    HISTORY_END = "*** --- end of history ---"
+
+    def __init__(self, host="localhost", port=DEFAULT_PORT, family=socket.AF_UNSPEC,
+                 nick=None, console=None, tls_context=None, tls_pin=None, password=None,
+                 ask_password=None, reconnect=True, retry_delay=RETRY_DELAY,
+                 retry_max=RETRY_MAX):
+        self.host, self.port, self.family = host, port, family
+        self.wanted_nick = nick
+        self.nick = None
+        self.console = console or PlainConsole()
+        self.tls_context = tls_context  # None: plaintext
+        self.tls_pin = tls_pin          # hex SHA-256 the server certificate must have
+        self.password = password
+        self.ask_password = ask_password   # callable prompting the user, or None
+        self.reconnect = reconnect
+        self.retry_delay, self.retry_max = retry_delay, retry_max
+        self._events = queue.Queue(KEYBOARD_QUEUE)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._conn = None               # BufferedSocket once connected
+        self._connecting = False
+        self._inbuf = b""
+        self._received = collections.deque()   # lines read but not handled yet
+        self._nick_attempt = 0          # > 0 while asking for wanted_nick or a variant
+        self._ready = False             # greeted and nick settled: typed lines may go out
+        self._quitting = False
+        self._interrupted = False
+        self._history = None            # lines of a history block being received
+        self._seen = collections.deque(maxlen=SEEN_LINES)   # public lines shown
+
+    @property
+    def where(self):
+        return format_address(self.host, self.port)
+
+    # Called from other threads and signal handlers
+
+    def post(self, kind, text=None):
+        """Hand a keyboard event ("line", "eof") to the main loop."""
+        self._events.put((kind, text))
+        self._wake()
+
+    def interrupt(self):
+        """Ctrl+C (the SIGINT handler): leave, or at once if already leaving."""
+        if self._connecting:
+            raise KeyboardInterrupt   # blocked in connect(): nobody to say goodbye to
+        self._interrupted = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # Life cycle
+
+    def run(self):
+        """Chat until the user leaves (return 0); raise ChatError when it fails."""
+        try:
+            self._conn = BufferedSocket(self._connect())
+            self.console.start(self)
+            while not self._serve():
+                if not self._reconnect():
+                    break
+            return 0
+        finally:
+            self.console.close()
+            if self._conn:
+                self._conn.sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _connect(self):
+        """A connected, registered socket, greeting read: TCP, then TLS, then /pass."""
+        self._connecting = True
+        try:
+            sock = open_connection(self.host, self.port, self.family)
+            try:
+                if self.tls_context:
+                    sock = self._start_tls(sock)
+                enable_keepalive(sock)
+                sock.settimeout(REGISTER_TIMEOUT)
+                self._register(sock)
+                sock.setblocking(False)
+                return sock
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            self._connecting = False
+
+    def _start_tls(self, sock):
+        try:
+            sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            raise RefusedError("the TLS certificate of %s is not trusted: %s\n%s" % (
+                self.where, exc.verify_message, self._pin_advice()))
+        except (ssl.SSLError, OSError) as exc:
+            raise ChatError("TLS with %s failed: %s" % (
+                self.where, getattr(exc, "reason", None) or describe_error(exc)))
+        if self.tls_pin:
+            actual = certificate_fingerprint(sock.getpeercert(binary_form=True))
+            if normalize_fingerprint(actual) != self.tls_pin:
+                sock.close()
+                raise RefusedError("the TLS certificate of %s does not match --tls-fingerprint "
+                                   "(someone may be in between, or the certificate changed)\n%s"
+                                   % (self.where, self._pin_advice(actual)))
+        return sock
+
+    def _pin_advice(self, fingerprint=None):
+        """Tell the server's fingerprint and how to trust it, the way ssh shows a host key."""
+        fingerprint = fingerprint or fetch_fingerprint(self.host, self.port, self.family)
+        if not fingerprint:
+            return "  (could not read the server's certificate)"
+        return ("  the server's certificate fingerprint is %s\n"
+                "  if that is the right one, connect with: --tls-fingerprint %s"
+                % (fingerprint, fingerprint[7:]))
+
+    def _register(self, sock):
+        """Read up to the greeting, answering a password request on the way."""
+        self._inbuf = b""
+        self._received.clear()
+        self._ready = False
+        self._nick_attempt = 0
+        self._history = None
+        error = None
+        while True:
+            line = self._next_line(sock)
+            if line is None:
+                raise ChatError("%s closed the connection%s"
+                                % (self.where, ": " + error if error else ""))
+            self.console.show(line)
+            if line.startswith("*** password required"):
+                sock.sendall(("/pass %s\n" % self._get_password()).encode())
+            elif line == "*** error: wrong password":
+                raise RefusedError("%s refused the password" % self.where)
+            elif line.startswith("*** error: "):
+                error = line[11:]
+            welcome = self.WELCOME.match(line)
+            if welcome:
+                self._set_nick(welcome.group(1))
+                self._request_nick(sock)
+                return
+
+    def _next_line(self, sock):
+        """The next line from the (blocking) socket, or None at its end."""
+        while not self._received:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except socket.timeout:
+                raise ChatError("%s did not greet us within %d s" % (self.where, REGISTER_TIMEOUT))
+            except OSError as exc:
+                raise ChatError("connection to %s failed: %s" % (self.where, describe_error(exc)))
+            if not data:
+                return None
+            self._split_lines(data)
+        return self._received.popleft()
+
+    def _split_lines(self, data):
+        lines = (self._inbuf + data).split(b"\n")
+        self._inbuf = lines.pop()
+        self._received.extend(sanitize(decode_line(raw)) for raw in lines)
+
+    def _get_password(self):
+        if self.password is None and self.ask_password:
+            self.password = self.ask_password("password for %s: " % self.where)
+        if self.password is None:
+            raise RefusedError("%s requires a password: give it with --password-file FILE "
+                               "or the CHAT_PASSWORD environment variable" % self.where)
+        return self.password
+
+    def _reconnect(self):
+        """After a lost connection: retry with backoff until back (True) or the user
+        leaves (False). Refusals (TLS, password) end the client."""
+        self._conn.sock.close()
+        reason = "the server closed it"
+        if not self.reconnect:
+            raise ChatError("connection to %s lost: %s" % (self.where, reason))
+        delay = self.retry_delay
+        message = "connection to %s lost" % self.where
+        while True:
+            wait = delay * random.uniform(0.75, 1.25)   # jitter: a restarted server is not stormed
+            self.console.notice("%s; reconnecting in %.0f s" % (message, max(wait, 1)))
+            if not self._pause(wait):
+                return False
+            try:
+                self._conn = BufferedSocket(self._connect())
+            except RefusedError:
+                raise
+            except ChatError as exc:
+                message = str(exc)
+                delay = min(delay * 2, self.retry_max)
+                continue
+            self.console.notice("reconnected to %s" % self.where)
+            return True
+
+    def _pause(self, seconds):
+        """Wait, but wake for Ctrl+C; False if the user wants out."""
+        deadline = time.monotonic() + seconds
+        while not self._interrupted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            if select.select([self._wake_r], [], [], left)[0]:
+                drain(self._wake_r)
+        return False
+
+    # Serving one connection
+
+    def _serve(self):
+        """Relay lines until the user leaves (True) or the connection is lost (False)."""
+        sock = self._conn.sock
+        self._handle_received()
+        while True:
+            writers = [sock] if self._conn.outbox else []
+            readable, writable, _ = select.select([sock, self._wake_r], writers, [])
+            if writable:
+                self._flush()
+            if self._wake_r in readable:
+                drain(self._wake_r)
+            if self._interrupted:
+                if self._quitting:
+                    return True
+                self._interrupted = False
+                self._quit()
+            if sock in readable and not self._receive():
+                return self._quitting
+            if self._ready:
+                self._take_keyboard_events()
+
+    def _take_keyboard_events(self):
+        while self._conn.queued < SEND_CHUNK and not self._quitting:
+            try:
+                kind, text = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "line":
+                self._send_typed(text)
+            else:
+                self._quit()
+
+    def _send_typed(self, text):
+        if text.split(" ", 1)[0] == "/quit":
+            self._quit(text)
+        elif text:
+            self._send_line(text)
+            echo = echo_of(text, self.nick)
+            if echo:
+                self._seen.append(echo)
+                self.console.show_own(echo)
+
+    def _quit(self, command="/quit"):
+        """Say goodbye; the loop then waits for the server to close, so nothing sent is lost."""
+        self._send_line(command)
+        self._quitting = True
+
+    def _send_line(self, text):
+        self._conn.queue(text.encode("utf-8", "replace") + b"\n")
+        self._flush()
+
+    def _flush(self):
+        try:
+            self._conn.send_pending()
+        except OSError:
+            pass   # the read side reports the lost connection
+
+    def _receive(self):
+        """Read and handle what arrived; False at the end of the stream."""
+        try:
+            data = self._conn.sock.recv(RECV_SIZE)
+        except WOULD_BLOCK:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        self._split_lines(data)
+        self._handle_received()
+        return True
+
+    def _handle_received(self):
+        shown = []
+        while self._received:
+            line = self._received.popleft()
+            if self._history is not None or self.HISTORY_START.match(line):
+                self._collect_history(line, shown)
+                continue
+            shown.append(line)
+            self._follow(line)
+        if shown:
+            self.console.show(*shown)
+
+    def _follow(self, line):
+        """Keep track of our nick, and of the public lines shown."""
+        renamed = self.RENAMED.match(line)
+        if renamed:
+            if not self._nick_attempt:   # the user's own /nick: keep it across reconnects
+                self.wanted_nick = renamed.group(1)
+            self._set_nick(renamed.group(1))
+            self._nick_settled()
+        elif self._nick_attempt and self.NICK_TAKEN.match(line):
+            self._request_nick()
+        elif self._nick_attempt and line.startswith("*** error: invalid nick"):
+            self._nick_settled()
+        elif _CHAT_LINE.match(line) or _ACTION_LINE.match(line):
+            self._seen.append(line)
+
+    def _collect_history(self, line, shown):
+        """Gather a history block; show only the part not shown before (after a reconnect)."""
+        if self._history is None:
+            self._history = []
+        self._history.append(line)
+        if line != self.HISTORY_END:
+            return
+        block, self._history = self._history, None
+        said = [_HISTORY_ENTRY.match(entry) for entry in block[1:-1]]
+        said = [entry.group(2) if entry else None for entry in said]
+        known = self._overlap(said)
+        if known < len(said):
+            shown.extend([block[0]] + block[1 + known:])
+            self._seen.extend(said[known:])
+
+    def _overlap(self, said):
+        """How many lines at the start of said are the last lines we have already shown."""
+        seen = list(self._seen)
+        for count in range(min(len(said), len(seen)), 0, -1):
+            if said[:count] == seen[-count:]:
+                return count
+        return 0
+
+    def _set_nick(self, nick):
+        self.nick = nick
+        self.console.set_nick(nick)
+
+    def _nick_settled(self):
+        self._nick_attempt = 0
+        self._ready = True
+
+    def _request_nick(self, sock=None):
+        """Ask for the wanted nick, or its next variant when the last one was taken."""
+        if not self.wanted_nick or nick_key(self.wanted_nick) == nick_key(self.nick or ""):
+            self._nick_settled()
+            return
+        self._nick_attempt += 1
+        attempt = self._nick_attempt
+        line = "/nick " + (nick_variant(self.wanted_nick, attempt) if attempt > 1
+                           else self.wanted_nick)
+        if sock is not None:   # still registering, on the blocking socket
+            sock.sendall(line.encode() + b"\n")
+        else:
+            self._send_line(line)
+
+
 # --- Command line ---
 
 def build_parser():
@@ -1575,6 +2302,8 @@ def add_server_parser(commands):
                         "waits, nothing is dropped (default %(default)s; 0: no limit)")
     limits.add_argument("--burst", type=positive_int, default=DEFAULT_BURST, metavar="LINES",
                         help="lines one client may send at once, e.g. a paste (default %(default)s)")
+    server.add_argument("--history", type=non_negative_int, default=DEFAULT_HISTORY, metavar="N",
+                        help="public lines replayed to newcomers (default %(default)s; 0: none)")
     limits.add_argument("--announce-limit", type=non_negative_int, default=DEFAULT_ANNOUNCE_LIMIT,
                         metavar="N", help="announce joins, leaves and renames only while the room "
                         "has at most N members (default %(default)s)")
@@ -1603,6 +2332,20 @@ def add_client_parser(commands):
     add_network_arguments(client, "server to connect to (default: localhost)", default="localhost")
     client.add_argument("--nick", help="nick to use (default: your login name; "
                         "a free variant such as alice2 is picked if it is taken)")
+    client.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                        help="exit with status 1 when the connection is lost, instead of "
+                        "reconnecting (after 1 s, doubling up to 30 s)")
+    display = client.add_argument_group("display")
+    stamps = display.add_mutually_exclusive_group()
+    stamps.add_argument("--timestamps", dest="timestamps", action="store_true", default=None,
+                        help="put [HH:MM] before every line (the default in a terminal)")
+    stamps.add_argument("--no-timestamps", dest="timestamps", action="store_false",
+                        help="no [HH:MM] before lines")
+    display.add_argument("--no-color", dest="color", action="store_false",
+                         help="no colours (also off with NO_COLOR set, TERM=dumb, or output "
+                         "that is not a terminal)")
+    display.add_argument("--no-bell", dest="bell", action="store_false",
+                         help="no terminal bell for private messages and mentions of your nick")
     security = client.add_argument_group("security")
     security.add_argument("--tls", action="store_true",
                           help="connect with TLS, verifying the server against the system CAs")
@@ -1735,7 +2478,7 @@ def server_options(args):
         max_clients=min(args.max_clients, DEFAULT_MAX_CLIENTS) if WINDOWS else args.max_clients,
         max_line=args.max_line, announce_limit=args.announce_limit,
         password=read_password(args.password_file), register_timeout=args.register_timeout,
-        rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip)
+        rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip, history=args.history)
     if args.tls_key and not args.tls_cert:
         raise ChatError("--tls-key needs --tls-cert")
     fingerprint = None
@@ -1808,13 +2551,30 @@ def client_from_args(args):
             raise ChatError("cannot use --tls-ca %s: %s" % (args.tls_ca, exc.strerror or exc))
     ask = getpass.getpass if sys.stdin.isatty() else None
     return ChatClient(args.host, args.port, args.family or socket.AF_UNSPEC, nick=nick,
-                      tls_context=tls_context, tls_pin=pin,
-                      password=read_password(args.password_file), ask_password=ask)
+                      console=console_from_args(args), tls_context=tls_context, tls_pin=pin,
+                      password=read_password(args.password_file), ask_password=ask,
+                      reconnect=args.reconnect)
+
+
+def console_from_args(args):
+    """The line editor in a terminal; plain lines for pipes, files and dumb terminals."""
+    on_terminal = sys.stdout.isatty()
+    style = LineStyle(colour=colour_wanted(sys.stdout, not args.color),
+                      timestamps=on_terminal if args.timestamps is None else args.timestamps,
+                      bell=on_terminal and args.bell)
+    if on_terminal:
+        sys.stdout.reconfigure(errors="replace")
+    if TerminalConsole.usable(sys.stdin, sys.stdout):
+        return TerminalConsole(style)
+    return PlainConsole(style)
 
 
 def run_client(args):
     client = client_from_args(args)
     signal.signal(signal.SIGINT, lambda signum, frame: client.interrupt())
+    for name in ("SIGTERM", "SIGHUP"):   # leave through run()'s cleanup: the terminal is restored
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda signum, frame: sys.exit(128 + signum))
     try:
         return client.run()
     except KeyboardInterrupt:

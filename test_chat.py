@@ -2,6 +2,7 @@
 and the real client in a subprocess. Run with: python -m unittest -v
 """
 
+import codecs
 import collections
 import logging
 import os
@@ -221,9 +222,9 @@ class ServerTestCase(unittest.TestCase):
         self.assertFalse(self.thread.is_alive(), "server thread did not end")
 
     def open_peer(self, address=None):
-        sock = socket.create_connection(address or self.address, timeout=TIMEOUT)
+        sock = self.wrap(socket.create_connection(address or self.address, timeout=TIMEOUT))
         self.addCleanup(sock.close)
-        return Peer(self.wrap(sock))
+        return Peer(sock)
 
     def wrap(self, sock):
         """Hook for subclasses that speak TLS."""
@@ -1053,8 +1054,8 @@ class ClientTest(ServerTestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("*** you are now known as CI3", out.splitlines())
 
-    def test_server_gone_is_one_line_and_exit_1(self):
-        client = ClientProcess(self, self.address[1], "--nick", "ci")
+    def test_server_gone_is_one_line_and_exit_1_without_reconnect(self):
+        client = ClientProcess(self, self.address[1], "--nick", "ci", "--no-reconnect")
         wait_for(lambda: "ci" in self.server._nicks, message="the client to join")
         self.server.shutdown()
         code, out, err = client.finish()
@@ -1158,6 +1159,634 @@ class ClientPasswordTest(ServerTestCase):
         code, out, err = self.run_client(env=env)
         self.assertEqual(code, 1)
         self.assertIn("requires a password: give it with --password-file", err)
+
+
+# --- The terminal client ---
+
+class LineEditorTest(unittest.TestCase):
+    """The editing rules, without a terminal."""
+
+    def test_insert_and_move(self):
+        editor = chat.LineEditor()
+        editor.insert("hello wrld")
+        for _ in range(3):
+            editor.left()
+        editor.insert("o")
+        self.assertEqual((editor.text, editor.cursor), ("hello world", 8))
+        editor.home()
+        editor.insert(">")
+        editor.end()
+        editor.insert("!")
+        self.assertEqual(editor.text, ">hello world!")
+
+    def test_deleting(self):
+        editor = chat.LineEditor()
+        editor.insert("one two three")
+        editor.kill_word()
+        self.assertEqual(editor.text, "one two ")
+        editor.backspace()
+        editor.home()
+        editor.delete()
+        self.assertEqual(editor.text, "ne two")
+        editor.word_right()
+        editor.kill_to_end()
+        self.assertEqual(editor.text, "ne")
+        editor.kill_to_start()
+        self.assertEqual((editor.text, editor.cursor), ("", 0))
+
+    def test_combining_marks_move_with_their_letter(self):
+        editor = chat.LineEditor()
+        editor.insert("ae\u0301b")          # a, e + combining acute, b
+        editor.left()
+        editor.left()
+        self.assertEqual(editor.cursor, 1)   # before the e, not inside it
+        editor.right()
+        editor.backspace()
+        self.assertEqual(editor.text, "ab")
+
+    def test_history(self):
+        editor = chat.LineEditor()
+        for line in ("first", "second"):
+            editor.insert(line)
+            self.assertEqual(editor.submit(), line)
+        editor.insert("draft")
+        editor.previous()
+        self.assertEqual(editor.text, "second")
+        editor.previous()
+        editor.previous()
+        self.assertEqual(editor.text, "first")
+        editor.next()
+        editor.next()
+        self.assertEqual(editor.text, "draft")
+
+    def test_completion(self):
+        nicks = {"alice", "Alan", "bob"}
+        editor = chat.LineEditor()
+        editor.insert("b")
+        self.assertEqual(editor.complete(chat.COMMAND_WORDS, nicks), [])
+        self.assertEqual(editor.text, "bob: ")
+        editor.insert("hi al")
+        self.assertEqual(editor.complete(chat.COMMAND_WORDS, nicks), ["Alan", "alice"])
+        editor.insert("i")
+        editor.complete(chat.COMMAND_WORDS, nicks)
+        self.assertEqual(editor.text, "bob: hi alice ")
+        editor.kill_to_start()
+        editor.insert("/wh")
+        editor.complete(chat.COMMAND_WORDS, nicks)
+        self.assertEqual(editor.text, "/who ")
+
+    def test_parse_keys(self):
+        keys, rest = chat.parse_keys("ab\x1b[Dc\x01\x1b[3~\r\x1b[1;5Cé\x1b[")
+        self.assertEqual(keys, [("text", "ab"), "left", ("text", "c"), "home", "delete", "enter",
+                                "word_right", ("text", "é")])
+        self.assertEqual(rest, "\x1b[")                 # completed by the next read
+        self.assertEqual(chat.parse_keys("\x1b[2~x\x7f")[0], [("text", "x"), "backspace"])
+
+    def test_char_width(self):
+        self.assertEqual([chat.char_width(c) for c in "a日\u0301🎉\u200d"], [1, 2, 0, 2, 0])
+
+
+class LineStyleTest(unittest.TestCase):
+
+    def test_plain_style_leaves_lines_untouched(self):
+        style = chat.LineStyle()
+        for line in ("<bob> hi alice", "*bob* psst", "*** error: x", "*** [12:00] <a> b"):
+            self.assertEqual(style.render(line, "alice"), line)
+
+    def test_colours_mentions_and_bell(self):
+        style = chat.LineStyle(colour=True, bell=True)
+        chat_line = style.render("<bob> hi there", "alice")
+        self.assertIn("\x1b[%smbob\x1b[0m" % chat.LineStyle.nick_colour("bob"), chat_line)
+        self.assertNotIn("\x07", chat_line)
+        self.assertTrue(style.render("<bob> hi ALICE!", "alice").endswith("\x07"))
+        self.assertNotIn("\x07", style.render("<bob> hi malice", "alice"))
+        self.assertTrue(style.render("*bob* psst", "alice").endswith("\x07"))
+        self.assertTrue(style.render("*** error: nope", "alice").startswith("\x1b[31m"))
+        self.assertTrue(style.render("*** bob joined", "alice").startswith("\x1b[2m"))
+        self.assertEqual(chat.LineStyle.nick_colour("bob"), chat.LineStyle.nick_colour("BOB"))
+
+    def test_timestamps_and_history_times(self):
+        style = chat.LineStyle(timestamps=True)
+        self.assertRegex(style.render("<bob> hi"), r"^\[\d\d:\d\d\] <bob> hi$")
+        self.assertEqual(style.render("*** [09:15] <bob> earlier"), "[09:15] <bob> earlier")
+
+    def test_colour_rules(self):
+        tty = mock.Mock(isatty=lambda: True)
+        pipe = mock.Mock(isatty=lambda: False)
+        with mock.patch.dict(os.environ, {"TERM": "xterm"}, clear=False):
+            os.environ.pop("NO_COLOR", None)
+            self.assertTrue(chat.colour_wanted(tty))
+            self.assertFalse(chat.colour_wanted(tty, no_color=True))
+            self.assertFalse(chat.colour_wanted(pipe))
+            with mock.patch.dict(os.environ, {"NO_COLOR": "1"}):
+                self.assertFalse(chat.colour_wanted(tty))
+            with mock.patch.dict(os.environ, {"TERM": "dumb"}):
+                self.assertFalse(chat.colour_wanted(tty))
+
+    def test_echo_of_own_lines(self):
+        self.assertEqual(chat.echo_of("hello\tthere", "me"), "<me> hello there")
+        self.assertEqual(chat.echo_of("//etc", "me"), "<me> /etc")
+        self.assertEqual(chat.echo_of("/ME  waves ", "me"), "* me waves")
+        self.assertIsNone(chat.echo_of("/msg bob hi", "me"))
+        self.assertIsNone(chat.echo_of("   ", "me"))
+
+
+class Screen:
+    """A small VT100 model: what a terminal of rows x cols would show, and its cursor.
+
+    Knows what the client writes: text (wide and combining characters), CR,
+    LF, BS, cursor moves (CSI A B C D G H), erasing (CSI J K), and ignores
+    colours; wraps and scrolls like xterm, including the pending wrap.
+    """
+
+    _CSI = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
+
+    def __init__(self, rows, cols):
+        self.rows, self.cols = rows, cols
+        self.grid = [[" "] * cols for _ in range(rows)]
+        self.row = self.col = 0
+        self.wrap_next = False
+        self.partial = ""
+
+    def feed(self, text):
+        text, self.partial = self.partial + text, ""
+        i = 0
+        while i < len(text):
+            char = text[i]
+            if char == "\x1b":
+                match = self._CSI.match(text, i)
+                if not match:
+                    if re.fullmatch(r"\x1b(\[[0-9;?]*)?", text[i:]):
+                        self.partial = text[i:]
+                        return
+                    i += 2
+                    continue
+                self._control(match.group(1), match.group(2))
+                i = match.end()
+                continue
+            if char == "\r":
+                self.col, self.wrap_next = 0, False
+            elif char == "\n":
+                self._line_feed()
+            elif char == "\b":
+                self.col, self.wrap_next = max(self.col - 1, 0), False
+            elif char >= " " and char != "\x7f":
+                self._put(char)
+            i += 1
+
+    def _put(self, char):
+        width = chat.char_width(char)
+        if width == 0:
+            column = max(self.col - 1, 0) if not self.wrap_next else self.col
+            self.grid[self.row][column] += char
+            return
+        if self.wrap_next or self.col + width > self.cols:
+            self.col, self.wrap_next = 0, False
+            self._line_feed()
+        self.grid[self.row][self.col] = char
+        if width == 2:
+            self.grid[self.row][self.col + 1] = ""
+        self.col += width
+        if self.col >= self.cols:
+            self.col, self.wrap_next = self.cols - 1, True
+
+    def _line_feed(self):
+        self.wrap_next = False
+        if self.row == self.rows - 1:
+            self.grid.pop(0)
+            self.grid.append([" "] * self.cols)
+        else:
+            self.row += 1
+
+    def _control(self, params, final):
+        numbers = [int(p) for p in params.split(";") if p.isdigit()] or [0]
+        count = max(numbers[0], 1)
+        self.wrap_next = False
+        if final == "A":
+            self.row = max(self.row - count, 0)
+        elif final == "B":
+            self.row = min(self.row + count, self.rows - 1)
+        elif final == "C":
+            self.col = min(self.col + count, self.cols - 1)
+        elif final == "D":
+            self.col = max(self.col - count, 0)
+        elif final == "G":
+            self.col = min(count - 1, self.cols - 1)
+        elif final == "H":
+            self.row = min(max(numbers[0], 1) - 1, self.rows - 1)
+            self.col = min(max(numbers[1] if len(numbers) > 1 else 1, 1) - 1, self.cols - 1)
+        elif final == "J":
+            if numbers[0] == 2:
+                self.grid = [[" "] * self.cols for _ in range(self.rows)]
+            else:
+                self.grid[self.row][self.col:] = [" "] * (self.cols - self.col)
+                for row in range(self.row + 1, self.rows):
+                    self.grid[row] = [" "] * self.cols
+        elif final == "K":
+            self.grid[self.row][self.col:] = [" "] * (self.cols - self.col)
+
+    def lines(self):
+        return ["".join(row).rstrip() for row in self.grid]
+
+    def cursor(self):
+        return self.row, self.col
+
+    def __str__(self):
+        return "\n".join("|%s|" % line for line in self.lines()) + "\ncursor %r" % (self.cursor(),)
+
+
+class ScreenTest(unittest.TestCase):
+    """The screen model itself, so the terminal tests rest on something tested."""
+
+    def test_wrapping_wide_characters_and_erasing(self):
+        screen = Screen(3, 5)
+        screen.feed("abcde")
+        self.assertEqual((screen.cursor(), screen.wrap_next), ((0, 4), True))
+        screen.feed("日本語")
+        self.assertEqual(screen.lines(), ["abcde", "日本", "語"])
+        screen.feed("\x1b[2A\r\x1b[J12\x1b[31mx\x1b[0m")
+        self.assertEqual(screen.lines(), ["12x", "", ""])
+        screen.feed("\r\n\r\n\r\nscrolled")
+        self.assertEqual(screen.lines(), ["", "scrol", "led"])
+
+
+@unittest.skipUnless(POSIX, "pseudo-terminals are POSIX")
+class TerminalSession:
+    """The real client on a pseudo-terminal, its output fed to a Screen."""
+
+    def __init__(self, test, port, *args, rows=12, cols=60, env=None):
+        import fcntl
+        import pty
+        import struct
+        import termios
+        self.test = test
+        self.screen = Screen(rows, cols)
+        self.raw = b""
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.slave_attributes = termios.tcgetattr(slave)
+        self.slave = os.dup(slave)   # to read the terminal mode after the client exits
+        environment = dict(os.environ, TERM="xterm-256color", **(env or {}))
+        environment.pop("NO_COLOR", None) if "NO_COLOR" not in (env or {}) else None
+        argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
+        self.proc = subprocess.Popen(argv + list(args), stdin=slave, stdout=slave, stderr=slave,
+                                     env=environment, start_new_session=True)
+        os.close(slave)
+        test.addCleanup(self.close)
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, name="pty-reader", daemon=True).start()
+
+    def _read(self):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                data = b""
+            with self._changed:
+                if not data:
+                    self.raw += b"<EOF>"
+                    self._changed.notify_all()
+                    return
+                self.raw += data
+                self.screen.feed(decoder.decode(data))
+                self._changed.notify_all()
+
+    def type(self, *keys):
+        for key in keys:
+            os.write(self.master, key.encode())
+
+    def wait(self, condition, what):
+        """Wait until condition(screen) holds; fail with the screen shown."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: condition(self.screen), TIMEOUT):
+                self.test.fail("timed out waiting for %s; screen:\n%s" % (what, self.screen))
+
+    def wait_line(self, pattern):
+        """Wait for a screen row matching pattern; return its index."""
+        self.wait(lambda s: any(re.fullmatch(pattern, line) for line in s.lines()), pattern)
+        return [re.fullmatch(pattern, line) is not None for line in self.screen.lines()].index(True)
+
+    def input_line(self):
+        """The screen row the cursor is on."""
+        return self.screen.lines()[self.screen.row]
+
+    def finish(self):
+        code = self.proc.wait(TIMEOUT)
+        with self._changed:
+            self._changed.wait_for(lambda: self.raw.endswith(b"<EOF>"), TIMEOUT)
+        return code
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@unittest.skipUnless(POSIX, "pseudo-terminals are POSIX")
+class TerminalClientTest(ServerTestCase):
+    """The real client in a terminal: typing is never clobbered."""
+
+    STAMP = r"\[\d\d:\d\d\] "
+
+    def start(self, *args, **kwargs):
+        session = TerminalSession(self, self.address[1], "--nick", "alice", *args, **kwargs)
+        session.wait(lambda s: s.lines()[s.row].startswith("alice>"), "the prompt")
+        return session
+
+    def test_incoming_lines_go_above_the_half_typed_line(self):
+        bob = self.connect("bob")
+        term = self.start()
+        bob.expect(r"\*\*\* alice joined")
+        term.type("hello wor", "\x1b[D" * 3)
+        term.wait(lambda s: s.cursor()[1] == len("alice> hello "), "the cursor to move left")
+        bob.say("interrupting you")
+        bob_row = term.wait_line(self.STAMP + r"<bob> interrupting you")
+        self.assertEqual(term.input_line(), "alice> hello wor")
+        self.assertEqual(term.screen.cursor(), (bob_row + 1, len("alice> hello ")))
+        term.type("X")
+        term.wait(lambda s: s.lines()[s.row] == "alice> hello Xwor", "the insertion")
+        self.assertEqual(term.screen.cursor()[1], len("alice> hello X"))
+        term.type("\r")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> hello Xwor")
+        term.wait_line(self.STAMP + r"<alice> hello Xwor")   # our own line, formatted
+        self.assertEqual(term.input_line(), "alice>")
+
+    def test_editing_keys(self):
+        bob = self.connect("bob")
+        term = self.start()
+        bob.expect(r"\*\*\* alice joined")
+        term.type("first line\r", "second line\r")
+        bob.expect(r"<alice> second line")
+        term.type("two words here", "\x17",                 # Ctrl+W: "two words "
+                  "\x01", "\x1b[3~", "T",                    # Home, Delete, insert: "Two words "
+                  "\x05", "now", "\x1b[D\x1b[D\x7f",         # End, type, left twice, backspace
+                  "\x0b")                                    # Ctrl+K
+        term.wait(lambda s: s.lines()[s.row] == "alice> Two words", "the edited line")
+        self.assertEqual(term.screen.cursor()[1], len("alice> Two words "))
+        term.type("\x15", "\x1b[A", "\x1b[A", "\x1b[B")     # Ctrl+U, history up, up, down
+        term.wait(lambda s: s.lines()[s.row] == "alice> second line", "the history line")
+        term.type("\x1b[H", "re: ", "\r")
+        self.assertEqual(bob.expect(r"<alice> re.*"), "<alice> re: second line")
+
+    def test_wide_characters_and_lines_longer_than_the_terminal(self):
+        bob = self.connect("bob")
+        term = self.start(cols=20)
+        bob.expect(r"\*\*\* alice joined")
+        text = "日本語のテキストです" + "abcdefghijklmnopqrstuvwxyz"   # 20 + 26 columns
+        term.type(text)
+        # "alice> " and six wide characters fill 19 columns: the seventh goes to the next row
+        wrapped = ["alice> 日本語のテキ", "ストですabcdefghijkl", "mnopqrstuvwxyz"]
+        top = term.wait_line("alice> 日本語のテキ")
+        term.wait(lambda s: s.lines()[top:top + 3] == wrapped, "the wrapped line")
+        self.assertEqual(term.screen.cursor(), (top + 2, len("mnopqrstuvwxyz")))
+        term.type("\x1b[D" * 30)   # back to the first character of the second row
+        term.wait(lambda s: s.cursor() == (top + 1, 0), "the cursor at the wrapped character")
+        bob.say("bump")            # a redraw with the cursor in the middle
+
+        def redrawn_below_bump(screen):
+            lines = screen.lines()
+            bump = [re.fullmatch(self.STAMP + "<bob> bump", line) is not None for line in lines]
+            row = bump.index(True) if True in bump else -9
+            return lines[row + 1:row + 4] == wrapped and screen.cursor() == (row + 2, 0)
+        term.wait(redrawn_below_bump, "the line redrawn below bob's, cursor in place")
+        term.type("\r")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> " + text)
+
+    def test_tab_completion_and_resize(self):
+        bob = self.connect("bobby")
+        term = self.start()
+        bob.expect(r"\*\*\* alice joined")
+        bob.say("anyone?")
+        term.wait_line(self.STAMP + "<bobby> anyone.")
+        term.type("bo\t", "yes\r")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> bobby: yes")
+        term.type("/wh\t")
+        term.wait(lambda s: s.lines()[s.row] == "alice> /who", "the completed command")
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(term.master, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 30, 0, 0))
+        term.proc.send_signal(signal.SIGWINCH)
+        term.type("\r")
+        term.wait_line(r".*\*\*\* 2 online: alice, bobby")
+
+    def test_colour_and_no_color(self):
+        bob = self.connect("bob")
+        term = self.start()
+        bob.expect(r"\*\*\* alice joined")
+        bob.say("hi alice")
+        term.wait_line(self.STAMP + "<bob> hi alice")
+        self.assertIn(b"\x1b[1m", term.raw)   # the mention is highlighted...
+        self.assertIn(b"\x07", term.raw)      # ...and rings the bell
+        plain = TerminalSession(self, self.address[1], "--nick", "carol",
+                                env={"NO_COLOR": "1"})
+        plain.wait(lambda s: s.lines()[s.row].startswith("carol>"), "the prompt")
+        bob.say("hi carol")
+        plain.wait_line(self.STAMP + "<bob> hi carol")
+        self.assertIsNone(re.search(rb"\x1b\[[0-9;]*m", plain.raw), plain.raw)
+
+    def test_ctrl_d_leaves_and_restores_the_terminal(self):
+        import termios
+        bob = self.connect("bob")
+        term = self.start()
+        bob.expect(r"\*\*\* alice joined")
+        raw_mode = termios.tcgetattr(term.slave)
+        self.assertFalse(raw_mode[3] & termios.ICANON)
+        term.type("\x04")
+        self.assertEqual(term.finish(), 0)
+        self.assertEqual(bob.expect(r"\*\*\* alice left.*"), "*** alice left (quit)")
+        self.assertEqual(termios.tcgetattr(term.slave), term.slave_attributes)
+
+    def test_ctrl_c_leaves(self):
+        term = self.start()
+        term.type("half typed\x03")
+        self.assertEqual(term.finish(), 0)
+        self.assertNotIn(b"Traceback", term.raw)
+
+
+class RecordingConsole:
+    """A console for in-process client tests: records what would be shown."""
+
+    def __init__(self):
+        self.lines = []
+        self.notices = []
+        self._changed = threading.Condition()
+        self.client = None
+
+    def start(self, client):
+        self.client = client
+
+    def show(self, *lines):
+        with self._changed:
+            self.lines.extend(lines)
+            self._changed.notify_all()
+
+    def show_own(self, line):
+        self.show(line)
+
+    def notice(self, text):
+        with self._changed:
+            self.notices.append(text)
+            self._changed.notify_all()
+
+    def set_nick(self, nick):
+        pass
+
+    def close(self):
+        pass
+
+    def wait(self, condition, what):
+        with self._changed:
+            if not self._changed.wait_for(condition, TIMEOUT):
+                raise AssertionError("timed out waiting for %s; lines %r, notices %r"
+                                     % (what, self.lines[-10:], self.notices))
+
+
+class ReconnectTest(ServerTestCase):
+    """Connection life: reconnect with backoff, history without repeats."""
+
+    def start_client(self, **kwargs):
+        console = RecordingConsole()
+        settings = dict(nick="ci", console=console, retry_delay=0.05, retry_max=0.2)
+        settings.update(kwargs)
+        client = chat.ChatClient("127.0.0.1", self.address[1], **settings)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(code=self.run_client(client)),
+                                  name="client", daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(lambda: client.interrupt() if thread.is_alive() else None)
+        console.wait(lambda: "*** you are now known as ci" in console.lines, "the nick")
+        return client, console, thread, result
+
+    @staticmethod
+    def run_client(client):
+        try:
+            return client.run()
+        except chat.ChatError as exc:
+            return exc
+
+    def restart_server(self):
+        port = self.address[1]
+        self.server.shutdown()
+        self.thread.join(TIMEOUT)
+        self.server.server_close()
+        self.server = chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=port, rate=0))
+        self.addCleanup(self.server.server_close)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="chat-server-2",
+                                       daemon=True)
+        self.thread.start()
+        self.addCleanup(self.stop_server)   # before server_close: cleanups run last first
+
+    def test_reconnects_after_a_server_restart_and_keeps_its_nick(self):
+        client, console, thread, result = self.start_client()
+        self.restart_server()
+        console.wait(lambda: any(n.startswith("connection to 127.0.0.1") for n in console.notices),
+                     "the lost connection")
+        console.wait(lambda: "reconnected to 127.0.0.1:%d" % self.address[1] in console.notices,
+                     "the reconnection")
+        alice = self.connect("alice")
+        client.post("line", "back again")
+        self.assertEqual(alice.expect(r"<.*"), "<ci> back again")
+        self.assertEqual(console.lines.count("*** you are now known as ci"), 2)
+
+    def test_history_after_a_reconnect_shows_only_what_was_missed(self):
+        alice = self.connect("alice")
+        alice.say("one", "two")
+        client, console, thread, result = self.start_client()
+        alice.say("three")
+        console.wait(lambda: "<alice> three" in console.lines, "a live line")
+        client.post("line", "mine")
+        alice.expect(r"<ci> mine")
+        client._conn.sock.shutdown(socket.SHUT_RDWR)   # the network drops us
+        console.wait(lambda: console.notices, "the lost connection")
+        alice.say("four")
+        console.wait(lambda: "reconnected to 127.0.0.1:%d" % self.address[1] in console.notices,
+                     "the reconnection")
+        client.post("line", "after")
+        alice.expect(r"<ci> after")
+        said = [line.split("] ", 1)[-1] for line in console.lines
+                if line.startswith(("<", "*** [")) and not line.startswith("*** [0")]
+        for line in ("<alice> one", "<alice> two", "<alice> three", "<ci> mine", "<alice> four"):
+            self.assertEqual(said.count(line), 1, (line, console.lines))
+
+    def test_ctrl_c_during_backoff_exits_at_once(self):
+        client, console, thread, result = self.start_client(retry_delay=30, retry_max=30)
+        self.server.shutdown()
+        console.wait(lambda: console.notices, "the lost connection")
+        started = time.monotonic()
+        client.interrupt()
+        thread.join(TIMEOUT)
+        self.assertEqual(result, {"code": 0})
+        self.assertLess(time.monotonic() - started, 1)
+
+    def test_no_reconnect_fails_with_the_reason(self):
+        client, console, thread, result = self.start_client(reconnect=False)
+        self.server.shutdown()
+        thread.join(TIMEOUT)
+        self.assertIsInstance(result["code"], chat.ChatError)
+        self.assertIn("connection to 127.0.0.1:%d lost" % self.address[1], str(result["code"]))
+
+
+class HistoryTest(ServerTestCase):
+
+    options = {"history": 3}
+
+    def test_newcomer_gets_the_last_public_lines(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("one", "two", "/me three", "/msg bob private", "four")
+        bob.expect(r"<alice> four")
+        peer = self.open_peer()
+        peer.expect(r"\*\*\* type /help for commands")
+        self.assertEqual(peer.next_line(), "*** --- last 3 messages ---")
+        for expected in ("<alice> two", "* alice three", "<alice> four"):
+            self.assertRegex(peer.next_line(), r"^\*\*\* \[\d\d:\d\d\] " + re.escape(expected) + "$")
+        self.assertEqual(peer.next_line(), "*** --- end of history ---")
+        bob.say("live")
+        self.assertEqual(peer.next_line(), "<bob> live")
+
+    def test_no_history_block_in_a_quiet_room(self):
+        self.connect("alice")
+        peer = self.open_peer()
+        peer.expect(r"\*\*\* type /help for commands")
+        peer.say("/who")
+        self.assertRegex(peer.next_line(), r"\*\*\* 2 online: .*")
+
+
+class PipedClientTest(ServerTestCase):
+
+    def test_piped_output_is_exactly_the_protocol_lines(self):
+        alice = self.connect("alice")
+        alice.say("before ci came")
+        client = ClientProcess(self, self.address[1], "--nick", "ci")
+        alice.expect(r"\*\*\* ci joined")
+        alice.say("héllo ✓", "/me waves", "/msg ci psst")
+        alice.sync()
+        code, out, err = client.finish()
+        self.assertEqual((code, err), (0, ""))
+        history = re.sub(rb"\[\d\d:\d\d\]", b"[HH:MM]", out.encode())
+        self.assertEqual(history, (
+            "*** welcome to testroom, you are guest2\n*** 2 online: alice, guest2\n"
+            "*** type /help for commands\n*** --- last 1 messages ---\n"
+            "*** [HH:MM] <alice> before ci came\n*** --- end of history ---\n"
+            "*** you are now known as ci\n<alice> héllo ✓\n* alice waves\n*alice* psst\n"
+            "*** bye\n").encode())
+
+    def test_timestamps_on_request(self):
+        alice = self.connect("alice")
+        client = ClientProcess(self, self.address[1], "--nick", "ci", "--timestamps")
+        alice.expect(r"\*\*\* ci joined")
+        alice.say("stamped")
+        alice.sync()
+        code, out, err = client.finish()
+        self.assertIn("] <alice> stamped\n", out)
+        self.assertRegex(out, r"(?m)^\[\d\d:\d\d\] <alice> stamped$")
 
 
 if __name__ == "__main__":
