@@ -1696,7 +1696,6 @@ class TerminalConsole:
                 return
             self._closed = True
             self._clear_input()
-            self._write("\r\n" if self.editor.text else "")
             self._leave_raw_mode()
 
     def _enter_raw_mode(self):
@@ -1973,6 +1972,7 @@ class ChatClient:
         try:
             self._conn = BufferedSocket(self._connect())
             self.console.start(self)
+            self.ask_password = None   # the console owns the keyboard from now on
             while not self._serve():
                 if not self._reconnect():
                     break

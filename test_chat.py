@@ -1472,7 +1472,11 @@ class TerminalSession:
         return self.screen.lines()[self.screen.row]
 
     def finish(self):
+        """Wait for the client to exit: its exit code; final_mode is the terminal it left."""
+        import termios
         code = self.proc.wait(TIMEOUT)
+        self.final_mode = termios.tcgetattr(self.slave)
+        os.close(self.slave)   # the last slave descriptor: the reader now sees the end
         with self._changed:
             self._changed.wait_for(lambda: self.raw.endswith(b"<EOF>"), TIMEOUT)
         return code
@@ -1601,7 +1605,7 @@ class TerminalClientTest(ServerTestCase):
         term.type("\x04")
         self.assertEqual(term.finish(), 0)
         self.assertEqual(bob.expect(r"\*\*\* alice left.*"), "*** alice left (quit)")
-        self.assertEqual(termios.tcgetattr(term.slave), term.slave_attributes)
+        self.assertEqual(term.final_mode, term.slave_attributes)
 
     def test_ctrl_c_leaves(self):
         term = self.start()
