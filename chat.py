@@ -2326,7 +2326,10 @@ def add_client_parser(commands):
     client = commands.add_parser(
         "client", help="join a chat server",
         description="Join a chat server. Type lines to talk; /help lists the commands; "
-        "/quit, Ctrl+D or Ctrl+C leave. Piped input is sent line by line.",
+        "/quit, Ctrl+D or Ctrl+C leave. In a terminal, incoming lines appear above the line "
+        "you type, which you edit with Left/Right, Home/End (Ctrl+A/E), Backspace/Delete, "
+        "Ctrl+U/K/W, Up/Down (input history) and Tab (completes nicks and commands). "
+        "Piped input is sent line by line and piped output is the plain protocol lines.",
         epilog="The password may also come from the CHAT_PASSWORD environment variable; "
         "without either, the client asks for it when the server wants one.")
     add_network_arguments(client, "server to connect to (default: localhost)", default="localhost")
