@@ -77,6 +77,7 @@ ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of fil
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
 LISTEN_BACKLOG = 4096                # the kernel caps it at somaxconn
 RECV_SIZE = 256 * 1024
+PACED_RECV_SIZE = 16 * 1024          # reads under flood control: a paused client holds little
 SEND_CHUNK = 64 * 1024               # most bytes joined for one send()
 GREETING_NAMES = 20                  # names listed in the greeting before "and N more"
 MAX_NICK = 20                        # code points
@@ -337,6 +338,7 @@ HELP_TEXT = (
     "  /quit [REASON]   leave",
     "  //text           send a line that starts with /",
 )
+HELP_REPLY = "".join("*** %s\n" % line for line in HELP_TEXT).encode()
 
 
 @dataclass
@@ -401,26 +403,26 @@ class Connection(BufferedSocket):
         who = " " + self.nick if self.nick else ""
         return "#%d%s (%s)" % (self.number, who, format_address(self.ip, self.peer[1]))
 
-    def read(self):
-        """Received bytes, b"" at end of stream; raises WOULD_BLOCK when there are none.
+    def read(self, size):
+        """Up to size received bytes, b"" at end of stream; raises WOULD_BLOCK when there are none.
 
         A TLS socket hands out one record (16 KB at most) per recv(), so keep
         reading while records are there: the selector cannot see decrypted data.
         """
-        data = self.sock.recv(RECV_SIZE)
+        data = self.sock.recv(size)
         if not self.tls or not data:
             return data
         parts = [data]
-        size = len(data)
-        while size < RECV_SIZE:
+        got = len(data)
+        while got < size:
             try:
-                more = self.sock.recv(RECV_SIZE)
+                more = self.sock.recv(size - got)
             except WOULD_BLOCK:
                 break
             if not more:
                 break   # the end of stream shows again on the next read
             parts.append(more)
-            size += len(more)
+            got += len(more)
         return b"".join(parts)
 
     def take_tokens(self, wanted, rate, burst):
@@ -465,6 +467,7 @@ class ChatServer:
         self._conns = {}               # every open connection, in accept order
         self._members = {}             # connections in the room, in join order
         self._nicks = {}               # nick_key -> connection
+        self._who_reply = None         # cached answer to /who, None after the room changed
         self._per_ip = collections.Counter()
         self._numbers = itertools.count(1)
         self._guest_numbers = itertools.count(1)
@@ -777,7 +780,7 @@ class ChatServer:
 
     def _handle_read(self, conn):
         try:
-            data = conn.read()
+            data = conn.read(PACED_RECV_SIZE if self.options.rate else RECV_SIZE)
         except WOULD_BLOCK:
             return
         except OSError as exc:
@@ -912,11 +915,15 @@ class ChatServer:
         self._send(conn, ("-> *%s* %s\n" % (target.nick, text)).encode())
 
     def _cmd_who(self, conn, argument):
-        nicks = sorted((member.nick for member in self._members), key=nick_key)
-        self._tell(conn, "%d online: %s" % (len(nicks), ", ".join(nicks)))
+        """The list of nicks, built once per change of the room and shared: in a big room
+        it is large, and clients that ask without reading must not each pin a copy."""
+        if self._who_reply is None:
+            nicks = sorted((member.nick for member in self._members), key=nick_key)
+            self._who_reply = ("*** %d online: %s\n" % (len(nicks), ", ".join(nicks))).encode()
+        self._send(conn, self._who_reply)
 
     def _cmd_help(self, conn, argument):
-        self._send(conn, "".join("*** %s\n" % line for line in HELP_TEXT).encode())
+        self._send(conn, HELP_REPLY)
 
     def _cmd_pass(self, conn, argument):
         self._tell(conn, "error: you are already in")
@@ -947,6 +954,7 @@ class ChatServer:
                 return nick
 
     def _set_nick(self, conn, nick):
+        self._who_reply = None
         if conn.key is not None:
             del self._nicks[conn.key]
         conn.nick, conn.key = nick, nick_key(nick)
@@ -988,6 +996,7 @@ class ChatServer:
             self._notice("%s left (%s)" % (conn.nick, reason), exclude=conn)
         del self._members[conn]
         del self._nicks[conn.key]
+        self._who_reply = None
 
     def _notice(self, text, exclude=None):
         """Broadcast a join/leave/rename notice unless the room is too big for them."""

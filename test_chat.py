@@ -347,6 +347,19 @@ class ChatTest(ServerTestCase):
         self.assertEqual(alice.next_line(), "*** error: usage: /me ACTION")
         self.assertEqual(alice.next_line(), "*** error: usage: /nick NAME (you are alice)")
 
+    def test_who_follows_joins_renames_and_leaves(self):
+        bob, alice = self.connect("bob"), self.connect("alice")
+        self.assertEqual(alice.sync(), [])
+        carol = self.connect("carol")
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* \d+ online.*"), "*** 3 online: alice, bob, carol")
+        carol.say("/nick Caroline")
+        carol.expect(r"\*\*\* you are now known as Caroline")
+        bob.say("/quit")
+        bob.expect_closed()
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* \d+ online.*"), "*** 2 online: alice, Caroline")
+
     def test_who_and_help(self):
         bob, alice = self.connect("bob"), self.connect("alice")
         alice.say("/WHO", "/help")
@@ -757,6 +770,14 @@ class FloodTest(ServerTestCase):
         self.assertLess(latency, 0.5)
         self.assertGreaterEqual(elapsed, (200 - 20) / 200 * 0.9)   # paced at --rate
         self.assertIn("flood", self.server._nicks)                 # not disconnected
+
+    def test_a_paused_flooder_holds_little_input(self):
+        alice, flooder = self.connect("alice"), self.connect("flood")
+        conn = self.server._nicks["flood"]
+        flooder.send(b"".join(b"%06d %s\n" % (i, b"f" * 90) for i in range(3000)))  # 300 KB
+        wait_for(lambda: not conn.reading, message="flood control to pause reading")
+        self.assertLessEqual(len(conn.inbuf), chat.PACED_RECV_SIZE + chat.DEFAULT_MAX_LINE)
+        self.assertEqual(alice.expect(r"<flood> 000030 .*")[:14], "<flood> 000030")
 
 
 @unittest.skipUnless(socket.has_dualstack_ipv6() and ipv6_available(), "no dual-stack IPv6")
