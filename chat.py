@@ -2114,6 +2114,7 @@ class ChatClient:
                 message = str(exc)
                 delay = min(delay * 2, self.retry_max)
                 continue
+            self._handle_received()   # the rest of the greeting, then the news
             self.console.notice("reconnected to %s" % self.where)
             return True
 
