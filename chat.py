@@ -6,7 +6,8 @@
 
 Wire protocol: UTF-8 text lines ending in LF (CRLF accepted).
   client -> server  a chat line, or a command: /nick NAME, /me ACTION,
-                    /msg NICK TEXT, /who, /help, /quit [REASON]
+                    /msg NICK TEXT, /who, /help, /quit [REASON], and
+                    /pass PASSWORD first when the server has a password
                     ("//text" sends the literal line "/text")
   server -> client  <alice> text      a chat line
                     * alice waves     an action
@@ -301,6 +302,15 @@ class BufferedSocket:
             self.head = 0
 
 
+def drain(sock):
+    """Read and forget everything a non-blocking (wake-up) socket holds."""
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
 def certificate_fingerprint(der):
     """SHA256:ab:cd:... of a DER certificate, the form people compare and pin."""
     return "SHA256:" + ":".join("%02x" % byte for byte in hashlib.sha256(der).digest())
@@ -566,15 +576,17 @@ class ChatServer:
     # The loop
 
     def _run_once(self):
-        events = self._selector.select(self._select_timeout())
-        for key, mask in events:
-            conn = key.data
-            if conn is None:
-                self._handle_service_socket(key.fileobj)
-            else:
-                self._handle_events(conn, mask)
+        self._poll(self._select_timeout())
         self._run_due_timers()
         self._flush_turn()
+
+    def _poll(self, timeout):
+        """Handle every socket that is ready within timeout."""
+        for key, mask in self._selector.select(timeout):
+            if key.data is None:
+                self._handle_service_socket(key.fileobj)
+            else:
+                self._handle_events(key.data, mask)
 
     def _select_timeout(self):
         timeout = None
@@ -586,15 +598,13 @@ class ChatServer:
 
     def _handle_service_socket(self, sock):
         if sock is self._wake_r:
-            try:
-                while sock.recv(4096):
-                    pass
-            except OSError:
-                pass
+            drain(sock)
         else:
             self._accept_from(sock)
 
     def _handle_events(self, conn, mask):
+        if conn.stage is self.CLOSED:   # dropped earlier in this turn
+            return
         try:
             if conn.stage is self.TLS:
                 self._continue_handshake(conn)
@@ -618,7 +628,9 @@ class ChatServer:
             try:
                 callback(*args)
             except Exception:
-                log.exception("timer %s failed", callback.__name__)
+                log.exception("timer %r failed", callback)
+                if args and isinstance(args[0], Connection):
+                    self._drop(args[0], "internal error")
 
     # Accepting
 
@@ -727,11 +739,13 @@ class ChatServer:
         except OSError as exc:
             self._drop(conn, describe_error(exc))
             return False
-        if first != b"\x16":   # not a TLS handshake record: a plaintext client, or gone
-            if first:
-                log.info("%r: plaintext client on the TLS port", conn)
-                self._queue(conn, b"*** error: this server speaks TLS: connect with "
-                                  b"'chat.py client --tls' or 'openssl s_client'\n")
+        if not first:
+            self._drop(conn, "connection closed")
+            return False
+        if first != b"\x16":   # not a TLS handshake record: a plaintext client
+            log.info("%r: plaintext client on the TLS port", conn)
+            self._queue(conn, b"*** error: this server speaks TLS: connect with "
+                              b"'chat.py client --tls' or 'openssl s_client'\n")
             self._close(conn, "no TLS")
             return False
         self._selector.unregister(conn.sock)
@@ -1191,20 +1205,18 @@ class ChatServer:
         log.info("shutting down, %d connected", len(self._conns))
         self._stop_accepting()
         for conn in list(self._conns):
-            if conn.stage is not self.CLOSING:
+            if conn.stage is self.PASSWORD or conn.stage is self.ROOM:
                 self._tell(conn, "server shutting down")
                 conn.stage = self.CLOSING
+            elif conn.stage is not self.CLOSING:   # mid-handshake or denied: nothing to say
+                self._finish(conn)
         self._flush_turn()
         deadline = time.monotonic() + self.options.shutdown_timeout
         while any(conn.outbox for conn in self._conns):
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 break
-            for key, mask in self._selector.select(timeout):
-                if key.data is None:
-                    self._handle_service_socket(key.fileobj)
-                else:
-                    self._handle_events(key.data, mask)
+            self._poll(timeout)
             self._flush_turn()
         for conn in list(self._conns):
             self._finish(conn)
@@ -1264,14 +1276,6 @@ def client_tls_context(ca_file=None, pinned=False):
         context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
-
-
-def drain(sock):
-    try:
-        while sock.recv(4096):
-            pass
-    except OSError:
-        pass
 
 
 def default_nick():

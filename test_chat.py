@@ -492,6 +492,15 @@ class SilentGuestTest(ServerTestCase):
         self.open_peer()
         self.assertEqual(alice.expect(r"\*\*\* guest.*"), "*** guest2 joined")
 
+    def test_a_failing_timer_drops_only_its_connection(self):
+        alice = self.connect("alice")
+        with mock.patch.object(chat.ChatServer, "_announce_join", side_effect=RuntimeError("x")):
+            with self.assertLogs(chat.log, logging.ERROR):
+                guest = self.open_peer()
+                self.assertEqual(guest.expect_closed()[:1], ["*** welcome to testroom, you are guest2"])
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* \d+ online.*"), "*** 1 online: alice")
+
 
 
 class BigRoomTest(ServerTestCase):
@@ -682,6 +691,17 @@ class TLSTest(TLSServerMixin, ServerTestCase):
         for sock in (stalled, silent):
             self.assertEqual(sock.recv(100), b"")
         self.assertGreaterEqual(time.monotonic() - started, 0.9)
+
+    def test_shutdown_with_a_handshake_in_progress(self):
+        stalled = socket.create_connection(self.address, timeout=TIMEOUT)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00")
+        alice = self.connect("alice")
+        wait_for(lambda: any(c.stage == "tls" for c in list(self.server._conns)),
+                 message="the stalled handshake")
+        self.server.shutdown()
+        self.assertEqual(alice.expect_closed()[-1:], ["*** server shutting down"])
+        self.assertEqual(stalled.recv(100), b"")   # closed, no plaintext in a TLS stream
 
     def test_accepted_sockets_use_keepalive(self):
         self.connect("alice")
