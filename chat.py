@@ -18,6 +18,7 @@ Wire protocol: UTF-8 text lines ending in LF (CRLF accepted).
 Standard library only; Python 3.8+ on Linux, macOS and Windows.
 """
 
+import _thread
 import argparse
 import codecs
 import collections
@@ -1710,6 +1711,9 @@ class TerminalConsole:
             self._closed = True
             self._clear_input()
             self._leave_raw_mode()
+            for fd in (self._resize_r, self._resize_w):
+                if fd is not None:
+                    os.close(fd)
 
     def _enter_raw_mode(self):
         self._saved_mode = termios.tcgetattr(self._fd)
@@ -1867,7 +1871,7 @@ class TerminalConsole:
             else:
                 self._client.post("eof")
         elif key == "interrupt":
-            os.kill(os.getpid(), signal.SIGINT)   # the main thread's handler decides
+            interrupt_main_thread()   # its SIGINT handler decides, as for a real Ctrl+C
         elif key == "complete":
             candidates = editor.complete(COMMAND_WORDS, self.roster.nicks)
             if candidates:
@@ -1894,6 +1898,15 @@ class TerminalConsole:
             os.write(self._resize_w, b"r")
         except OSError:
             pass
+
+
+def interrupt_main_thread():
+    """Deliver SIGINT to the main thread (Python runs handlers there), so a blocking
+    connect() there is interrupted too; on Windows, simulate it."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
 
 
 def enable_windows_vt(stream):
@@ -1957,6 +1970,11 @@ class ChatClient:
     @property
     def where(self):
         return format_address(self.host, self.port)
+
+    @property
+    def wakeup_fd(self):
+        """A descriptor for signal.set_wakeup_fd(): a signal then wakes the main loop."""
+        return self._wake_w.fileno()
 
     # Called from other threads and signal handlers
 
@@ -2588,6 +2606,7 @@ def console_from_args(args):
 
 def run_client(args):
     client = client_from_args(args)
+    signal.set_wakeup_fd(client.wakeup_fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGINT, lambda signum, frame: client.interrupt())
     for name in ("SIGTERM", "SIGHUP"):   # leave through run()'s cleanup: the terminal is restored
         if hasattr(signal, name):

@@ -1654,6 +1654,15 @@ class TerminalClientTest(ServerTestCase):
         self.assertEqual(term.finish(), 0)
         self.assertNotIn(b"Traceback", term.raw)
 
+    def test_ctrl_c_during_reconnect_backoff_exits_at_once(self):
+        term = self.start()
+        self.server.shutdown()
+        term.wait_line(self.STAMP + r"\*\*\* connection to 127.0.0.1:\d+ lost; reconnecting.*")
+        started = time.monotonic()
+        term.type("\x03")
+        self.assertEqual(term.finish(), 0)
+        self.assertLess(time.monotonic() - started, 1.0)
+
 
 class RecordingConsole:
     """A console for in-process client tests: records what would be shown."""
