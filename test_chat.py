@@ -1467,8 +1467,9 @@ class TerminalSession:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.slave_attributes = termios.tcgetattr(slave)
         self.slave = os.dup(slave)   # to read the terminal mode after the client exits
-        environment = dict(os.environ, TERM="xterm-256color", **(env or {}))
-        environment.pop("NO_COLOR", None) if "NO_COLOR" not in (env or {}) else None
+        environment = dict(os.environ, TERM="xterm-256color")
+        environment.pop("NO_COLOR", None)
+        environment.update(env or {})
         argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(argv + list(args), stdin=slave, stdout=slave, stderr=slave,
                                      env=environment, start_new_session=True)
@@ -1578,6 +1579,24 @@ class TerminalClientTest(ServerTestCase):
         term.wait(lambda s: s.lines()[s.row] == "alice> second line", "the history line")
         term.type("\x1b[H", "re: ", "\r")
         self.assertEqual(bob.expect(r"<alice> re.*"), "<alice> re: second line")
+
+    def test_pasted_lines_are_sent_one_by_one(self):
+        bob = self.connect("bob")
+        term = self.start()
+        bob.expect(r"\*\*\* alice joined")
+        term.type("pasted one\rpasted two\rpasted three\r")   # a paste arrives in one read
+        self.assertEqual(bob.lines_until(r"<alice> pasted three"),
+                         ["<alice> pasted one", "<alice> pasted two"])
+
+    def test_dumb_terminal_falls_back_to_plain_lines(self):
+        import termios
+        bob = self.connect("bob")
+        term = TerminalSession(self, self.address[1], "--nick", "dumb", env={"TERM": "dumb"})
+        bob.expect(r"\*\*\* dumb joined")
+        self.assertTrue(termios.tcgetattr(term.slave)[3] & termios.ICANON)   # no raw mode
+        term.type("plain and simple\n")
+        self.assertEqual(bob.expect(r"<dumb> .*"), "<dumb> plain and simple")
+        self.assertNotIn(b"\x1b[", term.raw)
 
     def test_wide_characters_and_lines_longer_than_the_terminal(self):
         bob = self.connect("bob")
@@ -1831,6 +1850,17 @@ class PipedClientTest(ServerTestCase):
             "*** [HH:MM] <alice> before ci came\n*** --- end of history ---\n"
             "*** you are now known as ci\n<alice> héllo ✓\n* alice waves\n*alice* psst\n"
             "*** bye\n").encode())
+
+    def test_a_hostile_server_cannot_drive_the_terminal(self):
+        with socket.create_server(("127.0.0.1", 0)) as fake:
+            client = ClientProcess(self, fake.getsockname()[1], "--no-reconnect")
+            conn, _ = fake.accept()
+            with conn:
+                conn.sendall(b"*** welcome to evil, you are bob\n\x1b]0;pwned\x07<evil> \x1b[2Jhi"
+                             b"\xc2\x9b31m there\xe2\x80\xae\n\x1b[?1049h*** bye\n")
+            code, out, err = client.finish()
+        self.assertEqual(out, "*** welcome to evil, you are bob\n<evil> hi there\n*** bye\n")
+        self.assertEqual(code, 1)   # the server went away
 
     def test_timestamps_on_request(self):
         alice = self.connect("alice")
