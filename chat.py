@@ -86,6 +86,9 @@ MAX_NICK = 20                        # code points
 MAX_REASON = 100                     # code points of a /quit reason
 RESERVED_FDS = 32                    # descriptors for listeners, logs, the selector...
 CONNECT_TIMEOUT = 10.0
+KEEPALIVE_IDLE = 60                  # seconds of silence before TCP probes a peer...
+KEEPALIVE_INTERVAL = 15              # ...every this many seconds...
+KEEPALIVE_COUNT = 4                  # ...and gives up after this many unanswered probes
 KEYBOARD_QUEUE = 1000                # typed or piped lines buffered before stdin backs off
 RETRY_DELAY = 1.0                    # seconds before the first reconnect, doubling...
 RETRY_MAX = 30.0                     # ...up to this
@@ -216,19 +219,26 @@ def describe_error(exc):
     return reasons.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
 
 
-def enable_keepalive(sock, idle=60, interval=15, count=4):
+# The keepalive knobs this platform has: Linux names the idle time TCP_KEEPIDLE,
+# macOS TCP_KEEPALIVE; Windows sets all three with one ioctl.
+_KEEPALIVE_OPTIONS = tuple(
+    (getattr(socket, name), value) for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPALIVE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL), ("TCP_KEEPCNT", KEEPALIVE_COUNT))
+    if hasattr(socket, name))
+
+
+def enable_keepalive(sock):
     """Let TCP notice a dead peer (sleeping laptop, dropped NAT entry) by itself."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    options = (("TCP_KEEPIDLE", idle), ("TCP_KEEPALIVE", idle),
-               ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count))
-    for name, value in options:
-        if hasattr(socket, name):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-            except OSError:
-                pass
+    for option, value in _KEEPALIVE_OPTIONS:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            pass
     if hasattr(socket, "SIO_KEEPALIVE_VALS"):
-        sock.ioctl(socket.SIO_KEEPALIVE_VALS, (1, idle * 1000, interval * 1000))
+        sock.ioctl(socket.SIO_KEEPALIVE_VALS,
+                   (1, KEEPALIVE_IDLE * 1000, KEEPALIVE_INTERVAL * 1000))
 
 
 # --- Sockets ---
