@@ -1710,7 +1710,7 @@ class TerminalConsole:
             os.set_blocking(self._resize_w, False)
             signal.signal(signal.SIGWINCH, self._on_resize)
         with self._lock:
-            self._draw()
+            self._redraw()
         reader = self._read_windows_keys if WINDOWS else self._read_keys
         threading.Thread(target=reader, name="keyboard", daemon=True).start()
 
@@ -1719,7 +1719,7 @@ class TerminalConsole:
             if self._closed:
                 return
             self._closed = True
-            self._clear_input()
+            self._write(self._erase_input())
             self._leave_raw_mode()
             for fd in (self._resize_r, self._resize_w):
                 if fd is not None:
@@ -1740,9 +1740,9 @@ class TerminalConsole:
     # Output from the main thread
 
     def set_nick(self, nick):
+        """Use nick from the next drawing on: the line announcing it follows at once."""
         with self._lock:
             self.nick = nick
-            self._redraw()
 
     def show(self, *lines):
         with self._lock:
@@ -1764,20 +1764,20 @@ class TerminalConsole:
         self._stdout.flush()
 
     def _print_above(self, text):
+        """Erase the input line, print text, draw the input line again: one write, so
+        the screen never shows a half-done update."""
         if not self._closed:
-            self._clear_input()
-            self._write(text)
-            self._draw()
-
-    def _clear_input(self):
-        up = "\x1b[%dA" % self._rows_above if self._rows_above else ""
-        self._write(up + "\r\x1b[J")
-        self._rows_above = 0
+            self._write(self._erase_input() + text + self._input_line())
 
     def _redraw(self):
         if not self._closed:
-            self._clear_input()
-            self._draw()
+            self._write(self._erase_input() + self._input_line())
+
+    def _erase_input(self):
+        """Escape codes that go to the start of the input area and clear to the end."""
+        up = "\x1b[%dA" % self._rows_above if self._rows_above else ""
+        self._rows_above = 0
+        return up + "\r\x1b[J"
 
     def _prompt(self):
         return "%s> " % self.nick if self.nick else "> "
@@ -1808,10 +1808,9 @@ class TerminalConsole:
             cursor = (cursor[0] + 1, 0)
         return cursor[0], cursor[1], end[0], at_edge
 
-    def _draw(self):
-        """Write prompt and line from the start of the input area; place the cursor."""
-        if self._closed:
-            return
+    def _input_line(self):
+        """Prompt and line, written from the start of the input area, then the cursor
+        placed where the editor's cursor is."""
         row, col, end_row, at_edge = self._layout(self._width())
         prompt = self._prompt()
         if self.style.colour and self.nick:
@@ -1820,8 +1819,8 @@ class TerminalConsole:
         if end_row > row:
             out.append("\x1b[%dA" % (end_row - row))
         out.append("\r" + ("\x1b[%dC" % col if col else ""))
-        self._write("".join(out))
         self._rows_above = row
+        return "".join(out)
 
     # Input, in the keyboard thread
 
@@ -1898,7 +1897,7 @@ class TerminalConsole:
         """Ctrl+Z: give the terminal back, stop; on fg take it again."""
         if WINDOWS:
             return
-        self._clear_input()
+        self._write(self._erase_input())
         self._leave_raw_mode()
         os.kill(os.getpid(), signal.SIGTSTP)
         self._enter_raw_mode()
@@ -2092,7 +2091,8 @@ class ChatClient:
             elif line.startswith("*** error: "):
                 error = line[11:]
             welcome = self.WELCOME.match(line)
-            if welcome:
+            if welcome:   # in the room: from now on Ctrl+C says goodbye first
+                self._connecting = False
                 self._set_nick(welcome.group(1))
                 self._request_nick(sock)
                 return

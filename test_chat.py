@@ -26,7 +26,7 @@ except ImportError:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
-TIMEOUT = 5.0              # a hang detector, never a delay
+TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
@@ -1099,6 +1099,7 @@ class ClientTest(ServerTestCase):
         client = ClientProcess(self, self.address[1], "--nick", "ci", "--no-reconnect")
         wait_for(lambda: "ci" in self.server._nicks, message="the client to join")
         self.server.shutdown()
+        client.proc.wait(TIMEOUT)   # it leaves by itself; only then is stdin closed
         code, out, err = client.finish()
         self.assertEqual(code, 1)
         self.assertTrue(out.endswith("*** server shutting down\n"), out)
@@ -1131,6 +1132,8 @@ class ClientTest(ServerTestCase):
         with socket.socket() as sock:
             chat.enable_keepalive(sock)
             self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):   # Linux: probes after a minute of silence
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 60)
 
 
 @unittest.skipIf(ssl is None, "no ssl module")
@@ -1476,7 +1479,8 @@ class TerminalSession:
         os.close(slave)
         test.addCleanup(self.close)
         self._changed = threading.Condition()
-        threading.Thread(target=self._read, name="pty-reader", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="pty-reader", daemon=True)
+        self._reader.start()
 
     def _read(self):
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -1509,29 +1513,30 @@ class TerminalSession:
         self.wait(lambda s: any(re.fullmatch(pattern, line) for line in s.lines()), pattern)
         return [re.fullmatch(pattern, line) is not None for line in self.screen.lines()].index(True)
 
-    def input_line(self):
-        """The screen row the cursor is on."""
-        return self.screen.lines()[self.screen.row]
-
     def finish(self):
         """Wait for the client to exit: its exit code; final_mode is the terminal it left."""
         import termios
         code = self.proc.wait(TIMEOUT)
         self.final_mode = termios.tcgetattr(self.slave)
-        os.close(self.slave)   # the last slave descriptor: the reader now sees the end
-        with self._changed:
-            self._changed.wait_for(lambda: self.raw.endswith(b"<EOF>"), TIMEOUT)
+        self._close_slave()   # the last slave descriptor: the reader now sees the end
+        self._reader.join(TIMEOUT)
         return code
 
+    def _close_slave(self):
+        if self.slave is not None:
+            os.close(self.slave)
+            self.slave = None
+
     def close(self):
+        """Stop the client, let the reader reach the end, only then free the master:
+        a reader still looping on a closed descriptor number would read whatever
+        terminal is opened next under that number."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._close_slave()
+        self._reader.join(TIMEOUT)
+        os.close(self.master)
 
 
 @unittest.skipUnless(POSIX, "pseudo-terminals are POSIX")
@@ -1552,16 +1557,20 @@ class TerminalClientTest(ServerTestCase):
         term.type("hello wor", "\x1b[D" * 3)
         term.wait(lambda s: s.cursor()[1] == len("alice> hello "), "the cursor to move left")
         bob.say("interrupting you")
-        bob_row = term.wait_line(self.STAMP + r"<bob> interrupting you")
-        self.assertEqual(term.input_line(), "alice> hello wor")
-        self.assertEqual(term.screen.cursor(), (bob_row + 1, len("alice> hello ")))
+
+        def typing_intact_below_bob(screen):
+            lines = screen.lines()
+            row = screen.row
+            return (row > 0 and re.fullmatch(self.STAMP + "<bob> interrupting you", lines[row - 1])
+                    and lines[row] == "alice> hello wor" and screen.col == len("alice> hello "))
+        term.wait(typing_intact_below_bob, "bob's line above the intact half line")
         term.type("X")
-        term.wait(lambda s: s.lines()[s.row] == "alice> hello Xwor", "the insertion")
-        self.assertEqual(term.screen.cursor()[1], len("alice> hello X"))
+        term.wait(lambda s: s.lines()[s.row] == "alice> hello Xwor"
+                  and s.col == len("alice> hello X"), "the insertion at the cursor")
         term.type("\r")
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> hello Xwor")
-        term.wait_line(self.STAMP + r"<alice> hello Xwor")   # our own line, formatted
-        self.assertEqual(term.input_line(), "alice>")
+        term.wait(lambda s: re.fullmatch(self.STAMP + "<alice> hello Xwor", s.lines()[s.row - 1])
+                  and s.lines()[s.row] == "alice>", "our own line, formatted, and a new prompt")
 
     def test_editing_keys(self):
         bob = self.connect("bob")
@@ -1573,8 +1582,8 @@ class TerminalClientTest(ServerTestCase):
                   "\x01", "\x1b[3~", "T",                    # Home, Delete, insert: "Two words "
                   "\x05", "now", "\x1b[D\x1b[D\x7f",         # End, type, left twice, backspace
                   "\x0b")                                    # Ctrl+K
-        term.wait(lambda s: s.lines()[s.row] == "alice> Two words", "the edited line")
-        self.assertEqual(term.screen.cursor()[1], len("alice> Two words "))
+        term.wait(lambda s: s.lines()[s.row] == "alice> Two words"
+                  and s.col == len("alice> Two words "), "the edited line")
         term.type("\x15", "\x1b[A", "\x1b[A", "\x1b[B")     # Ctrl+U, history up, up, down
         term.wait(lambda s: s.lines()[s.row] == "alice> second line", "the history line")
         term.type("\x1b[H", "re: ", "\r")
@@ -1607,8 +1616,8 @@ class TerminalClientTest(ServerTestCase):
         # "alice> " and six wide characters fill 19 columns: the seventh goes to the next row
         wrapped = ["alice> 日本語のテキ", "ストですabcdefghijkl", "mnopqrstuvwxyz"]
         top = term.wait_line("alice> 日本語のテキ")
-        term.wait(lambda s: s.lines()[top:top + 3] == wrapped, "the wrapped line")
-        self.assertEqual(term.screen.cursor(), (top + 2, len("mnopqrstuvwxyz")))
+        term.wait(lambda s: s.lines()[top:top + 3] == wrapped
+                  and s.cursor() == (top + 2, len("mnopqrstuvwxyz")), "the wrapped line")
         term.type("\x1b[D" * 30)   # back to the first character of the second row
         term.wait(lambda s: s.cursor() == (top + 1, 0), "the cursor at the wrapped character")
         bob.say("bump")            # a redraw with the cursor in the middle
