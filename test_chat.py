@@ -585,6 +585,22 @@ class SlowReaderTest(ServerTestCase):
         self.assertIn("send queue exceeded", "\n".join(logs.output))
 
 
+class QueueLimitTest(unittest.TestCase):
+    """The send-queue limit drops clients that fall further behind, not a burst."""
+
+    def test_a_burst_is_queued_more_on_a_full_backlog_is_not(self):
+        server = chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=0, queue_limit=1000))
+        self.addCleanup(server.server_close)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        conn = chat.Connection(ours, ("127.0.0.1", 1), 1, 30)
+        server._queue(conn, b"x" * 5000)            # one burst, five times the limit
+        self.assertEqual((conn.queued, server._failed), (5000, []))
+        server._queue(conn, b"more")               # the backlog is still over the limit
+        self.assertEqual(conn.queued, 5000)
+        self.assertEqual(server._failed, [(conn, "send queue exceeded")])
+
+
 class ShutdownTest(ServerTestCase):
 
     def test_shutdown_tells_everyone_and_closes(self):
