@@ -261,9 +261,6 @@ class BufferedSocket:
         self.head = 0                   # bytes of outbox[0] already sent
         self.retry = None               # buffer to send again after a would-block
 
-    def fileno(self):
-        return self.sock.fileno()
-
     def queue(self, data):
         self.outbox.append(data)
         self.queued += len(data)
