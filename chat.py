@@ -1881,24 +1881,29 @@ class TerminalConsole:
             self._handle_keys(keys)
 
     def _handle_keys(self, keys):
+        """Edit and redraw under the lock; hand finished lines over outside it, since
+        the client's queue may be full and must not stall the screen with it."""
+        posts = []
         with self._lock:
             for key in keys:
-                self._handle_key(key)
+                self._handle_key(key, posts)
             self._redraw()
+        for kind, text in posts:
+            self._client.post(kind, text)
 
-    def _handle_key(self, key):
+    def _handle_key(self, key, posts):
         editor = self.editor
         if isinstance(key, tuple):
             editor.insert(key[1])
         elif key == "enter":
             line = editor.submit()
             if line:
-                self._client.post("line", line)
+                posts.append(("line", line))
         elif key == "eof":
             if editor.text:
                 editor.delete()
             else:
-                self._client.post("eof")
+                posts.append(("eof", None))
         elif key == "interrupt":
             interrupt_main_thread()   # its SIGINT handler decides, as for a real Ctrl+C
         elif key == "complete":

@@ -221,6 +221,21 @@ class ServerTestCase(unittest.TestCase):
         self.thread.join(TIMEOUT)
         self.assertFalse(self.thread.is_alive(), "server thread did not end")
 
+    def restart_server(self, before_start=None, **options):
+        """Stop the server; start a new one on the same port (after before_start())."""
+        port = self.address[1]
+        self.stop_server()
+        self.server.server_close()
+        if before_start:
+            before_start()
+        self.server = chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=port, rate=0,
+                                                         **options))
+        self.addCleanup(self.server.server_close)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="chat-server-2",
+                                       daemon=True)
+        self.thread.start()
+        self.addCleanup(self.stop_server)   # before server_close: cleanups run last first
+
     def open_peer(self, address=None):
         sock = self.wrap(socket.create_connection(address or self.address, timeout=TIMEOUT))
         self.addCleanup(sock.close)
@@ -1698,6 +1713,21 @@ class TerminalClientTest(ServerTestCase):
         self.assertEqual(term.finish(), 0)
         self.assertNotIn(b"Traceback", term.raw)
 
+    def test_lines_typed_while_disconnected_are_sent_on_reconnect(self):
+        term = self.start()
+        lines = ["offline %04d" % i for i in range(chat.KEYBOARD_QUEUE + 200)]   # more than fit
+
+        def paste_while_down():   # the client retries after 0.75 s at the earliest
+            term.wait_line(self.STAMP + r"\*\*\* connection to .* lost; reconnecting.*")
+            threading.Thread(target=term.type, args=("\r".join(lines) + "\r",), name="paster",
+                             daemon=True).start()   # blocks once the client's queue is full
+        self.restart_server(before_start=paste_while_down, history=len(lines))
+        bob = self.connect("bob")   # whenever bob joins, history plus live lines are all of it
+        received = bob.lines_until(r"<alice> offline %04d" % (len(lines) - 1))
+        said = [re.sub(r"^\*\*\* \[\d\d:\d\d\] ", "", line) for line in received]
+        self.assertEqual([line for line in said if line.startswith("<alice>")],
+                         ["<alice> " + line for line in lines[:-1]])
+
     def test_ctrl_c_during_reconnect_backoff_exits_at_once(self):
         term = self.start()
         self.server.shutdown()
@@ -1769,18 +1799,6 @@ class ReconnectTest(ServerTestCase):
             return client.run()
         except chat.ChatError as exc:
             return exc
-
-    def restart_server(self):
-        port = self.address[1]
-        self.server.shutdown()
-        self.thread.join(TIMEOUT)
-        self.server.server_close()
-        self.server = chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=port, rate=0))
-        self.addCleanup(self.server.server_close)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="chat-server-2",
-                                       daemon=True)
-        self.thread.start()
-        self.addCleanup(self.stop_server)   # before server_close: cleanups run last first
 
     def test_reconnects_after_a_server_restart_and_keeps_its_nick(self):
         client, console, thread, result = self.start_client()
