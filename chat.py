@@ -497,6 +497,7 @@ class ChatServer:
         self._dirty = set()            # connections with direct output this turn
         self._failed = []              # (connection, reason) to drop after the turn
         self._history = collections.deque(maxlen=self.options.history)   # "*** [HH:MM] <a> x\n"
+        self._read_size = PACED_RECV_SIZE if self.options.rate else RECV_SIZE
         self._clock = (None, b"")      # (minute, b"HH:MM") for history lines
         self._accepting = False
         self._stop_requested = False
@@ -819,7 +820,7 @@ class ChatServer:
 
     def _handle_read(self, conn):
         try:
-            data = conn.read(PACED_RECV_SIZE if self.options.rate else RECV_SIZE)
+            data = conn.read(self._read_size)
         except WOULD_BLOCK:
             return
         except OSError as exc:
@@ -1374,29 +1375,31 @@ class LineStyle:
         replayed = _HISTORY_ENTRY.match(line)
         if replayed and self.timestamps:   # history keeps the time it was said
             stamp, line = "[%s] " % replayed.group(1), replayed.group(2)
-        text, for_me = self._paint(line, nick) if self.colour else (line, self._for_me(line, nick))
+        for_me = self._for_me(line, nick)
+        text = self._paint(line, for_me) if self.colour else line
         if self.colour and (stamp or replayed):
             stamp = paint("2", stamp)
             text = paint("2", line) if replayed else text
         return stamp + text + ("\x07" if for_me and self.bell else "")
 
-    def _paint(self, line, nick):
+    def _paint(self, line, for_me):
+        """Nicks in their colours; lines for us bold, errors red, notices dim."""
         chat, action = _CHAT_LINE.match(line), _ACTION_LINE.match(line)
         if chat or action:
             who, text = (chat or action).groups()
             name = paint(self.nick_colour(who), who)
-            mention = self._mentions(text, nick) and who != nick
             shown = "<%s> %s" % (name, text) if chat else "* %s %s" % (name, text)
-            return (paint("1", shown) if mention else shown), mention
+            return paint("1", shown) if for_me else shown
         if _PRIVATE_LINE.match(line):
-            return paint("1;35", line), True
+            return paint("1;35", line)
         if line.startswith("*** error:"):
-            return paint("31", line), False
+            return paint("31", line)
         if line.startswith(("*** ", "-> ")):
-            return paint("2", line), False
-        return line, False
+            return paint("2", line)
+        return line
 
     def _for_me(self, line, nick):
+        """A private message, or someone else's line that mentions our nick."""
         if _PRIVATE_LINE.match(line):
             return True
         said = _CHAT_LINE.match(line) or _ACTION_LINE.match(line)
