@@ -384,6 +384,18 @@ class ServerOptions:
     history: int = DEFAULT_HISTORY     # public lines replayed to newcomers; 0: none
 
 
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What the server can tell about one connection (see ChatServer.connections())."""
+    number: int                 # in accept order, from 1
+    nick: Optional[str]         # None before it is in the chat
+    address: str                # ip:port of the peer
+    stage: str                  # "handshake", "password", "chat", "denied" or "closing"
+    backlog: int                # bytes queued for it that its socket has not taken yet
+    buffered_input: int         # bytes received from it and not handled yet
+    reading: bool               # False while flood control holds its input back
+
+
 class Connection(BufferedSocket):
     """One client of the server: its socket and buffers, and its place in the room.
 
@@ -444,6 +456,10 @@ class Connection(BufferedSocket):
             got += len(more)
         return b"".join(parts)
 
+    def info(self):
+        return ConnectionInfo(self.number, self.nick, format_address(self.ip, self.peer[1]),
+                              self.stage, self.queued, len(self.inbuf), self.reading)
+
     def take_tokens(self, wanted, rate, burst):
         """How many of wanted lines the flood allowance lets through now."""
         now = time.monotonic()
@@ -470,9 +486,9 @@ class ChatServer:
     COMMANDS = frozenset(("nick", "me", "msg", "who", "help", "quit", "pass"))  # _cmd_ methods
 
     # The stages of a connection's life, in order; TLS and PASSWORD only when enabled.
-    TLS = "tls"              # the TLS handshake is running
+    TLS = "handshake"        # the TLS handshake is running
     PASSWORD = "password"    # waiting for the right /pass
-    ROOM = "room"            # in the chat: receives broadcasts, may talk
+    ROOM = "chat"            # in the chat: receives broadcasts, may talk
     DENIED = "denied"        # sent a wrong password: unheard until closed after a pause
     CLOSING = "closing"      # leaving: last output is flushed, input ignored
     CLOSED = "closed"
@@ -503,6 +519,9 @@ class ChatServer:
         self._stop_requested = False
         self._started = False
         self._finished = threading.Event()
+        self._calls = collections.deque()   # (function, result box, event) from other threads
+        self._calls_lock = threading.Lock()
+        self._loop_thread = None           # the thread in serve_forever(), while it runs
         try:
             self._bind()
             for sock in (self._wake_r, self._wake_w):
@@ -534,26 +553,82 @@ class ChatServer:
     def serve_forever(self):
         """Run the loop until shutdown() or request_shutdown(), then say goodbye and close."""
         self._started = True
+        self._loop_thread = threading.current_thread()
         try:
             while not self._stop_requested:
                 self._run_once()
             self._shut_down_clients()
         finally:
+            with self._calls_lock:
+                self._loop_thread = None
+            self._run_calls()
             self._finished.set()
 
     def request_shutdown(self):
         """Ask the loop to stop; safe from signal handlers and other threads."""
         self._stop_requested = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self._wake()
 
     def shutdown(self):
         """Stop the loop and wait until every client has been told and closed."""
         self.request_shutdown()
         if self._started:
             self._finished.wait()
+
+    # Inspection, safe from any thread
+
+    def run_in_loop(self, function):
+        """Call function() in the server's thread, between two turns, and return its result.
+
+        The server's state belongs to its loop; other threads (an embedding
+        program, the tests) look at it or change it only through this.
+        """
+        with self._calls_lock:
+            direct = self._loop_thread in (None, threading.current_thread())
+            if not direct:
+                box, done = [], threading.Event()
+                self._calls.append((function, box, done))
+        if direct:
+            return function()
+        self._wake()
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def connections(self):
+        """A ConnectionInfo for every open connection, in accept order."""
+        return self.run_in_loop(lambda: [conn.info() for conn in self._conns])
+
+    def members(self):
+        """A ConnectionInfo for every member of the chat, in join order."""
+        return self.run_in_loop(lambda: [conn.info() for conn in self._members])
+
+    def stats(self):
+        """Counts: connections, members, handshakes in progress, bytes queued for output."""
+        def count():
+            stages = collections.Counter(conn.stage for conn in self._conns)
+            return {"connections": len(self._conns), "members": len(self._members),
+                    "handshaking": stages[self.TLS], "backlog": sum(c.queued for c in self._conns)}
+        return self.run_in_loop(count)
+
+    def _run_calls(self):
+        while True:
+            with self._calls_lock:
+                if not self._calls:
+                    return
+                function, box, done = self._calls.popleft()
+            try:
+                box.append(function())
+            except BaseException as exc:   # handed to the caller, who raises it
+                box.append(exc)
+            done.set()
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
 
     def server_close(self):
         """Release every socket (the loop must have stopped)."""
@@ -625,6 +700,7 @@ class ChatServer:
     def _handle_service_socket(self, sock):
         if sock is self._wake_r:
             drain(sock)
+            self._run_calls()
         else:
             self._accept_from(sock)
 

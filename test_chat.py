@@ -4,6 +4,8 @@ and the real client in a subprocess. Run with: python -m unittest -v
 
 import codecs
 import collections
+import io
+import itertools
 import logging
 import os
 import re
@@ -28,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
 TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
+HISTORY_ENTRY = re.compile(r"^\*\*\* \[\d\d:\d\d\] ")   # a replayed line, at any hour
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
 
@@ -111,6 +114,16 @@ def ipv6_available():
         return True
     except OSError:
         return False
+
+
+def child_env(**changes):
+    """The environment for a chat.py process: ours, without what would change its behaviour
+    (a password, NO_COLOR, a locale or terminal of the caller), plus changes."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("CHAT_", "LC_")) and name not in ("NO_COLOR", "LANG", "TERM")}
+    env.update(LANG="C.UTF-8", PYTHONIOENCODING="utf-8")
+    env.update(changes)
+    return env
 
 
 def wait_for(condition, timeout=TIMEOUT, message="condition"):
@@ -199,14 +212,72 @@ class Peer:
             rest.append(line)
 
 
+class Cable:
+    """A TCP relay to the server that a test can cut, as a network failure would."""
+
+    def __init__(self, test, target):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.pairs = []
+        self._lock = threading.Lock()
+        test.addCleanup(self.close)
+        threading.Thread(target=self._accept, name="cable", daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(self.target, timeout=TIMEOUT)
+            except OSError:
+                return
+            far.settimeout(None)
+            with self._lock:
+                self.pairs.append((near, far))
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(source, sink), name="cable-pump",
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self):
+        """End every connection through the cable, both ways at once."""
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)   # wakes the pumps blocked on it
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self):
+        self.listener.close()
+        self.cut()
+
+
 class ServerTestCase(unittest.TestCase):
     """Starts a real ChatServer on 127.0.0.1, port 0, in a named daemon thread."""
 
+    # A newcomer is announced when it sets its nick; the fallback timer is far off, so
+    # no test depends on how fast the machine is. Tests of the timer shorten it.
+    DEFAULTS = dict(host="127.0.0.1", name="testroom", rate=0, join_delay=3600.0,
+                    close_linger=0.5, shutdown_timeout=1.0)
     options = {}
 
     def setUp(self):
-        settings = dict(host="127.0.0.1", port=0, name="testroom", rate=0,
-                        close_linger=0.5, shutdown_timeout=1.0)
+        settings = dict(self.DEFAULTS, port=0)
         settings.update(self.options)
         self.server = chat.ChatServer(chat.ServerOptions(**settings))
         self.addCleanup(self.server.server_close)
@@ -228,13 +299,17 @@ class ServerTestCase(unittest.TestCase):
         self.server.server_close()
         if before_start:
             before_start()
-        self.server = chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=port, rate=0,
-                                                         **options))
+        self.server = chat.ChatServer(chat.ServerOptions(**dict(self.DEFAULTS, port=port,
+                                                                **options)))
         self.addCleanup(self.server.server_close)
         self.thread = threading.Thread(target=self.server.serve_forever, name="chat-server-2",
                                        daemon=True)
         self.thread.start()
         self.addCleanup(self.stop_server)   # before server_close: cleanups run last first
+
+    def member(self, nick):
+        """The server's ConnectionInfo of the member called nick, or None."""
+        return next((info for info in self.server.members() if info.nick == nick), None)
 
     def open_peer(self, address=None):
         sock = self.wrap(socket.create_connection(address or self.address, timeout=TIMEOUT))
@@ -559,9 +634,7 @@ class LimitsTest(ServerTestCase):
         for _ in range(50):
             bob.send(b"z" * 100)
         self.assertEqual(bob.next_line(), "*** error: line too long (over 100 bytes), not sent")
-        bob_conn = self.server._nicks["bob"]
-        self.assertTrue(bob_conn.discarding)
-        self.assertLessEqual(len(bob_conn.inbuf), 101)
+        self.assertLessEqual(self.member("bob").buffered_input, 101)
         bob.send(b"z" * 50000 + b"\nshort line\n")
         self.assertEqual(alice.expect(r"<bob> .*"), "<bob> short line")
         self.assertEqual(bob.sync(), [])
@@ -571,7 +644,7 @@ class LimitsTest(ServerTestCase):
         extra = self.open_peer()
         self.assertEqual(extra.expect_closed(), ["*** error: server full"])
         peers[0].sock.close()
-        wait_for(lambda: len(self.server._conns) == 3, message="a slot to free up")
+        wait_for(lambda: self.server.stats()["connections"] == 3, message="a slot to free up")
         self.connect("late")
 
 
@@ -586,34 +659,27 @@ class SlowReaderTest(ServerTestCase):
         self.addCleanup(slow.close)
         slow.sendall(b"/nick slow\n")
         self.assertEqual(alice.expect(r"\*\*\* slow joined"), "*** slow joined")
-        # More than the kernel buffers (up to 4 MB on Linux) plus the 1 MiB queue.
-        lines = ["%05d %s" % (i, "p" * 1000) for i in range(8000)]
-        data = "".join(line + "\n" for line in lines).encode()
-        sender = threading.Thread(target=bob.send, args=(data,), name="sender", daemon=True)
+        # bob talks until the server gives up on slow, however much the kernel buffers hold.
+        dropped = threading.Event()
+        sent = []
+
+        def talk():
+            for number in range(200):
+                batch = ["%03d %04d %s" % (number, i, "p" * 1000) for i in range(1000)]
+                bob.send("".join(line + "\n" for line in batch).encode())
+                sent.extend(batch)
+                if dropped.is_set():
+                    break
+            bob.say("the end")
+        sender = threading.Thread(target=talk, name="sender", daemon=True)
         with self.assertLogs(chat.log, logging.WARNING) as logs:
             sender.start()
-            received = alice.lines_until(r"<bob> 07999 .*")
+            received = alice.lines_until(r"\*\*\* slow left \(send queue exceeded\)")
+            dropped.set()
+            received += alice.lines_until(r"<bob> the end")
             sender.join(TIMEOUT)
-        self.assertIn("*** slow left (send queue exceeded)", received)
-        self.assertEqual([line for line in received if line[0] == "<"],
-                         ["<bob> " + line for line in lines[:7999]])
+        self.assertEqual(received, ["<bob> " + line for line in sent])
         self.assertIn("send queue exceeded", "\n".join(logs.output))
-
-
-class QueueLimitTest(unittest.TestCase):
-    """The send-queue limit drops clients that fall further behind, not a burst."""
-
-    def test_a_burst_is_queued_more_on_a_full_backlog_is_not(self):
-        server = chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=0, queue_limit=1000))
-        self.addCleanup(server.server_close)
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        conn = chat.Connection(ours, ("127.0.0.1", 1), 1, 30)
-        server._queue(conn, b"x" * 5000)            # one burst, five times the limit
-        self.assertEqual((conn.queued, server._failed), (5000, []))
-        server._queue(conn, b"more")               # the backlog is still over the limit
-        self.assertEqual(conn.queued, 5000)
-        self.assertEqual(server._failed, [(conn, "send queue exceeded")])
 
 
 class ShutdownTest(ServerTestCase):
@@ -671,8 +737,6 @@ class TLSServerMixin:
 class TLSTest(TLSServerMixin, ServerTestCase):
     """TLS in the selector loop: handshakes never hold anyone up."""
 
-    options = {"register_timeout": 1.0}
-
     def test_fingerprint_of_the_certificate(self):
         self.assertEqual(self.fingerprint, TEST_CERT_FINGERPRINT)
         self.assertEqual(chat.server_tls_context(PKI["both"])[1], TEST_CERT_FINGERPRINT)
@@ -685,14 +749,19 @@ class TLSTest(TLSServerMixin, ServerTestCase):
                          ["<bob> " + line for line in lines[:499]])
 
     def test_reader_that_falls_behind_catches_up_intact(self):
-        self.server.options.queue_limit = 64 << 20
+        self.server.options.queue_limit = 1 << 30
         alice, bob = self.connect("alice"), self.connect("bob")
         bob.sync()
-        lines = ["%05d %s" % (i, "s" * 1000) for i in range(6000)]   # more than the kernel buffers
-        alice.send("".join(line + "\n" for line in lines).encode())
-        wait_for(lambda: self.server._nicks["bob"].queued, message="bob's queue to grow")
-        self.assertEqual(bob.lines_until(r"<alice> 05999 .*"),
-                         ["<alice> " + line for line in lines[:5999]])
+        lines = iter("%06d %s" % (i, "s" * 1000) for i in itertools.count())
+        sent = []
+        while not any(member.backlog for member in self.server.members()):
+            chunk = list(itertools.islice(lines, 1000))   # until the kernel buffers are full
+            alice.send("".join(line + "\n" for line in chunk).encode())
+            sent += chunk
+            alice.sync()   # the server has handled all of it
+            self.assertLess(len(sent), 200000, "bob's queue never grew")
+        self.assertEqual(bob.lines_until(r"<alice> %s" % sent[-1]),
+                         ["<alice> " + line for line in sent[:-1]])
 
     def test_plaintext_client_is_told_and_dropped_while_others_chat(self):
         alice = self.connect("alice")
@@ -708,42 +777,61 @@ class TLSTest(TLSServerMixin, ServerTestCase):
         bob.say("still here")
         self.assertEqual(alice.expect(r"<bob> .*"), "<bob> still here")
 
-    def test_stalled_handshake_does_not_delay_others_and_is_dropped_at_the_timeout(self):
-        started = time.monotonic()
+    def test_stalled_handshakes_do_not_delay_others(self):
         stalled = socket.create_connection(self.address, timeout=TIMEOUT)
         self.addCleanup(stalled.close)
         stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00")   # the start of a ClientHello
         silent = socket.create_connection(self.address, timeout=TIMEOUT)
         self.addCleanup(silent.close)
+        wait_for(lambda: self.server.stats()["handshaking"] == 2, message="both handshakes")
         alice, bob = self.connect("alice"), self.connect("bob")
         bob.say("not waiting for anyone")
         self.assertEqual(alice.expect(r"<bob> .*"), "<bob> not waiting for anyone")
-        self.assertLess(time.monotonic() - started, 0.9)   # well before the 1 s timeout
-        for sock in (stalled, silent):
-            self.assertEqual(sock.recv(100), b"")
-        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        self.assertEqual(self.server.stats()["handshaking"], 2)   # both still waiting
 
     def test_shutdown_with_a_handshake_in_progress(self):
         stalled = socket.create_connection(self.address, timeout=TIMEOUT)
         self.addCleanup(stalled.close)
         stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00")
         alice = self.connect("alice")
-        wait_for(lambda: any(c.stage == "tls" for c in list(self.server._conns)),
-                 message="the stalled handshake")
+        wait_for(lambda: self.server.stats()["handshaking"] == 1, message="the stalled handshake")
         self.server.shutdown()
         self.assertEqual(alice.expect_closed()[-1:], ["*** server shutting down"])
         self.assertEqual(stalled.recv(100), b"")   # closed, no plaintext in a TLS stream
 
     def test_accepted_sockets_use_keepalive(self):
-        self.connect("alice")
-        for conn in list(self.server._conns):
-            self.assertEqual(conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        original, options = chat.enable_keepalive, []
+
+        def enable_and_check(sock):
+            original(sock)
+            options.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        with mock.patch.object(chat, "enable_keepalive", side_effect=enable_and_check):
+            self.connect("alice")
+        self.assertEqual(options, [1])
+
+
+@unittest.skipIf(ssl is None, "no ssl module")
+class TLSRegistrationTimeoutTest(TLSServerMixin, ServerTestCase):
+
+    options = {"register_timeout": 0.5}
+
+    def test_stalled_handshake_is_dropped_at_the_timeout(self):
+        started = time.monotonic()
+        stalled = socket.create_connection(self.address, timeout=TIMEOUT)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00")
+        silent = socket.create_connection(self.address, timeout=TIMEOUT)
+        self.addCleanup(silent.close)
+        for sock in (stalled, silent):
+            self.assertEqual(sock.recv(100), b"")
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        self.assertEqual(self.server.stats()["connections"], 0)
 
 
 class PasswordTest(ServerTestCase):
     """A password keeps strangers out of the room entirely."""
 
-    options = {"password": "open sesame", "wrong_password_delay": 0.3, "register_timeout": 1.0}
+    options = {"password": "open sesame", "wrong_password_delay": 0.3}
 
     def enter(self, nick):
         peer = self.open_peer()
@@ -764,7 +852,7 @@ class PasswordTest(ServerTestCase):
         stranger.say("hello?", "/who", "/nick mallory", "/msg alice hi")
         alice.say("our secret plans")
         self.assertEqual(alice.sync(), [])            # no join notice, not listed
-        self.assertEqual(self.server._members.keys(), {self.server._nicks["alice"]})
+        self.assertEqual([member.nick for member in self.server.members()], ["alice"])
         stranger.say("/pass open  sesame")            # one space too many
         self.assertEqual(stranger.lines_until(r"\*\*\* error: wrong password"),
                          ["*** password required: /pass PASSWORD"]
@@ -781,11 +869,6 @@ class PasswordTest(ServerTestCase):
         self.assertEqual(peer.expect_closed(), [])
         self.assertGreaterEqual(time.monotonic() - started, 0.25)
 
-    def test_registration_times_out(self):
-        peer = self.open_peer()
-        self.assertEqual(peer.expect_closed(), ["*** password required: /pass PASSWORD",
-                                                "*** error: registration timed out"])
-
     def test_quit_before_the_password(self):
         peer = self.open_peer()
         peer.say("/quit")
@@ -799,28 +882,36 @@ class PasswordTest(ServerTestCase):
         self.assertEqual(alice.sync(), ["*** bob joined"])
 
 
+class PasswordTimeoutTest(ServerTestCase):
+
+    options = {"password": "open sesame", "register_timeout": 0.5}
+
+    def test_registration_times_out(self):
+        peer = self.open_peer()
+        self.assertEqual(peer.expect_closed(), ["*** password required: /pass PASSWORD",
+                                                "*** error: registration timed out"])
+
+
 class FloodTest(ServerTestCase):
     """A flooder is slowed down by TCP, loses nothing, and slows nobody else."""
 
-    options = {"rate": 200, "burst": 20}
+    options = {"rate": 20, "burst": 5}
 
-    def test_flood_is_paced_complete_and_does_not_delay_others(self):
+    def test_flood_is_paced_in_order_and_does_not_delay_others(self):
         alice, bob, flooder = self.connect("alice"), self.connect("bob"), self.connect("flood")
         alice.sync()
-        lines = ["flood %03d" % i for i in range(200)]
+        lines = ["flood %03d" % i for i in range(100)]   # five seconds' worth at --rate
         started = time.monotonic()
         flooder.say(*lines)
         alice.expect(r"<flood> flood 000")
-        bob_sent = time.monotonic()
         bob.say("quick question")
-        received = alice.lines_until(r"<bob> quick question")
-        latency = time.monotonic() - bob_sent
-        received += alice.lines_until(r"<flood> flood 199")
-        elapsed = time.monotonic() - started
-        self.assertEqual(received, ["<flood> " + line for line in lines[1:199]])
-        self.assertLess(latency, 0.5)
-        self.assertGreaterEqual(elapsed, (200 - 20) / 200 * 0.9)   # paced at --rate
-        self.assertIn("flood", self.server._nicks)                 # not disconnected
+        received = alice.lines_until(r"<flood> flood 030")
+        # Line 30 needs 26 tokens beyond the burst of 5: the server cannot relay it sooner.
+        self.assertGreaterEqual(time.monotonic() - started, 26 / 20 * 0.95)
+        self.assertIn("<bob> quick question", received)   # bob did not wait for the flood
+        received.remove("<bob> quick question")
+        self.assertEqual(received, ["<flood> " + line for line in lines[1:30]])
+        self.assertIn("flood", [member.nick for member in self.server.members()])
 
     def test_a_paused_flooder_holds_little_input(self):
         alice, flooder = self.connect("alice"), self.connect("flood")
@@ -843,7 +934,7 @@ class PerAddressLimitTest(ServerTestCase):
         self.assertEqual(third.expect_closed(),
                          ["*** error: too many connections from your address"])
         first.sock.close()
-        wait_for(lambda: len(self.server._conns) == 1, message="a slot to free up")
+        wait_for(lambda: self.server.stats()["connections"] == 1, message="a slot to free up")
         self.connect("again")
 
 
@@ -855,7 +946,8 @@ class ServerProcess:
     def __init__(self, test, *args, preexec_fn=None, env=None):
         argv = [sys.executable, CHAT, "server", "--port", "0", "--name", "proc"] + list(args)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=preexec_fn, env=env)
+                                     stderr=subprocess.PIPE, preexec_fn=preexec_fn,
+                                     env=child_env(**(env or {})))
         test.addCleanup(self.stop)
         self.lines = []
         self._changed = threading.Condition()
@@ -893,9 +985,10 @@ class ServerProcess:
         self.proc.stderr.close()
 
 
-def run_cli(*args, **kwargs):
+def run_cli(*args, env=None):
     return subprocess.run([sys.executable, CHAT] + list(args), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=TIMEOUT * 2, **kwargs)
+                          capture_output=True, text=True, timeout=TIMEOUT * 2,
+                          env=child_env(**(env or {})))
 
 
 class CommandLineTest(unittest.TestCase):
@@ -958,8 +1051,8 @@ class CommandLineTest(unittest.TestCase):
 
     @unittest.skipUnless(POSIX, "signals are POSIX")
     def test_password_from_environment_is_never_logged(self):
-        env = dict(os.environ, CHAT_PASSWORD="s3cret PASS")
-        server = ServerProcess(self, "--host", "127.0.0.1", "-v", env=env)
+        server = ServerProcess(self, "--host", "127.0.0.1", "-v",
+                               env={"CHAT_PASSWORD": "s3cret PASS"})
         server.wait_for(r"WARNING a password is set without TLS")
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
         self.addCleanup(sock.close)
@@ -1059,7 +1152,7 @@ class CommandLineTest(unittest.TestCase):
         first.expect(r"\*\*\* type /help for commands")
         first.say("/nick first", "still here")
         self.assertEqual(first.expect(r"\*\*\* you are.*"), "*** you are now known as first")
-        for sock in socks[1:20]:
+        for sock in socks[1:-1]:   # frees far more descriptors than the backlog needs
             sock.close()
         last = Peer(socks[-1])   # accepted once descriptors are free again
         self.assertEqual(last.expect(r"\*\*\* welcome.*")[:20], "*** welcome to proc,")
@@ -1072,7 +1165,7 @@ class ClientProcess:
         argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(argv + list(args), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env)
+                                     env=child_env(**(env or {})))
         test.addCleanup(self.kill)
         if stdin_data is not None:
             self.proc.stdin.write(stdin_data)
@@ -1109,7 +1202,7 @@ class ClientTest(ServerTestCase):
 
     def test_piped_output_is_utf8_whatever_the_locale(self):
         alice = self.connect("alice")
-        env = dict(os.environ, PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C")
+        env = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C", "LANG": "C"}
         client = ClientProcess(self, self.address[1], "--nick", "reader", env=env)
         alice.expect(r"\*\*\* reader joined")
         alice.say("grüße 日本 🎉", "/msg reader done")
@@ -1128,7 +1221,7 @@ class ClientTest(ServerTestCase):
 
     def test_server_gone_is_one_line_and_exit_1_without_reconnect(self):
         client = ClientProcess(self, self.address[1], "--nick", "ci", "--no-reconnect")
-        wait_for(lambda: "ci" in self.server._nicks, message="the client to join")
+        wait_for(lambda: self.member("ci"), message="the client to join")
         self.server.shutdown()
         client.proc.wait(TIMEOUT)   # it leaves by itself; only then is stdin closed
         code, out, err = client.finish()
@@ -1155,9 +1248,12 @@ class ClientTest(ServerTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr, "chat.py: cannot connect to 127.0.0.1:%d: "
                          "Connection refused\n" % port)
-        result = run_cli("client", "--host", "no-such-host.invalid")
-        self.assertEqual(result.returncode, 1)
-        self.assertRegex(result.stderr, r"^chat.py: cannot connect to no-such-host.invalid:7777: .+\n$")
+        unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        with mock.patch.object(socket, "getaddrinfo", side_effect=unknown):
+            with self.assertRaises(chat.ChatError) as failure:
+                chat.open_connection("nowhere.example", 7777)
+        self.assertEqual(str(failure.exception),
+                         "cannot connect to nowhere.example:7777: Name or service not known")
 
     def test_client_enables_keepalive(self):
         with socket.socket() as sock:
@@ -1222,16 +1318,14 @@ class ClientPasswordTest(ServerTestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines()[0], "*** password required: /pass PASSWORD")
         self.assertIn("*** you are now known as ci", out.splitlines())
-        code, out, err = self.run_client(env=dict(os.environ, CHAT_PASSWORD="two words"))
+        code, out, err = self.run_client(env={"CHAT_PASSWORD": "two words"})
         self.assertEqual((code, err), (0, ""))
 
     def test_wrong_or_missing_password_exits_1(self):
-        env = dict(os.environ, CHAT_PASSWORD="guess")
-        code, out, err = self.run_client(env=env)
+        code, out, err = self.run_client(env={"CHAT_PASSWORD": "guess"})
         self.assertEqual(code, 1)
         self.assertRegex(err, r"^chat.py: 127.0.0.1:\d+ refused the password\n$")
-        env.pop("CHAT_PASSWORD")
-        code, out, err = self.run_client(env=env)
+        code, out, err = self.run_client()
         self.assertEqual(code, 1)
         self.assertIn("requires a password: give it with --password-file", err)
 
@@ -1501,9 +1595,7 @@ class TerminalSession:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.slave_attributes = termios.tcgetattr(slave)
         self.slave = os.dup(slave)   # to read the terminal mode after the client exits
-        environment = dict(os.environ, TERM="xterm-256color")
-        environment.pop("NO_COLOR", None)
-        environment.update(env or {})
+        environment = child_env(**dict({"TERM": "xterm-256color"}, **(env or {})))
         argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(argv + list(args), stdin=slave, stdout=slave, stderr=slave,
                                      env=environment, start_new_session=True)
@@ -1723,19 +1815,24 @@ class TerminalClientTest(ServerTestCase):
                              daemon=True).start()   # blocks once the client's queue is full
         self.restart_server(before_start=paste_while_down, history=len(lines))
         bob = self.connect("bob")   # whenever bob joins, history plus live lines are all of it
-        received = bob.lines_until(r"<alice> offline %04d" % (len(lines) - 1))
-        said = [re.sub(r"^\*\*\* \[\d\d:\d\d\] ", "", line) for line in received]
+        last = r"(\*\*\* \[\d\d:\d\d\] )?<alice> offline %04d" % (len(lines) - 1)
+        received = bob.lines_until(last) + [bob.transcript[-1]]
+        said = [HISTORY_ENTRY.sub("", line) for line in received]
         self.assertEqual([line for line in said if line.startswith("<alice>")],
-                         ["<alice> " + line for line in lines[:-1]])
+                         ["<alice> " + line for line in lines])
 
     def test_ctrl_c_during_reconnect_backoff_exits_at_once(self):
         term = self.start()
+        port = self.address[1]
         self.server.shutdown()
+        self.server.server_close()
+        # Whether Ctrl+C lands in the backoff or in the next attempt, which meets a server
+        # that accepts and never greets, only Ctrl+C can end the client within the timeout.
+        mute = socket.create_server(("127.0.0.1", port))
+        self.addCleanup(mute.close)
         term.wait_line(self.STAMP + r"\*\*\* connection to 127.0.0.1:\d+ lost; reconnecting.*")
-        started = time.monotonic()
         term.type("\x03")
         self.assertEqual(term.finish(), 0)
-        self.assertLess(time.monotonic() - started, 1.0)
 
 
 class RecordingConsole:
@@ -1779,11 +1876,11 @@ class RecordingConsole:
 class ReconnectTest(ServerTestCase):
     """Connection life: reconnect with backoff, history without repeats."""
 
-    def start_client(self, **kwargs):
+    def start_client(self, address=None, **kwargs):
         console = RecordingConsole()
         settings = dict(nick="ci", console=console, retry_delay=0.05, retry_max=0.2)
         settings.update(kwargs)
-        client = chat.ChatClient("127.0.0.1", self.address[1], **settings)
+        client = chat.ChatClient(*(address or self.address), **settings)
         result = {}
         thread = threading.Thread(target=lambda: result.update(code=self.run_client(client)),
                                   name="client", daemon=True)
@@ -1815,32 +1912,33 @@ class ReconnectTest(ServerTestCase):
     def test_history_after_a_reconnect_shows_only_what_was_missed(self):
         alice = self.connect("alice")
         alice.say("one", "two")
-        client, console, thread, result = self.start_client()
+        cable = Cable(self, self.address)
+        client, console, thread, result = self.start_client(cable.address)
         alice.say("three")
         console.wait(lambda: "<alice> three" in console.lines, "a live line")
         client.post("line", "mine")
         alice.expect(r"<ci> mine")
-        client._conn.sock.shutdown(socket.SHUT_RDWR)   # the network drops us
+        cable.cut()   # the network drops us
         console.wait(lambda: console.notices, "the lost connection")
         alice.say("four")
-        console.wait(lambda: "reconnected to 127.0.0.1:%d" % self.address[1] in console.notices,
+        console.wait(lambda: "reconnected to 127.0.0.1:%d" % cable.address[1] in console.notices,
                      "the reconnection")
         client.post("line", "after")
         alice.expect(r"<ci> after")
-        said = [line.split("] ", 1)[-1] for line in console.lines
-                if line.startswith(("<", "*** [")) and not line.startswith("*** [0")]
+        said = [HISTORY_ENTRY.sub("", line) for line in console.lines
+                if line.startswith("<") or HISTORY_ENTRY.match(line)]
         for line in ("<alice> one", "<alice> two", "<alice> three", "<ci> mine", "<alice> four"):
             self.assertEqual(said.count(line), 1, (line, console.lines))
 
     def test_ctrl_c_during_backoff_exits_at_once(self):
+        # The backoff (at least 22 s) outlasts the join below: only an interrupt ends it.
         client, console, thread, result = self.start_client(retry_delay=30, retry_max=30)
         self.server.shutdown()
         console.wait(lambda: console.notices, "the lost connection")
-        started = time.monotonic()
         client.interrupt()
         thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive(), "the client waited out its backoff")
         self.assertEqual(result, {"code": 0})
-        self.assertLess(time.monotonic() - started, 1)
 
     def test_no_reconnect_fails_with_the_reason(self):
         client, console, thread, result = self.start_client(reconnect=False)
