@@ -20,6 +20,7 @@ Standard library only; Python 3.8+ on Linux, macOS and Windows.
 
 import _thread
 import argparse
+import bisect
 import codecs
 import collections
 import errno
@@ -27,8 +28,10 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import itertools
 import logging
+import math
 import os
 import queue
 import random
@@ -42,7 +45,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 try:
@@ -66,7 +69,12 @@ WINDOWS = sys.platform == "win32"
 DEFAULT_MAX_CLIENTS = 500 if WINDOWS else 10000
 DEFAULT_MAX_LINE = 4096              # bytes per line, newline excluded
 DEFAULT_ANNOUNCE_LIMIT = 200         # join/leave/rename notices only in rooms this small
-SEND_QUEUE_LIMIT = 1 << 20           # bytes queued for one client before it is dropped
+DEFAULT_ROOM = "#lobby"              # where everyone starts
+DEFAULT_MAX_ROOMS = 1000
+SEND_QUEUE_LIMIT = 1 << 20           # bytes of unsent output a client may have...
+SEND_QUEUE_GRACE = 2.0               # ...for more than this many seconds before it is dropped
+GREET_DELAY = 0.25                   # seconds of silence before the line protocol greets:
+                                     # IRC clients and browsers speak first, nc users wait
 JOIN_NOTICE_DELAY = 2.0              # seconds a newcomer has to pick a nick before "joined"
 SHUTDOWN_FLUSH_TIMEOUT = 2.0         # seconds to flush "server shutting down" to everyone
 CLOSE_LINGER = 2.0                   # seconds a closing peer gets to read its last lines
@@ -74,17 +82,29 @@ REGISTER_TIMEOUT = 30.0              # seconds to finish TLS and /pass before be
 WRONG_PASSWORD_DELAY = 1.0           # seconds before a wrong /pass is closed: slows guessing
 DEFAULT_RATE = 5.0                   # lines per second a client may send, on average...
 DEFAULT_BURST = 30                   # ...and at once, so a pasted block of 20 lines goes through
+FLOOD_LAG = 20.0                     # seconds of lines beyond the burst a client may send
+                                     # ahead of --rate before "excess flood" cuts it off...
+FLOOD_QUEUE_BYTES = 64 * 1024        # ...or bytes of such lines
+ROOM_CREATE_BURST = 5                # rooms one connection may create at once...
+ROOM_CREATE_RATE = 0.2               # ...and then one per 1/RATE seconds
+GUESS_LIMIT = 5                      # wrong passwords from one address (IPv6: /64)...
+GUESS_WINDOW = 60.0                  # ...within this many seconds, then it waits
+GUESSERS_TRACKED = 10000             # addresses remembered for that
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
 GATHER_POLLS = 8                     # extra zero-wait polls per turn while lines keep coming
 LISTEN_BACKLOG = 4096                # the kernel caps it at somaxconn
 RECV_SIZE = 256 * 1024
-PACED_RECV_SIZE = 16 * 1024          # reads under flood control: a paused client holds little
+PACED_RECV_SIZE = 16 * 1024          # reads under flood control: a flooder is cut off early
+SNIFF_LIMIT = 8 * 1024               # bytes read before a first line must have ended
 SEND_CHUNK = 64 * 1024               # most bytes joined for one send()
 GREETING_NAMES = 20                  # names listed in the greeting before "and N more"
+ROOMS_LISTED = 20                    # rooms listed by /rooms before "and N more"
 MAX_NICK = 20                        # code points
+MAX_ROOM = 30                        # code points of a room name, after its "#"
 MAX_REASON = 100                     # code points of a /quit reason
+MAX_TOPIC = 300                      # code points of a room topic
 RESERVED_FDS = 32                    # descriptors for listeners, logs, the selector...
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE_IDLE = 60                  # seconds of silence before TCP probes a peer...
@@ -94,6 +114,8 @@ KEYBOARD_QUEUE = 1000                # typed or piped lines buffered before stdi
 RETRY_DELAY = 1.0                    # seconds before the first reconnect, doubling...
 RETRY_MAX = 30.0                     # ...up to this
 SEEN_LINES = 500                     # public lines remembered to skip replayed history
+CLIENT_MAX_LINE = 1 << 20            # longest line the client takes from a server
+MAX_HISTORY_BLOCK = 10000            # history lines the client gathers before showing them
 
 log = logging.getLogger("chat")
 
@@ -103,7 +125,7 @@ if ssl is not None:
     WOULD_BLOCK += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-# --- Protocol text ---
+# --- Text safety ---
 
 # Escape sequences are removed whole, so no stray "[31m" is left behind:
 # CSI up to its final byte; OSC, DCS, SOS, PM and APC up to BEL, ST or the end
@@ -118,9 +140,62 @@ _UNSAFE_CHARS = re.compile(
     "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 # Telnet option negotiation (IAC ...): 0xFF never occurs in UTF-8 text.
 _TELNET_COMMAND = re.compile(rb"\xff(?:\xfa.*?(?:\xff\xf0|$)|[\xfb-\xfe].?|.?)", re.S)
+# Unicode's Default_Ignorable_Code_Point: characters that render as nothing,
+# so "bob" and "bob" + U+034F would look the same.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 _CONFUSABLE_SCRIPTS = frozenset(("LATIN", "GREEK", "CYRILLIC"))
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7f))
 _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+# Letters and digits of every script that look like Latin letters and digits,
+# by the ASCII text they look like: the part of Unicode's confusables data
+# (UTS #39, confusables.txt 14.0) that nicks and room names can contain after
+# NFKC. Two names whose skeletons (each character replaced by what it looks
+# like) are equal look the same on screen.
+_LOOKALIKE_SOURCES = (
+    ('2', "\u01a7\u03e8\u14bf\ua644\ua75a"),
+    ('3', "\u01b7\u021c\u0417\u04e0\u2ccc\ua76a\ua7ab\U000118ca\U00016f3b"),
+    ('4', "\u13ce\U000118af"), ('5', "\u01bc\U000118bb"), ('6', "\u0431\u13ee\u2cd2\U000118d5"),
+    ('7', "\U000104d2\U000118c6"), ('8', "\u0222\u0223\u09ea\u0a6a\u0b03\U0001031a"),
+    ('9', "\u09ed\u0a67\u0b68\u0d6d\u2cca\ua76e\U000118ac\U000118cc\U000118d6"),
+    ('a', "\u0251\u0391\u03b1\u0410\u0430\u13aa\u15c5\ua4ee\U000102a0\U00016f40"),
+    ('aa', "\ua732\ua733"), ('ae', "\u00c6\u00e6\u04d4\u04d5"), ('ao', "\ua734\ua735"),
+    ('au', "\ua736\ua737"), ('av', "\ua738\ua739\ua73a\ua73b"), ('ay', "\ua73c\ua73d"),
+    ('b', "\u0184\u0392\u0412\u042c\u13cf\u13f4\u1472\u15af\u15f7\ua4d0\ua7b4\U00010282\U000102a1\U00010301"),
+    ('bl', "\u042b"),
+    ('c', "\u0421\u0441\u13df\u1d04\u2ca4\u2ca5\ua4da\uabaf\U000102a2\U00010302\U00010415\U0001043d\U0001051c\U000118e9"),
+    ('d', "\u0501\u13a0\u13e7\u146f\u15de\u15ea\ua4d2\ua4d3"), ('dz', "\u02a3"),
+    ('e', "\u0395\u0415\u0435\u04bd\u13ac\u2d39\ua4f0\uab32\U00010286\U000118a6\U000118ae"),
+    ('f', "\u03dc\u0584\u15b4\u1e9d\ua4dd\ua798\ua799\uab35\U00010287\U000102a5\U00010525\U000118a2\U000118c2"),
+    ('g', "\u018d\u0261\u050c\u0581\u13c0\u13f3\u1d83\ua4d6"),
+    ('h', "\u0397\u041d\u04bb\u0570\u13bb\u13c2\u157c\u2c8e\ua4e7\U000102cf"),
+    ('i', "\u0131\u0269\u026a\u03b9\u0456\u04cf\u13a5\ua647\uab75\U000118c3"),
+    ('j', "\u037f\u03f3\u0408\u0458\u13ab\u148d\ua4d9\ua7b2"),
+    ('k', "\u039a\u041a\u13e6\u16d5\u2c94\ua4d7\U00010518"),
+    ('l', "1I\u0196\u01c0\u0399\u0406\u04c0\u05d5\u05df\u0627\u0661\u06f1\u07ca\u13de\u14aa\u16c1\u2c92\u2cd0\u2d4f\ua4e1\ua4f2\U0001028a\U00010309\U0001041b\U00010526\U000118a3\U000118b2\U00016f16\U00016f28"),
+    ('ll', "\u01c1\u05f0"), ('lo', "\u042e"), ('ls', "\u02aa"), ('lz', "\u02ab"),
+    ('m', "\u039c\u03fa\u041c\u13b7\u15f0\u16d6\u2c98\ua4df\U000102b0\U00010311"),
+    ('n', "\u039d\u0578\u057c\u2c9a\ua4e0\U00010513"),
+    ('o', "0\u039f\u03bf\u03c3\u041e\u043e\u0555\u0585\u05e1\u0647\u0665\u06be\u06c1\u06d5\u06f5\u07c0\u0966\u09e6\u0a66\u0ae6\u0b20\u0b66\u0be6\u0c02\u0c66\u0c82\u0ce6\u0d02\u0d20\u0d66\u0d82\u0e50\u0ed0\u101d\u1040\u10ff\u12d0\u1d0f\u1d11\u2c9e\u2c9f\u2d54\ua4f3\uab3d\U00010292\U000102ab\U00010404\U0001042c\U000104c2\U000104ea\U00010516\U000114d0\U000118b5\U000118c8\U000118d7\U000118e0"),
+    ('oe', "\u0152\u0153"), ('oo', "\ua698\ua699\ua74e\ua74f"),
+    ('p', "\u03a1\u03c1\u0420\u0440\u13e2\u146d\u2ca2\u2ca3\ua4d1\U00010295"),
+    ('q', "\u051b\u0563\u0566\u2d55"),
+    ('r', "\u01a6\u0433\u13a1\u13d2\u1587\u1d26\u2c85\ua4e3\uab47\uab48\uab81\U000104b4\U00016f35"),
+    ('rn', "m\U00011700\U000118e3"),
+    ('s', "\u01bd\u0405\u0455\u054f\u13d5\u13da\ua4e2\ua731\uabaa\U00010296\U00010420\U00010448\U000118c1\U00016f3a"),
+    ('t', "\u03a4\u0422\u13a2\u2ca6\ua4d4\U00010297\U000102b1\U00010315\U000118bc\U00016f0a"),
+    ('t3', "\ua728"), ('tf', "\ua777"), ('ts', "\u02a6"),
+    ('u', "\u028b\u03c5\u054d\u057d\u1200\u144c\u1d1c\ua4f4\ua79f\uab4e\uab52\U000104ce\U000104f6\U000118b8\U000118d8\U00016f42"),
+    ('ue', "\u1d6b"), ('uo', "\uab63"),
+    ('v', "\u03bd\u0474\u0475\u05d8\u0667\u06f7\u13d9\u142f\u1d20\u2d38\ua4e6\ua6df\uaba9\U0001051d\U00011706\U000118a0\U000118c0\U00016f08"),
+    ('w', "\u026f\u0461\u051c\u051d\u0561\u13b3\u13d4\u1d21\ua4ea\uab83\U0001170a\U0001170e\U0001170f\U000118e6"),
+    ('x', "\u03a7\u0425\u0445\u1541\u157d\u16b7\u2cac\u2d5d\ua4eb\ua7b3\U00010290\U000102b4\U00010317\U00010527"),
+    ('y', "\u0263\u028f\u03a5\u03b3\u0423\u0443\u04ae\u04af\u10e7\u13a9\u13bd\u1d8c\u1eff\u2ca8\ua4ec\uab5a\U000102b2\U000118a4\U000118dc\U00016f43"),
+    ('z', "\u0396\u13c3\u1d22\ua4dc\uab93\U000118a9\U000118c4\U000118e5"),
+)
+_LOOKALIKE = {source: target for target, sources in _LOOKALIKE_SOURCES for source in sources}
 
 
 def sanitize(text):
@@ -146,49 +221,73 @@ def decode_line(raw):
 
 
 def clean_text(raw):
-    """Safe UTF-8 bytes for relayed text (CR and telnet commands already stripped).
+    """Safe text from received bytes (CR and telnet commands already stripped).
 
-    Plain printable ASCII, the common case, is proven safe without decoding it
-    (translate() deleting every printable byte leaves nothing), and relayed as is.
+    Plain printable ASCII, the common case, is proven safe without looking at
+    it character by character: translate() deleting every printable byte
+    leaves nothing.
     """
     if not raw.translate(None, _PRINTABLE_ASCII):
-        return raw
-    return sanitize(raw.decode("utf-8", "replace")).encode()
+        return raw.decode("ascii")
+    return sanitize(raw.decode("utf-8", "replace"))
 
 
-def _is_nick_char(char, position):
+def _is_name_char(char, position):
     category = unicodedata.category(char)
     return (category[0] == "L" or category == "Nd" or char in "_-"
             or (category[0] == "M" and position > 0))
 
 
-def normalize_nick(name):
-    """Return the stored form of a nick, or raise ValueError saying what is wrong.
+def normalize_name(name, limit, what="nick"):
+    """The stored form of a nick or room name, or ValueError saying what is wrong.
 
     NFKC first, so full-width and compatibility forms collapse to one spelling;
-    letters, marks, digits, _ and - in any script, but Latin, Greek and Cyrillic
-    letters may not be mixed: that is how look-alike nicks are built.
+    letters, marks, digits, _ and - in any script, but nothing invisible, and
+    Latin, Greek and Cyrillic letters may not be mixed: that is how look-alikes
+    of other names are built.
     """
-    nick = unicodedata.normalize("NFKC", name)
-    if not 1 <= len(nick) <= MAX_NICK:
-        raise ValueError("a nick is 1 to %d characters" % MAX_NICK)
-    if not all(_is_nick_char(char, i) for i, char in enumerate(nick)):
-        raise ValueError("a nick may contain only letters, digits, _ and -")
-    scripts = {unicodedata.name(char, "").split(" ")[0] for char in nick if char.isalpha()}
+    text = unicodedata.normalize("NFKC", name)
+    if not 1 <= len(text) <= limit:
+        raise ValueError("a %s is 1 to %d characters" % (what, limit))
+    if _INVISIBLE.search(text):
+        raise ValueError("a %s may not contain invisible characters" % what)
+    if not all(_is_name_char(char, i) for i, char in enumerate(text)):
+        raise ValueError("a %s may contain only letters, digits, _ and -" % what)
+    scripts = {unicodedata.name(char, "").split(" ")[0] for char in text if char.isalpha()}
     if len(scripts & _CONFUSABLE_SCRIPTS) > 1:
-        raise ValueError("a nick may not mix Latin, Greek and Cyrillic letters")
-    return nick
+        raise ValueError("a %s may not mix Latin, Greek and Cyrillic letters" % what)
+    return text
 
 
-def nick_key(nick):
-    """The form two nicks are compared in: "Alice" and "ALICE" are one nick."""
-    return unicodedata.normalize("NFKC", nick.casefold())
+def normalize_nick(name):
+    return normalize_name(name, MAX_NICK)
+
+
+def normalize_room(name):
+    """"#dev" from "dev" or "#dev"; ValueError when the rest breaks the nick rules."""
+    return "#" + normalize_name(name[1:] if name.startswith("#") else name, MAX_ROOM, "room name")
+
+
+def name_key(name):
+    """The form two names are compared in: "Alice" and "ALICE" are one nick."""
+    return unicodedata.normalize("NFKC", name.casefold())
+
+
+def _skeleton(text):
+    decomposed = unicodedata.normalize("NFD", text)
+    return unicodedata.normalize("NFD", "".join(_LOOKALIKE.get(c, c) for c in decomposed)).casefold()
+
+
+def lookalike_keys(name):
+    """The skeletons of a name (UTS #39, for look-alikes of Latin letters and digits), as
+    written and case-folded: two names that share one look alike ("alice", "аӏісе", "aIice")."""
+    return {_skeleton(name), _skeleton(name.casefold())}
 
 
 def make_valid_nick(name):
     """Best valid nick for a login name ("john.doe" -> "john_doe"), or None."""
-    name = unicodedata.normalize("NFKC", name or "")
-    cleaned = "".join(c if _is_nick_char(c, i) else "_" for i, c in enumerate(name))
+    name = _INVISIBLE.sub("", unicodedata.normalize("NFKC", name or ""))
+    cleaned = "".join(c if _is_name_char(c, i) else "_" for i, c in enumerate(name))
     cleaned = cleaned.strip("_")[:MAX_NICK]
     try:
         return normalize_nick(cleaned)
@@ -242,14 +341,975 @@ def enable_keepalive(sock):
                    (1, KEEPALIVE_IDLE * 1000, KEEPALIVE_INTERVAL * 1000))
 
 
-# --- Sockets ---
+# --- Wording ---
+
+class Wording:
+    """Every line shape of the line protocol, in one table.
+
+    The server renders its lines from it and the client reads them with it,
+    so the two cannot drift apart. Shapes are tried in order when parsing:
+    the specific ones come before the general ones they would also match.
+    """
+
+    SHAPES = (
+        ("said", "<{nick}> {text}"),
+        ("acted", "* {nick} {text}"),
+        ("private", "*{nick}* {text}"),
+        ("private_sent", "-> *{nick}* {text}"),
+        ("history_entry", "*** [{time}] {line}"),
+        ("history_start", "*** --- last {count} {noun} in {room} ---"),
+        ("history_end", "*** --- end of history ---"),
+        ("welcome", "*** welcome to {server}, you are {nick}"),
+        ("in_room", "*** you are in {room}: {count} online: {names}"),
+        ("who_room", "*** {room}: {count} online: {names}"),
+        ("who", "*** {count} online: {names}"),
+        ("help_hint", "*** type /help for commands"),
+        ("pace", "*** flood control: {burst} lines at once, then {rate} a second"),
+        ("renamed_self", "*** you are now known as {nick}"),
+        ("renamed", "*** {nick} is now known as {new}"),
+        ("moved", "*** {nick} left for {room}"),
+        ("left", "*** {nick} left ({reason})"),
+        ("joined", "*** {nick} joined"),
+        ("topic", "*** topic of {room}: {text}"),
+        ("no_topic", "*** no topic is set in {room}"),
+        ("topic_set", "*** {nick} set the topic of {room}: {text}"),
+        ("rooms", "*** {count} rooms: {list}"),
+        ("bye", "*** bye"),
+        ("shutting_down", "*** server shutting down"),
+        ("password_required", "*** password required: /pass PASSWORD"),
+        ("unknown_command", "*** error: unknown command /{name} (try /help)"),
+        ("usage", "*** error: usage: {usage}"),
+        ("invalid_nick", "*** error: invalid nick {name}: {reason}"),
+        ("nick_taken", "*** error: nick {nick} is taken"),
+        ("nick_lookalike", "*** error: nick {nick} looks like {other}, who is online"),
+        ("no_such_nick", "*** error: no such nick {nick}"),
+        ("line_too_long", "*** error: line too long (over {limit} bytes), not sent"),
+        ("password_needed", "*** error: password required"),
+        ("wrong_password", "*** error: wrong password"),
+        ("guesses_throttled", "*** error: too many wrong passwords from your address; "
+                              "try again in {seconds} s"),
+        ("already_in", "*** error: you are already in"),
+        ("registration_timeout", "*** error: registration timed out"),
+        ("excess_flood", "*** error: excess flood (over {seconds} s of lines ahead of the "
+                         "rate limit)"),
+        ("server_full", "*** error: server full"),
+        ("too_many_from_address", "*** error: too many connections from your address"),
+        ("speaks_tls", "*** error: this server speaks TLS: connect with 'chat.py client --tls' "
+                       "or 'openssl s_client'"),
+        ("invalid_room", "*** error: invalid room {name}: {reason}"),
+        ("room_lookalike", "*** error: room {room} looks like {other}"),
+        ("too_many_rooms", "*** error: {count} rooms exist, the most this server allows; "
+                           "join one of them (/rooms)"),
+        ("rooms_too_fast", "*** error: you are creating rooms too fast; try again in {seconds} s"),
+        ("no_such_room", "*** error: no such room {room}"),
+        ("already_in_room", "*** error: you are in {room} already"),
+        ("in_default_room", "*** error: you are in {room}, where everyone starts; "
+                            "/quit leaves the chat"),
+        ("error", "*** error: {text}"),
+        ("notice", "*** {text}"),
+    )
+    FIELDS = {"nick": r"[^\s*]+", "new": r"\S+", "other": r"\S+", "room": r"#\S+",
+              "count": r"\d+", "limit": r"\d+", "seconds": r"\d+", "burst": r"\d+",
+              "rate": r"\d+(?:\.\d+)?", "time": r"\d\d:\d\d", "noun": r"messages?"}
+
+    def __init__(self):
+        self.templates = dict(self.SHAPES)
+        self._patterns = [(key, re.compile(self._regex(template))) for key, template in self.SHAPES]
+
+    def _regex(self, template):
+        parts = re.split(r"\{(\w+)\}", template)
+        return "".join("(?P<%s>%s)" % (part, self.FIELDS.get(part, ".*")) if odd
+                       else re.escape(part) for odd, part in zip(itertools.cycle((0, 1)), parts))
+
+    def render(self, key, **fields):
+        """The line (without its newline) of shape key."""
+        return self.templates[key].format(**fields)
+
+    def parse(self, line):
+        """(shape, fields) of a received line; (None, {}) for a line of no known shape."""
+        for key, pattern in self._patterns:
+            found = pattern.fullmatch(line)
+            if found:
+                return key, found.groupdict()
+        return None, {}
+
+
+WORDING = Wording()
+
+
+# --- Events ---
+# What happens in the chat, as the core tells it and every dialect renders it.
+# Room events go to a room's members, the same bytes for all who speak one
+# dialect; the others are replies to one member.
+
+@dataclass(frozen=True)
+class Said:
+    """A public line in a room (action: /me)."""
+    room: str
+    nick: str
+    text: str
+    action: bool = False
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A member entered a room. Quiet events are for dialects that keep member lists."""
+    room: str
+    nick: str
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Parted:
+    """A member left one room, for another (to) or for none."""
+    room: str
+    nick: str
+    reason: str = ""
+    to: Optional[str] = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Quit:
+    """A member left the chat; one event per room it was in, sharing a uid, so a member
+    of several of those rooms hears it once."""
+    room: str
+    nick: str
+    reason: str
+    quiet: bool = False
+    uid: int = 0
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """A member changed its nick; one event per room, sharing a uid, as for Quit."""
+    room: str
+    old: str
+    new: str
+    quiet: bool = False
+    uid: int = 0
+
+
+@dataclass(frozen=True)
+class TopicSet:
+    room: str
+    nick: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Private:
+    """A private message, as its target sees it, or (sent) as its sender does."""
+    sender: str
+    target: str
+    text: str
+    action: bool = False
+    sent: bool = False
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Welcome:
+    server: str
+    nick: str
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """Who is in a room the member has just entered (or, greeting, the first one)."""
+    room: "Room"
+    greeting: bool = False
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    room: str
+    text: Optional[str]
+
+
+@dataclass(frozen=True)
+class History:
+    room: "Room"
+
+
+@dataclass(frozen=True)
+class WhoList:
+    room: "Room"
+    own: bool
+
+
+@dataclass(frozen=True)
+class RoomList:
+    rooms: tuple      # (name, member count), busiest first
+    total: int
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Any other reply: a shape of the Wording table and its fields."""
+    key: str
+    fields: dict = field(default_factory=dict)
+
+
+def notice(key, **fields):
+    return Notice(key, fields)
+
+
+# --- Core: members, rooms, the hub ---
+# No sockets and no bytes: dialects call the hub's commands, and the hub tells
+# its sink what happens (events for rooms, replies for members, members to let go).
+
+class Member:
+    """Someone in the chat: a nick, the rooms it is in, and where its events go."""
+
+    __slots__ = ("endpoint", "multi_room", "hears_quiet", "nick", "key", "lookalikes", "rooms",
+                 "heralded", "announced", "room_tokens", "room_refilled")
+
+    def __init__(self, endpoint, multi_room=False, hears_quiet=False):
+        self.endpoint = endpoint        # the sink's handle for it: its connection
+        self.multi_room = multi_room    # may be in several rooms at once (IRC)
+        self.hears_quiet = hears_quiet  # wants every join, leave and rename (it keeps lists)
+        self.nick = self.key = None
+        self.lookalikes = ()
+        self.rooms = {}                 # Room -> None, in join order
+        self.heralded = set()           # rooms whose members were told it joined
+        self.announced = False          # it chose a nick or spoke: its arrival is told
+        self.room_tokens = float(ROOM_CREATE_BURST)
+        self.room_refilled = time.monotonic()
+
+    def __repr__(self):
+        return repr(self.endpoint)
+
+    @property
+    def room(self):
+        """The room of a member that is in one at a time; the first one otherwise."""
+        return next(iter(self.rooms), None)
+
+
+class Room:
+    """A room: its members in join order, its topic and history, and what is rendered
+    from them (who lists, history blocks) until they change."""
+
+    __slots__ = ("name", "key", "lookalikes", "members", "topic", "history", "hearing_quiet",
+                 "cache", "history_cache", "_names")
+
+    def __init__(self, name, history):
+        self.name = name
+        self.key = name_key(name)
+        self.lookalikes = lookalike_keys(name)
+        self.members = {}               # Member -> None, in join order
+        self.topic = None
+        self.history = collections.deque(maxlen=history)   # Said events
+        self.hearing_quiet = 0          # members that want quiet events
+        self.cache = {}                 # rendered from the member list
+        self.history_cache = {}         # rendered from the history
+        self._names = None
+
+    def add(self, member):
+        self.members[member] = None
+        self.hearing_quiet += member.hears_quiet
+        self.changed()
+
+    def remove(self, member):
+        del self.members[member]
+        self.hearing_quiet -= member.hears_quiet
+        self.changed()
+
+    def changed(self):
+        """Forget what was rendered from the member list."""
+        self.cache.clear()
+        self._names = None
+
+    def names(self):
+        """Nicks of the members, sorted (case-insensitively)."""
+        if self._names is None:
+            self._names = sorted((member.nick for member in self.members), key=name_key)
+        return self._names
+
+    def remember(self, event):
+        self.history.append(event)
+        self.history_cache.clear()
+
+
+class GuessThrottle:
+    """Wrong passwords per address: a few a minute, then that address waits.
+
+    IPv6 addresses count per /64, the block one machine usually holds. At most
+    GUESSERS_TRACKED addresses are remembered, the oldest forgotten first.
+    """
+
+    def __init__(self, limit=GUESS_LIMIT, window=GUESS_WINDOW, clock=time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self._failures = collections.OrderedDict()   # address block -> deque of times
+
+    @staticmethod
+    def _block(ip):
+        if ":" not in ip:
+            return ip
+        try:
+            return str(ipaddress.ip_network(ip.split("%")[0] + "/64", strict=False))
+        except ValueError:
+            return ip
+
+    def _recent(self, block):
+        times = self._failures.get(block)
+        if times:
+            while times and times[0] <= self.clock() - self.window:
+                times.popleft()
+            if not times:
+                del self._failures[block]
+        return times
+
+    def wait(self, ip):
+        """Seconds before ip may guess again (0: now)."""
+        times = self._recent(self._block(ip))
+        if times and len(times) >= self.limit:
+            return max(times[0] + self.window - self.clock(), 0.001)
+        return 0
+
+    def failed(self, ip):
+        """Count a wrong guess; True when it is the one that makes ip wait."""
+        block = self._block(ip)
+        times = self._recent(block) or self._failures.setdefault(block, collections.deque())
+        times.append(self.clock())
+        self._failures.move_to_end(block)
+        while len(self._failures) > GUESSERS_TRACKED:
+            self._failures.popitem(last=False)
+        return len(times) == self.limit
+
+
+class Hub:
+    """The chat: nicks, rooms and every command, for members of every dialect.
+
+    sink receives what happens: publish(room, event, exclude) for room events,
+    send(member, event) for replies, moved(member, room, entered) when a
+    member's rooms change, close(member, reason, farewell) to let one go, and
+    call_later(delay, function, *args).
+    """
+
+    def __init__(self, options, sink, name, clock=time.time):
+        self.options = options
+        self.sink = sink
+        self.name = name
+        self.clock = clock
+        self.members = {}               # nick key -> Member
+        self.lookalikes = {}            # skeleton -> Member
+        self.rooms = {}                 # room key -> Room
+        self.guesses = GuessThrottle()
+        self._guests = itertools.count(1)
+        self._uids = itertools.count(1)
+        self.default_room = self._add_room(normalize_room(options.room))
+
+    # Arriving and leaving
+
+    def check_password(self, ip, password):
+        """("ok", 0), ("wrong", 0), or ("wait", seconds) when ip guessed wrong too often."""
+        wait = self.guesses.wait(ip)
+        if wait:
+            return "wait", wait
+        if hmac.compare_digest(password.encode(), self.options.password.encode()):
+            return "ok", 0
+        if self.guesses.failed(ip):
+            log.warning("%s: %d wrong passwords within %.0f s; its next attempts wait",
+                        ip, self.guesses.limit, self.guesses.window)
+        return "wrong", 0
+
+    def nick_problem(self, nick, member=None):
+        """The reply refusing nick (taken, or a look-alike of a nick online), or None."""
+        holder = self.members.get(name_key(nick))
+        if holder is not None and holder is not member:
+            return notice("nick_taken", nick=nick)
+        for key in lookalike_keys(nick):
+            holder = self.lookalikes.get(key)
+            if holder is not None and holder is not member:
+                return notice("nick_lookalike", nick=nick, other=holder.nick)
+        return None
+
+    def claim(self, name, member=None):
+        """(nick, None) when name is a free valid nick; (None, the reply why not)."""
+        try:
+            nick = normalize_nick(name)
+        except ValueError as exc:
+            return None, notice("invalid_nick", name=sanitize(name)[:40], reason=str(exc))
+        problem = self.nick_problem(nick, member)
+        return (None, problem) if problem else (nick, None)
+
+    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False):
+        """Greet a newcomer into the default room under nick, or as a guest (told why when
+        nick was refused). A guest's arrival is told once it picks a nick or speaks, or
+        after join_delay, so people appear once, under their name."""
+        member = Member(endpoint, multi_room, hears_quiet)
+        problem = None
+        if nick is not None:
+            nick, problem = self.claim(nick)
+        self._register(member, nick or self._guest_nick())
+        self.sink.send(member, Welcome(self.name, member.nick))
+        self._enter(member, self.default_room, greeting=True)
+        if problem:
+            self.sink.send(member, problem)
+        if nick:
+            self.announce(member)
+        else:
+            self.sink.call_later(self.options.join_delay, self.announce, member)
+        return member
+
+    def announce(self, member):
+        """Tell member's rooms that it has arrived, under the nick it has by now."""
+        if member.announced or self.members.get(member.key) is not member:
+            return
+        member.announced = True
+        for room in member.rooms:
+            self._herald(member, room)
+
+    def leave(self, member, reason):
+        """member leaves the chat (its connection is closing): every room is told."""
+        if self.members.get(member.key) is not member:
+            return
+        uid = next(self._uids)
+        for room in list(member.rooms):
+            quiet = room not in member.heralded or self._big(room)
+            self._remove(member, room, Quit(room.name, member.nick, reason, quiet, uid))
+        self._unregister(member)
+
+    # Commands
+
+    def do_nick(self, member, name):
+        if not name:
+            self.sink.send(member, notice("usage", usage="/nick NAME (you are %s)" % member.nick))
+            return
+        nick, problem = self.claim(name, member)
+        if problem:
+            self.sink.send(member, problem)
+            return
+        old = member.nick
+        self._register(member, nick)
+        log.info("%r was %s", member, old)
+        self.sink.send(member, notice("renamed_self", nick=nick, old=old))
+        if old != nick:
+            uid = next(self._uids)
+            for room in member.rooms:
+                room.changed()
+                quiet = room not in member.heralded or self._big(room)
+                self._publish_membership(room, Renamed(room.name, old, nick, quiet, uid), member)
+        self.announce(member)
+
+    def do_say(self, member, text, action=False, room=None):
+        """A public line in room (by default the member's room)."""
+        room = room or member.room
+        if room is None or member not in room.members:
+            self.sink.send(member, notice("error", text="you are not in %s" % (
+                room.name if room else "a room")))
+            return
+        self.announce(member)
+        event = Said(room.name, member.nick, text, action, self.clock())
+        self.sink.publish(room, event, member)
+        if room.history.maxlen:
+            room.remember(event)
+
+    def do_me(self, member, text):
+        if not text.strip():
+            self.sink.send(member, notice("usage", usage="/me ACTION"))
+            return
+        self.do_say(member, text.strip(), action=True)
+
+    def do_msg(self, member, target_name, text, action=False):
+        if not target_name or not text.strip():
+            self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
+            return
+        self.announce(member)
+        target = self.find_member(target_name)
+        if target is None:
+            self.sink.send(member, notice("no_such_nick", nick=sanitize(target_name)[:40]))
+            return
+        now = self.clock()
+        self.sink.send(target, Private(member.nick, target.nick, text, action, False, now))
+        self.sink.send(member, Private(member.nick, target.nick, text, action, True, now))
+
+    def do_who(self, member, room_name=None):
+        self.announce(member)
+        room = self._named_room(member, room_name) if room_name else member.room
+        if room is not None:
+            self.sink.send(member, WhoList(room, room in member.rooms))
+
+    def do_help(self, member):
+        self.announce(member)
+        self.sink.send(member, notice("help"))
+
+    def do_join(self, member, room_name):
+        """Enter a room, creating it if need be; a member in one room at a time moves."""
+        self.announce(member)
+        room = self._room_to_join(member, room_name)
+        if room is None:
+            return
+        if room in member.rooms:
+            if not member.multi_room:
+                self.sink.send(member, notice("already_in_room", room=room.name))
+            return
+        if not member.multi_room:
+            for old in list(member.rooms):
+                quiet = old not in member.heralded or self._big(old)
+                self._remove(member, old, Parted(old.name, member.nick, to=room.name, quiet=quiet))
+        self._enter(member, room)
+
+    def do_part(self, member, room_name=None, reason=""):
+        """Leave a room: a member in one room at a time goes back to the default room."""
+        self.announce(member)
+        if not member.multi_room:
+            if member.room is self.default_room:
+                self.sink.send(member, notice("in_default_room", room=self.default_room.name))
+            else:
+                self.do_join(member, self.default_room.name)
+            return
+        room = self._named_room(member, room_name or "")
+        if room is None:
+            return
+        if room not in member.rooms:
+            self.sink.send(member, notice("error", text="you are not in %s" % room.name))
+            return
+        event = Parted(room.name, member.nick, reason, quiet=room not in member.heralded
+                       or self._big(room))
+        self.sink.send(member, event)
+        self._remove(member, room, event)
+
+    def do_rooms(self, member):
+        self.announce(member)
+        busiest = sorted(self.rooms.values(), key=lambda room: (-len(room.members), room.key))
+        listed = tuple((room.name, len(room.members)) for room in busiest[:ROOMS_LISTED])
+        self.sink.send(member, RoomList(listed, len(busiest)))
+
+    def do_topic(self, member, room_name=None, text=None):
+        """Show a room's topic (text None), or set it."""
+        self.announce(member)
+        room = self._named_room(member, room_name) if room_name else member.room
+        if room is None:
+            return
+        if text is None:
+            self.sink.send(member, TopicInfo(room.name, room.topic))
+            return
+        if room not in member.rooms:
+            self.sink.send(member, notice("error", text="you are not in %s" % room.name))
+            return
+        room.topic = text.strip()[:MAX_TOPIC] or None
+        self.sink.publish(room, TopicSet(room.name, member.nick, room.topic or ""), None)
+
+    def do_quit(self, member, reason=""):
+        reason = reason.strip()[:MAX_REASON]
+        self.sink.close(member, "quit: " + reason if reason else "quit", notice("bye"))
+
+    # Inspection
+
+    def find_member(self, name):
+        return self.members.get(name_key(unicodedata.normalize("NFKC", name)))
+
+    def find_room(self, name):
+        key = name_key(unicodedata.normalize("NFKC", name if name.startswith("#") else "#" + name))
+        return self.rooms.get(key)
+
+    # Nicks
+
+    def _guest_nick(self):
+        while True:
+            nick = "guest%d" % next(self._guests)
+            if self.nick_problem(nick) is None:
+                return nick
+
+    def _register(self, member, nick):
+        self._unregister(member)
+        member.nick, member.key = nick, name_key(nick)
+        member.lookalikes = lookalike_keys(nick)
+        self.members[member.key] = member
+        for key in member.lookalikes:
+            self.lookalikes[key] = member
+
+    def _unregister(self, member):
+        if self.members.get(member.key) is member:
+            del self.members[member.key]
+        for key in member.lookalikes:
+            if self.lookalikes.get(key) is member:
+                del self.lookalikes[key]
+
+    # Rooms
+
+    def _add_room(self, name):
+        room = Room(name, self.options.history)
+        self.rooms[room.key] = room
+        return room
+
+    def _named_room(self, member, name):
+        """The existing room called name, or None (the member is told)."""
+        room = self.find_room(name)
+        if room is None:
+            self.sink.send(member, notice("no_such_room", room=sanitize(name)[:40]))
+        return room
+
+    def _room_to_join(self, member, name):
+        """The room called name, created if need be; None (the member told why) when it
+        cannot be: an invalid name, a look-alike, too many rooms, or created too fast."""
+        try:
+            name = normalize_room(name)
+        except ValueError as exc:
+            self.sink.send(member, notice("invalid_room", name=sanitize(name)[:40], reason=str(exc)))
+            return None
+        room = self.rooms.get(name_key(name))
+        if room is not None:
+            return room
+        keys = lookalike_keys(name)
+        other = next((room for room in self.rooms.values() if keys & room.lookalikes), None)
+        if other is not None:
+            self.sink.send(member, notice("room_lookalike", room=name, other=other.name))
+            return None
+        if len(self.rooms) >= self.options.max_rooms:
+            self.sink.send(member, notice("too_many_rooms", count=len(self.rooms)))
+            return None
+        wait = self._creation_wait(member)
+        if wait:
+            self.sink.send(member, notice("rooms_too_fast", seconds=math.ceil(wait)))
+            return None
+        log.info("%r created %s", member, name)
+        return self._add_room(name)
+
+    def _creation_wait(self, member):
+        """Take a room-creation token: 0, or the seconds until the next one."""
+        now = time.monotonic()
+        member.room_tokens = min(ROOM_CREATE_BURST, member.room_tokens
+                                 + (now - member.room_refilled) * ROOM_CREATE_RATE)
+        member.room_refilled = now
+        if member.room_tokens < 1:
+            return (1 - member.room_tokens) / ROOM_CREATE_RATE
+        member.room_tokens -= 1
+        return 0
+
+    def _enter(self, member, room, greeting=False):
+        room.add(member)
+        member.rooms[room] = None
+        self.sink.moved(member, room, True)
+        self.sink.send(member, RoomState(room, greeting))
+        if greeting:
+            if self.options.rate:
+                self.sink.send(member, notice("pace", burst=self.options.burst,
+                                              rate="%g" % self.options.rate))
+            self.sink.send(member, notice("help_hint"))
+        if room.topic:
+            self.sink.send(member, TopicInfo(room.name, room.topic))
+        if room.history:
+            self.sink.send(member, History(room))
+        if member.announced:
+            self._herald(member, room)
+
+    def _remove(self, member, room, event):
+        room.remove(member)
+        del member.rooms[room]
+        member.heralded.discard(room)
+        self.sink.moved(member, room, False)
+        self._publish_membership(room, event, None)
+        if not room.members and room is not self.default_room:
+            del self.rooms[room.key]
+
+    def _herald(self, member, room):
+        quiet = self._big(room)
+        if not quiet:
+            member.heralded.add(room)
+        self._publish_membership(room, Joined(room.name, member.nick, quiet), member)
+
+    def _big(self, room):
+        return len(room.members) > self.options.announce_limit
+
+    def _publish_membership(self, room, event, exclude):
+        """Joins, leaves and renames: quiet ones only where a member wants them."""
+        if not event.quiet or room.hearing_quiet:
+            self.sink.publish(room, event, exclude)
+
+
+# --- Dialects ---
+# A dialect is how one connection speaks: it turns the messages that flood
+# control releases into calls of the hub, and events into bytes. Room events
+# render the same for every receiver, so they are rendered once per dialect
+# (render_shared) and the bytes shared; replies may depend on the receiver.
+
+HELP_TEXT = (
+    "commands:",
+    "  /nick NAME       change your nick",
+    "  /me ACTION       say what you do: /me waves -> * you waves",
+    "  /msg NICK TEXT   private message to NICK",
+    "  /join ROOM       go to another room, created if need be (/join #dev)",
+    "  /part            back to {room}",
+    "  /rooms           list the rooms",
+    "  /who [ROOM]      who is in your room (or in ROOM)",
+    "  /topic [TEXT]    show or set your room's topic",
+    "  /quit [REASON]   leave",
+    "  //text           send a line that starts with /",
+)
+
+
+MEMBERSHIP_EVENTS = (Joined, Parted, Quit, Renamed)
+
+
+class LineTooLong(bytes):
+    """Stands in the inbox for a line over the limit: the dialect tells its sender."""
+
+
+TOO_LONG = LineTooLong()
+
+
+def clock_text(when):
+    """HH:MM of a time, in the server's local time."""
+    return time.strftime("%H:%M", time.localtime(when))
+
+
+class Dialect:
+    """How one connection speaks; one instance per connection.
+
+    The transport hands it the connection's messages (handle) and asks it for
+    bytes (render, and render_shared for room events); it talks back through
+    the server's dialect interface: send_event, admit, refuse_password,
+    disconnect.
+    """
+
+    multi_room = False      # its members may be in several rooms at once
+    hears_quiet = False     # it keeps member lists: it needs joins and leaves in big rooms
+
+    def __init__(self, server, conn):
+        self.server = server
+        self.conn = conn
+        self.hub = server.hub
+
+    def start(self, spoke):
+        """The connection was found to speak this dialect: by its first line (spoke), or
+        by saying nothing for a moment."""
+
+    def handle(self, message):
+        raise NotImplementedError
+
+    def render(self, event):
+        raise NotImplementedError
+
+    @classmethod
+    def render_shared(cls, event):
+        raise NotImplementedError
+
+
+class LineDialect(Dialect):
+    """The line protocol: the shapes of the Wording table, one per line; nc and telnet
+    speak it, and so does the bundled client."""
+
+    def __init__(self, server, conn):
+        super().__init__(server, conn)
+        self.locked = False         # a password is wanted and was not given yet
+        self.wanted_nick = None     # a /nick sent before the password, to be greeted with
+
+    # Registration: the password, and the nick to greet
+
+    def start(self, spoke):
+        if self.server.options.password:
+            self.locked = True
+            self.server.send_event(self.conn, notice("password_required"))
+        elif not spoke:
+            self.server.admit(self.conn)
+
+    def _register(self, raw):
+        """Before the greeting. True when the line is handled as usual once greeted."""
+        name, argument = self._split_command(raw.decode("utf-8", "replace"))
+        if self.locked:
+            if name == "pass":
+                self._check_password(argument)
+            elif name == "quit":
+                self.server.disconnect(self.conn, "quit", notice("bye"))
+            elif name == "nick":
+                self.wanted_nick = sanitize(argument).strip() or None
+            else:
+                self.server.send_event(self.conn, notice("password_needed"))
+            return False
+        if name == "nick" and argument.strip():
+            self.server.admit(self.conn, sanitize(argument).strip())
+            return False
+        self.server.admit(self.conn, self.wanted_nick)
+        return True
+
+    def _check_password(self, password):
+        verdict, wait = self.hub.check_password(self.conn.ip, password)
+        if verdict == "ok":
+            log.info("%r: password accepted", self.conn)
+            self.locked = False
+            self.server.admit(self.conn, self.wanted_nick)
+        elif verdict == "wrong":
+            log.info("%r: wrong password", self.conn)
+            self.server.refuse_password(self.conn, notice("wrong_password"))
+        else:
+            self.server.disconnect(self.conn, "password guessing throttled",
+                                   notice("guesses_throttled", seconds=math.ceil(wait)))
+
+    # What arrives
+
+    COMMANDS = {   # name -> (hub method, how the rest of the line becomes its arguments)
+        "nick": ("do_nick", lambda rest: (rest,)),
+        "me": ("do_me", lambda rest: (rest,)),
+        "msg": ("do_msg", lambda rest: tuple(rest.partition(" ")[::2])),
+        "who": ("do_who", lambda rest: (rest,) if rest else ()),
+        "help": ("do_help", lambda rest: ()),
+        "join": ("do_join", lambda rest: (rest,)),
+        "part": ("do_part", lambda rest: ()),
+        "rooms": ("do_rooms", lambda rest: ()),
+        "topic": ("do_topic", lambda rest: (None, rest) if rest else ()),
+        "quit": ("do_quit", lambda rest: (rest,)),
+    }
+
+    def handle(self, message):
+        if message is TOO_LONG:
+            self.server.send_event(self.conn, notice(
+                "line_too_long", limit=self.server.options.max_line))
+            return
+        raw = strip_transport(message)
+        if self.conn.member is None and not self._register(raw):
+            return
+        if raw[:1] == b"/" and raw[:2] != b"//":
+            self._command(raw.decode("utf-8", "replace"))
+            return
+        text = clean_text(raw[1:] if raw[:1] == b"/" else raw)
+        if text and not text.isspace():
+            self.hub.do_say(self.conn.member, text)
+
+    @staticmethod
+    def _split_command(text):
+        """("nick", "alice") for "/NICK alice"; ("", text) when text is not a command."""
+        if text[:1] != "/" or text[:2] == "//":
+            return "", text
+        name, _, argument = text[1:].partition(" ")
+        return name.lower(), argument
+
+    def _command(self, text):
+        name, argument = self._split_command(text)
+        if name == "pass":
+            self.server.send_event(self.conn, notice("already_in"))
+            return
+        if name not in self.COMMANDS:
+            self.server.send_event(self.conn, notice("unknown_command", name=sanitize(name)[:30]))
+            return
+        method, arguments = self.COMMANDS[name]
+        getattr(self.hub, method)(self.conn.member, *arguments(sanitize(argument).strip()))
+
+    # What goes out
+
+    def render(self, event):
+        renderer = self._RENDERERS.get(type(event))
+        if renderer is None:
+            return self.render_shared(event)
+        return renderer(self, event)
+
+    @classmethod
+    def render_shared(cls, event):
+        kind = type(event)
+        if kind is Said:
+            shape = "* %s %s\n" if event.action else "<%s> %s\n"
+            return (shape % (event.nick, event.text)).encode()
+        if kind in MEMBERSHIP_EVENTS and event.quiet:
+            return b""
+        if kind is Joined:
+            return line_bytes("joined", nick=event.nick)
+        if kind is Parted:
+            if event.to:
+                return line_bytes("moved", nick=event.nick, room=event.to)
+            return line_bytes("left", nick=event.nick, reason=event.reason or "part")
+        if kind is Quit:
+            return line_bytes("left", nick=event.nick, reason=event.reason)
+        if kind is Renamed:
+            return line_bytes("renamed", nick=event.old, new=event.new)
+        if kind is TopicSet:
+            return line_bytes("topic_set", nick=event.nick, room=event.room, text=event.text)
+        raise TypeError("no line for %r" % (event,))
+
+    def _notice(self, event):
+        if event.key == "help":
+            room = self.hub.default_room.name
+            return "".join("*** %s\n" % line.format(room=room) for line in HELP_TEXT).encode()
+        return line_bytes(event.key, **event.fields)
+
+    def _private(self, event):
+        text = "* %s %s" % (event.sender, event.text) if event.action else event.text
+        if event.sent:
+            return line_bytes("private_sent", nick=event.target, text=text)
+        return line_bytes("private", nick=event.sender, text=text)
+
+    def _room_state(self, event):
+        """Who is there, the first ones to come first: cheap however big the room."""
+        room = event.room
+        names = [member.nick for member in itertools.islice(room.members, GREETING_NAMES)]
+        more = len(room.members) - len(names)
+        return line_bytes("in_room", room=room.name, count=len(room.members),
+                          names=", ".join(names) + (", and %d more" % more if more else ""))
+
+    def _topic(self, event):
+        if event.text:
+            return line_bytes("topic", room=event.room, text=event.text)
+        return line_bytes("no_topic", room=event.room)
+
+    def _history(self, event):
+        """The room's last lines, rendered once per change of its history."""
+        room = event.room
+        block = room.history_cache.get(LineDialect)
+        if block is None:
+            count = len(room.history)
+            lines = [line_bytes("history_start", count=count, room=room.name,
+                                noun="message" if count == 1 else "messages")]
+            for said in room.history:
+                lines.append(b"*** [%s] %s" % (clock_text(said.time).encode(),
+                                               self.render_shared(said)))
+            lines.append(line_bytes("history_end"))
+            block = room.history_cache[LineDialect] = b"".join(lines)
+        return block
+
+    def _who(self, event):
+        """The member list, built once per change of the room and shared: in a big room it
+        is large, and clients that ask without reading must not each pin a copy."""
+        room = event.room
+        key = (LineDialect, event.own)
+        reply = room.cache.get(key)
+        if reply is None:
+            names = room.names()
+            if event.own:
+                reply = line_bytes("who", count=len(names), names=", ".join(names))
+            else:
+                reply = line_bytes("who_room", room=room.name, count=len(names),
+                                   names=", ".join(names))
+            room.cache[key] = reply
+        return reply
+
+    def _room_list(self, event):
+        listed = ["%s (%d)" % room for room in event.rooms]
+        if event.total > len(listed):
+            listed.append("and %d more" % (event.total - len(listed)))
+        return line_bytes("rooms", count=event.total, list=", ".join(listed))
+
+    _RENDERERS = {
+        Notice: _notice,
+        Private: _private,
+        Welcome: lambda self, event: line_bytes("welcome", server=event.server, nick=event.nick),
+        RoomState: _room_state,
+        TopicInfo: _topic,
+        History: _history,
+        WhoList: _who,
+        RoomList: _room_list,
+    }
+
+
+def line_bytes(key, **fields):
+    """One line of the line protocol, encoded, newline included."""
+    return (WORDING.render(key, **fields) + "\n").encode()
+
+
+def dialect_for(first_line):
+    """The dialect a connection speaks, from its first line."""
+    return LineDialect
+
+
+# --- Transport ---
 
 class BufferedSocket:
     """A non-blocking socket with an output queue that never blocks its owner.
 
-    Queued output is a deque of shared bytes (a broadcast is encoded once for
-    all receivers) with an offset into the first chunk, so a backed-up peer
-    costs an append per message, never a copy of its whole queue.
+    Queued output is a deque of shared buffers (a room event is rendered once
+    for all its receivers) with an offset into the first one, so a backed-up
+    peer costs an append per message, never a copy of its whole queue.
     """
 
     __slots__ = ("sock", "outbox", "queued", "head", "retry")
@@ -325,17 +1385,6 @@ def certificate_fingerprint(der):
     return "SHA256:" + ":".join("%02x" % byte for byte in hashlib.sha256(der).digest())
 
 
-def normalize_fingerprint(text):
-    """The hex digits of a fingerprint as typed: colons, case and "SHA256:" ignored."""
-    text = text.strip().lower()
-    if text.startswith("sha256:"):
-        text = text[7:]
-    digits = text.replace(":", "")
-    if not re.fullmatch(r"[0-9a-f]{64}", digits):
-        raise ValueError("a SHA-256 fingerprint is 64 hex digits (colons optional)")
-    return digits
-
-
 def server_tls_context(cert_file, key_file=None):
     """A TLS server context and its certificate's fingerprint (key_file may be in cert_file)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -346,20 +1395,6 @@ def server_tls_context(cert_file, key_file=None):
     return context, certificate_fingerprint(ssl.PEM_cert_to_DER_cert(block.group()))
 
 
-# --- Server ---
-
-HELP_TEXT = (
-    "commands:",
-    "  /nick NAME       change your nick",
-    "  /me ACTION       say what you do: /me waves -> * you waves",
-    "  /msg NICK TEXT   private message to NICK",
-    "  /who             who is online",
-    "  /quit [REASON]   leave",
-    "  //text           send a line that starts with /",
-)
-HELP_REPLY = "".join("*** %s\n" % line for line in HELP_TEXT).encode()
-
-
 @dataclass
 class ServerOptions:
     """Everything a ChatServer can be told; every timer is here so tests can shorten it."""
@@ -367,10 +1402,14 @@ class ServerOptions:
     port: int = DEFAULT_PORT
     family: Optional[int] = None        # socket.AF_INET / AF_INET6 to restrict, None for both
     name: Optional[str] = None          # shown in the greeting; default: the host name
+    room: str = DEFAULT_ROOM            # where everyone starts
+    max_rooms: int = DEFAULT_MAX_ROOMS
     max_clients: int = DEFAULT_MAX_CLIENTS
     max_line: int = DEFAULT_MAX_LINE
     announce_limit: int = DEFAULT_ANNOUNCE_LIMIT
     queue_limit: int = SEND_QUEUE_LIMIT
+    queue_grace: float = SEND_QUEUE_GRACE
+    greet_delay: float = GREET_DELAY
     join_delay: float = JOIN_NOTICE_DELAY
     shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT
     close_linger: float = CLOSE_LINGER
@@ -380,8 +1419,9 @@ class ServerOptions:
     wrong_password_delay: float = WRONG_PASSWORD_DELAY
     rate: float = DEFAULT_RATE         # lines/s per client; 0 turns flood control off
     burst: int = DEFAULT_BURST
+    flood_lag: float = FLOOD_LAG       # seconds of lines a client may be ahead of --rate
     max_per_ip: int = 0                # 0: no limit
-    history: int = DEFAULT_HISTORY     # public lines replayed to newcomers; 0: none
+    history: int = DEFAULT_HISTORY     # public lines replayed to newcomers, per room; 0: none
 
 
 @dataclass(frozen=True)
@@ -390,22 +1430,40 @@ class ConnectionInfo:
     number: int                 # in accept order, from 1
     nick: Optional[str]         # None before it is in the chat
     address: str                # ip:port of the peer
-    stage: str                  # "handshake", "password", "chat", "denied" or "closing"
+    stage: str                  # "handshake", "opening", "chat", "denied" or "closing"
+    rooms: tuple                # names of the rooms it is in
     backlog: int                # bytes queued for it that its socket has not taken yet
     buffered_input: int         # bytes received from it and not handled yet
-    reading: bool               # False while flood control holds its input back
+    waiting_lines: int          # complete lines that flood control holds back
+
+
+@dataclass(frozen=True)
+class RoomInfo:
+    name: str
+    members: tuple              # nicks, in join order
+    topic: Optional[str]
+
+
+# The stages of a connection's life, in order.
+HANDSHAKE = "handshake"         # the TLS handshake is running
+OPENING = "opening"             # its first line shows its dialect; then it registers
+CHAT = "chat"                   # a member: receives room events, may talk
+DENIED = "denied"               # sent a wrong password: unheard until closed after a pause
+CLOSING = "closing"             # leaving: last output is flushed, input ignored
+CLOSED = "closed"
 
 
 class Connection(BufferedSocket):
-    """One client of the server: its socket and buffers, and its place in the room.
+    """One client of the server: its socket and buffers, the dialect it speaks, its
+    place in the chat (member) and its flood allowance.
 
     Only the server's loop touches a connection; the server decides, the
     connection only holds state and moves bytes.
     """
 
-    __slots__ = ("number", "peer", "ip", "tls", "stage", "nick", "key", "prefix", "inbuf",
-                 "discarding", "events", "reading", "want_write", "peer_done", "join_pending",
-                 "announced", "synced_batch", "synced", "tokens", "refilled")
+    __slots__ = ("number", "peer", "ip", "tls", "stage", "framer", "dialect", "member", "inbox",
+                 "inbox_bytes", "tokens", "refilled", "release_pending", "events", "reading",
+                 "want_write", "peer_done", "behind_since")
 
     def __init__(self, sock, peer, number, burst):
         super().__init__(sock)
@@ -413,32 +1471,40 @@ class Connection(BufferedSocket):
         self.peer = peer
         self.ip = peer_ip(peer)
         self.tls = False                # the socket is an SSLSocket
-        self.stage = None               # one of ChatServer's stages
-        self.nick = None
-        self.key = None
-        self.prefix = b""               # b"<nick> ", the start of each chat line
-        self.inbuf = b""                # received bytes not yet handled
-        self.discarding = False         # inside an over-long line, dropping to its end
-        self.events = 0                 # selector interest as registered
-        self.reading = True             # False: input is paused or over
-        self.want_write = False         # output is waiting for the socket to drain
-        self.peer_done = False          # a closing peer has closed its side too
-        self.join_pending = False       # join notice not sent yet
-        self.announced = False          # join notice was broadcast
-        self.synced_batch = -1          # see ChatServer._sync
-        self.synced = 0
-        self.tokens = burst             # flood control: lines it may send right now
+        self.stage = OPENING
+        self.framer = None              # turns received bytes into messages
+        self.dialect = None             # known from the first line
+        self.member = None              # in the chat
+        self.inbox = collections.deque()   # messages waiting for flood control
+        self.inbox_bytes = 0
+        self.tokens = burst             # flood control: messages it may send right now
         self.refilled = time.monotonic()
+        self.release_pending = False    # a timer will release the inbox
+        self.events = 0                 # selector interest as registered
+        self.reading = True             # False: input is over, or refused
+        self.want_write = False         # output is waiting for the socket to drain
+        self.peer_done = False          # the peer will send no more
+        self.behind_since = None        # when its backlog went over the limit
 
     def __repr__(self):
-        who = " " + self.nick if self.nick else ""
+        who = " " + self.member.nick if self.member else ""
         return "#%d%s (%s)" % (self.number, who, format_address(self.ip, self.peer[1]))
 
-    def read(self, size):
-        """Up to size received bytes, b"" at end of stream; raises WOULD_BLOCK when there are none.
+    def info(self):
+        member = self.member
+        return ConnectionInfo(
+            self.number, member and member.nick, format_address(self.ip, self.peer[1]),
+            self.stage, tuple(room.name for room in member.rooms) if member else (),
+            self.queued, self.inbox_bytes + (self.framer.buffered if self.framer else 0),
+            len(self.inbox))
 
-        A TLS socket hands out one record (16 KB at most) per recv(), so keep
-        reading while records are there: the selector cannot see decrypted data.
+    def read(self, size):
+        """Up to about size received bytes, b"" at end of stream; raises WOULD_BLOCK when
+        there are none.
+
+        TLS hands out one record (16 KB at most) per recv(), and what a record holds
+        beyond size stays decrypted inside the SSL object, where the selector cannot
+        see it: keep reading while records come, then take what is left over.
         """
         data = self.sock.recv(size)
         if not self.tls or not data:
@@ -454,14 +1520,12 @@ class Connection(BufferedSocket):
                 break   # the end of stream shows again on the next read
             parts.append(more)
             got += len(more)
+        while self.sock.pending():
+            parts.append(self.sock.recv(self.sock.pending()))
         return b"".join(parts)
 
-    def info(self):
-        return ConnectionInfo(self.number, self.nick, format_address(self.ip, self.peer[1]),
-                              self.stage, self.queued, len(self.inbuf), self.reading)
-
     def take_tokens(self, wanted, rate, burst):
-        """How many of wanted lines the flood allowance lets through now."""
+        """How many of wanted messages the flood allowance lets through now."""
         now = time.monotonic()
         self.tokens = min(burst, self.tokens + (now - self.refilled) * rate)
         self.refilled = now
@@ -473,25 +1537,292 @@ class Connection(BufferedSocket):
         return max(0.0, (1 - self.tokens) / rate)
 
 
-class ChatServer:
-    """A single-threaded chat room on non-blocking sockets and one selector.
+class LineFramer:
+    """Cuts received bytes into lines (LF; a CR before it is kept for the dialect).
 
-    The loop reads every ready socket, handles complete lines, and only at the
-    end of the turn writes: broadcasts of the turn are joined once and each
-    receiver gets them with one send(), so the cost per receiver does not grow
-    with the number of lines. Usable as a context manager; shutdown() may be
-    called from any thread.
+    A line over the limit becomes TOO_LONG and is never buffered beyond it.
     """
 
-    COMMANDS = frozenset(("nick", "me", "msg", "who", "help", "quit", "pass"))  # _cmd_ methods
+    __slots__ = ("limit", "partial", "discarding")
 
-    # The stages of a connection's life, in order; TLS and PASSWORD only when enabled.
-    TLS = "handshake"        # the TLS handshake is running
-    PASSWORD = "password"    # waiting for the right /pass
-    ROOM = "chat"            # in the chat: receives broadcasts, may talk
-    DENIED = "denied"        # sent a wrong password: unheard until closed after a pause
-    CLOSING = "closing"      # leaving: last output is flushed, input ignored
-    CLOSED = "closed"
+    def __init__(self, limit):
+        self.limit = limit
+        self.partial = b""
+        self.discarding = False         # inside an over-long line, dropping to its end
+
+    @property
+    def buffered(self):
+        return len(self.partial)
+
+    def feed(self, data):
+        """The complete lines in data, after what came before."""
+        if self.discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                return []
+            self.discarding = False
+            data = data[end + 1:]
+        if self.partial:
+            data = self.partial + data   # the partial line is at most the limit
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        limit = self.limit
+        if lines and len(data) > limit:
+            lines = [TOO_LONG if len(line) - (line[-1:] == b"\r") > limit else line
+                     for line in lines]
+        if len(self.partial) > limit + 1:   # room for a CR
+            self.partial = b""
+            self.discarding = True
+            lines.append(TOO_LONG)
+        return lines
+
+    def finish(self):
+        """At the end of the stream: the last line, if it had no newline."""
+        last, self.partial = self.partial, b""
+        return [last] if last and not self.discarding else []
+
+
+class Sniffer:
+    """The first bytes of a connection, kept until its first line shows which dialect
+    it speaks; then the server picks the dialect and its framer takes over."""
+
+    __slots__ = ("server", "conn", "data")
+
+    def __init__(self, server, conn):
+        self.server, self.conn, self.data = server, conn, b""
+
+    @property
+    def buffered(self):
+        return len(self.data)
+
+    def feed(self, data):
+        self.data += data
+        if self.data[:1] == b"\x16" and not self.conn.tls:
+            self.server.refuse_tls_handshake(self.conn)
+            return []
+        end = self.data.find(b"\n")
+        if end < 0 and len(self.data) <= max(self.server.options.max_line, SNIFF_LIMIT):
+            return []
+        return self.server.choose_dialect(self.conn, dialect_for(self.data[:end + 1]), True)
+
+    def finish(self):
+        if not self.data:
+            return []
+        messages = self.server.choose_dialect(self.conn, dialect_for(self.data), True)
+        return messages + self.conn.framer.finish()
+
+
+class RoomTurn:
+    """One room's events of a turn, and their bytes once rendered for a dialect."""
+
+    __slots__ = ("seqs", "events", "excluded", "rendered")
+
+    def __init__(self):
+        self.seqs = []          # the turn's sequence number of each event
+        self.events = []
+        self.excluded = []      # the connection each event is not for (its speaker), or None
+        self.rendered = {}      # dialect class -> (bytes, offset of each event's bytes)
+
+    def bytes_for(self, dialect):
+        got = self.rendered.get(dialect)
+        if got is None:
+            parts = [dialect.render_shared(event) for event in self.events]
+            offsets = [0]
+            offsets.extend(itertools.accumulate(map(len, parts)))
+            got = self.rendered[dialect] = (b"".join(parts), offsets)
+        return got
+
+
+# What a connection's marks in a turn say, besides the room events it is due.
+DATA, SKIP, ENTER, LEAVE = range(4)
+
+
+class TurnBatcher:
+    """A turn's output, held until the turn ends, then delivered.
+
+    Room events are rendered once per (room, dialect) and the same bytes go to
+    every member that speaks that dialect, one send() each. A connection with
+    something of its own in the turn (a reply, its own line left out, a change
+    of rooms) gets views into those bytes around it, in the order things
+    happened: a turn costs memory linear in what was said, however many spoke.
+    """
+
+    def __init__(self):
+        self.rooms = {}         # Room -> RoomTurn
+        self.marks = {}         # Connection -> [(seq, DATA/SKIP/ENTER/LEAVE, value)]
+        self.seq = 0
+        self.volume = 0         # bytes of chat text in the turn, roughly
+
+    def __bool__(self):
+        return bool(self.rooms or self.marks)
+
+    def publish(self, room, event, exclude=None):
+        self.seq += 1
+        turn = self.rooms.get(room)
+        if turn is None:
+            turn = self.rooms[room] = RoomTurn()
+        if exclude is not None:
+            self._mark(exclude, SKIP, (room, len(turn.events)))
+        turn.seqs.append(self.seq)
+        turn.events.append(event)
+        turn.excluded.append(exclude)
+        self.volume += len(getattr(event, "text", "")) + 40
+
+    def send(self, conn, data):
+        self.seq += 1
+        self._mark(conn, DATA, data)
+        self.volume += len(data)
+
+    def moved(self, conn, room, entered):
+        self.seq += 1
+        self._mark(conn, ENTER if entered else LEAVE, room)
+
+    def touch(self, conn):
+        """Make sure conn is delivered to this turn, even with nothing to send."""
+        self.marks.setdefault(conn, [])
+
+    def _mark(self, conn, kind, value):
+        marks = self.marks.get(conn)
+        if marks is None:
+            marks = self.marks[conn] = []
+        marks.append((self.seq, kind, value))
+
+    def flush(self, deliver):
+        """Call deliver(conn, pieces) for every connection with output this turn."""
+        rooms, marks = self.rooms, self.marks
+        self.rooms, self.marks, self.volume = {}, {}, 0
+        for conn, conn_marks in marks.items():
+            if conn.stage is not CLOSED:
+                deliver(conn, self._pieces(conn, conn_marks, rooms))
+        done = set()
+        for room, turn in rooms.items():
+            for member in room.members:
+                conn = member.endpoint
+                if conn in marks or conn in done:
+                    continue
+                if len(member.rooms) > 1 and any(other in rooms for other in member.rooms
+                                                 if other is not room):
+                    done.add(conn)   # several active rooms: interleave them in order
+                    deliver(conn, self._pieces(conn, [], rooms))
+                    continue
+                data = turn.bytes_for(type(conn.dialect))[0]
+                if data:
+                    deliver(conn, (data,))
+
+    def _pieces(self, conn, marks, rooms):
+        """What conn gets this turn: its own data and views of the rooms' bytes, in order."""
+        member = conn.member
+        current = member.rooms if member is not None else {}
+        changes = [mark for mark in marks if mark[1] in (ENTER, LEAVE)]
+        involved = set(current).union(mark[2] for mark in changes)
+        active = [room for room in involved if room in rooms]
+        if not changes and len(active) <= 1:
+            room = active[0] if active else None
+            return self._pieces_in_one_room(conn, marks, room, rooms.get(room))
+        return self._pieces_in_order(conn, marks, rooms, active, current, changes)
+
+    @staticmethod
+    def _pieces_in_one_room(conn, marks, room, turn):
+        """The common case, no walk needed: the room's bytes cut around conn's own marks."""
+        if turn is None:
+            return [value for _, kind, value in marks if kind is DATA]
+        data, offsets = turn.bytes_for(type(conn.dialect))
+        pieces = []
+
+        def add_run(start, end):
+            if offsets[start] < offsets[end]:
+                if end - start == len(turn.events):
+                    pieces.append(data)
+                else:
+                    pieces.append(memoryview(data)[offsets[start]:offsets[end]])
+        start = 0
+        for seq, kind, value in marks:
+            if kind is DATA:
+                end = bisect.bisect_left(turn.seqs, seq)
+                add_run(start, end)
+                pieces.append(value)
+                start = end
+            elif kind is SKIP and value[0] is room:
+                add_run(start, value[1])
+                start = value[1] + 1
+        add_run(start, len(turn.events))
+        return pieces
+
+    @staticmethod
+    def _pieces_in_order(conn, marks, rooms, active, current, changes):
+        """Walk the events of every room conn was in during the turn, in order: only
+        those while it was there, not its own, and an event told in several rooms once."""
+        inside = {room: room in current for room in active}
+        for _, kind, room in reversed(changes):   # back to where it was when the turn began
+            inside[room] = kind is LEAVE
+        dialect = type(conn.dialect)
+        streams = [[(seq, 1, room, index) for index, seq in enumerate(rooms[room].seqs)]
+                   for room in active]
+        streams.append([(seq, 0, kind, value) for seq, kind, value in marks])
+        pieces, seen = [], set()
+        run = None   # [room, first event, end]
+
+        def end_run():
+            if run:
+                data, offsets = rooms[run[0]].bytes_for(dialect)
+                if offsets[run[1]] < offsets[run[2]]:
+                    pieces.append(memoryview(data)[offsets[run[1]]:offsets[run[2]]])
+        for _, is_event, what, value in heapq.merge(*streams):
+            if not is_event:
+                if what is DATA:
+                    end_run()
+                    run = None
+                    pieces.append(value)
+                elif what is not SKIP:
+                    inside[value] = what is ENTER
+                continue
+            turn = rooms[what]
+            wanted = inside.get(what) and turn.excluded[value] is not conn
+            uid = getattr(turn.events[value], "uid", 0)
+            if wanted and uid:
+                wanted = uid not in seen
+                seen.add(uid)
+            if wanted and run and run[0] is what and run[2] == value:
+                run[2] += 1
+            elif wanted:
+                end_run()
+                run = [what, value, value + 1]
+        end_run()
+        return pieces
+
+
+class HubSink:
+    """Where the hub's news goes: into the turn, rendered by each member's dialect."""
+
+    def __init__(self, server, batcher):
+        self._server, self._batcher = server, batcher
+
+    def publish(self, room, event, exclude):
+        self._batcher.publish(room, event, exclude and exclude.endpoint)
+
+    def send(self, member, event):
+        conn = member.endpoint
+        self._batcher.send(conn, conn.dialect.render(event))
+
+    def moved(self, member, room, entered):
+        self._batcher.moved(member.endpoint, room, entered)
+
+    def close(self, member, reason, farewell):
+        self._server.disconnect(member.endpoint, reason, farewell)
+
+    def call_later(self, delay, function, *args):
+        self._server.call_later(delay, function, *args)
+
+
+class ChatServer:
+    """A single-threaded chat server on non-blocking sockets and one selector.
+
+    The loop reads every ready socket, hands complete messages (as flood
+    control lets them through) to each connection's dialect, and only at the
+    end of the turn writes: see TurnBatcher. Usable as a context manager;
+    shutdown() may be called from any thread, and so may the inspection
+    methods (connections, members, rooms, stats).
+    """
 
     def __init__(self, options=None):
         self.options = options or ServerOptions()
@@ -500,21 +1831,17 @@ class ChatServer:
         self._listeners = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._conns = {}               # every open connection, in accept order
-        self._members = {}             # connections in the room, in join order
-        self._nicks = {}               # nick_key -> connection
-        self._who_reply = None         # cached answer to /who, None after the room changed
         self._per_ip = collections.Counter()
         self._numbers = itertools.count(1)
-        self._guest_numbers = itertools.count(1)
         self._timers = []              # heap of (when, seq, callback, args)
         self._timer_seq = itertools.count()
-        self._turn_chunks = []         # broadcasts of this turn, not yet sent
-        self._batch = 0                # counts delivered batches of _turn_chunks
-        self._dirty = set()            # connections with direct output this turn
+        self._batcher = TurnBatcher()
         self._failed = []              # (connection, reason) to drop after the turn
-        self._history = collections.deque(maxlen=self.options.history)   # "*** [HH:MM] <a> x\n"
-        self._read_size = PACED_RECV_SIZE if self.options.rate else RECV_SIZE
-        self._clock = (None, b"")      # (minute, b"HH:MM") for history lines
+        self.hub = Hub(self.options, HubSink(self, self._batcher), self.name)
+        rate = self.options.rate
+        self._read_size = PACED_RECV_SIZE if rate else RECV_SIZE
+        self._flood_lines = math.ceil(rate * self.options.flood_lag)
+        self._flood_bytes = max(FLOOD_QUEUE_BYTES, 4 * (self.options.max_line + 2))
         self._accepting = False
         self._stop_requested = False
         self._started = False
@@ -575,6 +1902,15 @@ class ChatServer:
         if self._started:
             self._finished.wait()
 
+    def server_close(self):
+        """Release every socket (the loop must have stopped)."""
+        for conn in list(self._conns):
+            self._finish(conn)
+        for sock in self._listeners + [self._wake_r, self._wake_w]:
+            sock.close()
+        self._listeners = []
+        self._selector.close()
+
     # Inspection, safe from any thread
 
     def run_in_loop(self, function):
@@ -601,15 +1937,23 @@ class ChatServer:
         return self.run_in_loop(lambda: [conn.info() for conn in self._conns])
 
     def members(self):
-        """A ConnectionInfo for every member of the chat, in join order."""
-        return self.run_in_loop(lambda: [conn.info() for conn in self._members])
+        """A ConnectionInfo for every member of the chat, in the order they were greeted."""
+        return self.run_in_loop(lambda: [member.endpoint.info()
+                                         for member in self.hub.members.values()])
+
+    def rooms(self):
+        """A RoomInfo for every room, the default room first."""
+        return self.run_in_loop(lambda: [
+            RoomInfo(room.name, tuple(member.nick for member in room.members), room.topic)
+            for room in self.hub.rooms.values()])
 
     def stats(self):
-        """Counts: connections, members, handshakes in progress, bytes queued for output."""
+        """Counts: connections, members, rooms, TLS handshakes under way, bytes queued."""
         def count():
             stages = collections.Counter(conn.stage for conn in self._conns)
-            return {"connections": len(self._conns), "members": len(self._members),
-                    "handshaking": stages[self.TLS], "backlog": sum(c.queued for c in self._conns)}
+            return {"connections": len(self._conns), "members": len(self.hub.members),
+                    "rooms": len(self.hub.rooms), "handshaking": stages[HANDSHAKE],
+                    "backlog": sum(conn.queued for conn in self._conns)}
         return self.run_in_loop(count)
 
     def _run_calls(self):
@@ -630,15 +1974,6 @@ class ChatServer:
         except OSError:
             pass
 
-    def server_close(self):
-        """Release every socket (the loop must have stopped)."""
-        for conn in list(self._conns):
-            self._finish(conn)
-        for sock in self._listeners + [self._wake_r, self._wake_w]:
-            sock.close()
-        self._listeners = []
-        self._selector.close()
-
     def _bind(self):
         opts = self.options
         if not opts.host and opts.family is None and socket.has_dualstack_ipv6():
@@ -658,6 +1993,43 @@ class ChatServer:
         for sock in self._listeners:
             sock.setblocking(False)
 
+    # The dialects' interface
+
+    def send_event(self, conn, event):
+        """Send conn one event, rendered by its dialect (the line protocol before it has one)."""
+        self._batcher.send(conn, (conn.dialect or LineDialect(self, conn)).render(event))
+
+    def choose_dialect(self, conn, dialect_class, spoke):
+        """conn speaks dialect_class from now on; the messages in what it has sent so far."""
+        sniffed = conn.framer.data if isinstance(conn.framer, Sniffer) else b""
+        conn.dialect = dialect_class(self, conn)
+        conn.framer = LineFramer(self.options.max_line)
+        conn.dialect.start(spoke)
+        return conn.framer.feed(sniffed) if sniffed else []
+
+    def admit(self, conn, nick=None):
+        """Let conn into the chat: the hub greets it under nick, or as a guest."""
+        dialect = conn.dialect
+        conn.stage = CHAT
+        conn.member = self.hub.admit(conn, nick, dialect.multi_room, dialect.hears_quiet)
+
+    def refuse_password(self, conn, answer):
+        """A wrong password: the answer, and the close, only after a pause, so guessing
+        is slow even for one who hangs up; its input is not read meanwhile."""
+        conn.stage = DENIED
+        conn.reading = False
+        self._update_interest(conn)
+        self.call_later(self.options.wrong_password_delay, self.disconnect, conn,
+                        "wrong password", answer)
+
+    def refuse_tls_handshake(self, conn):
+        log.info("%r: a TLS handshake on the plaintext port", conn)
+        self._drop(conn, "TLS on the plaintext port")
+
+    def call_later(self, delay, callback, *args):
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq),
+                                      callback, args))
+
     # The loop
 
     def _run_once(self):
@@ -667,18 +2039,19 @@ class ChatServer:
         self._flush_turn()
 
     def _gather_more(self):
-        """Before writing a turn's broadcasts, read what arrived meanwhile.
+        """Before writing a turn, read what arrived meanwhile.
 
         Senders' lines trickle in a segment at a time; each line caught now
         rides the same send() to every member instead of costing one of its
         own. Zero-wait polls only, and a bounded number: no added latency.
         """
+        batcher = self._batcher
         for _ in range(GATHER_POLLS):
-            pending = len(self._turn_chunks)
-            if not pending or sum(map(len, self._turn_chunks)) >= SEND_CHUNK:
+            volume = batcher.volume
+            if not volume or volume >= SEND_CHUNK:
                 return
             self._poll(0)
-            if len(self._turn_chunks) == pending:
+            if batcher.volume == volume:
                 return
 
     def _poll(self, timeout):
@@ -705,23 +2078,19 @@ class ChatServer:
             self._accept_from(sock)
 
     def _handle_events(self, conn, mask):
-        if conn.stage is self.CLOSED:   # dropped earlier in this turn
+        if conn.stage is CLOSED:   # dropped earlier in this turn
             return
         try:
-            if conn.stage is self.TLS:
+            if conn.stage is HANDSHAKE:
                 self._continue_handshake(conn)
                 return
             if mask & selectors.EVENT_WRITE:
                 self._write(conn)
-            if mask & selectors.EVENT_READ and conn.stage is not self.CLOSED:
+            if mask & selectors.EVENT_READ and conn.stage is not CLOSED:
                 self._handle_read(conn)
         except Exception:
             log.exception("%r: unexpected error, dropping the connection", conn)
             self._drop(conn, "internal error")
-
-    def _call_later(self, delay, callback, *args):
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq),
-                                      callback, args))
 
     def _run_due_timers(self):
         now = time.monotonic()
@@ -731,8 +2100,11 @@ class ChatServer:
                 callback(*args)
             except Exception:
                 log.exception("timer %r failed", callback)
-                if args and isinstance(args[0], Connection):
-                    self._drop(args[0], "internal error")
+                culprit = args[0] if args else None
+                if isinstance(culprit, Member):
+                    culprit = culprit.endpoint
+                if isinstance(culprit, Connection):
+                    self._drop(culprit, "internal error")
 
     # Accepting
 
@@ -759,13 +2131,13 @@ class ChatServer:
                     log.error("cannot accept: %s; pausing new connections for %.1f s",
                               exc.strerror, ACCEPT_PAUSE)
                     self._stop_accepting()
-                    self._call_later(ACCEPT_PAUSE, self._start_accepting)
+                    self.call_later(ACCEPT_PAUSE, self._start_accepting)
                     return
                 log.debug("accept failed: %s", exc)
                 continue
-            self._admit(sock, peer)
+            self._accept(sock, peer)
 
-    def _admit(self, sock, peer):
+    def _accept(self, sock, peer):
         refusal = self._refusal_for(peer)
         if refusal:
             self._refuse(sock, peer, refusal)
@@ -781,32 +2153,31 @@ class ChatServer:
         conn = Connection(sock, peer, next(self._numbers), self.options.burst)
         self._conns[conn] = None
         self._per_ip[conn.ip] += 1
-        self._update_interest(conn)
         log.info("%r connected", conn)
-        if self.options.tls_context or self.options.password:
-            self._call_later(self.options.register_timeout, self._expire_registration, conn)
+        self.call_later(self.options.register_timeout, self._expire_registration, conn)
         if self.options.tls_context:
-            conn.stage = self.TLS
+            conn.stage = HANDSHAKE
+            self._update_interest(conn)
         else:
-            self._start_session(conn)
+            self._open(conn)
 
     def _refusal_for(self, peer):
         if len(self._conns) >= self.options.max_clients:
-            return "server full"
+            return "server_full"
         if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
-            return "too many connections from your address"
+            return "too_many_from_address"
         return None
 
-    def _refuse(self, sock, peer, reason):
-        log.warning("refused %s: %s", format_address(*peer[:2]), reason)
+    def _refuse(self, sock, peer, refusal):
+        log.warning("refused %s: %s", format_address(*peer[:2]), refusal.replace("_", " "))
         try:
             sock.setblocking(False)
-            sock.send(b"*** error: %s\n" % reason.encode())
+            sock.send(line_bytes(refusal))
         except OSError:
             pass
         sock.close()
 
-    # Registration: TLS, then the password, then the room
+    # Opening: TLS, then the first line picks the dialect, which registers
 
     def _continue_handshake(self, conn):
         """Advance a TLS handshake without blocking; a plaintext peer is told and dropped."""
@@ -824,10 +2195,9 @@ class ChatServer:
             return
         else:
             conn.want_write = False
-            self._update_interest(conn)
             log.debug("%r: TLS %s established", conn, conn.sock.version())
-            self._start_session(conn)
-            if conn.stage is not self.CLOSED:
+            self._open(conn)
+            if conn.stage is not CLOSED:
                 self._handle_read(conn)   # the client may have written already
             return
         self._update_interest(conn)
@@ -846,9 +2216,8 @@ class ChatServer:
             return False
         if first != b"\x16":   # not a TLS handshake record: a plaintext client
             log.info("%r: plaintext client on the TLS port", conn)
-            self._queue(conn, b"*** error: this server speaks TLS: connect with "
-                              b"'chat.py client --tls' or 'openssl s_client'\n")
-            self._close(conn, "no TLS")
+            conn.stage = OPENING
+            self.disconnect(conn, "no TLS", notice("speaks_tls"))
             return False
         self._selector.unregister(conn.sock)
         conn.events = 0
@@ -858,39 +2227,26 @@ class ChatServer:
         self._update_interest(conn)
         return True
 
-    def _start_session(self, conn):
-        if self.options.password:
-            conn.stage = self.PASSWORD
-            self._tell(conn, "password required: /pass PASSWORD")
-        else:
-            self._enter_room(conn)
+    def _open(self, conn):
+        """Listen for the first line; a connection that stays silent speaks the line protocol
+        (nc users see the greeting at once, to the eye)."""
+        conn.stage = OPENING
+        conn.framer = Sniffer(self, conn)
+        self._update_interest(conn)
+        self.call_later(self.options.greet_delay, self._silence, conn)
 
-    def _check_password(self, conn, text):
-        command, _, password = text.partition(" ")
-        if command.lower() == "/quit":
-            self._close(conn, "quit", farewell="bye")
-        elif command.lower() != "/pass":
-            self._tell(conn, "error: password required")
-        elif hmac.compare_digest(password.encode(), self.options.password.encode()):
-            log.info("%r: password accepted", conn)
-            self._enter_room(conn)
-        else:
-            log.info("%r: wrong password", conn)
-            self._tell(conn, "error: wrong password")
-            conn.stage = self.DENIED
-            conn.reading = False
-            self._update_interest(conn)
-            self._call_later(self.options.wrong_password_delay, self._close, conn,
-                             "wrong password")
+    def _silence(self, conn):
+        if conn.stage is OPENING and conn.dialect is None:
+            self._take_in(conn, self.choose_dialect(conn, LineDialect, False))
 
     def _expire_registration(self, conn):
-        if conn.stage in (self.TLS, self.PASSWORD):
-            log.info("%r: registration timed out in stage %s", conn, conn.stage)
-            if conn.stage is self.PASSWORD:
-                self._tell(conn, "error: registration timed out")
-                self._close(conn, "registration timed out")
-            else:
-                self._drop(conn, "registration timed out")
+        if conn.member is not None or conn.stage in (CLOSING, CLOSED, DENIED):
+            return
+        log.info("%r: registration timed out (%s)", conn, conn.stage)
+        if conn.dialect is None:
+            self._drop(conn, "registration timed out")
+        else:
+            self.disconnect(conn, "registration timed out", notice("registration_timeout"))
 
     # Reading
 
@@ -902,336 +2258,141 @@ class ChatServer:
         except OSError as exc:
             self._drop(conn, describe_error(exc))
             return
-        if conn.stage is self.CLOSING:
+        if conn.stage is CLOSING:
             if not data:
                 self._closing_peer_done(conn)
             return
         if not data:
             self._handle_eof(conn)
             return
-        if conn.discarding:
-            end = data.find(b"\n")
-            if end < 0:
-                return
-            conn.discarding = False
-            data = data[end + 1:]
-        conn.inbuf = conn.inbuf + data if conn.inbuf else data
-        self._handle_input(conn)
+        messages = conn.framer.feed(data)
+        if messages and conn.stage is not CLOSED:
+            self._take_in(conn, messages)
+
+    def _take_in(self, conn, messages):
+        conn.inbox.extend(messages)
+        conn.inbox_bytes += sum(map(len, messages))
+        self._release(conn)
+
+    def _release(self, conn):
+        """Hand the dialect the messages the flood allowance lets through now; the rest
+        wait, and a timer brings them out at --rate. O(1) per message."""
+        conn.release_pending = False
+        inbox = conn.inbox
+        allowed = len(inbox)
+        if self.options.rate and inbox:
+            allowed = conn.take_tokens(allowed, self.options.rate, self.options.burst)
+        while allowed and inbox and (conn.stage is OPENING or conn.stage is CHAT):
+            message = inbox.popleft()
+            conn.inbox_bytes -= len(message)
+            allowed -= 1
+            conn.dialect.handle(message)
+        if conn.stage is not OPENING and conn.stage is not CHAT:
+            return
+        if self.options.rate and (len(inbox) > self._flood_lines
+                                  or conn.inbox_bytes > self._flood_bytes):
+            self._excess_flood(conn)
+        elif inbox:
+            conn.release_pending = True
+            self.call_later(conn.seconds_to_next_token(self.options.rate), self._release, conn)
+        elif conn.peer_done:
+            self.disconnect(conn, "connection closed")
+
+    def _excess_flood(self, conn):
+        """A connection too far ahead of flood control is cut off, as IRC servers do:
+        a flooder that died with megabytes in flight stops at once instead of talking
+        on for an hour."""
+        log.warning("%r: excess flood, %d lines waiting", conn, len(conn.inbox))
+        self.disconnect(conn, "excess flood", notice(
+            "excess_flood", seconds=math.ceil(self.options.flood_lag)))
 
     def _handle_eof(self, conn):
-        """The peer will send no more: what it sent before still counts."""
-        if conn.inbuf and not conn.discarding:
-            conn.inbuf += b"\n"
-            self._handle_input(conn)
-        if conn.stage in (self.PASSWORD, self.ROOM):
-            conn.peer_done = True
-            self._close(conn, "connection closed")
-
-    def _handle_input(self, conn):
-        """Handle the complete lines in the input buffer that the flood allowance lets
-        through; the rest wait there while reading pauses, so TCP slows the sender."""
-        lines = conn.inbuf.split(b"\n")
-        conn.inbuf = lines.pop()
-        if self.options.rate and lines:
-            allowed = conn.take_tokens(len(lines), self.options.rate, self.options.burst)
-            if allowed < len(lines):
-                conn.inbuf = b"\n".join(lines[allowed:] + [conn.inbuf])
-                del lines[allowed:]
-                self._pause_input(conn)
-        for raw in lines:
-            if conn.stage is not self.ROOM and conn.stage is not self.PASSWORD:
-                return
-            if len(raw) > self.options.max_line + raw.endswith(b"\r"):
-                self._reject_long_line(conn)
-            else:
-                self._handle_line(conn, strip_transport(raw))
-        if conn.reading and len(conn.inbuf) > self.options.max_line + 1:
-            conn.inbuf = b""
-            conn.discarding = True
-            self._reject_long_line(conn)
-
-    def _pause_input(self, conn):
+        """The peer will send no more: what it sent before still counts, paced as usual."""
+        conn.peer_done = True
         conn.reading = False
         self._update_interest(conn)
-        self._call_later(conn.seconds_to_next_token(self.options.rate), self._resume_input, conn)
-
-    def _resume_input(self, conn):
-        if conn.stage is self.ROOM or conn.stage is self.PASSWORD:
-            conn.reading = True
-            self._update_interest(conn)
-            self._handle_input(conn)
-
-    def _reject_long_line(self, conn):
-        self._tell(conn, "error: line too long (over %d bytes), not sent" % self.options.max_line)
-
-    def _handle_line(self, conn, raw):
-        """One line from a client, CR and telnet commands already stripped."""
-        if conn.stage is self.PASSWORD:
-            self._check_password(conn, raw.decode("utf-8", "replace"))
-        elif raw[:1] == b"/" and raw[:2] != b"//":
-            self._run_command(conn, raw.decode("utf-8", "replace"))
-        else:
-            text = clean_text(raw[1:] if raw[:1] == b"/" else raw)
-            if text and not text.isspace():
-                if conn.join_pending:
-                    self._announce_join(conn)
-                self._say(conn, conn.prefix + text + b"\n")
-
-    # Commands
-
-    def _run_command(self, conn, text):
-        name, _, argument = text[1:].partition(" ")
-        name = name.lower()
-        if name not in self.COMMANDS:
-            self._tell(conn, "error: unknown command /%s (try /help)" % sanitize(name)[:30])
+        if conn.stage is HANDSHAKE or conn.stage is DENIED:
+            self._drop(conn, "connection closed")
             return
-        if name not in ("nick", "quit", "pass"):
-            self._announce_join(conn)
-        getattr(self, "_cmd_" + name)(conn, argument.strip())
-
-    def _cmd_nick(self, conn, argument):
-        if not argument:
-            self._tell(conn, "error: usage: /nick NAME (you are %s)" % conn.nick)
+        messages = conn.framer.finish()
+        if conn.stage is CLOSED:
             return
-        try:
-            nick = normalize_nick(argument)
-        except ValueError as exc:
-            self._tell(conn, "error: invalid nick %s: %s" % (sanitize(argument)[:40], exc))
-            return
-        holder = self._nicks.get(nick_key(nick))
-        if holder is not None and holder is not conn:
-            self._tell(conn, "error: nick %s is taken" % nick)
-            return
-        old = conn.nick
-        self._set_nick(conn, nick)
-        log.info("%r was %s", conn, old)
-        self._tell(conn, "you are now known as %s" % nick)
-        if conn.announced and old != nick:
-            self._notice("%s is now known as %s" % (old, nick), exclude=conn)
-        self._announce_join(conn)
-
-    def _cmd_me(self, conn, argument):
-        action = sanitize(argument)
-        if not action.strip():
-            self._tell(conn, "error: usage: /me ACTION")
-            return
-        self._say(conn, b"* %s %s\n" % (conn.nick.encode(), action.encode()))
-
-    def _cmd_msg(self, conn, argument):
-        target_name, _, text = argument.partition(" ")
-        text = sanitize(text.strip())
-        if not target_name or not text:
-            self._tell(conn, "error: usage: /msg NICK TEXT")
-            return
-        target = self._nicks.get(nick_key(unicodedata.normalize("NFKC", target_name)))
-        if target is None:
-            self._tell(conn, "error: no such nick %s" % sanitize(target_name)[:40])
-            return
-        self._send(target, ("*%s* %s\n" % (conn.nick, text)).encode())
-        self._send(conn, ("-> *%s* %s\n" % (target.nick, text)).encode())
-
-    def _cmd_who(self, conn, argument):
-        """The list of nicks, built once per change of the room and shared: in a big room
-        it is large, and clients that ask without reading must not each pin a copy."""
-        if self._who_reply is None:
-            nicks = sorted((member.nick for member in self._members), key=nick_key)
-            self._who_reply = ("*** %d online: %s\n" % (len(nicks), ", ".join(nicks))).encode()
-        self._send(conn, self._who_reply)
-
-    def _cmd_help(self, conn, argument):
-        self._send(conn, HELP_REPLY)
-
-    def _cmd_pass(self, conn, argument):
-        self._tell(conn, "error: you are already in")
-
-    def _cmd_quit(self, conn, argument):
-        reason = sanitize(argument)[:MAX_REASON].strip()
-        self._close(conn, "quit: " + reason if reason else "quit", farewell="bye")
-
-    # The room
-
-    def _enter_room(self, conn):
-        conn.stage = self.ROOM
-        self._set_nick(conn, self._free_guest_nick())
-        self._members[conn] = None
-        conn.synced_batch, conn.synced = self._batch, len(self._turn_chunks)
-        self._send(conn, self._greeting(conn))
-        if self._history:
-            self._send(conn, b"".join(itertools.chain(
-                (b"*** --- last %d messages ---\n" % len(self._history),), self._history,
-                (b"*** --- end of history ---\n",))))
-        conn.join_pending = True
-        self._call_later(self.options.join_delay, self._announce_join, conn)
-
-    def _free_guest_nick(self):
-        while True:
-            nick = "guest%d" % next(self._guest_numbers)
-            if nick_key(nick) not in self._nicks:
-                return nick
-
-    def _set_nick(self, conn, nick):
-        self._who_reply = None
-        if conn.key is not None:
-            del self._nicks[conn.key]
-        conn.nick, conn.key = nick, nick_key(nick)
-        conn.prefix = ("<%s> " % nick).encode()
-        self._nicks[conn.key] = conn
-
-    def _greeting(self, conn):
-        names = [member.nick for member in itertools.islice(self._members, GREETING_NAMES)]
-        more = len(self._members) - len(names)
-        if more:
-            names.append("and %d more" % more)
-        return ("*** welcome to %s, you are %s\n*** %d online: %s\n*** type /help for commands\n"
-                % (self.name, conn.nick, len(self._members), ", ".join(names))).encode()
-
-    def _say(self, conn, line):
-        """A public line (chat or action): to everyone else, and into the history."""
-        self._broadcast(line, exclude=conn)
-        if self.options.history:
-            self._history.append(b"*** [%s] %s" % (self._clock_text(), line))
-
-    def _clock_text(self):
-        """b"HH:MM" of the server's local time, formatted once a minute."""
-        now = time.time()
-        minute = int(now // 60)
-        if minute != self._clock[0]:
-            self._clock = (minute, time.strftime("%H:%M", time.localtime(now)).encode())
-        return self._clock[1]
-
-    def _announce_join(self, conn):
-        """Send the deferred join notice, under the nick the newcomer has by now."""
-        if conn.join_pending and conn.stage is self.ROOM:
-            conn.join_pending = False
-            conn.announced = self._notice("%s joined" % conn.nick, exclude=conn)
-
-    def _leave_room(self, conn, reason):
-        if conn not in self._members:
-            return
-        if conn.announced:
-            self._notice("%s left (%s)" % (conn.nick, reason), exclude=conn)
-        del self._members[conn]
-        del self._nicks[conn.key]
-        self._who_reply = None
-
-    def _notice(self, text, exclude=None):
-        """Broadcast a join/leave/rename notice unless the room is too big for them."""
-        if len(self._members) > self.options.announce_limit:
-            return False
-        self._broadcast(("*** %s\n" % text).encode(), exclude)
-        return True
+        if messages:
+            self._take_in(conn, messages)
+        elif not conn.inbox:
+            self.disconnect(conn, "connection closed")
+        # else: waiting lines come out at --rate, then the connection closes
 
     # Output
 
-    def _broadcast(self, data, exclude=None):
-        """Queue data for every member but exclude; it is sent at the end of the turn."""
-        chunks = self._turn_chunks
-        if exclude is None:
-            chunks.append(data)
-            return
-        if exclude.synced_batch != self._batch or exclude.synced != len(chunks):
-            self._sync(exclude)   # not for a sender's second line in a row
-        chunks.append(data)
-        exclude.synced = len(chunks)
-
-    def _sync(self, conn):
-        """Queue for a member the broadcasts of this turn it has not got yet.
-
-        A member's position in the turn's broadcasts is (synced_batch, synced):
-        before anything is queued for it directly, or a broadcast skips it, it is
-        brought up to date, so its lines keep the order in which they happened.
-        """
-        chunks = self._turn_chunks
-        start = conn.synced if conn.synced_batch == self._batch else 0
-        conn.synced_batch, conn.synced = self._batch, len(chunks)
-        if start < len(chunks):
-            self._queue(conn, b"".join(chunks[start:]))
-
-    def _send(self, conn, data):
-        """Queue data for one connection, after the broadcasts it is due first."""
-        if conn.stage is self.ROOM:
-            self._sync(conn)
-        self._queue(conn, data)
-
-    def _tell(self, conn, text):
-        self._send(conn, ("*** %s\n" % text).encode())
-
-    def _queue(self, conn, data):
-        """Queue output; a client already over the limit has stopped keeping up and goes.
-
-        The limit is checked before adding, so one large burst never costs a
-        reader its connection: only more output for a backlog that is still full.
-        """
-        if conn.queued > self.options.queue_limit:
-            self._failed.append((conn, "send queue exceeded"))
-            return
-        conn.queue(data)
-        if not conn.want_write:
-            self._dirty.add(conn)
-
     def _flush_turn(self):
-        while self._turn_chunks or self._dirty or self._failed:
-            if self._turn_chunks:
-                self._deliver_broadcasts()
+        while self._batcher or self._failed:
+            if self._batcher:
+                self._batcher.flush(self._deliver)
             failed, self._failed = self._failed, []
             for conn, reason in failed:
                 self._drop(conn, reason)
-            dirty, self._dirty = self._dirty, set()
-            for conn in dirty:
-                if conn.stage is not self.CLOSED:
-                    self._write(conn)
 
-    def _deliver_broadcasts(self):
-        """Send the turn's broadcasts: one join, then one send() per member.
-
-        This is the hot path of the server: a member with nothing queued gets the
-        shared bytes straight from send(); only what the kernel does not take is
-        queued (as a view, not a copy).
-        """
-        chunks, batch = self._turn_chunks, self._batch
-        self._turn_chunks = []
-        self._batch += 1
-        everything = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        failed = self._failed
-        for conn in self._members:
-            if conn.synced_batch == batch:
-                if conn.synced == len(chunks):
-                    continue
-                data = b"".join(chunks[conn.synced:])
-            else:
-                data = everything
-            if conn.outbox:
-                self._queue(conn, data)
-                continue
+    def _deliver(self, conn, pieces):
+        """Send conn its part of the turn: straight from the shared bytes when nothing is
+        queued (the hot path), else after what is."""
+        if len(pieces) == 1 and not conn.outbox:
+            data = pieces[0]
             try:
                 sent = conn.sock.send(data)
             except WOULD_BLOCK:
-                conn.retry = data   # TLS must retry with this very buffer
-                self._queue(conn, data)
-                continue
+                conn.retry, sent = data, 0   # TLS must retry with this very buffer
             except OSError as exc:
-                failed.append((conn, describe_error(exc)))
-                continue
-            if sent < len(data):
-                self._queue(conn, memoryview(data)[sent:])
+                self._failed.append((conn, describe_error(exc)))
+                return
+            if sent == len(data):
+                if conn.stage is CLOSING:
+                    self._half_close(conn)
+                return
+            conn.queue(memoryview(data)[sent:] if sent else data)
+        else:
+            for piece in pieces:
+                conn.queue(piece)
+            if conn.want_write:   # the socket is full: wait for it
+                self._check_backlog(conn)
+                return
+        self._write(conn)
 
     def _write(self, conn):
         try:
             done = conn.send_pending()
         except OSError as exc:
-            self._drop(conn, describe_error(exc))
+            self._failed.append((conn, describe_error(exc)))
             return
-        if done and conn.stage is self.CLOSING:
-            self._half_close(conn)
-        elif done != (not conn.want_write):
-            conn.want_write = not done
+        if done:
+            conn.behind_since = None
+            if conn.stage is CLOSING:
+                self._half_close(conn)
+            elif conn.want_write:
+                conn.want_write = False
+                self._update_interest(conn)
+            return
+        if not conn.want_write:
+            conn.want_write = True
             self._update_interest(conn)
+        self._check_backlog(conn)
+
+    def _check_backlog(self, conn):
+        """A client whose unsent output stays above queue_limit for queue_grace seconds
+        is not keeping up: it goes. A burst, however large, never costs a reader that
+        keeps reading, and a reader's backlog is mostly views of shared bytes."""
+        if conn.queued <= self.options.queue_limit:
+            conn.behind_since = None
+        elif conn.behind_since is None:
+            conn.behind_since = time.monotonic()
+        elif time.monotonic() - conn.behind_since > self.options.queue_grace:
+            self._failed.append((conn, "send queue exceeded"))
 
     def _update_interest(self, conn):
         """Register what the connection waits for: the one place that calls the selector."""
         events = ((selectors.EVENT_READ if conn.reading else 0)
                   | (selectors.EVENT_WRITE if conn.want_write else 0))
-        if events == conn.events:
+        if events == conn.events or conn.stage is CLOSED:
             return
         if not events:
             self._selector.unregister(conn.sock)
@@ -1243,28 +2404,37 @@ class ChatServer:
 
     # Leaving
 
-    def _close(self, conn, reason, farewell=None):
-        """Let a connection go politely: leave notice, last words flushed, then FIN."""
+    def disconnect(self, conn, reason, farewell=None):
+        """Let a connection go politely: leave notices, last words flushed, then FIN."""
+        if conn.stage is CLOSING or conn.stage is CLOSED:
+            return
         log.info("%r disconnected: %s", conn, reason.split(":")[0])
-        self._leave_room(conn, reason)
-        if farewell:
-            self._tell(conn, farewell)
-        conn.stage = self.CLOSING
-        conn.inbuf = b""
-        if conn.peer_done and not conn.outbox:
+        if conn.member is not None:
+            self.hub.leave(conn.member, reason)
+        if farewell is not None:
+            self.send_event(conn, farewell)
+        conn.stage = CLOSING
+        conn.inbox.clear()
+        conn.inbox_bytes = 0
+        if conn.peer_done and not conn.outbox and conn not in self._batcher.marks:
             self._finish(conn)   # nothing to say and nothing to hear: the common hang-up
             return
         conn.reading = not conn.peer_done   # read, and discard, until the peer closes too
         self._update_interest(conn)
-        self._call_later(self.options.close_linger, self._finish, conn)
-        if not conn.outbox:
-            self._half_close(conn)
+        self.call_later(self.options.close_linger, self._finish, conn)
+        self._batcher.touch(conn)   # delivered at the end of the turn, then FIN
 
     def _half_close(self, conn):
-        """All output is out: send FIN, and keep reading until the peer closes too,
-        so unread input does not turn our close into a reset that eats the last lines."""
+        """All output is out: end the stream (TLS close_notify, then FIN), and keep reading
+        until the peer closes too, so unread input does not turn our close into a reset
+        that eats the last lines."""
+        if conn.tls:
+            try:
+                conn.sock.unwrap()   # sends close_notify; the peer's is not waited for
+            except (OSError, ValueError):
+                pass
         try:
-            conn.sock.shutdown(socket.SHUT_WR)
+            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
         except OSError:
             self._finish(conn)
             return
@@ -1285,38 +2455,41 @@ class ChatServer:
 
     def _drop(self, conn, reason):
         """Close a connection at once (it failed, or cannot keep up)."""
-        if conn.stage is self.CLOSED:
+        if conn.stage is CLOSED:
             return
-        if conn.stage is not self.CLOSING:
+        if conn.stage is not CLOSING:
             level = logging.WARNING if reason == "send queue exceeded" else logging.INFO
             log.log(level, "%r disconnected: %s", conn, reason)
-            self._leave_room(conn, reason)
+            if conn.member is not None:
+                self.hub.leave(conn.member, reason)
         self._finish(conn)
 
     def _finish(self, conn):
-        if conn.stage is self.CLOSED:
+        if conn.stage is CLOSED:
             return
-        self._leave_room(conn, "closed")
-        conn.stage = self.CLOSED
+        if conn.member is not None:
+            self.hub.leave(conn.member, "closed")
+        conn.stage = CLOSED
         del self._conns[conn]
         self._per_ip[conn.ip] -= 1
         if not self._per_ip[conn.ip]:
             del self._per_ip[conn.ip]
-        self._dirty.discard(conn)
         if conn.events:
             self._selector.unregister(conn.sock)
         conn.sock.close()
         conn.outbox.clear()
+        conn.inbox.clear()
 
     def _shut_down_clients(self):
         """Tell everyone, flush for at most shutdown_timeout, close everything."""
         log.info("shutting down, %d connected", len(self._conns))
         self._stop_accepting()
         for conn in list(self._conns):
-            if conn.stage is self.PASSWORD or conn.stage is self.ROOM:
-                self._tell(conn, "server shutting down")
-                conn.stage = self.CLOSING
-            elif conn.stage is not self.CLOSING:   # mid-handshake or denied: nothing to say
+            if conn.dialect is not None and conn.stage in (OPENING, CHAT):
+                self.send_event(conn, notice("shutting_down"))
+                conn.stage = CLOSING
+                self._batcher.touch(conn)
+            elif conn.stage is not CLOSING:   # mid-handshake or denied: nothing to say
                 self._finish(conn)
         self._flush_turn()
         deadline = time.monotonic() + self.options.shutdown_timeout
@@ -1339,6 +2512,17 @@ class ChatError(Exception):
 
 class RefusedError(ChatError):
     """The server was refused (TLS verification) or refused us (password): retrying is futile."""
+
+
+def normalize_fingerprint(text):
+    """The hex digits of a fingerprint as typed: colons, case and "SHA256:" ignored."""
+    text = text.strip().lower()
+    if text.startswith("sha256:"):
+        text = text[7:]
+    digits = text.replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digits):
+        raise ValueError("a SHA-256 fingerprint is 64 hex digits (colons optional)")
+    return digits
 
 
 def open_connection(host, port, family=socket.AF_UNSPEC, timeout=CONNECT_TIMEOUT):
@@ -1386,6 +2570,15 @@ def client_tls_context(ca_file=None, pinned=False):
     return context
 
 
+def tls_failure(exc):
+    """Plain words for a failed TLS handshake."""
+    reason = getattr(exc, "reason", None) or ""
+    if reason in ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE") \
+            or isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)):
+        return "the server does not speak TLS (leave out --tls and its options)"
+    return reason or describe_error(exc)
+
+
 def default_nick():
     """The login name, made a valid nick; None (a guest nick) when there is none."""
     try:
@@ -1397,26 +2590,54 @@ def default_nick():
 def echo_of(text, nick):
     """The line others receive when we send text, or None (commands, blank lines).
 
-    Mirrors what the server relays, so our own lines look like everyone else's
-    and can be matched against the history the server replays.
+    Rendered from the same table as the server's, so our own lines look like
+    everyone else's and can be matched against the history the server replays.
     """
-    lower = text[:4].lower()
-    if lower == "/me ":
-        body, shape = sanitize(text[4:]).strip(), "* %s %s"
+    if text[:4].lower() == "/me ":
+        key, body = "acted", sanitize(text[4:]).strip()
     elif text[:2] == "//" or text[:1] != "/":
-        body, shape = sanitize(text[1:] if text[:2] == "//" else text), "<%s> %s"
+        key, body = "said", sanitize(text[1:] if text[:2] == "//" else text)
     else:
         return None
-    return shape % (nick, body) if body.strip() else None
+    return WORDING.render(key, nick=nick, text=body) if body.strip() else None
+
+
+class Pacer:
+    """The server's flood allowance, mirrored: lines go out no faster than it reads them,
+    so a piped bot is never cut off for flooding."""
+
+    def __init__(self, rate, burst, spent=0):
+        self.rate, self.burst = rate, burst
+        self.tokens = max(burst - spent, 0)
+        self.refilled = time.monotonic()
+
+    def _refill(self):
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+
+    def take(self):
+        """Spend a token: True, or False when the line must wait."""
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def spend(self):
+        """Spend a token for a line that goes out anyway (the client's own)."""
+        self._refill()
+        self.tokens -= 1
+
+    def wait(self):
+        """Seconds until the next token."""
+        self._refill()
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 # Rendering received lines
 
 _NICK_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
-_HISTORY_ENTRY = re.compile(r"\*\*\* \[(\d\d:\d\d)\] (.*)$")
-_CHAT_LINE = re.compile(r"<([^>\s]+)> (.*)$")
-_ACTION_LINE = re.compile(r"\* (\S+) (.*)$")
-_PRIVATE_LINE = re.compile(r"\*([^*\s]+)\* (.*)$")
 
 
 def char_width(char):
@@ -1424,6 +2645,42 @@ def char_width(char):
     if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
         return 0
     return 2 if unicodedata.east_asian_width(char) in "WF" else 1
+
+
+def _extends_cluster(char):
+    """Whether char belongs to the character before it on screen (marks, joiners,
+    variation selectors, skin tones, tags)."""
+    return (unicodedata.category(char) in ("Mn", "Me", "Mc") or char == "\u200d"
+            or "\ufe00" <= char <= "\ufe0f" or "\U0001f3fb" <= char <= "\U0001f3ff"
+            or "\U000e0020" <= char <= "\U000e007f" or "\U000e0100" <= char <= "\U000e01ef")
+
+
+def _is_regional_indicator(char):
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
+def cluster_starts(text):
+    """Where each character as the eye sees it starts (a flag, an emoji with a skin tone
+    or joined by ZWJ, a letter with its accents): an approximation of UAX #29."""
+    starts, i, end = [], 0, len(text)
+    while i < end:
+        starts.append(i)
+        first = text[i]
+        i += 1
+        if _is_regional_indicator(first) and i < end and _is_regional_indicator(text[i]):
+            i += 1
+        while i < end and (_extends_cluster(text[i]) or text[i - 1] == "\u200d"):
+            i += 1
+    return starts
+
+
+def text_width(text):
+    """Terminal columns of text: a cluster is as wide as its first character (a flag: 2)."""
+    width = 0
+    for start in cluster_starts(text):
+        first = text[start]
+        width += 2 if _is_regional_indicator(first) else char_width(first)
+    return width
 
 
 def colour_wanted(stream, no_color=False):
@@ -1434,6 +2691,10 @@ def colour_wanted(stream, no_color=False):
 
 def paint(code, text):
     return "\x1b[%sm%s\x1b[0m" % (code, text)
+
+
+def is_error(kind):
+    return kind is not None and WORDING.templates[kind].startswith("*** error: ")
 
 
 class LineStyle:
@@ -1448,38 +2709,39 @@ class LineStyle:
     def render(self, line, nick=None):
         """The text to print for a line (bell included when it is for us)."""
         stamp = time.strftime("[%H:%M] ") if self.timestamps else ""
-        replayed = _HISTORY_ENTRY.match(line)
-        if replayed and self.timestamps:   # history keeps the time it was said
-            stamp, line = "[%s] " % replayed.group(1), replayed.group(2)
-        for_me = self._for_me(line, nick)
-        text = self._paint(line, for_me) if self.colour else line
+        kind, fields = WORDING.parse(line)
+        replayed = kind == "history_entry"
+        if replayed:   # history keeps the time it was said
+            if self.timestamps:
+                stamp, line = "[%s] " % fields["time"], fields["line"]
+            kind, fields = WORDING.parse(fields["line"])
+        for_me = self._for_me(kind, fields, nick)
+        text = self._paint(line, kind, fields, for_me) if self.colour else line
         if self.colour and (stamp or replayed):
             stamp = paint("2", stamp)
             text = paint("2", line) if replayed else text
         return stamp + text + ("\x07" if for_me and self.bell else "")
 
-    def _paint(self, line, for_me):
+    def _paint(self, line, kind, fields, for_me):
         """Nicks in their colours; lines for us bold, errors red, notices dim."""
-        chat, action = _CHAT_LINE.match(line), _ACTION_LINE.match(line)
-        if chat or action:
-            who, text = (chat or action).groups()
-            name = paint(self.nick_colour(who), who)
-            shown = "<%s> %s" % (name, text) if chat else "* %s %s" % (name, text)
+        if kind in ("said", "acted"):
+            shown = WORDING.render(kind, nick=paint(self.nick_colour(fields["nick"]),
+                                                    fields["nick"]), text=fields["text"])
             return paint("1", shown) if for_me else shown
-        if _PRIVATE_LINE.match(line):
+        if kind == "private":
             return paint("1;35", line)
-        if line.startswith("*** error:"):
+        if is_error(kind):
             return paint("31", line)
         if line.startswith(("*** ", "-> ")):
             return paint("2", line)
         return line
 
-    def _for_me(self, line, nick):
+    def _for_me(self, kind, fields, nick):
         """A private message, or someone else's line that mentions our nick."""
-        if _PRIVATE_LINE.match(line):
+        if kind == "private":
             return True
-        said = _CHAT_LINE.match(line) or _ACTION_LINE.match(line)
-        return bool(said) and said.group(1) != nick and self._mentions(said.group(2), nick)
+        return (kind in ("said", "acted") and fields["nick"] != nick
+                and self._mentions(fields["text"], nick))
 
     @staticmethod
     def _mentions(text, nick):
@@ -1489,40 +2751,34 @@ class LineStyle:
     @staticmethod
     def nick_colour(nick):
         """A stable colour per nick (crc32, not hash(): the same every run)."""
-        return _NICK_COLOURS[zlib.crc32(nick_key(nick).encode()) % len(_NICK_COLOURS)]
+        return _NICK_COLOURS[zlib.crc32(name_key(nick).encode()) % len(_NICK_COLOURS)]
 
 
 class Roster:
-    """Nicks seen in the room, for Tab completion; fed every line shown."""
-
-    _PATTERNS = (
-        (re.compile(r"\*\*\* welcome to .*, you are (\S+)$"), "add"),
-        (re.compile(r"\*\*\* (\S+) joined$"), "add"),
-        (re.compile(r"\*\*\* (\S+) left \(.*\)$"), "remove"),
-        (re.compile(r"<(\S+)> "), "add"),
-        (re.compile(r"\* (\S+) "), "add"),
-        (re.compile(r"\*(\S+)\* "), "add"),
-    )
-    _RENAMED = re.compile(r"\*\*\* (\S+) is now known as (\S+)$")
-    _WHO = re.compile(r"\*\*\* \d+ online: (.*)$")
+    """Nicks and rooms seen, for Tab completion; fed every line shown."""
 
     def __init__(self):
         self.nicks = set()
+        self.rooms = set()
 
     def note(self, line):
-        renamed, who = self._RENAMED.match(line), self._WHO.match(line)
-        if renamed:
-            self.nicks.discard(renamed.group(1))
-            self.nicks.add(renamed.group(2))
-        elif who:
-            names = who.group(1).split(", ")
-            self.nicks.update(name for name in names if not name.startswith("and "))
-        else:
-            for pattern, action in self._PATTERNS:
-                found = pattern.match(line)
-                if found:
-                    getattr(self.nicks, "add" if action == "add" else "discard")(found.group(1))
-                    return
+        kind, fields = WORDING.parse(line)
+        if kind == "history_entry":
+            kind, fields = WORDING.parse(fields["line"])
+        if kind in ("welcome", "joined", "said", "acted", "private"):
+            self.nicks.add(fields["nick"])
+        elif kind in ("left", "moved"):
+            self.nicks.discard(fields["nick"])
+        elif kind == "renamed":
+            self.nicks.discard(fields["nick"])
+            self.nicks.add(fields["new"])
+        elif kind in ("in_room", "who", "who_room"):
+            self.nicks.update(name for name in fields["names"].split(", ")
+                              if name and not name.startswith("and "))
+        elif kind == "rooms":
+            self.rooms.update(re.findall(r"(#\S+) \(\d+\)", fields["list"]))
+        if "room" in fields:
+            self.rooms.add(fields["room"])
 
 
 class PlainConsole:
@@ -1531,20 +2787,24 @@ class PlainConsole:
     Output goes out as UTF-8 (whatever the console encoding) and is flushed
     after every line, so `client > log` and `client | grep` see each at once.
     Notes from the client itself go to stderr, so stdout stays protocol lines.
+    With listen_only, nothing is read from stdin.
     """
 
-    def __init__(self, style=None, stdin=None, stdout=None, stderr=None):
+    def __init__(self, style=None, stdin=None, stdout=None, stderr=None, listen_only=False):
         self.style = style or LineStyle()
         self._stdin = stdin or sys.stdin
         self._stdout = stdout or sys.stdout
         self._stderr = stderr or sys.stderr
         self._tty = self._stdout.isatty()
+        self.listen_only = listen_only
+        self.interactive = not listen_only and self._stdin.isatty()   # a person types
         self.nick = None
 
     def start(self, client):
         """Read lines in a daemon thread and post them to the client, then "eof"."""
-        threading.Thread(target=self._read_lines, args=(client,), name="keyboard",
-                         daemon=True).start()
+        if not self.listen_only:
+            threading.Thread(target=self._read_lines, args=(client,), name="keyboard",
+                             daemon=True).start()
 
     def _read_lines(self, client):
         stream = getattr(self._stdin, "buffer", self._stdin)
@@ -1557,6 +2817,9 @@ class PlainConsole:
 
     def set_nick(self, nick):
         self.nick = nick
+
+    def set_room(self, room):
+        pass
 
     def show(self, *lines):
         text = "".join(self.style.render(line, self.nick) + "\n" for line in lines)
@@ -1586,8 +2849,8 @@ class LineEditor:
     """The line being typed: text, cursor, input history and completion.
 
     Pure state with no terminal behind it; the console maps keys to these
-    methods and draws the result. The cursor moves over combining marks
-    together with the character they belong to.
+    methods and draws the result. The cursor moves over whole characters as
+    the eye sees them: a letter with its accents, a flag, an emoji sequence.
     """
 
     HISTORY_SIZE = 500
@@ -1604,16 +2867,11 @@ class LineEditor:
         self.cursor += len(text)
 
     def _previous_stop(self, index):
-        index -= 1
-        while index > 0 and char_width(self.text[index]) == 0:
-            index -= 1
-        return max(index, 0)
+        return max((start for start in cluster_starts(self.text) if start < index), default=0)
 
     def _next_stop(self, index):
-        index += 1
-        while index < len(self.text) and char_width(self.text[index]) == 0:
-            index += 1
-        return min(index, len(self.text))
+        return min((start for start in cluster_starts(self.text) if start > index),
+                   default=len(self.text))
 
     def left(self):
         self.cursor = self._previous_stop(self.cursor)
@@ -1689,8 +2947,9 @@ class LineEditor:
         self._replace("")
         return line
 
-    def complete(self, commands, nicks):
-        """Complete the word before the cursor: a command first on the line, else a nick.
+    def complete(self, commands, nicks, rooms=()):
+        """Complete the word before the cursor: a command first on the line, a room after
+        /join or /who, else a nick.
 
         Returns the candidates when they are ambiguous and share no longer prefix,
         so the console can list them.
@@ -1699,7 +2958,13 @@ class LineEditor:
         word = self.text[start:self.cursor]
         if not word:
             return []
-        pool = commands if start == 0 and word[0] == "/" else nicks
+        first = self.text.split(" ", 1)[0].lower()
+        if start == 0 and word[0] == "/":
+            pool = commands
+        elif first in ("/join", "/who") and start == len(first) + 1:
+            pool = rooms
+        else:
+            pool = nicks
         folded = word.casefold()
         matches = sorted({name for name in pool if name.casefold().startswith(folded)},
                          key=str.casefold)
@@ -1719,8 +2984,9 @@ class LineEditor:
 
 
 def parse_keys(text):
-    """Split typed text into keys: ("text", chars) or a key name. Returns (keys, rest),
-    rest being an escape sequence cut off by the end of the read."""
+    """Split typed text into keys: ("text", chars), ("report", row, column) for the
+    terminal's cursor report, or a key name. Returns (keys, rest), rest being an escape
+    sequence cut off by the end of the read."""
     keys = []
     start = 0
     for match in _KEY_TOKEN.finditer(text):
@@ -1728,13 +2994,15 @@ def parse_keys(text):
         if token[0] == "\x1b":
             if _PARTIAL_SEQUENCE.fullmatch(text, match.start()) and match.end() == len(text):
                 return keys, text[match.start():]
-            name = _ESCAPE_KEYS.get(token)
+            report = _CURSOR_REPORT.fullmatch(token)
+            name = ("report", int(report.group(1)), int(report.group(2))) if report \
+                else _ESCAPE_KEYS.get(token)
         else:
             name = _CONTROL_KEYS.get(token)
         if name:
             keys.append(name)
         elif token[0] not in "\x1b\x7f" and token >= " ":
-            if keys and isinstance(keys[-1], tuple):
+            if keys and isinstance(keys[-1], tuple) and keys[-1][0] == "text":
                 keys[-1] = ("text", keys[-1][1] + token)
             else:
                 keys.append(("text", token))
@@ -1746,6 +3014,7 @@ _KEY_TOKEN = re.compile(
     r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?|O.?|[^\[O])?|[\x00-\x1f\x7f]|[^\x00-\x1f\x7f\x1b]+",
     re.S)
 _PARTIAL_SEQUENCE = re.compile(r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*|O)?")
+_CURSOR_REPORT = re.compile(r"\x1b\[(\d+);(\d+)R")
 _ESCAPE_KEYS = {
     "\x1b[A": "previous", "\x1b[B": "next", "\x1b[C": "right", "\x1b[D": "left",
     "\x1bOA": "previous", "\x1bOB": "next", "\x1bOC": "right", "\x1bOD": "left",
@@ -1763,19 +3032,27 @@ _CONTROL_KEYS = {
 }
 _WINDOWS_KEYS = {"H": "previous", "P": "next", "K": "left", "M": "right", "G": "home", "O": "end",
                  "S": "delete", "s": "word_left", "t": "word_right"}
-COMMAND_WORDS = ("/nick", "/me", "/msg", "/who", "/help", "/quit")
+COMMAND_WORDS = ("/nick", "/me", "/msg", "/join", "/part", "/rooms", "/who", "/topic", "/help",
+                 "/quit")
 
 
 class TerminalConsole:
     """The interactive terminal: a line editor in raw mode with incoming lines printed
     above it, so what the user is typing is never clobbered.
 
-    Threads: the keyboard thread reads keys and edits the line; the main thread
-    shows incoming lines. Both draw, so every write to the screen happens under
-    one lock. The terminal is restored by close(), which run() always reaches.
+    The line being typed is one row that scrolls sideways when it is longer than
+    the terminal, so the console always knows where its row starts: a resize
+    (some terminals rewrap what is on screen, some cut it) never makes it erase
+    a line that is not its own. Threads: the keyboard thread reads keys and
+    edits the line; the main thread shows incoming lines. Both draw, so every
+    write to the screen happens under one lock. The terminal is restored by
+    close(), which run() always reaches.
     """
 
     ESCAPE_TIMEOUT = 0.05     # seconds after a lone ESC before it counts as the Esc key
+    REPORT_TIMEOUT = 0.5      # seconds to wait for the terminal to say where its cursor is
+    MIN_INPUT = 10            # columns the line gets at least; a longer prompt is cut to "> "
+    interactive = True
 
     def __init__(self, style, stdin=None, stdout=None):
         self.style = style
@@ -1785,9 +3062,11 @@ class TerminalConsole:
         self._lock = threading.RLock()
         self.editor = LineEditor()
         self.roster = Roster()
-        self.nick = None
+        self.nick = self.room = None
         self._client = None
-        self._rows_above = 0      # rows from the prompt's first row down to the cursor
+        self._scroll = 0          # index of the first character of the line on screen
+        self._drawn = (0, 80)     # (cursor column, terminal width) when last drawn
+        self._report_wanted = None   # (deadline, cursor column) while a resize waits for it
         self._saved_mode = None
         self._resize_r = self._resize_w = None
         self._closed = False
@@ -1843,6 +3122,10 @@ class TerminalConsole:
         with self._lock:
             self.nick = nick
 
+    def set_room(self, room):
+        with self._lock:
+            self.room = room
+
     def show(self, *lines):
         with self._lock:
             for line in lines:
@@ -1868,58 +3151,91 @@ class TerminalConsole:
         if not self._closed:
             self._write(self._erase_input() + text + self._input_line())
 
-    def _redraw(self):
+    def _redraw(self, rows_up=0):
         if not self._closed:
-            self._write(self._erase_input() + self._input_line())
+            up = "\x1b[%dA" % rows_up if rows_up else ""
+            self._write(up + self._erase_input() + self._input_line())
 
-    def _erase_input(self):
-        """Escape codes that go to the start of the input area and clear to the end."""
-        up = "\x1b[%dA" % self._rows_above if self._rows_above else ""
-        self._rows_above = 0
-        return up + "\r\x1b[J"
+    @staticmethod
+    def _erase_input():
+        """Escape codes that go to the start of the input row and clear to the end."""
+        return "\r\x1b[J"
 
     def _prompt(self):
-        return "%s> " % self.nick if self.nick else "> "
+        nick = "%s> " % self.nick if self.nick else "> "
+        return "%s %s" % (self.room, nick) if self.room else nick
 
     def _width(self):
         try:
-            return max(os.get_terminal_size(self._stdout.fileno()).columns, 2)
+            return max(os.get_terminal_size(self._stdout.fileno()).columns, 4)
         except (OSError, ValueError):
             return 80
 
-    def _layout(self, width):
-        """(cursor row, cursor column, end row, whether the end is exactly at the edge)
-        of the prompt and line, wrapped at width as the terminal wraps them."""
-        prompt = self._prompt()
-        row = col = 0
-        cursor = None
-        for index, char in enumerate(prompt + self.editor.text):
-            columns = char_width(char)
-            if col + columns > width:   # a wide character never straddles two rows
-                row, col = row + 1, 0
-            if index == len(prompt) + self.editor.cursor:
-                cursor = (row, col)
-            col += columns
-        at_edge = col >= width
-        end = (row + 1, 0) if at_edge else (row, col)
-        cursor = cursor or end
-        if cursor[1] >= width:
-            cursor = (cursor[0] + 1, 0)
-        return cursor[0], cursor[1], end[0], at_edge
-
     def _input_line(self):
-        """Prompt and line, written from the start of the input area, then the cursor
-        placed where the editor's cursor is."""
-        row, col, end_row, at_edge = self._layout(self._width())
+        """The prompt and as much of the line around the cursor as fits one row (the last
+        column stays free, so the terminal never wraps it), then the cursor placed."""
+        width = self._width()
         prompt = self._prompt()
-        if self.style.colour and self.nick:
-            prompt = paint(LineStyle.nick_colour(self.nick), self.nick) + "> "
-        out = [prompt, self.editor.text, "\r\n" if at_edge else ""]
-        if end_row > row:
-            out.append("\x1b[%dA" % (end_row - row))
-        out.append("\r" + ("\x1b[%dC" % col if col else ""))
-        self._rows_above = row
-        return "".join(out)
+        room = width - 1 - text_width(prompt)
+        if room < self.MIN_INPUT:
+            prompt, room = "> ", max(width - 3, 1)
+        text, cursor = self.editor.text, self.editor.cursor
+        starts = cluster_starts(text)
+        if cursor < self._scroll or self._scroll not in starts:
+            self._scroll = cursor
+        under = next((start for start in starts if start > cursor), len(text))
+        while self._scroll < cursor and (text_width(text[self._scroll:under])
+                                         + (cursor == len(text))) > room:
+            self._scroll = next(start for start in starts if start > self._scroll)
+        while self._scroll:   # room to spare at the end: show more of the start
+            before = max(start for start in starts if start < self._scroll)
+            if text_width(text[before:]) >= room:
+                break
+            self._scroll = before
+        shown_end, used = self._scroll, 0
+        for start, end in zip(starts, starts[1:] + [len(text)]):
+            if start < self._scroll:
+                continue
+            used += text_width(text[start:end])
+            if used > room:
+                break
+            shown_end = end
+        column = text_width(prompt) + text_width(text[self._scroll:cursor])
+        self._drawn = (column, width)
+        self._report_wanted = None   # drawn anew: a pending resize is settled
+        if self.style.colour and self.nick and prompt != "> ":
+            nick = paint(LineStyle.nick_colour(self.nick), self.nick) + "> "
+            prompt = paint("2", self.room) + " " + nick if self.room else nick
+        return "%s%s\r%s" % (prompt, text[self._scroll:shown_end],
+                             "\x1b[%dC" % column if column else "")
+
+    # Resizing
+
+    def _resized(self):
+        """The terminal has a new width. A terminal that rewraps its screen splits the
+        input row when it narrows past the cursor, and the cursor moves down with its
+        part; only the terminal can say whether that happened: ask it where the cursor
+        is, and erase from the row the line starts on."""
+        with self._lock:
+            column = self._drawn[0]
+            if column < self._width():
+                self._redraw()   # the cursor is on the row the line starts on, either way
+                return
+            self._write("\x1b[6n")
+            self._report_wanted = (time.monotonic() + self.REPORT_TIMEOUT, column)
+
+    def _after_resize(self, report):
+        """The cursor report (row, column), or None when the terminal gave none."""
+        with self._lock:
+            wanted, self._report_wanted = self._report_wanted, None
+            if wanted is None:
+                return
+            column, width = wanted[1], self._width()
+            rewrapped = column % width
+            rows_up = 0
+            if report is not None and report[1] - 1 == rewrapped != min(column, width - 1):
+                rows_up = column // width   # rewrapped: the line starts that far above
+            self._redraw(rows_up)
 
     # Input, in the keyboard thread
 
@@ -1929,12 +3245,14 @@ class TerminalConsole:
         pending = ""
         try:
             while True:
-                wait = self.ESCAPE_TIMEOUT if pending else None
-                ready, _, _ = select.select([self._fd, self._resize_r], [], [], wait)
+                ready, _, _ = select.select([self._fd, self._resize_r], [], [],
+                                            self._read_timeout(pending))
                 if self._resize_r in ready:
                     os.read(self._resize_r, 64)
-                    with self._lock:
-                        self._redraw()
+                    self._resized()
+                wanted = self._report_wanted
+                if wanted and time.monotonic() >= wanted[0]:
+                    self._after_resize(None)
                 if not ready and pending:       # a lone Esc: nothing follows it
                     pending = ""
                 if self._fd not in ready:
@@ -1947,7 +3265,14 @@ class TerminalConsole:
         except (OSError, ValueError):
             pass
         finally:
-            self._client.post("eof")   # also after a bug here: leave cleanly, never hang
+            self._client.post("eof", wait=False)   # also after a bug here: never hang
+
+    def _read_timeout(self, pending):
+        waits = [self.ESCAPE_TIMEOUT] if pending else []
+        wanted = self._report_wanted
+        if wanted:
+            waits.append(max(wanted[0] - time.monotonic(), 0))
+        return min(waits) if waits else None
 
     def _read_windows_keys(self):
         while True:
@@ -1960,20 +3285,23 @@ class TerminalConsole:
             self._handle_keys(keys)
 
     def _handle_keys(self, keys):
-        """Edit and redraw under the lock; hand finished lines over outside it, since
-        the client's queue may be full and must not stall the screen with it."""
+        """Edit and redraw under the lock; hand finished lines over outside it."""
         posts = []
         with self._lock:
             for key in keys:
                 self._handle_key(key, posts)
-            self._redraw()
+            if any(not isinstance(key, tuple) or key[0] != "report" for key in keys):
+                self._redraw()
         for kind, text in posts:
-            self._client.post(kind, text)
+            self._client.post(kind, text, wait=False)   # a person types: never block
 
     def _handle_key(self, key, posts):
         editor = self.editor
         if isinstance(key, tuple):
-            editor.insert(key[1])
+            if key[0] == "report":
+                self._after_resize(key[1:])
+            else:
+                editor.insert(key[1])
         elif key == "enter":
             line = editor.submit()
             if line:
@@ -1986,12 +3314,12 @@ class TerminalConsole:
         elif key == "interrupt":
             interrupt_main_thread()   # its SIGINT handler decides, as for a real Ctrl+C
         elif key == "complete":
-            candidates = editor.complete(COMMAND_WORDS, self.roster.nicks)
+            nicks = self.roster.nicks - {self.nick}
+            candidates = editor.complete(COMMAND_WORDS, nicks, self.roster.rooms)
             if candidates:
                 self._print_above("  ".join(candidates) + "\r\n")
         elif key == "redraw":
             self._write("\x1b[H\x1b[2J")
-            self._rows_above = 0
         elif key == "suspend":
             self._suspend()
         else:
@@ -2036,20 +3364,19 @@ def enable_windows_vt(stream):
         return False
 
 
+def is_quit(text):
+    return text is not None and text.split(" ", 1)[0].lower() == "/quit"
+
+
 class ChatClient:
     """Connect to a server, send what the user types, show what the server sends.
 
     Threads: the console's daemon thread reads the keyboard (or a pipe) and
-    posts each line to a queue, waking the main loop through a socketpair; the
-    main loop alone owns the socket, so the connection needs no lock.
-    A lost connection is reopened with backoff; lines typed meanwhile wait.
+    posts each line, waking the main loop through a socketpair; the main loop
+    alone owns the socket, so the connection needs no lock. A lost connection
+    is reopened with backoff; lines typed meanwhile wait, and the client goes
+    back to the room it was in.
     """
-
-    WELCOME = re.compile(r"\*\*\* welcome to .*, you are (\S+)$")
-    RENAMED = re.compile(r"\*\*\* you are now known as (\S+)$")
-    NICK_TAKEN = re.compile(r"\*\*\* error: nick (\S+) is taken$")
-    HISTORY_START = re.compile(r"\*\*\* --- last \d+ messages? ---$")
-    HISTORY_END = "*** --- end of history ---"
 
     def __init__(self, host="localhost", port=DEFAULT_PORT, family=socket.AF_UNSPEC,
                  nick=None, console=None, tls_context=None, tls_pin=None, password=None,
@@ -2058,6 +3385,8 @@ class ChatClient:
         self.host, self.port, self.family = host, port, family
         self.wanted_nick = nick
         self.nick = None
+        self.room = None                # the room we are in, as the server last said
+        self._return_to = None          # the room to go back to after a reconnect
         self.console = console or PlainConsole()
         self.tls_context = tls_context  # None: plaintext
         self.tls_pin = tls_pin          # hex SHA-256 the server certificate must have
@@ -2065,19 +3394,22 @@ class ChatClient:
         self.ask_password = ask_password   # callable prompting the user, or None
         self.reconnect = reconnect
         self.retry_delay, self.retry_max = retry_delay, retry_max
-        self._events = queue.Queue(KEYBOARD_QUEUE)
+        self._typed = collections.deque()  # ("line", text) and ("eof", None) from the console
+        self._typed_space = threading.Condition()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._conn = None               # BufferedSocket once connected
         self._connecting = False
-        self._inbuf = b""
+        self._framer = LineFramer(CLIENT_MAX_LINE)
         self._received = collections.deque()   # lines read but not handled yet
         self._nick_attempt = 0          # > 0 while asking for wanted_nick or a variant
         self._ready = False             # greeted and nick settled: typed lines may go out
+        self._pacer = None              # the server's flood allowance, once it told it
+        self._sent = 0                  # lines sent on this connection
         self._quitting = False
         self._interrupted = False
-        self._history = None            # lines of a history block being received
+        self._history = None            # (room, entries) of a history block being received
         self._seen = collections.deque(maxlen=SEEN_LINES)   # public lines shown
 
     @property
@@ -2091,9 +3423,13 @@ class ChatClient:
 
     # Called from other threads and signal handlers
 
-    def post(self, kind, text=None):
-        """Hand a keyboard event ("line", "eof") to the main loop."""
-        self._events.put((kind, text))
+    def post(self, kind, text=None, wait=True):
+        """Hand a keyboard event ("line", "eof") to the main loop; with wait, block while
+        many are waiting already, so a pipe cannot fill memory."""
+        with self._typed_space:
+            while wait and len(self._typed) >= KEYBOARD_QUEUE:
+                self._typed_space.wait()
+            self._typed.append((kind, text))
         self._wake()
 
     def interrupt(self):
@@ -2154,8 +3490,7 @@ class ChatClient:
             raise RefusedError("the TLS certificate of %s is not trusted: %s\n%s" % (
                 self.where, exc.verify_message, self._pin_advice()))
         except (ssl.SSLError, OSError) as exc:
-            raise ChatError("TLS with %s failed: %s" % (
-                self.where, getattr(exc, "reason", None) or describe_error(exc)))
+            raise ChatError("TLS with %s failed: %s" % (self.where, tls_failure(exc)))
         if self.tls_pin:
             actual = certificate_fingerprint(sock.getpeercert(binary_form=True))
             if normalize_fingerprint(actual) != self.tls_pin:
@@ -2175,30 +3510,47 @@ class ChatClient:
                 % (fingerprint, fingerprint[7:]))
 
     def _register(self, sock):
-        """Read up to the greeting, answering a password request on the way."""
-        self._inbuf = b""
+        """Say our nick first (so the server greets us under it, and a TLS server tells a
+        plaintext client at once), answer a password request, read up to the welcome."""
+        self._framer = LineFramer(CLIENT_MAX_LINE)
         self._received.clear()
         self._ready = False
         self._nick_attempt = 0
         self._history = None
+        self._pacer = None
+        self._sent = 1
+        sock.sendall(("/nick %s\n" % self.wanted_nick if self.wanted_nick else "\n").encode())
         error = None
         while True:
             line = self._next_line(sock)
             if line is None:
                 raise ChatError("%s closed the connection%s"
                                 % (self.where, ": " + error if error else ""))
-            self.console.show(line)
-            if line.startswith("*** password required"):
+            kind, fields = WORDING.parse(line)
+            if kind == "password_required":   # answered here, not shown
                 sock.sendall(("/pass %s\n" % self._get_password()).encode())
-            elif line == "*** error: wrong password":
+                self._sent += 1
+                continue
+            if kind == "wrong_password":
                 raise RefusedError("%s refused the password" % self.where)
-            elif line.startswith("*** error: "):
-                error = line[11:]
-            welcome = self.WELCOME.match(line)
-            if welcome:   # in the room: from now on Ctrl+C says goodbye first
+            if kind == "guesses_throttled":
+                raise RefusedError("%s refused the password: too many wrong passwords from "
+                                   "this address; try again in %s s" % (self.where,
+                                                                        fields["seconds"]))
+            if kind == "speaks_tls":
+                raise RefusedError("%s speaks TLS: connect with --tls, --tls-ca FILE or "
+                                   "--tls-fingerprint HEX (the server logs its fingerprint)"
+                                   % self.where)
+            self.console.show(line)
+            if is_error(kind):
+                error = line[len("*** error: "):]
+            if kind == "welcome":   # in the chat: from now on Ctrl+C says goodbye first
                 self._connecting = False
-                self._set_nick(welcome.group(1))
-                self._request_nick(sock)
+                self._set_nick(fields["nick"])
+                if self.wanted_nick and name_key(self.wanted_nick) != name_key(self.nick):
+                    self._nick_attempt = 1   # the reason follows: try a variant then
+                else:
+                    self._nick_settled()
                 return
 
     def _next_line(self, sock):
@@ -2213,12 +3565,12 @@ class ChatClient:
             if not data:
                 return None
             self._split_lines(data)
-        return self._received.popleft()
+        line = self._received.popleft()
+        return "" if line is TOO_LONG else line
 
     def _split_lines(self, data):
-        lines = (self._inbuf + data).split(b"\n")
-        self._inbuf = lines.pop()
-        self._received.extend(sanitize(decode_line(raw)) for raw in lines)
+        self._received.extend(line if line is TOO_LONG else sanitize(decode_line(line))
+                              for line in self._framer.feed(data))
 
     def _get_password(self):
         if self.password is None and self.ask_password:
@@ -2232,13 +3584,13 @@ class ChatClient:
         """After a lost connection: retry with backoff until back (True) or the user
         leaves (False). Refusals (TLS, password) end the client."""
         self._conn.sock.close()
-        reason = "the server closed it"
         if not self.reconnect:
-            raise ChatError("connection to %s lost: %s" % (self.where, reason))
+            raise ChatError("connection to %s lost: the server closed it" % self.where)
+        self._return_to, self.room = self.room, None
         delay = self.retry_delay
         message = "connection to %s lost" % self.where
-        while True:
-            wait = delay * random.uniform(0.75, 1.25)   # jitter: a restarted server is not stormed
+        while True:   # jitter, so a restarted server is not stormed
+            wait = min(delay * random.uniform(0.75, 1.25), self.retry_max)
             self.console.notice("%s; reconnecting in %.0f s" % (message, max(wait, 1)))
             if not self._pause(wait):
                 return False
@@ -2255,15 +3607,24 @@ class ChatClient:
             return True
 
     def _pause(self, seconds):
-        """Wait, but wake for Ctrl+C; False if the user wants out."""
+        """Wait, but wake for Ctrl+C, or for Ctrl+D or /quit typed by a person: False if
+        the user wants out."""
         deadline = time.monotonic() + seconds
-        while not self._interrupted:
+        while not self._leaving():
             left = deadline - time.monotonic()
             if left <= 0:
                 return True
             if select.select([self._wake_r], [], [], left)[0]:
                 drain(self._wake_r)
         return False
+
+    def _leaving(self):
+        if self._interrupted:
+            return True
+        if not self.console.interactive:
+            return False   # a pipe's lines, its end included, wait to be delivered
+        with self._typed_space:
+            return any(kind == "eof" or is_quit(text) for kind, text in self._typed)
 
     # Serving one connection
 
@@ -2272,8 +3633,11 @@ class ChatClient:
         sock = self._conn.sock
         self._handle_received()
         while True:
+            if self._ready:
+                self._take_keyboard_events()
             writers = [sock] if self._conn.outbox else []
-            readable, writable, _ = select.select([sock, self._wake_r], writers, [])
+            readable, writable, _ = select.select([sock, self._wake_r], writers, [],
+                                                  self._pacing_delay())
             if writable:
                 self._flush()
             if self._wake_r in readable:
@@ -2285,22 +3649,31 @@ class ChatClient:
                 self._quit()
             if sock in readable and not self._receive():
                 return self._quitting
-            if self._ready:
-                self._take_keyboard_events()
+
+    def _pacing_delay(self):
+        """How long typed lines must wait for the flood allowance; None: nothing waits."""
+        if self._ready and self._pacer and self._typed and not self._quitting:
+            return self._pacer.wait() or None
+        return None
 
     def _take_keyboard_events(self):
         while self._conn.queued < SEND_CHUNK and not self._quitting:
-            try:
-                kind, text = self._events.get_nowait()
-            except queue.Empty:
-                return
+            with self._typed_space:
+                if not self._typed:
+                    return
+                kind, text = self._typed[0]
+                paced = kind == "line" and text and not is_quit(text) and self._pacer
+                if paced and not self._pacer.take():
+                    return
+                self._typed.popleft()
+                self._typed_space.notify()
             if kind == "line":
                 self._send_typed(text)
             else:
                 self._quit()
 
     def _send_typed(self, text):
-        if text.split(" ", 1)[0] == "/quit":
+        if is_quit(text):
             self._quit(text)
         elif text:
             self._send_line(text)
@@ -2314,8 +3687,12 @@ class ChatClient:
         self._send_line(command)
         self._quitting = True
 
-    def _send_line(self, text):
+    def _send_line(self, text, own=False):
+        """Queue a line; own: one the client sends by itself, which flood control counts."""
         self._conn.queue(text.encode("utf-8", "replace") + b"\n")
+        self._sent += 1
+        if own and self._pacer:
+            self._pacer.spend()
         self._flush()
 
     def _flush(self):
@@ -2342,43 +3719,42 @@ class ChatClient:
         shown = []
         while self._received:
             line = self._received.popleft()
-            if self._history is not None or self.HISTORY_START.match(line):
-                self._collect_history(line, shown)
+            if line is TOO_LONG:
+                self.console.notice("the server sent a line of over %d bytes; it is left out"
+                                    % CLIENT_MAX_LINE)
+                continue
+            kind, fields = WORDING.parse(line)
+            if self._history is not None:
+                if kind == "history_entry" and len(self._history[1]) < MAX_HISTORY_BLOCK:
+                    self._history[1].append((line, fields["line"]))
+                    continue
+                self._end_history(shown, kind == "history_end")
+                if kind == "history_end":
+                    continue
+            if kind == "history_start":
+                self._history = (fields["room"], [])
                 continue
             shown.append(line)
-            self._follow(line)
+            self._follow(kind, fields, line)
         if shown:
             self.console.show(*shown)
 
-    def _follow(self, line):
-        """Keep track of our nick, and of the public lines shown."""
-        renamed = self.RENAMED.match(line)
-        if renamed:
-            if not self._nick_attempt:   # the user's own /nick: keep it across reconnects
-                self.wanted_nick = renamed.group(1)
-            self._set_nick(renamed.group(1))
-            self._nick_settled()
-        elif self._nick_attempt and self.NICK_TAKEN.match(line):
-            self._request_nick()
-        elif self._nick_attempt and line.startswith("*** error: invalid nick"):
-            self._nick_settled()
-        elif _CHAT_LINE.match(line) or _ACTION_LINE.match(line):
-            self._seen.append(line)
-
-    def _collect_history(self, line, shown):
-        """Gather a history block; show only the part not shown before (after a reconnect)."""
-        if self._history is None:
-            self._history = []
-        self._history.append(line)
-        if line != self.HISTORY_END:
-            return
-        block, self._history = self._history, None
-        said = [_HISTORY_ENTRY.match(entry) for entry in block[1:-1]]
-        said = [entry.group(2) if entry else None for entry in said]
+    def _end_history(self, shown, ended):
+        """Show a history block, only the part not shown before (after a reconnect),
+        under a header that says what is shown; a block cut short shows what came."""
+        room, entries = self._history
+        self._history = None
+        said = [inner for _, inner in entries]
         known = self._overlap(said)
-        if known < len(said):
-            shown.extend([block[0]] + block[1 + known:])
-            self._seen.extend(said[known:])
+        if known == len(entries):
+            return
+        count = len(entries) - known
+        shown.append(WORDING.render("history_start", count=count, room=room,
+                                    noun="message" if count == 1 else "messages"))
+        shown.extend(line for line, _ in entries[known:])
+        if ended:
+            shown.append(WORDING.render("history_end"))
+        self._seen.extend(said[known:])
 
     def _overlap(self, said):
         """How many lines at the start of said are the last lines we have already shown."""
@@ -2388,27 +3764,47 @@ class ChatClient:
                 return count
         return 0
 
+    def _follow(self, kind, fields, line):
+        """Keep track of our nick, our room, the pace, and the public lines shown."""
+        if kind == "renamed_self":
+            if not self._nick_attempt:   # the user's own /nick: keep it across reconnects
+                self.wanted_nick = fields["nick"]
+            self._set_nick(fields["nick"])
+            self._nick_settled()
+        elif kind in ("nick_taken", "nick_lookalike") and self._nick_attempt:
+            self._request_nick()
+        elif kind == "invalid_nick" and self._nick_attempt:
+            self._nick_settled()
+        elif kind == "in_room":
+            self.room = fields["room"]
+            self.console.set_room(self.room)
+            self._go_back()
+        elif kind == "pace":
+            self._pacer = Pacer(float(fields["rate"]), int(fields["burst"]), self._sent)
+        elif kind in ("said", "acted"):
+            self._seen.append(line)
+
     def _set_nick(self, nick):
         self.nick = nick
         self.console.set_nick(nick)
 
     def _nick_settled(self):
+        """Our nick is what it will be: typed lines may go out."""
         self._nick_attempt = 0
         self._ready = True
+        self._go_back()
 
-    def _request_nick(self, sock=None):
-        """Ask for the wanted nick, or its next variant when the last one was taken."""
-        if not self.wanted_nick or nick_key(self.wanted_nick) == nick_key(self.nick or ""):
-            self._nick_settled()
-            return
+    def _go_back(self):
+        """After a reconnect, once greeted under our nick: back to the room we were in."""
+        if self._ready and self._return_to and self.room:
+            room, self._return_to = self._return_to, None
+            if room != self.room:
+                self._send_line("/join " + room, own=True)
+
+    def _request_nick(self):
+        """Ask for the next variant of the wanted nick: the last one was taken."""
         self._nick_attempt += 1
-        attempt = self._nick_attempt
-        line = "/nick " + (nick_variant(self.wanted_nick, attempt) if attempt > 1
-                           else self.wanted_nick)
-        if sock is not None:   # still registering, on the blocking socket
-            sock.sendall(line.encode() + b"\n")
-        else:
-            self._send_line(line)
+        self._send_line("/nick " + nick_variant(self.wanted_nick, self._nick_attempt), own=True)
 
 
 # --- Command line ---
@@ -2434,6 +3830,8 @@ def add_server_parser(commands):
         "(never from the command line, where ps would show it).")
     add_network_arguments(server, "address to listen on (default: all interfaces, IPv4 and IPv6)")
     server.add_argument("--name", help="server name shown in the greeting (default: host name)")
+    server.add_argument("--room", type=room_name, default=DEFAULT_ROOM, metavar="ROOM",
+                        help="the room everyone starts in (default %(default)s)")
     limits = server.add_argument_group("limits")
     limits.add_argument("--max-clients", type=positive_int, default=DEFAULT_MAX_CLIENTS,
                         metavar="N", help="connections accepted at once (default %(default)s" +
@@ -2449,9 +3847,12 @@ def add_server_parser(commands):
     limits.add_argument("--burst", type=positive_int, default=DEFAULT_BURST, metavar="LINES",
                         help="lines one client may send at once, e.g. a paste (default %(default)s)")
     server.add_argument("--history", type=non_negative_int, default=DEFAULT_HISTORY, metavar="N",
-                        help="public lines replayed to newcomers (default %(default)s; 0: none)")
+                        help="public lines of each room replayed to those who enter it "
+                        "(default %(default)s; 0: none)")
+    limits.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
+                        help="rooms that may exist at once (default %(default)s)")
     limits.add_argument("--announce-limit", type=non_negative_int, default=DEFAULT_ANNOUNCE_LIMIT,
-                        metavar="N", help="announce joins, leaves and renames only while the room "
+                        metavar="N", help="announce joins, leaves and renames only while a room "
                         "has at most N members (default %(default)s)")
     limits.add_argument("--register-timeout", type=positive_float, default=REGISTER_TIMEOUT,
                         metavar="SECONDS", help="time to finish the TLS handshake and /pass "
@@ -2471,11 +3872,12 @@ def add_server_parser(commands):
 def add_client_parser(commands):
     client = commands.add_parser(
         "client", help="join a chat server",
-        description="Join a chat server. Type lines to talk; /help lists the commands; "
-        "/quit, Ctrl+D or Ctrl+C leave. In a terminal, incoming lines appear above the line "
-        "you type, which you edit with Left/Right, Home/End (Ctrl+A/E), Backspace/Delete, "
-        "Ctrl+U/K/W, Up/Down (input history) and Tab (completes nicks and commands). "
-        "Piped input is sent line by line and piped output is the plain protocol lines.",
+        description="Join a chat server. Type lines to talk; /help lists the commands, "
+        "/join ROOM changes rooms; /quit, Ctrl+D or Ctrl+C leave. In a terminal, incoming "
+        "lines appear above the line you type, which you edit with Left/Right, Home/End "
+        "(Ctrl+A/E), Backspace/Delete, Ctrl+U/K/W, Up/Down (input history) and Tab (completes "
+        "nicks, commands and rooms). Piped input is sent line by line, no faster than the "
+        "server's flood control allows, and piped output is the plain protocol lines.",
         epilog="The password may also come from the CHAT_PASSWORD environment variable; "
         "without either, the client asks for it when the server wants one.")
     add_network_arguments(client, "server to connect to (default: localhost)", default="localhost")
@@ -2484,6 +3886,9 @@ def add_client_parser(commands):
     client.add_argument("--no-reconnect", dest="reconnect", action="store_false",
                         help="exit with status 1 when the connection is lost, instead of "
                         "reconnecting (after 1 s, doubling up to 30 s)")
+    client.add_argument("--listen-only", action="store_true",
+                        help="only show what is said, never read the keyboard or stdin: for "
+                        "loggers started from scripts (stop it with Ctrl+C or a signal)")
     display = client.add_argument_group("display")
     stamps = display.add_mutually_exclusive_group()
     stamps.add_argument("--timestamps", dest="timestamps", action="store_true", default=None,
@@ -2509,10 +3914,12 @@ def add_client_parser(commands):
 
 
 def add_network_arguments(parser, host_help, default=None):
-    parser.add_argument("--host", default=default, help=host_help)
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
-                        help="TCP port (default %(default)s; 0 for any free port)"
-                        if default is None else "TCP port (default %(default)s)")
+    server = default is None
+    parser.add_argument("--host", default=default, help=host_help + "; HOST:PORT and [IPv6] "
+                        "work too")
+    parser.add_argument("--port", type=port_number if server else client_port, default=None,
+                        help="TCP port (default %d%s)" % (
+                            DEFAULT_PORT, "; 0 for any free port" if server else ""))
     family = parser.add_mutually_exclusive_group()
     family.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET,
                         help="IPv4 only")
@@ -2525,6 +3932,35 @@ def port_number(text):
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("%r is not a port number (0-65535)" % text)
     return value
+
+
+def client_port(text):
+    value = port_number(text)
+    if not value:
+        raise argparse.ArgumentTypeError("a server's port is 1 to 65535, not 0")
+    return value
+
+
+def room_name(text):
+    try:
+        return normalize_room(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("%r is not a room name: %s" % (text, exc))
+
+
+def split_host(host, port):
+    """(host, port) from --host and --port: "[::1]" and "[::1]:8000" are IPv6 in brackets,
+    "box:8000" carries its port; a bare IPv6 address has more than one colon."""
+    found = re.fullmatch(r"\[([^\]]*)\](?::(\d+))?", host or "") or \
+        re.fullmatch(r"([^:]+):(\d+)", host or "")
+    if found:
+        host, in_host = found.group(1), found.group(2)
+        if in_host is not None:
+            if not 0 < int(in_host) < 65536 or port not in (None, int(in_host)):
+                raise ChatError("--host %s: a bad port, or not the one --port says"
+                                % found.group())
+            port = int(in_host)
+    return host, DEFAULT_PORT if port is None else port
 
 
 def positive_int(text):
@@ -2622,8 +4058,10 @@ def server_options(args):
 
     Raises ChatError when a file cannot be used.
     """
+    host, port = split_host(args.host, args.port)
     options = ServerOptions(
-        host=args.host, port=args.port, family=args.family, name=args.name,
+        host=host, port=port, family=args.family, name=args.name, room=args.room,
+        max_rooms=args.max_rooms,
         max_clients=min(args.max_clients, DEFAULT_MAX_CLIENTS) if WINDOWS else args.max_clients,
         max_line=args.max_line, announce_limit=args.announce_limit,
         password=read_password(args.password_file), register_timeout=args.register_timeout,
@@ -2636,7 +4074,10 @@ def server_options(args):
             raise ChatError("this Python has no ssl module, so TLS is not available")
         try:
             options.tls_context, fingerprint = server_tls_context(args.tls_cert, args.tls_key)
-        except (OSError, ValueError, AttributeError) as exc:   # ssl.SSLError is an OSError
+        except ssl.SSLError:
+            raise ChatError("cannot use the TLS certificate %s: it and its key must be PEM "
+                            "files (the key unencrypted) that belong together" % args.tls_cert)
+        except (OSError, ValueError, AttributeError) as exc:
             raise ChatError("cannot use the TLS certificate %s: %s"
                             % (args.tls_cert, getattr(exc, "strerror", None) or exc))
     return options, fingerprint
@@ -2660,8 +4101,8 @@ def run_server(args):
     try:
         server = ChatServer(options)
     except OSError as exc:
-        where = format_address(args.host or "*", args.port)
-        raise ChatError("cannot listen on %s: %s" % (where, exc.strerror or exc))
+        where = format_address(options.host or "*", options.port)
+        raise ChatError("cannot listen on %s: %s" % (where, listen_failure(exc, options.port)))
     with server:
         for host, port in server.addresses:
             print("listening on %s" % format_address(host, port), file=sys.stderr, flush=True)
@@ -2669,6 +4110,19 @@ def run_server(args):
         install_shutdown_signals(server)
         server.serve_forever()
     return 0
+
+
+def listen_failure(exc, port):
+    """Plain words for a socket that cannot listen."""
+    if exc.errno == errno.EADDRINUSE:
+        return "port %d is in use (is another server running there?)" % port
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need administrator rights)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "this machine has no such address"
+    if isinstance(exc, socket.gaierror):
+        return "no such host (%s)" % exc.strerror
+    return exc.strerror or str(exc)
 
 
 def install_shutdown_signals(server):
@@ -2682,11 +4136,12 @@ def install_shutdown_signals(server):
 def client_from_args(args):
     """A ChatClient configured from the command line."""
     nick = default_nick()
-    if args.nick:
+    if args.nick is not None:
         try:
             nick = normalize_nick(args.nick)
         except ValueError as exc:
             raise ChatError("invalid --nick: %s" % exc)
+    host, port = split_host(args.host, args.port)
     tls_context = pin = None
     if args.tls or args.tls_ca or args.tls_fingerprint:
         if ssl is None:
@@ -2699,7 +4154,7 @@ def client_from_args(args):
         except OSError as exc:
             raise ChatError("cannot use --tls-ca %s: %s" % (args.tls_ca, exc.strerror or exc))
     ask = getpass.getpass if sys.stdin.isatty() else None
-    return ChatClient(args.host, args.port, args.family or socket.AF_UNSPEC, nick=nick,
+    return ChatClient(host, port, args.family or socket.AF_UNSPEC, nick=nick,
                       console=console_from_args(args), tls_context=tls_context, tls_pin=pin,
                       password=read_password(args.password_file), ask_password=ask,
                       reconnect=args.reconnect)
@@ -2713,9 +4168,9 @@ def console_from_args(args):
                       bell=on_terminal and args.bell)
     if on_terminal:
         sys.stdout.reconfigure(errors="replace")
-    if TerminalConsole.usable(sys.stdin, sys.stdout):
+    if not args.listen_only and TerminalConsole.usable(sys.stdin, sys.stdout):
         return TerminalConsole(style)
-    return PlainConsole(style)
+    return PlainConsole(style, listen_only=args.listen_only)
 
 
 def run_client(args):

@@ -273,7 +273,7 @@ class ServerTestCase(unittest.TestCase):
     # A newcomer is announced when it sets its nick; the fallback timer is far off, so
     # no test depends on how fast the machine is. Tests of the timer shorten it.
     DEFAULTS = dict(host="127.0.0.1", name="testroom", rate=0, join_delay=3600.0,
-                    close_linger=0.5, shutdown_timeout=1.0)
+                    greet_delay=0.05, close_linger=0.5, shutdown_timeout=1.0)
     options = {}
 
     def setUp(self):
@@ -321,12 +321,13 @@ class ServerTestCase(unittest.TestCase):
         return sock
 
     def connect(self, nick=None):
-        """A peer past its greeting, renamed to nick when given (which announces it)."""
+        """A peer past its greeting; with a nick, it asks for it first, as the client does
+        (which announces it), else it waits to be greeted as a guest."""
         peer = self.open_peer()
-        peer.expect(r"\*\*\* type /help for commands")
         if nick:
             peer.say("/nick " + nick)
-            peer.expect(r"\*\*\* you are now known as " + re.escape(nick))
+            peer.expect(r"\*\*\* welcome to .*, you are " + re.escape(nick))
+        peer.expect(r"\*\*\* type /help for commands")
         return peer
 
 
@@ -386,8 +387,8 @@ class ProtocolTextTest(unittest.TestCase):
                     chat.normalize_nick(nick)
 
     def test_nick_key_ignores_case(self):
-        self.assertEqual(chat.nick_key("Alice"), chat.nick_key("aLICE"))
-        self.assertEqual(chat.nick_key("STRASSE"), chat.nick_key("straße"))
+        self.assertEqual(chat.name_key("Alice"), chat.name_key("aLICE"))
+        self.assertEqual(chat.name_key("STRASSE"), chat.name_key("straße"))
 
     def test_make_valid_nick_from_login_names(self):
         self.assertEqual(chat.make_valid_nick("john.doe"), "john_doe")
@@ -409,8 +410,8 @@ class ChatTest(ServerTestCase):
     def test_greeting_names_server_nick_and_who_is_online(self):
         alice = self.connect("alice")
         peer = self.open_peer()
-        self.assertEqual(peer.next_line(), "*** welcome to testroom, you are guest2")
-        self.assertEqual(peer.next_line(), "*** 2 online: alice, guest2")
+        self.assertEqual(peer.next_line(), "*** welcome to testroom, you are guest1")
+        self.assertEqual(peer.next_line(), "*** you are in #lobby: 2 online: alice, guest1")
         self.assertEqual(peer.next_line(), "*** type /help for commands")
         self.assertEqual(alice.sync(), [])
 
@@ -524,7 +525,7 @@ class ChatTest(ServerTestCase):
 
     def test_unexpected_error_drops_only_that_client(self):
         alice, bob = self.connect("alice"), self.connect("bob")
-        with mock.patch.object(chat.ChatServer, "_cmd_help", side_effect=RuntimeError("boom")):
+        with mock.patch.object(chat.Hub, "do_help", side_effect=RuntimeError("boom")):
             with self.assertLogs(chat.log, logging.ERROR) as logs:
                 bob.say("/help")
                 self.assertEqual(bob.expect_closed(), [])
@@ -541,7 +542,7 @@ class JoinNoticeTest(ServerTestCase):
         alice = self.connect("alice")
         bob = self.open_peer()
         bob.say("/nick bob")
-        bob.expect(r"\*\*\* you are now known as bob")
+        bob.expect(r"\*\*\* welcome to testroom, you are bob")
         self.assertEqual(alice.sync(), ["*** bob joined"])
 
     def test_taken_nick_does_not_announce_the_guest(self):
@@ -556,7 +557,7 @@ class JoinNoticeTest(ServerTestCase):
         alice = self.connect("alice")
         guest = self.open_peer()
         guest.say("hi all")
-        self.assertEqual(alice.lines_until(r"<guest2> hi all"), ["*** guest2 joined"])
+        self.assertEqual(alice.lines_until(r"<guest1> hi all"), ["*** guest1 joined"])
 
     def test_newcomer_receives_broadcasts_from_its_greeting_on(self):
         alice = self.connect("alice")
@@ -580,14 +581,14 @@ class SilentGuestTest(ServerTestCase):
     def test_silent_guest_is_announced_after_the_delay(self):
         alice = self.connect("alice")
         self.open_peer()
-        self.assertEqual(alice.expect(r"\*\*\* guest.*"), "*** guest2 joined")
+        self.assertEqual(alice.expect(r"\*\*\* guest.*"), "*** guest1 joined")
 
     def test_a_failing_timer_drops_only_its_connection(self):
         alice = self.connect("alice")
-        with mock.patch.object(chat.ChatServer, "_announce_join", side_effect=RuntimeError("x")):
+        with mock.patch.object(chat.Hub, "announce", side_effect=RuntimeError("x")):
             with self.assertLogs(chat.log, logging.ERROR):
                 guest = self.open_peer()
-                self.assertEqual(guest.expect_closed()[:1], ["*** welcome to testroom, you are guest2"])
+                self.assertEqual(guest.expect_closed()[:1], ["*** welcome to testroom, you are guest1"])
         alice.say("/who")
         self.assertEqual(alice.expect(r"\*\*\* \d+ online.*"), "*** 1 online: alice")
 
@@ -614,7 +615,8 @@ class BigRoomTest(ServerTestCase):
         peer = self.open_peer()
         peer.next_line()
         names = peer.next_line()
-        self.assertTrue(names.startswith("*** 23 online: user0, user1, "), names)
+        self.assertTrue(names.startswith("*** you are in #lobby: 23 online: user0, user1, "),
+                        names)
         self.assertTrue(names.endswith(", user19, and 3 more"), names)
 
 
@@ -856,7 +858,7 @@ class PasswordTest(ServerTestCase):
         stranger.say("/pass open  sesame")            # one space too many
         self.assertEqual(stranger.lines_until(r"\*\*\* error: wrong password"),
                          ["*** password required: /pass PASSWORD"]
-                         + ["*** error: password required"] * 4)
+                         + ["*** error: password required"] * 3)   # /nick waits for the way in
         self.assertEqual(stranger.expect_closed(), [])
         self.assertEqual(alice.sync(), [])
 
@@ -893,7 +895,7 @@ class PasswordTimeoutTest(ServerTestCase):
 
 
 class FloodTest(ServerTestCase):
-    """A flooder is slowed down by TCP, loses nothing, and slows nobody else."""
+    """A flooder is paced, loses nothing, and slows nobody else."""
 
     options = {"rate": 20, "burst": 5}
 
@@ -913,13 +915,79 @@ class FloodTest(ServerTestCase):
         self.assertEqual(received, ["<flood> " + line for line in lines[1:30]])
         self.assertIn("flood", [member.nick for member in self.server.members()])
 
-    def test_a_paused_flooder_holds_little_input(self):
+    def test_lines_before_the_end_of_input_are_all_relayed_paced(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.sync()
+        lines = ["paced %02d" % i for i in range(12)]   # the burst of 5, then 7 at --rate
+        bob.send(("\n".join(lines)).encode())          # the last line has no newline
+        bob.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(alice.lines_until(r"\*\*\* bob left .*"),
+                         ["<bob> " + line for line in lines])
+        self.assertEqual(alice.transcript[-1], "*** bob left (connection closed)")
+
+
+class PasteTest(ServerTestCase):
+
+    options = {"rate": chat.DEFAULT_RATE, "burst": chat.DEFAULT_BURST}
+
+    def test_a_pasted_block_of_thirty_lines_goes_through_at_once(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.sync()
+        lines = ["pasted %02d" % i for i in range(30)]
+        bob.say(*lines)
+        self.assertEqual(alice.lines_until(r"<bob> pasted 29"),
+                         ["<bob> " + line for line in lines[:-1]])
+        self.assertEqual(bob.sync(), [])   # still connected
+
+
+class ExcessFloodTest(ServerTestCase):
+    """A connection far ahead of flood control is cut off; a paste and a piped client are not."""
+
+    options = {"rate": 50, "burst": 5, "flood_lag": 0.2}   # up to 10 lines may wait
+
+    def test_a_flood_far_ahead_of_the_rate_is_cut_off(self):
         alice, flooder = self.connect("alice"), self.connect("flood")
-        conn = self.server._nicks["flood"]
-        flooder.send(b"".join(b"%06d %s\n" % (i, b"f" * 90) for i in range(3000)))  # 300 KB
-        wait_for(lambda: not conn.reading, message="flood control to pause reading")
-        self.assertLessEqual(len(conn.inbuf), chat.PACED_RECV_SIZE + chat.DEFAULT_MAX_LINE)
-        self.assertEqual(alice.expect(r"<flood> 000030 .*")[:14], "<flood> 000030")
+        alice.sync()
+        with self.assertLogs(chat.log, logging.WARNING) as logs:
+            flooder.say(*("flood %05d" % i for i in range(20000)))   # then, say, kill -9
+            self.assertEqual(flooder.expect(r"\*\*\* error: .*"),
+                             "*** error: excess flood (over 1 s of lines ahead of the rate limit)")
+        self.assertIn("excess flood", "\n".join(logs.output))
+        said = alice.lines_until(r"\*\*\* flood left \(excess flood\)")
+        self.assertEqual(said, ["<flood> flood %05d" % i for i in range(len(said))])
+        self.assertLessEqual(len(said), 5 + 10)   # the burst, and at most what may wait
+
+    def test_bare_newlines_cost_the_flooders_their_connections_not_the_others_time(self):
+        raise_fd_limit(self, 2 * 60 + 100)
+        alice = self.connect("alice")
+        flooders = [self.open_peer() for _ in range(50)]
+        for flooder in flooders:
+            flooder.send(b"\n" * 65536)
+        for flooder in flooders:
+            self.assertIn("*** error: excess flood (over 1 s of lines ahead of the rate limit)",
+                          flooder.expect_closed())
+        self.assertEqual(alice.sync(), [])
+        self.assertEqual([member.nick for member in self.server.members()], ["alice"])
+
+    def test_lines_up_to_the_bound_wait_their_turn(self):
+        alice, bob = self.connect("alice"), self.connect("bob")   # /nick took a token
+        alice.sync()
+        lines = ["pasted %02d" % i for i in range(14)]   # 4 at once, and 10 that wait
+        bob.say(*lines)
+        self.assertEqual(alice.lines_until(r"<bob> pasted 13"),
+                         ["<bob> " + line for line in lines[:-1]])
+        self.assertEqual(bob.sync(), [])   # still connected
+
+    def test_the_client_paces_a_pipe_to_the_server_rate(self):
+        alice = self.connect("alice")
+        lines = ["piped %02d" % i for i in range(60)]   # 1.1 s of lines, 0.2 s may wait
+        client = ClientProcess(self, self.address[1], "--nick", "bot",
+                               stdin_data="".join(line + "\n" for line in lines).encode())
+        code, out, err = client.finish()
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("*** flood control: 5 lines at once, then 50 a second", out.splitlines())
+        self.assertEqual(alice.lines_until(r"\*\*\* bot left \(quit\)"),
+                         ["*** bot joined"] + ["<bot> " + line for line in lines])
 
 
 @unittest.skipUnless(socket.has_dualstack_ipv6() and ipv6_available(), "no dual-stack IPv6")
@@ -1196,8 +1264,7 @@ class ClientTest(ServerTestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(alice.lines_until(r"\*\*\* ci left \(quit\)"),
                          ["*** ci joined", "<ci> build passed ✓"])
-        self.assertEqual(out.splitlines()[0], "*** welcome to testroom, you are guest2")
-        self.assertIn("*** you are now known as ci", out.splitlines())
+        self.assertEqual(out.splitlines()[0], "*** welcome to testroom, you are ci")
         self.assertNotIn("\x1b", out)
 
     def test_piped_output_is_utf8_whatever_the_locale(self):
@@ -1316,8 +1383,7 @@ class ClientPasswordTest(ServerTestCase):
         self.addCleanup(os.unlink, file.name)
         code, out, err = self.run_client("--password-file", file.name)
         self.assertEqual((code, err), (0, ""))
-        self.assertEqual(out.splitlines()[0], "*** password required: /pass PASSWORD")
-        self.assertIn("*** you are now known as ci", out.splitlines())
+        self.assertEqual(out.splitlines()[0], "*** welcome to testroom, you are ci")
         code, out, err = self.run_client(env={"CHAT_PASSWORD": "two words"})
         self.assertEqual((code, err), (0, ""))
 
@@ -1464,18 +1530,26 @@ class Screen:
     """A small VT100 model: what a terminal of rows x cols would show, and its cursor.
 
     Knows what the client writes: text (wide and combining characters), CR,
-    LF, BS, cursor moves (CSI A B C D G H), erasing (CSI J K), and ignores
-    colours; wraps and scrolls like xterm, including the pending wrap.
+    LF, BS, cursor moves (CSI A B C D G H), erasing (CSI J K), the cursor
+    report request (CSI 6 n, answered through reports), and ignores colours;
+    wraps and scrolls like xterm, including the pending wrap. resize() acts
+    like xterm (rows are cut or padded) or, with reflow, like tmux, VTE and
+    kitty (lines that wrapped are joined and wrapped again at the new width).
     """
 
     _CSI = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
 
     def __init__(self, rows, cols):
         self.rows, self.cols = rows, cols
-        self.grid = [[" "] * cols for _ in range(rows)]
+        self.grid = [self._blank() for _ in range(rows)]
+        self.wrapped = [False] * rows   # the row's text goes on in the next row
         self.row = self.col = 0
         self.wrap_next = False
         self.partial = ""
+        self.reports = []               # answers to cursor report requests, to be typed
+
+    def _blank(self):
+        return [" "] * self.cols
 
     def feed(self, text):
         text, self.partial = self.partial + text, ""
@@ -1510,6 +1584,7 @@ class Screen:
             self.grid[self.row][column] += char
             return
         if self.wrap_next or self.col + width > self.cols:
+            self.wrapped[self.row] = True
             self.col, self.wrap_next = 0, False
             self._line_feed()
         self.grid[self.row][self.col] = char
@@ -1523,7 +1598,9 @@ class Screen:
         self.wrap_next = False
         if self.row == self.rows - 1:
             self.grid.pop(0)
-            self.grid.append([" "] * self.cols)
+            self.wrapped.pop(0)
+            self.grid.append(self._blank())
+            self.wrapped.append(False)
         else:
             self.row += 1
 
@@ -1546,13 +1623,74 @@ class Screen:
             self.col = min(max(numbers[1] if len(numbers) > 1 else 1, 1) - 1, self.cols - 1)
         elif final == "J":
             if numbers[0] == 2:
-                self.grid = [[" "] * self.cols for _ in range(self.rows)]
+                self.grid = [self._blank() for _ in range(self.rows)]
+                self.wrapped = [False] * self.rows
             else:
-                self.grid[self.row][self.col:] = [" "] * (self.cols - self.col)
+                self._erase_row_from_cursor()
                 for row in range(self.row + 1, self.rows):
-                    self.grid[row] = [" "] * self.cols
+                    self.grid[row], self.wrapped[row] = self._blank(), False
         elif final == "K":
-            self.grid[self.row][self.col:] = [" "] * (self.cols - self.col)
+            self._erase_row_from_cursor()
+        elif final == "n" and numbers[0] == 6:
+            self.reports.append("\x1b[%d;%dR" % (self.row + 1, self.col + 1))
+
+    def _erase_row_from_cursor(self):
+        self.grid[self.row][self.col:] = [" "] * (self.cols - self.col)
+        self.wrapped[self.row] = False
+
+    def resize(self, rows, cols, reflow=False):
+        """The terminal gets a new size; the content follows the terminal's habit."""
+        if reflow:
+            self._reflow(cols)
+        else:
+            self.grid = [(row + [" "] * cols)[:cols] for row in self.grid]
+            self.col = min(self.col, cols - 1)
+        self.cols = cols
+        while len(self.grid) > rows:   # what no longer fits scrolls off the top
+            drop = 0 if self.row > 0 else len(self.grid) - 1
+            self.grid.pop(drop)
+            self.wrapped.pop(drop)
+            self.row -= drop == 0
+        while len(self.grid) < rows:
+            self.grid.append(self._blank())
+            self.wrapped.append(False)
+        self.rows = rows
+        self.wrap_next = False
+
+    def _reflow(self, cols):
+        lines, line = [], []   # rows joined where they wrapped; the cursor as (line, cell)
+        for index, row in enumerate(self.grid):
+            if index == self.row:
+                cursor_line, cursor_cell = len(lines), len(line) + self.col
+            line += row
+            if not self.wrapped[index]:
+                lines.append(line)
+                line = []
+        if line:
+            lines.append(line)
+        grid, wrapped, cursor = [], [], None
+        for number, cells in enumerate(lines):
+            here = number == cursor_line
+            end = len(cells)
+            while end and cells[end - 1] == " " and not (here and end - 1 <= cursor_cell):
+                end -= 1
+            row = []
+            for position in range(end):
+                cell = cells[position]
+                if cell == "":   # the right half of a wide character
+                    continue
+                width = 2 if chat.char_width(cell[0]) == 2 else 1
+                if len(row) + width > cols:
+                    grid.append(row + [" "] * (cols - len(row)))
+                    wrapped.append(True)
+                    row = []
+                if here and position == cursor_cell:
+                    cursor = (len(grid), len(row))
+                row += [cell] + [""] * (width - 1)
+            grid.append(row + [" "] * (cols - len(row)))
+            wrapped.append(False)
+        self.grid, self.wrapped = grid, wrapped
+        self.row, self.col = cursor or (len(grid) - 1, 0)
 
     def lines(self):
         return ["".join(row).rstrip() for row in self.grid]
@@ -1619,11 +1757,25 @@ class TerminalSession:
                     return
                 self.raw += data
                 self.screen.feed(decoder.decode(data))
+                reports, self.screen.reports = self.screen.reports, []
                 self._changed.notify_all()
+            for report in reports:   # the terminal answers where its cursor is
+                self.type(report)
 
     def type(self, *keys):
         for key in keys:
             os.write(self.master, key.encode())
+
+    def resize(self, rows, cols, reflow):
+        """Resize the terminal, which rewraps its screen (reflow) or cuts it, then tell the
+        client (SIGWINCH)."""
+        import fcntl
+        import struct
+        import termios
+        with self._changed:
+            self.screen.resize(rows, cols, reflow)
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc.send_signal(signal.SIGWINCH)
 
     def wait(self, condition, what):
         """Wait until condition(screen) holds; fail with the screen shown."""
@@ -1667,10 +1819,11 @@ class TerminalClientTest(ServerTestCase):
     """The real client in a terminal: typing is never clobbered."""
 
     STAMP = r"\[\d\d:\d\d\] "
+    PROMPT = "#lobby alice> "
 
     def start(self, *args, **kwargs):
         session = TerminalSession(self, self.address[1], "--nick", "alice", *args, **kwargs)
-        session.wait(lambda s: s.lines()[s.row].startswith("alice>"), "the prompt")
+        session.wait(lambda s: s.lines()[s.row].endswith(">"), "the prompt")
         return session
 
     def test_incoming_lines_go_above_the_half_typed_line(self):
@@ -1678,22 +1831,24 @@ class TerminalClientTest(ServerTestCase):
         term = self.start()
         bob.expect(r"\*\*\* alice joined")
         term.type("hello wor", "\x1b[D" * 3)
-        term.wait(lambda s: s.cursor()[1] == len("alice> hello "), "the cursor to move left")
+        term.wait(lambda s: s.cursor()[1] == len(self.PROMPT + "hello "), "the cursor to move left")
         bob.say("interrupting you")
 
         def typing_intact_below_bob(screen):
             lines = screen.lines()
             row = screen.row
             return (row > 0 and re.fullmatch(self.STAMP + "<bob> interrupting you", lines[row - 1])
-                    and lines[row] == "alice> hello wor" and screen.col == len("alice> hello "))
+                    and lines[row] == self.PROMPT + "hello wor"
+                    and screen.col == len(self.PROMPT + "hello "))
         term.wait(typing_intact_below_bob, "bob's line above the intact half line")
         term.type("X")
-        term.wait(lambda s: s.lines()[s.row] == "alice> hello Xwor"
-                  and s.col == len("alice> hello X"), "the insertion at the cursor")
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + "hello Xwor"
+                  and s.col == len(self.PROMPT + "hello X"), "the insertion at the cursor")
         term.type("\r")
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> hello Xwor")
         term.wait(lambda s: re.fullmatch(self.STAMP + "<alice> hello Xwor", s.lines()[s.row - 1])
-                  and s.lines()[s.row] == "alice>", "our own line, formatted, and a new prompt")
+                  and s.lines()[s.row] == self.PROMPT.rstrip(),
+                  "our own line, formatted, and a new prompt")
 
     def test_editing_keys(self):
         bob = self.connect("bob")
@@ -1705,10 +1860,10 @@ class TerminalClientTest(ServerTestCase):
                   "\x01", "\x1b[3~", "T",                    # Home, Delete, insert: "Two words "
                   "\x05", "now", "\x1b[D\x1b[D\x7f",         # End, type, left twice, backspace
                   "\x0b")                                    # Ctrl+K
-        term.wait(lambda s: s.lines()[s.row] == "alice> Two words"
-                  and s.col == len("alice> Two words "), "the edited line")
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + "Two words"
+                  and s.col == len(self.PROMPT + "Two words "), "the edited line")
         term.type("\x15", "\x1b[A", "\x1b[A", "\x1b[B")     # Ctrl+U, history up, up, down
-        term.wait(lambda s: s.lines()[s.row] == "alice> second line", "the history line")
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + "second line", "the history line")
         term.type("\x1b[H", "re: ", "\r")
         self.assertEqual(bob.expect(r"<alice> re.*"), "<alice> re: second line")
 
@@ -1730,47 +1885,88 @@ class TerminalClientTest(ServerTestCase):
         self.assertEqual(bob.expect(r"<dumb> .*"), "<dumb> plain and simple")
         self.assertNotIn(b"\x1b[", term.raw)
 
-    def test_wide_characters_and_lines_longer_than_the_terminal(self):
+    def test_a_long_line_scrolls_sideways_in_one_row(self):
         bob = self.connect("bob")
-        term = self.start(cols=20)
+        term = self.start(cols=20)   # too narrow for the prompt: it becomes "> "
         bob.expect(r"\*\*\* alice joined")
         text = "日本語のテキストです" + "abcdefghijklmnopqrstuvwxyz"   # 20 + 26 columns
-        term.type(text)
-        # "alice> " and six wide characters fill 19 columns: the seventh goes to the next row
-        wrapped = ["alice> 日本語のテキ", "ストですabcdefghijkl", "mnopqrstuvwxyz"]
-        top = term.wait_line("alice> 日本語のテキ")
-        term.wait(lambda s: s.lines()[top:top + 3] == wrapped
-                  and s.cursor() == (top + 2, len("mnopqrstuvwxyz")), "the wrapped line")
-        term.type("\x1b[D" * 30)   # back to the first character of the second row
-        term.wait(lambda s: s.cursor() == (top + 1, 0), "the cursor at the wrapped character")
-        bob.say("bump")            # a redraw with the cursor in the middle
 
-        def redrawn_below_bump(screen):
-            lines = screen.lines()
-            bump = [re.fullmatch(self.STAMP + "<bob> bump", line) is not None for line in lines]
-            row = bump.index(True) if True in bump else -9
-            return lines[row + 1:row + 4] == wrapped and screen.cursor() == (row + 2, 0)
-        term.wait(redrawn_below_bump, "the line redrawn below bob's, cursor in place")
+        def one_row(shown, column):
+            def check(screen):
+                lines = screen.lines()
+                return (lines[screen.row] == "> " + shown and screen.col == column
+                        and not any(lines[screen.row + 1:]))
+            return check
+        term.type(text)
+        term.wait(one_row("klmnopqrstuvwxyz", 18), "the end of the line, the cursor after it")
+        bob.say("bump")   # a redraw
+        term.wait(lambda s: re.fullmatch(self.STAMP + "<bob> bump", s.lines()[s.row - 1])
+                  and one_row("klmnopqrstuvwxyz", 18)(s), "the row redrawn below bob's line")
+        term.type("\x01")   # Home: the start of the line comes into view
+        term.wait(one_row("日本語のテキスト", 2), "the start of the line")
+        term.type("\x1b[C" * 9)   # the cursor on す: the view follows it
+        term.wait(one_row("語のテキストですa", 16), "the view following the cursor")
         term.type("\r")
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> " + text)
 
-    def test_tab_completion_and_resize(self):
+    def test_tab_completion(self):
         bob = self.connect("bobby")
+        self.connect("alan")
+        dev = self.connect("dev")
+        dev.say("/join #devops")
+        dev.expect(r"\*\*\* you are in #devops: .*")
         term = self.start()
-        bob.expect(r"\*\*\* alice joined")
         bob.say("anyone?")
         term.wait_line(self.STAMP + "<bobby> anyone.")
         term.type("bo\t", "yes\r")
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> bobby: yes")
-        term.type("/wh\t")
-        term.wait(lambda s: s.lines()[s.row] == "alice> /who", "the completed command")
-        import fcntl
-        import struct
-        import termios
-        fcntl.ioctl(term.master, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 30, 0, 0))
-        term.proc.send_signal(signal.SIGWINCH)
+        term.type("hi al\t")   # alan, not alice herself
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + "hi alan", "the completed nick")
+        term.type("\x15/wh\t")
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + "/who", "the completed command")
+        term.type("\x15/rooms\r")
+        term.wait_line(self.STAMP + r"\*\*\* 2 rooms: .*")
+        term.type("/join #d\t")
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + "/join #devops",
+                  "the completed room")
         term.type("\r")
-        term.wait_line(r".*\*\*\* 2 online: alice, bobby")
+        term.wait(lambda s: s.lines()[s.row] == "#devops alice>", "the room in the prompt")
+
+    def check_resize(self, reflow):
+        """Narrow the terminal under a long draft, and widen it again: every line stays,
+        once, and the draft is not left behind."""
+        bob = self.connect("bob")
+        term = self.start(cols=40)
+        bob.say("first line from bob", "second line from bob")
+        term.wait_line(self.STAMP + "<bob> second line from bob")
+        draft = "a draft long enough to fill the row"
+        term.type(draft)
+        term.wait(lambda s: s.lines()[s.row].endswith("fill the row"), "the draft")
+        term.resize(12, 20, reflow)
+        term.wait(lambda s: s.lines()[s.row] == "> " + draft[-16:], "the draft at 20 columns")
+        bob.say("narrow now")
+        term.wait(lambda s: s.lines()[s.row] == "> " + draft[-16:]
+                  and "<bob> narrow" in "".join(s.lines()), "a line printed above it")
+        term.resize(12, 40, reflow)
+        bob.say("wide again")
+        term.wait_line(self.STAMP + "<bob> wide again")
+        term.wait(lambda s: s.lines()[s.row] == self.PROMPT + draft[-24:], "the draft redrawn")
+        screen = "\n".join(term.screen.lines())
+        for said in ("first line from bob", "second line from bob", "narrow now"):
+            if reflow:   # a rewrapping terminal keeps whole lines
+                self.assertEqual(screen.count(said), 1, term.screen)
+            else:        # a terminal that cuts lines keeps what fitted
+                self.assertEqual(screen.count(said.split()[0]), 1, term.screen)
+        self.assertEqual(screen.count("fill the row"), 1, term.screen)   # one draft, no copy
+        self.assertEqual(screen.count("alice>"), 1, term.screen)
+        term.type("\r")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> " + draft)
+
+    def test_resize_in_a_terminal_that_rewraps(self):
+        self.check_resize(reflow=True)
+
+    def test_resize_in_a_terminal_that_cuts_lines(self):
+        self.check_resize(reflow=False)
 
     def test_colour_and_no_color(self):
         bob = self.connect("bob")
@@ -1782,7 +1978,7 @@ class TerminalClientTest(ServerTestCase):
         self.assertIn(b"\x07", term.raw)      # ...and rings the bell
         plain = TerminalSession(self, self.address[1], "--nick", "carol",
                                 env={"NO_COLOR": "1"})
-        plain.wait(lambda s: s.lines()[s.row].startswith("carol>"), "the prompt")
+        plain.wait(lambda s: s.lines()[s.row] == "#lobby carol>", "the prompt")
         bob.say("hi carol")
         plain.wait_line(self.STAMP + "<bob> hi carol")
         self.assertIsNone(re.search(rb"\x1b\[[0-9;]*m", plain.raw), plain.raw)
@@ -1838,9 +2034,12 @@ class TerminalClientTest(ServerTestCase):
 class RecordingConsole:
     """A console for in-process client tests: records what would be shown."""
 
+    interactive = True   # a person is typing
+
     def __init__(self):
         self.lines = []
         self.notices = []
+        self.room = None
         self._changed = threading.Condition()
         self.client = None
 
@@ -1862,6 +2061,9 @@ class RecordingConsole:
 
     def set_nick(self, nick):
         pass
+
+    def set_room(self, room):
+        self.room = room
 
     def close(self):
         pass
@@ -1886,9 +2088,17 @@ class ReconnectTest(ServerTestCase):
                                   name="client", daemon=True)
         thread.start()
         self.addCleanup(thread.join, TIMEOUT)
-        self.addCleanup(lambda: client.interrupt() if thread.is_alive() else None)
-        console.wait(lambda: "*** you are now known as ci" in console.lines, "the nick")
+        self.addCleanup(self.stop_client, client, thread)
+        console.wait(lambda: "*** welcome to testroom, you are ci" in console.lines, "the nick")
         return client, console, thread, result
+
+    @staticmethod
+    def stop_client(client, thread):
+        if thread.is_alive():
+            try:
+                client.interrupt()
+            except KeyboardInterrupt:   # it was connecting: its socket times out
+                pass
 
     @staticmethod
     def run_client(client):
@@ -1907,7 +2117,7 @@ class ReconnectTest(ServerTestCase):
         alice = self.connect("alice")
         client.post("line", "back again")
         self.assertEqual(alice.expect(r"<.*"), "<ci> back again")
-        self.assertEqual(console.lines.count("*** you are now known as ci"), 2)
+        self.assertEqual(console.lines.count("*** welcome to testroom, you are ci"), 2)
 
     def test_history_after_a_reconnect_shows_only_what_was_missed(self):
         alice = self.connect("alice")
@@ -1958,7 +2168,7 @@ class HistoryTest(ServerTestCase):
         bob.expect(r"<alice> four")
         peer = self.open_peer()
         peer.expect(r"\*\*\* type /help for commands")
-        self.assertEqual(peer.next_line(), "*** --- last 3 messages ---")
+        self.assertEqual(peer.next_line(), "*** --- last 3 messages in #lobby ---")
         for expected in ("<alice> two", "* alice three", "<alice> four"):
             self.assertRegex(peer.next_line(), r"^\*\*\* \[\d\d:\d\d\] " + re.escape(expected) + "$")
         self.assertEqual(peer.next_line(), "*** --- end of history ---")
@@ -1986,11 +2196,10 @@ class PipedClientTest(ServerTestCase):
         self.assertEqual((code, err), (0, ""))
         history = re.sub(rb"\[\d\d:\d\d\]", b"[HH:MM]", out.encode())
         self.assertEqual(history, (
-            "*** welcome to testroom, you are guest2\n*** 2 online: alice, guest2\n"
-            "*** type /help for commands\n*** --- last 1 messages ---\n"
+            "*** welcome to testroom, you are ci\n*** you are in #lobby: 2 online: alice, ci\n"
+            "*** type /help for commands\n*** --- last 1 message in #lobby ---\n"
             "*** [HH:MM] <alice> before ci came\n*** --- end of history ---\n"
-            "*** you are now known as ci\n<alice> héllo ✓\n* alice waves\n*alice* psst\n"
-            "*** bye\n").encode())
+            "<alice> héllo ✓\n* alice waves\n*alice* psst\n*** bye\n").encode())
 
     def test_a_hostile_server_cannot_drive_the_terminal(self):
         with socket.create_server(("127.0.0.1", 0)) as fake:
