@@ -24,6 +24,7 @@ import bisect
 import codecs
 import collections
 import errno
+import functools
 import getpass
 import hashlib
 import heapq
@@ -71,8 +72,9 @@ DEFAULT_MAX_LINE = 4096              # bytes per line, newline excluded
 DEFAULT_ANNOUNCE_LIMIT = 200         # join/leave/rename notices only in rooms this small
 DEFAULT_ROOM = "#lobby"              # where everyone starts
 DEFAULT_MAX_ROOMS = 1000
-SEND_QUEUE_LIMIT = 1 << 20           # bytes of unsent output a client may have...
-SEND_QUEUE_GRACE = 2.0               # ...for more than this many seconds before it is dropped
+SEND_QUEUE_LIMIT = 1 << 20           # bytes of unsent output a client may have while it takes
+SEND_QUEUE_GRACE = 1.0               # none for this many seconds, before it is dropped...
+SEND_QUEUE_LAG = 30.0                # ...or while it stays over the limit this long
 GREET_DELAY = 0.25                   # seconds of silence before the line protocol greets:
                                      # IRC clients and browsers speak first, nc users wait
 JOIN_NOTICE_DELAY = 2.0              # seconds a newcomer has to pick a nick before "joined"
@@ -152,50 +154,53 @@ _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICA
 # Letters and digits of every script that look like Latin letters and digits,
 # by the ASCII text they look like: the part of Unicode's confusables data
 # (UTS #39, confusables.txt 14.0) that nicks and room names can contain after
-# NFKC. Two names whose skeletons (each character replaced by what it looks
-# like) are equal look the same on screen.
+# NFKC, marks on the prototype dropped (CHEROKEE NA is an O with a bar), and
+# CYRILLIC SMALL PALOCHKA read as the tall stroke it is drawn as ("l"), not
+# as the dotless i the data chains it through. Two names whose skeletons
+# (each character replaced by what it looks like) are equal look the same.
 _LOOKALIKE_SOURCES = (
-    ('2', "\u01a7\u03e8\u14bf\ua644\ua75a"),
-    ('3', "\u01b7\u021c\u0417\u04e0\u2ccc\ua76a\ua7ab\U000118ca\U00016f3b"),
+    ('2', "\u01a7\u01bb\u03e8\u14bf\ua644\ua75a"),
+    ('3', "\u01b7\u021c\u0417\u0498\u04e0\u2ccc\ua76a\ua7ab\U000118ca\U00016f3b"),
     ('4', "\u13ce\U000118af"), ('5', "\u01bc\U000118bb"), ('6', "\u0431\u13ee\u2cd2\U000118d5"),
     ('7', "\U000104d2\U000118c6"), ('8', "\u0222\u0223\u09ea\u0a6a\u0b03\U0001031a"),
     ('9', "\u09ed\u0a67\u0b68\u0d6d\u2cca\ua76e\U000118ac\U000118cc\U000118d6"),
-    ('a', "\u0251\u0391\u03b1\u0410\u0430\u13aa\u15c5\ua4ee\U000102a0\U00016f40"),
+    ('a', "\u01cd\u01ce\u0226\u0227\u0251\u0391\u03b1\u0410\u0430\u13aa\u15c5\ua4ee\U000102a0\U00016f40"),
     ('aa', "\ua732\ua733"), ('ae', "\u00c6\u00e6\u04d4\u04d5"), ('ao', "\ua734\ua735"),
     ('au', "\ua736\ua737"), ('av', "\ua738\ua739\ua73a\ua73b"), ('ay', "\ua73c\ua73d"),
-    ('b', "\u0184\u0392\u0412\u042c\u13cf\u13f4\u1472\u15af\u15f7\ua4d0\ua7b4\U00010282\U000102a1\U00010301"),
+    ('b', "\u0180\u0182\u0183\u0184\u0253\u0392\u0411\u0412\u042c\u0462\u0463\u048c\u048d\u13cf\u13f4\u1472\u1473\u15af\u15f7\ua4d0\ua7b4\U00010282\U000102a1\U00010301"),
     ('bl', "\u042b"),
-    ('c', "\u0421\u0441\u13df\u1d04\u2ca4\u2ca5\ua4da\uabaf\U000102a2\U00010302\U00010415\U0001043d\U0001051c\U000118e9"),
-    ('d', "\u0501\u13a0\u13e7\u146f\u15de\u15ea\ua4d2\ua4d3"), ('dz', "\u02a3"),
-    ('e', "\u0395\u0415\u0435\u04bd\u13ac\u2d39\ua4f0\uab32\U00010286\U000118a6\U000118ae"),
-    ('f', "\u03dc\u0584\u15b4\u1e9d\ua4dd\ua798\ua799\uab35\U00010287\U000102a5\U00010525\U000118a2\U000118c2"),
-    ('g', "\u018d\u0261\u050c\u0581\u13c0\u13f3\u1d83\ua4d6"),
-    ('h', "\u0397\u041d\u04bb\u0570\u13bb\u13c2\u157c\u2c8e\ua4e7\U000102cf"),
-    ('i', "\u0131\u0269\u026a\u03b9\u0456\u04cf\u13a5\ua647\uab75\U000118c3"),
-    ('j', "\u037f\u03f3\u0408\u0458\u13ab\u148d\ua4d9\ua7b2"),
-    ('k', "\u039a\u041a\u13e6\u16d5\u2c94\ua4d7\U00010518"),
-    ('l', "1I\u0196\u01c0\u0399\u0406\u04c0\u05d5\u05df\u0627\u0661\u06f1\u07ca\u13de\u14aa\u16c1\u2c92\u2cd0\u2d4f\ua4e1\ua4f2\U0001028a\U00010309\U0001041b\U00010526\U000118a3\U000118b2\U00016f16\U00016f28"),
+    ('c', "\u00c7\u00e7\u023c\u0421\u0441\u04aa\u04ab\u13df\u1d04\u2ca4\u2ca5\ua4da\uabaf\U000102a2\U00010302\U00010415\U0001043d\U0001051c\U000118e9"),
+    ('d', "\u00d0\u0110\u0111\u0189\u018c\u0256\u0257\u0501\u13a0\u13e7\u146f\u15de\u15ea\ua4d2\ua4d3"),
+    ('dz', "\u02a3"),
+    ('e', "\u011a\u011b\u0246\u0247\u0395\u0415\u0435\u04bd\u04bf\u13ac\u2d39\ua4f0\uab32\U00010286\U000118a6\U000118ae"),
+    ('f', "\u0191\u0192\u03dc\u0584\u15b4\u1d6e\u1e9d\ua4dd\ua798\ua799\uab35\U00010287\U000102a5\U00010525\U000118a2\U000118c2"),
+    ('g', "\u018d\u01e4\u01e5\u01e6\u01e7\u01f5\u0260\u0261\u050c\u0581\u13c0\u13f3\u1d83\ua4d6"),
+    ('h', "\u0126\u0127\u0266\u0397\u041d\u045b\u04a2\u04bb\u04c7\u04c9\u0570\u13bb\u13c2\u13f2\u157c\u2c67\u2c8e\ua4e7\ua695\U000102cf"),
+    ('i', "\u0131\u01cf\u01d0\u0268\u0269\u026a\u03b9\u0456\u13a5\u1d7b\u1d7c\ua647\uab75\U000118c3"),
+    ('j', "\u0248\u0249\u037f\u03f3\u0408\u0458\u13ab\u148d\ua4d9\ua7b2"),
+    ('k', "\u0199\u039a\u041a\u049a\u049e\u13e6\u16d5\u2c69\u2c94\ua4d7\ua740\U00010518"),
+    ('l', "1I\u0141\u0142\u0196\u0197\u019a\u01c0\u026b\u026d\u0399\u0406\u04c0\u04cf\u05d5\u05df\u0625\u0627\u0661\u0673\u06f1\u07ca\u13de\u14aa\u16c1\u2c92\u2cd0\u2d4f\ua4e1\ua4f2\U0001028a\U00010309\U0001041b\U00010526\U000118a3\U000118b2\U00016f16\U00016f28"),
     ('ll', "\u01c1\u05f0"), ('lo', "\u042e"), ('ls', "\u02aa"), ('lz', "\u02ab"),
-    ('m', "\u039c\u03fa\u041c\u13b7\u15f0\u16d6\u2c98\ua4df\U000102b0\U00010311"),
-    ('n', "\u039d\u0578\u057c\u2c9a\ua4e0\U00010513"),
-    ('o', "0\u039f\u03bf\u03c3\u041e\u043e\u0555\u0585\u05e1\u0647\u0665\u06be\u06c1\u06d5\u06f5\u07c0\u0966\u09e6\u0a66\u0ae6\u0b20\u0b66\u0be6\u0c02\u0c66\u0c82\u0ce6\u0d02\u0d20\u0d66\u0d82\u0e50\u0ed0\u101d\u1040\u10ff\u12d0\u1d0f\u1d11\u2c9e\u2c9f\u2d54\ua4f3\uab3d\U00010292\U000102ab\U00010404\U0001042c\U000104c2\U000104ea\U00010516\U000114d0\U000118b5\U000118c8\U000118d7\U000118e0"),
+    ('m', "\u039c\u03fa\u041c\u04cd\u13b7\u15f0\u16d6\u2c98\ua4df\U000102b0\U00010311"),
+    ('n', "\u019d\u019e\u0273\u039d\u03b7\u0578\u057c\u1d70\u2c9a\ua4e0\U00010513"),
+    ('o', "0\u00d8\u00f8\u0150\u019f\u01d1\u01d2\u01fe\u0275\u0398\u039f\u03b8\u03bf\u03c3\u041e\u043e\u0472\u0473\u04e8\u04e9\u0555\u0585\u05e1\u0647\u0665\u06be\u06c1\u06d5\u06f5\u06ff\u07c0\u0966\u09e6\u0a66\u0ae6\u0b20\u0b66\u0be6\u0c02\u0c66\u0c82\u0ce6\u0d02\u0d20\u0d66\u0d82\u0e50\u0ed0\u101d\u1040\u10ff\u12d0\u13be\u13eb\u1d0f\u1d11\u2c9e\u2c9f\u2d31\u2d41\u2d54\ua4f3\ua74a\ua74b\uab3d\uab3e\uab74\uab8e\uabbb\U00010292\U000102ab\U00010404\U0001042c\U000104c2\U000104ea\U00010516\U000114d0\U000118b5\U000118c8\U000118d7\U000118e0"),
     ('oe', "\u0152\u0153"), ('oo', "\ua698\ua699\ua74e\ua74f"),
-    ('p', "\u03a1\u03c1\u0420\u0440\u13e2\u146d\u2ca2\u2ca3\ua4d1\U00010295"),
-    ('q', "\u051b\u0563\u0566\u2d55"),
-    ('r', "\u01a6\u0433\u13a1\u13d2\u1587\u1d26\u2c85\ua4e3\uab47\uab48\uab81\U000104b4\U00016f35"),
-    ('rn', "m\U00011700\U000118e3"),
-    ('s', "\u01bd\u0405\u0455\u054f\u13d5\u13da\ua4e2\ua731\uabaa\U00010296\U00010420\U00010448\U000118c1\U00016f3a"),
-    ('t', "\u03a4\u0422\u13a2\u2ca6\ua4d4\U00010297\U000102b1\U00010315\U000118bc\U00016f0a"),
+    ('p', "\u01a5\u03a1\u03c1\u0420\u0440\u13e2\u146d\u1d7d\u2ca2\u2ca3\ua4d1\U00010295"),
+    ('q', "\u02a0\u051b\u0563\u0566\u2d55"),
+    ('r', "\u01a6\u024d\u027c\u027d\u0433\u0493\u13a1\u13d2\u1587\u1d26\u1d72\u2c85\ua4e3\uab47\uab48\uab81\U000104b4\U00016f35"),
+    ('rn', "m\u0271\u1d6f\U00011700\U000118e3"),
+    ('s', "\u01bd\u0282\u0405\u0455\u054f\u13d5\u13da\u1d74\ua4e2\ua731\uabaa\U00010296\U00010420\U00010448\U000118c1\U00016f3a"),
+    ('t', "\u0166\u0167\u01ad\u01ae\u021a\u023e\u03a4\u0422\u04ac\u13a2\u1d75\u2ca6\ua4d4\U00010297\U000102b1\U00010315\U000118bc\U00016f0a"),
     ('t3', "\ua728"), ('tf', "\ua777"), ('ts', "\u02a6"),
-    ('u', "\u028b\u03c5\u054d\u057d\u1200\u144c\u1d1c\ua4f4\ua79f\uab4e\uab52\U000104ce\U000104f6\U000118b8\U000118d8\U00016f42"),
+    ('u', "\u01d3\u01d4\u0244\u028b\u03c5\u054d\u057d\u1200\u13cc\u144c\u1d1c\u1d7e\ua4f4\ua79f\uab4e\uab52\uab9c\U000104ce\U000104f6\U000118b8\U000118d8\U00016f42"),
     ('ue', "\u1d6b"), ('uo', "\uab63"),
     ('v', "\u03bd\u0474\u0475\u05d8\u0667\u06f7\u13d9\u142f\u1d20\u2d38\ua4e6\ua6df\uaba9\U0001051d\U00011706\U000118a0\U000118c0\U00016f08"),
-    ('w', "\u026f\u0461\u051c\u051d\u0561\u13b3\u13d4\u1d21\ua4ea\uab83\U0001170a\U0001170e\U0001170f\U000118e6"),
-    ('x', "\u03a7\u0425\u0445\u1541\u157d\u16b7\u2cac\u2d5d\ua4eb\ua7b3\U00010290\U000102b4\U00010317\U00010527"),
-    ('y', "\u0263\u028f\u03a5\u03b3\u0423\u0443\u04ae\u04af\u10e7\u13a9\u13bd\u1d8c\u1eff\u2ca8\ua4ec\uab5a\U000102b2\U000118a4\U000118dc\U00016f43"),
-    ('z', "\u0396\u13c3\u1d22\ua4dc\uab93\U000118a9\U000118c4\U000118e5"),
+    ('w', "\u026f\u0461\u047d\u051c\u051d\u0561\u13b3\u13d4\u1d21\ua4ea\ua761\uab83\U000114c5\U0001170a\U0001170e\U0001170f\U000118e6"),
+    ('x', "\u03a7\u0425\u0445\u04b2\u1541\u157d\u16b7\u2cac\u2d5d\ua4eb\ua7b3\U00010290\U000102b4\U00010317\U00010527"),
+    ('y', "\u01b4\u024e\u024f\u0263\u028f\u03a5\u03b3\u0423\u0443\u04ae\u04af\u04b0\u04b1\u10e7\u13a9\u13bd\u1d8c\u1eff\u2ca8\ua4ec\uab5a\U000102b2\U000118a4\U000118dc\U00016f43"),
+    ('z', "\u01b5\u01b6\u0224\u0225\u0290\u0396\u13c3\u1d22\u1d76\ua4dc\uab93\U000118a9\U000118c4\U000118e5"),
 )
-_LOOKALIKE = {source: target for target, sources in _LOOKALIKE_SOURCES for source in sources}
+_LOOKALIKE = {ord(source): target for target, sources in _LOOKALIKE_SOURCES for source in sources}
 
 
 def sanitize(text):
@@ -275,13 +280,14 @@ def name_key(name):
 
 def _skeleton(text):
     decomposed = unicodedata.normalize("NFD", text)
-    return unicodedata.normalize("NFD", "".join(_LOOKALIKE.get(c, c) for c in decomposed)).casefold()
+    return unicodedata.normalize("NFD", decomposed.translate(_LOOKALIKE)).casefold()
 
 
+@functools.lru_cache(maxsize=4096)
 def lookalike_keys(name):
     """The skeletons of a name (UTS #39, for look-alikes of Latin letters and digits), as
     written and case-folded: two names that share one look alike ("alice", "аӏісе", "aIice")."""
-    return {_skeleton(name), _skeleton(name.casefold())}
+    return frozenset((_skeleton(name), _skeleton(name.casefold())))
 
 
 def make_valid_nick(name):
@@ -1463,7 +1469,7 @@ class Connection(BufferedSocket):
 
     __slots__ = ("number", "peer", "ip", "tls", "stage", "framer", "dialect", "member", "inbox",
                  "inbox_bytes", "tokens", "refilled", "release_pending", "events", "reading",
-                 "want_write", "peer_done", "behind_since")
+                 "want_write", "peer_done", "over_since", "stuck_since")
 
     def __init__(self, sock, peer, number, burst):
         super().__init__(sock)
@@ -1484,7 +1490,8 @@ class Connection(BufferedSocket):
         self.reading = True             # False: input is over, or refused
         self.want_write = False         # output is waiting for the socket to drain
         self.peer_done = False          # the peer will send no more
-        self.behind_since = None        # when its backlog went over the limit
+        self.over_since = None          # since when its backlog is over the limit...
+        self.stuck_since = None         # ...and since when its socket took none of it
 
     def __repr__(self):
         who = " " + self.member.nick if self.member else ""
@@ -1716,36 +1723,45 @@ class TurnBatcher:
         changes = [mark for mark in marks if mark[1] in (ENTER, LEAVE)]
         involved = set(current).union(mark[2] for mark in changes)
         active = [room for room in involved if room in rooms]
-        if not changes and len(active) <= 1:
-            room = active[0] if active else None
-            return self._pieces_in_one_room(conn, marks, room, rooms.get(room))
+        room = active[0] if active else None
+        own_changes = [mark for mark in changes if mark[2] is room]
+        if len(active) <= 1 and len(own_changes) <= 1:
+            return self._pieces_in_one_room(conn, marks, room, rooms.get(room), own_changes)
         return self._pieces_in_order(conn, marks, rooms, active, current, changes)
 
     @staticmethod
-    def _pieces_in_one_room(conn, marks, room, turn):
-        """The common case, no walk needed: the room's bytes cut around conn's own marks."""
+    def _pieces_in_one_room(conn, marks, room, turn, changes):
+        """The common case, no walk needed: the room's bytes while conn was there (it
+        entered or left it at most once this turn), cut around conn's own marks."""
         if turn is None:
             return [value for _, kind, value in marks if kind is DATA]
         data, offsets = turn.bytes_for(type(conn.dialect))
+        seqs = turn.seqs
+        first, last = 0, len(seqs)
+        for seq, kind, _ in changes:
+            if kind is ENTER:
+                first = bisect.bisect_left(seqs, seq)
+            else:
+                last = bisect.bisect_left(seqs, seq)
         pieces = []
 
         def add_run(start, end):
-            if offsets[start] < offsets[end]:
-                if end - start == len(turn.events):
+            if start < end and offsets[start] < offsets[end]:
+                if end - start == len(seqs):
                     pieces.append(data)
                 else:
                     pieces.append(memoryview(data)[offsets[start]:offsets[end]])
-        start = 0
+        start = first
         for seq, kind, value in marks:
             if kind is DATA:
-                end = bisect.bisect_left(turn.seqs, seq)
+                end = min(max(bisect.bisect_left(seqs, seq), first), last)
                 add_run(start, end)
                 pieces.append(value)
-                start = end
-            elif kind is SKIP and value[0] is room:
+                start = max(start, end)
+            elif kind is SKIP and value[0] is room and first <= value[1] < last:
                 add_run(start, value[1])
                 start = value[1] + 1
-        add_run(start, len(turn.events))
+        add_run(start, last)
         return pieces
 
     @staticmethod
@@ -2354,18 +2370,19 @@ class ChatServer:
             for piece in pieces:
                 conn.queue(piece)
             if conn.want_write:   # the socket is full: wait for it
-                self._check_backlog(conn)
+                self._check_backlog(conn, took=False)
                 return
         self._write(conn)
 
     def _write(self, conn):
+        before = conn.queued
         try:
             done = conn.send_pending()
         except OSError as exc:
             self._failed.append((conn, describe_error(exc)))
             return
         if done:
-            conn.behind_since = None
+            conn.over_since = conn.stuck_since = None
             if conn.stage is CLOSING:
                 self._half_close(conn)
             elif conn.want_write:
@@ -2375,17 +2392,25 @@ class ChatServer:
         if not conn.want_write:
             conn.want_write = True
             self._update_interest(conn)
-        self._check_backlog(conn)
+        self._check_backlog(conn, took=conn.queued < before)
 
-    def _check_backlog(self, conn):
-        """A client whose unsent output stays above queue_limit for queue_grace seconds
-        is not keeping up: it goes. A burst, however large, never costs a reader that
-        keeps reading, and a reader's backlog is mostly views of shared bytes."""
+    def _check_backlog(self, conn, took):
+        """A client with over queue_limit bytes waiting that takes none of them for
+        queue_grace seconds, or stays over the limit for SEND_QUEUE_LAG, is not keeping
+        up: it goes. A burst, however large, never costs a reader that keeps reading,
+        and a backlog is mostly views of bytes shared with every other receiver."""
         if conn.queued <= self.options.queue_limit:
-            conn.behind_since = None
-        elif conn.behind_since is None:
-            conn.behind_since = time.monotonic()
-        elif time.monotonic() - conn.behind_since > self.options.queue_grace:
+            conn.over_since = conn.stuck_since = None
+            return
+        now = time.monotonic()
+        if conn.over_since is None:
+            conn.over_since = now
+        if took:
+            conn.stuck_since = None
+        elif conn.stuck_since is None:
+            conn.stuck_since = now
+        if (now - conn.over_since > SEND_QUEUE_LAG or conn.stuck_since is not None
+                and now - conn.stuck_since > self.options.queue_grace):
             self._failed.append((conn, "send queue exceeded"))
 
     def _update_interest(self, conn):

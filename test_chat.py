@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 from unittest import mock
 
@@ -307,6 +308,20 @@ class ServerTestCase(unittest.TestCase):
         self.thread.start()
         self.addCleanup(self.stop_server)   # before server_close: cleanups run last first
 
+    def hold_loop(self):
+        """Stop the server's loop until the returned Event is set: what clients send
+        meanwhile waits in the kernel, to be read in one turn."""
+        holding, release = threading.Event(), threading.Event()
+
+        def hold():
+            holding.set()
+            release.wait(TIMEOUT)
+        threading.Thread(target=self.server.run_in_loop, args=(hold,), name="hold",
+                         daemon=True).start()
+        holding.wait(TIMEOUT)
+        self.addCleanup(release.set)
+        return release
+
     def member(self, nick):
         """The server's ConnectionInfo of the member called nick, or None."""
         return next((info for info in self.server.members() if info.nick == nick), None)
@@ -386,6 +401,34 @@ class ProtocolTextTest(unittest.TestCase):
                 with self.assertRaises(ValueError):
                     chat.normalize_nick(nick)
 
+    def test_invisible_characters_are_refused(self):
+        for nick in ("bob\u034f", "alice\ufe0f", "alice\U000e0100", "bob\u17b4", "\u3164",
+                     "a\u200bb", "\uffa0bob"):
+            with self.subTest(nick=ascii(nick)):
+                with self.assertRaisesRegex(ValueError, "invisible"):
+                    chat.normalize_nick(nick)
+
+    def test_look_alikes_share_a_skeleton(self):
+        cases = {"alice": ("аӏісе", "alıce", "ɑlice", "aIice", "ALICE"),
+                 "bob": ("bօb", "ᏴᎾᏴ", "ꓐꓳꓐ", "b0b", "BOB")}
+        for real, fakes in cases.items():
+            for fake in fakes:
+                with self.subTest(fake=fake):
+                    self.assertTrue(chat.lookalike_keys(real)
+                                    & chat.lookalike_keys(chat.normalize_nick(fake)))
+        for nick in ("देव", "さくら", "张伟", "Иван", "bobby", "alicia", "Alice_2"):
+            with self.subTest(nick=nick):
+                keys = chat.lookalike_keys(chat.normalize_nick(nick))
+                self.assertFalse(keys & (chat.lookalike_keys("alice") | chat.lookalike_keys("bob")))
+
+    def test_room_names(self):
+        self.assertEqual(chat.normalize_room("dev"), "#dev")
+        self.assertEqual(chat.normalize_room("#Dev_2"), "#Dev_2")
+        for name in ("#", "#a b", "#" + "x" * 31, "##dev", "#d\u200bev"):
+            with self.subTest(name=name):
+                with self.assertRaises(ValueError):
+                    chat.normalize_room(name)
+
     def test_nick_key_ignores_case(self):
         self.assertEqual(chat.name_key("Alice"), chat.name_key("aLICE"))
         self.assertEqual(chat.name_key("STRASSE"), chat.name_key("straße"))
@@ -402,6 +445,91 @@ class ProtocolTextTest(unittest.TestCase):
         self.assertEqual(chat.peer_ip(("::ffff:10.0.0.1", 5, 0, 0)), "10.0.0.1")
         self.assertEqual(chat.peer_ip(("::1", 5, 0, 0)), "::1")
         self.assertEqual(chat.format_address("::1", 80), "[::1]:80")
+
+
+class TurnBatcherTest(unittest.TestCase):
+    """What each connection gets of a turn: in order, once, only while it was there."""
+
+    class Dialect:
+        @classmethod
+        def render_shared(cls, event):
+            return event.encode() + b";"
+
+    class Event(str):
+        uid = 0
+
+    def setUp(self):
+        self.batcher = chat.TurnBatcher()
+        self.rooms = {name: chat.Room(name, 0) for name in ("#a", "#b")}
+
+    def conn(self, *rooms):
+        conn = mock.Mock(stage=chat.CHAT, dialect=self.Dialect())
+        conn.member = chat.Member(conn, multi_room=len(rooms) > 1)
+        for name in rooms:
+            self.enter(conn, name, during_turn=False)
+        return conn
+
+    def enter(self, conn, name, during_turn=True):
+        room = self.rooms[name]
+        room.add(conn.member)
+        conn.member.rooms[room] = None
+        if during_turn:
+            self.batcher.moved(conn, room, True)
+
+    def leave(self, conn, name):
+        room = self.rooms[name]
+        room.remove(conn.member)
+        del conn.member.rooms[room]
+        self.batcher.moved(conn, room, False)
+
+    def say(self, name, text, exclude=None, uid=0):
+        event = self.Event(text)
+        event.uid = uid
+        self.batcher.publish(self.rooms[name], event, exclude)
+
+    def flush(self):
+        got = collections.defaultdict(bytes)
+
+        def deliver(conn, pieces):
+            got[conn] += b"".join(bytes(piece) for piece in pieces)
+        self.batcher.flush(deliver)
+        return got
+
+    def test_shared_bytes_own_lines_left_out_replies_in_order(self):
+        reader, speaker = self.conn("#a"), self.conn("#a")
+        self.say("#a", "one", exclude=speaker)
+        self.batcher.send(speaker, b"reply;")
+        self.say("#a", "two")
+        self.say("#a", "three", exclude=speaker)
+        got = self.flush()
+        self.assertEqual(got[reader], b"one;two;three;")
+        self.assertEqual(got[speaker], b"reply;two;")
+
+    def test_entering_and_leaving_during_the_turn(self):
+        stays, comes, goes = self.conn("#a"), self.conn(), self.conn("#a")
+        self.say("#a", "before")
+        self.enter(comes, "#a")
+        self.say("#a", "between")
+        self.leave(goes, "#a")
+        self.say("#a", "after")
+        got = self.flush()
+        self.assertEqual(got[stays], b"before;between;after;")
+        self.assertEqual(got[comes], b"between;after;")
+        self.assertEqual(got[goes], b"before;between;")
+
+    def test_moving_between_rooms_and_several_rooms_at_once(self):
+        mover, both = self.conn("#a"), self.conn("#a", "#b")
+        self.say("#a", "a1")
+        self.say("#b", "b1")
+        self.leave(mover, "#a")
+        self.enter(mover, "#b")
+        self.say("#a", "a2")
+        self.say("#a", "quit", uid=7)   # one event told in both rooms
+        self.say("#b", "quit", uid=7)
+        self.say("#b", "b2")
+        got = self.flush()
+        self.assertEqual(got[mover], b"a1;quit;b2;")
+        self.assertEqual(got[both], b"a1;b1;a2;quit;b2;")
 
 
 class ChatTest(ServerTestCase):
@@ -475,6 +603,19 @@ class ChatTest(ServerTestCase):
         self.assertEqual(alice.expect(r"\*\*\* bob is .*"), "*** bob is now known as bobby")
         alice.say("/who")
         self.assertEqual(alice.expect(r"\*\*\* 2 online.*"), "*** 2 online: alice, bobby")
+
+    def test_look_alikes_of_a_nick_online_are_refused(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        guest = self.connect()
+        guest.say("/nick аӏісе", "/nick ᏴᎾᏴ", "/nick bob\u034f", "/nick Иван")
+        self.assertEqual(guest.next_line(), "*** error: nick аӏісе looks like alice, who is online")
+        self.assertEqual(guest.next_line(), "*** error: nick ᏴᎾᏴ looks like bob, who is online")
+        self.assertRegex(guest.next_line(), r"\*\*\* error: invalid nick bob.*: .*invisible")
+        self.assertEqual(guest.next_line(), "*** you are now known as Иван")
+        alice.say("/quit")
+        alice.expect_closed()
+        guest.say("/nick аӏісе")   # alice is gone: the name is free to look like hers
+        self.assertEqual(guest.expect(r"\*\*\* you are now .*"), "*** you are now known as аӏісе")
 
     def test_unicode_nick_and_text(self):
         alice, bob = self.connect("alice"), self.connect("देव")
@@ -652,6 +793,8 @@ class LimitsTest(ServerTestCase):
 
 class SlowReaderTest(ServerTestCase):
 
+    options = {"queue_grace": 0.2}
+
     def test_slow_reader_is_dropped_others_get_everything_in_order(self):
         alice, bob = self.connect("alice"), self.connect("bob")
         slow = socket.socket()
@@ -682,6 +825,45 @@ class SlowReaderTest(ServerTestCase):
             sender.join(TIMEOUT)
         self.assertEqual(received, ["<bob> " + line for line in sent])
         self.assertIn("send queue exceeded", "\n".join(logs.output))
+
+
+class BigTurnTest(ServerTestCase):
+    """Many long lines in one turn: memory in proportion to what was said, and no reader
+    that keeps up is dropped, though each gets far more than the queue limit at once."""
+
+    options = {"queue_limit": 64 * 1024, "queue_grace": 60.0}
+
+    @staticmethod
+    def read_lines(peer, count):
+        """The senders of count lines, read without keeping the lines."""
+        senders, data = [], peer.buffer
+        while len(senders) < count:
+            chunk = peer.sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+            lines = data.split(b"\n")
+            data = lines.pop()
+            senders += [line[1:line.index(b">")].decode() for line in lines]
+        return senders
+
+    def test_a_turn_of_many_long_lines(self):
+        raise_fd_limit(self, 2 * 100 + 100)
+        nicks = ["p%02d" % i for i in range(100)]
+        peers = [self.connect(nick) for nick in nicks]
+        for peer in peers:
+            peer.sync()
+        release = self.hold_loop()
+        for nick, peer in zip(nicks, peers):   # 400 KB said in one turn, 40 MB delivered
+            peer.say("x" * 4000)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        release.set()
+        for nick, peer in zip(nicks, peers):
+            self.assertEqual(sorted(self.read_lines(peer, 99)), [n for n in nicks if n != nick])
+        peak = tracemalloc.get_traced_memory()[1]
+        self.assertLess(peak, 10 << 20)   # a copy of the turn per speaker would be 40 MB
+        self.assertEqual(len(self.server.members()), 100)
 
 
 class ShutdownTest(ServerTestCase):
@@ -813,6 +995,33 @@ class TLSTest(TLSServerMixin, ServerTestCase):
 
 
 @unittest.skipIf(ssl is None, "no ssl module")
+class TLSReadTest(TLSServerMixin, ServerTestCase):
+
+    options = {"rate": 1000, "burst": 1000, "max_line": 20000}   # reads of 16 KB
+
+    def test_a_record_cut_by_a_read_is_not_left_waiting(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.sync()
+        release = self.hold_loop()
+        bob.send(b"first\n")   # a short record, then a full one: a 16 KB read ends inside it
+        bob.send(b"z" * (chat.PACED_RECV_SIZE - 6) + b"\nlast\n")
+        release.set()
+        alice.expect(r"<bob> first")
+        self.assertEqual(alice.lines_until(r"<bob> last"), ["<bob> " + "z" * 16378])
+
+    def test_connections_end_with_close_notify(self):
+        context = ssl.create_default_context(cafile=PKI["ca"])
+        raw = socket.create_connection(self.address, timeout=TIMEOUT)
+        self.addCleanup(raw.close)
+        peer = Peer(context.wrap_socket(raw, server_hostname="localhost",
+                                        suppress_ragged_eofs=False))   # else no difference
+        peer.say("/nick quitter")
+        peer.expect(r"\*\*\* type /help for commands")
+        peer.say("/quit")
+        self.assertEqual(peer.expect_closed(), ["*** bye"])   # an EOF alone raises SSLEOFError
+
+
+@unittest.skipIf(ssl is None, "no ssl module")
 class TLSRegistrationTimeoutTest(TLSServerMixin, ServerTestCase):
 
     options = {"register_timeout": 0.5}
@@ -882,6 +1091,39 @@ class PasswordTest(ServerTestCase):
         bob.say("/pass open sesame")
         self.assertEqual(bob.next_line(), "*** error: you are already in")
         self.assertEqual(alice.sync(), ["*** bob joined"])
+
+
+class PasswordGuessingTest(ServerTestCase):
+
+    options = {"password": "open sesame", "wrong_password_delay": 0.2}
+
+    def guess(self, password, source="127.0.0.1"):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.bind((source, 0))
+        except OSError:
+            self.skipTest("cannot connect from %s here" % source)
+        sock.connect(self.address)
+        peer = Peer(sock)
+        peer.say("/pass " + password)
+        return peer
+
+    def test_guessing_is_slow_and_soon_refused_while_others_get_in(self):
+        with self.assertLogs(chat.log, logging.WARNING) as logs:
+            for number in range(chat.GUESS_LIMIT):
+                started = time.monotonic()
+                peer = self.guess("guess %d" % number)
+                self.assertEqual(peer.expect_closed(), ["*** password required: /pass PASSWORD",
+                                                        "*** error: wrong password"])
+                self.assertGreaterEqual(time.monotonic() - started, 0.2)   # answered late
+        self.assertIn("127.0.0.1: 5 wrong passwords within 60 s", "\n".join(logs.output))
+        refused = self.guess("open sesame")   # right, but from the guessing address
+        self.assertRegex(refused.expect_closed()[-1], r"\*\*\* error: too many wrong passwords "
+                         r"from your address; try again in \d+ s")
+        other = self.guess("open sesame", source="127.0.0.2")
+        self.assertRegex(other.expect(r"\*\*\* welcome .*"), r"\*\*\* welcome to testroom, .*")
 
 
 class PasswordTimeoutTest(ServerTestCase):
