@@ -1694,27 +1694,32 @@ class TurnBatcher:
             marks = self.marks[conn] = []
         marks.append((self.seq, kind, value))
 
-    def flush(self, deliver):
-        """Call deliver(conn, pieces) for every connection with output this turn."""
+    def flush(self, deliver, deliver_shared):
+        """Call deliver(conn, pieces) for every connection with output of its own this
+        turn, and deliver_shared(conn, data) for each that gets only a room's bytes."""
         rooms, marks = self.rooms, self.marks
         self.rooms, self.marks, self.volume = {}, {}, 0
         for conn, conn_marks in marks.items():
             if conn.stage is not CLOSED:
                 deliver(conn, self._pieces(conn, conn_marks, rooms))
-        done = set()
+        done = set(marks)
         for room, turn in rooms.items():
+            shared = {}   # dialect class -> bytes: the hot path looks up, nothing more
             for member in room.members:
                 conn = member.endpoint
-                if conn in marks or conn in done:
+                if conn in done:
                     continue
-                if len(member.rooms) > 1 and any(other in rooms for other in member.rooms
-                                                 if other is not room):
+                if member.multi_room and any(other in rooms for other in member.rooms
+                                             if other is not room):
                     done.add(conn)   # several active rooms: interleave them in order
                     deliver(conn, self._pieces(conn, [], rooms))
                     continue
-                data = turn.bytes_for(type(conn.dialect))[0]
+                dialect = type(conn.dialect)
+                data = shared.get(dialect)
+                if data is None:
+                    data = shared[dialect] = turn.bytes_for(dialect)[0]
                 if data:
-                    deliver(conn, (data,))
+                    deliver_shared(conn, data)
 
     def _pieces(self, conn, marks, rooms):
         """What conn gets this turn: its own data and views of the rooms' bytes, in order."""
@@ -2344,35 +2349,36 @@ class ChatServer:
     def _flush_turn(self):
         while self._batcher or self._failed:
             if self._batcher:
-                self._batcher.flush(self._deliver)
+                self._batcher.flush(self._deliver, self._deliver_shared)
             failed, self._failed = self._failed, []
             for conn, reason in failed:
                 self._drop(conn, reason)
 
-    def _deliver(self, conn, pieces):
-        """Send conn its part of the turn: straight from the shared bytes when nothing is
-        queued (the hot path), else after what is."""
-        if len(pieces) == 1 and not conn.outbox:
-            data = pieces[0]
-            try:
-                sent = conn.sock.send(data)
-            except WOULD_BLOCK:
-                conn.retry, sent = data, 0   # TLS must retry with this very buffer
-            except OSError as exc:
-                self._failed.append((conn, describe_error(exc)))
-                return
-            if sent == len(data):
-                if conn.stage is CLOSING:
-                    self._half_close(conn)
-                return
+    def _deliver_shared(self, conn, data):
+        """The hot path: a member's share of a turn, sent straight from the bytes every
+        receiver shares; only what the socket does not take is queued (as a view)."""
+        if conn.outbox:
+            self._deliver(conn, (data,))
+            return
+        try:
+            sent = conn.sock.send(data)
+        except WOULD_BLOCK:
+            conn.retry, sent = data, 0   # TLS must retry with this very buffer
+        except OSError as exc:
+            self._failed.append((conn, describe_error(exc)))
+            return
+        if sent < len(data):
             conn.queue(memoryview(data)[sent:] if sent else data)
+            self._wait_until_writable(conn, took=bool(sent))
+
+    def _deliver(self, conn, pieces):
+        """Send conn its part of the turn, after what is queued for it already."""
+        for piece in pieces:
+            conn.queue(piece)
+        if conn.want_write:   # the socket is full: wait for it
+            self._check_backlog(conn, took=False)
         else:
-            for piece in pieces:
-                conn.queue(piece)
-            if conn.want_write:   # the socket is full: wait for it
-                self._check_backlog(conn, took=False)
-                return
-        self._write(conn)
+            self._write(conn)
 
     def _write(self, conn):
         before = conn.queued
@@ -2389,10 +2395,13 @@ class ChatServer:
                 conn.want_write = False
                 self._update_interest(conn)
             return
+        self._wait_until_writable(conn, took=conn.queued < before)
+
+    def _wait_until_writable(self, conn, took):
         if not conn.want_write:
             conn.want_write = True
             self._update_interest(conn)
-        self._check_backlog(conn, took=conn.queued < before)
+        self._check_backlog(conn, took)
 
     def _check_backlog(self, conn, took):
         """A client with over queue_limit bytes waiting that takes none of them for

@@ -447,6 +447,127 @@ class ProtocolTextTest(unittest.TestCase):
         self.assertEqual(chat.format_address("::1", 80), "[::1]:80")
 
 
+class RecordingSink:
+    """Where a hub's news goes in the core tests: recorded, nothing sent."""
+
+    def __init__(self):
+        self.published = []             # (room name, event, nick left out)
+        self.sent = collections.defaultdict(list)   # member -> events
+        self.closed = []
+        self.timers = []
+
+    def publish(self, room, event, exclude):
+        self.published.append((room.name, event, exclude and exclude.nick))
+
+    def send(self, member, event):
+        self.sent[member].append(event)
+
+    def moved(self, member, room, entered):
+        pass
+
+    def close(self, member, reason, farewell):
+        self.closed.append((member.nick, reason, farewell))
+
+    def call_later(self, delay, function, *args):
+        self.timers.append((delay, function, args))
+
+
+class HubTest(unittest.TestCase):
+    """The core alone: rooms, moves, topics, history and limits, without a socket."""
+
+    def setUp(self):
+        self.sink = RecordingSink()
+        self.hub = chat.Hub(chat.ServerOptions(history=2, announce_limit=3, max_rooms=4),
+                            self.sink, "hub")
+
+    def admit(self, nick):
+        return self.hub.admit("endpoint of " + nick, nick)
+
+    def replies(self, member, kind=None):
+        events = self.sink.sent.pop(member, [])
+        return [event for event in events if kind is None or isinstance(event, kind)]
+
+    def test_a_newcomer_is_greeted_into_the_default_room(self):
+        alice = self.admit("alice")
+        greeting = self.replies(alice)
+        self.assertEqual(greeting[0], chat.Welcome("hub", "alice"))
+        self.assertEqual(greeting[1].room, self.hub.default_room)
+        self.assertEqual(alice.room.name, "#lobby")
+        self.assertEqual(self.sink.published, [("#lobby", chat.Joined("#lobby", "alice"), "alice")])
+
+    def test_join_moves_a_member_and_both_rooms_are_told(self):
+        alice, bob = self.admit("alice"), self.admit("bob")
+        self.sink.published.clear()
+        self.replies(bob)
+        self.hub.do_join(bob, "dev")
+        self.assertEqual(self.sink.published, [
+            ("#lobby", chat.Parted("#lobby", "bob", to="#dev"), None),
+            ("#dev", chat.Joined("#dev", "bob"), "bob")])
+        self.assertEqual([room.name for room in bob.rooms], ["#dev"])
+        self.assertEqual([state.room.name for state in self.replies(bob, chat.RoomState)], ["#dev"])
+        self.hub.do_join(bob, "#DEV")
+        self.assertEqual(self.replies(bob), [chat.notice("already_in_room", room="#dev")])
+
+    def test_an_empty_room_disappears_but_the_default_room_stays(self):
+        alice = self.admit("alice")
+        self.hub.do_join(alice, "#dev")
+        self.assertIn("#dev", [room.name for room in self.hub.rooms.values()])
+        self.hub.do_part(alice)
+        self.assertEqual([room.name for room in self.hub.rooms.values()], ["#lobby"])
+        self.hub.do_part(alice)
+        self.assertEqual(self.replies(alice)[-1],
+                         chat.notice("in_default_room", room="#lobby"))
+        self.hub.leave(alice, "quit")
+        self.assertEqual([room.name for room in self.hub.rooms.values()], ["#lobby"])
+
+    def test_history_and_topic_belong_to_a_room(self):
+        alice, bob = self.admit("alice"), self.admit("bob")
+        for text in ("one", "two", "three"):
+            self.hub.do_say(alice, text)
+        self.hub.do_join(bob, "#dev")
+        self.assertEqual(self.replies(bob, chat.History), [])   # #dev has none
+        self.hub.do_topic(bob, None, "ship it")
+        self.assertIn(("#dev", chat.TopicSet("#dev", "bob", "ship it"), None), self.sink.published)
+        self.hub.do_join(alice, "#dev")
+        self.assertEqual(self.replies(alice, chat.TopicInfo), [chat.TopicInfo("#dev", "ship it")])
+        self.hub.do_join(alice, "#lobby")
+        history = self.replies(alice, chat.History)[0].room.history
+        self.assertEqual([said.text for said in history], ["two", "three"])   # --history 2
+
+    def test_room_limits(self):
+        alice, bob = self.admit("alice"), self.admit("bob")
+        self.hub.do_join(alice, "a b")
+        self.assertEqual(self.replies(alice)[-1].key, "invalid_room")
+        self.hub.do_join(alice, "#dev")
+        self.hub.do_join(bob, "#ԁеѵ")   # all Cyrillic
+        self.assertEqual(self.replies(bob)[-1],
+                         chat.notice("room_lookalike", room="#ԁеѵ", other="#dev"))
+        self.hub.do_join(bob, "#ops")
+        carol = self.admit("carol")
+        self.hub.do_join(carol, "#qa")   # #lobby, #dev, #ops and #qa: the most there may be
+        self.hub.do_join(carol, "#more")
+        self.assertEqual(self.replies(carol)[-1], chat.notice("too_many_rooms", count=4))
+
+    def test_creating_rooms_is_rate_limited(self):
+        alice = self.admit("alice")
+        self.hub.options.max_rooms = 100
+        for number in range(chat.ROOM_CREATE_BURST):
+            self.hub.do_join(alice, "#room%d" % number)   # each is left, and vanishes
+        self.replies(alice)
+        self.hub.do_join(alice, "#one-too-many")
+        self.assertEqual(self.replies(alice)[-1].key, "rooms_too_fast")
+        self.hub.do_join(alice, "#lobby")   # joining an existing room is always fine
+        self.assertEqual(alice.room.name, "#lobby")
+
+    def test_notices_stay_quiet_in_big_rooms(self):
+        members = [self.admit("m%d" % number) for number in range(5)]   # limit 3
+        joins = [event for _, event, _ in self.sink.published if isinstance(event, chat.Joined)]
+        self.assertEqual([event.nick for event in joins], ["m0", "m1", "m2"])
+        self.sink.published.clear()
+        self.hub.do_nick(members[0], "renamed")
+        self.assertEqual(self.sink.published, [])   # 5 members: too many for notices
+
+
 class TurnBatcherTest(unittest.TestCase):
     """What each connection gets of a turn: in order, once, only while it was there."""
 
@@ -492,7 +613,7 @@ class TurnBatcherTest(unittest.TestCase):
 
         def deliver(conn, pieces):
             got[conn] += b"".join(bytes(piece) for piece in pieces)
-        self.batcher.flush(deliver)
+        self.batcher.flush(deliver, lambda conn, data: deliver(conn, [data]))
         return got
 
     def test_shared_bytes_own_lines_left_out_replies_in_order(self):
@@ -674,6 +795,96 @@ class ChatTest(ServerTestCase):
         self.assertEqual(alice.expect(r"\*\*\* bob left.*"), "*** bob left (internal error)")
         alice.say("/who")
         self.assertEqual(alice.expect(r"\*\*\* 1 online.*"), "*** 1 online: alice")
+
+
+class RoomsTest(ServerTestCase):
+    """Rooms as an nc user meets them."""
+
+    options = {"history": 5}
+
+    def peers(self, *nicks):
+        """Connected peers, each past the notices of those who came after it."""
+        peers = [self.connect(nick) for nick in nicks]
+        for peer in peers:
+            peer.sync()
+        return peers
+
+    def test_join_moves_you_and_both_rooms_are_told(self):
+        alice, bob, carol = self.peers("alice", "bob", "carol")
+        bob.say("/join dev")
+        self.assertEqual(bob.next_line(), "*** you are in #dev: 1 online: bob")
+        self.assertEqual(alice.expect(r"\*\*\* bob .*"), "*** bob left for #dev")
+        bob.say("only in dev")
+        carol.say("/join #dev")
+        self.assertEqual(carol.lines_until(r"\*\*\* you are in #dev: 2 online: bob, carol"),
+                         ["*** bob left for #dev"])
+        self.assertEqual(carol.next_line(), "*** --- last 1 message in #dev ---")
+        self.assertRegex(carol.next_line(), r"\*\*\* \[\d\d:\d\d\] <bob> only in dev")
+        self.assertEqual(bob.expect(r"\*\*\* carol .*"), "*** carol joined")
+        self.assertEqual(alice.sync(), ["*** carol left for #dev"])   # nothing said in #dev
+        alice.say("lobby only")
+        self.assertEqual(bob.sync(), [])
+        alice.say("/msg bob across rooms")
+        self.assertEqual(bob.expect(r"\*alice\* .*"), "*alice* across rooms")
+
+    def test_part_returns_to_the_room_everyone_starts_in(self):
+        alice, bob = self.peers("alice", "bob")
+        bob.say("/join #dev", "/part", "/part")
+        self.assertEqual(bob.next_line(), "*** you are in #dev: 1 online: bob")
+        self.assertEqual(bob.next_line(), "*** you are in #lobby: 2 online: alice, bob")
+        self.assertEqual(bob.next_line(), "*** error: you are in #lobby, where everyone starts; "
+                                          "/quit leaves the chat")
+        self.assertEqual(alice.sync(), ["*** bob left for #dev", "*** bob joined"])
+        self.assertEqual([room.name for room in self.server.rooms()], ["#lobby"])   # #dev is gone
+
+    def test_rooms_who_and_topic(self):
+        alice, bob, carol = self.peers("alice", "bob", "carol")
+        for peer in (bob, carol):
+            peer.say("/join #dev")
+            peer.expect(r"\*\*\* you are in .*")
+        self.assertEqual(alice.sync(), ["*** bob left for #dev", "*** carol left for #dev"])
+        alice.say("/rooms", "/who #dev", "/who #nowhere", "/who", "/topic")
+        self.assertEqual(alice.next_line(), "*** 2 rooms: #dev (2), #lobby (1)")
+        self.assertEqual(alice.next_line(), "*** #dev: 2 online: bob, carol")
+        self.assertEqual(alice.next_line(), "*** error: no such room #nowhere")
+        self.assertEqual(alice.next_line(), "*** 1 online: alice")
+        self.assertEqual(alice.next_line(), "*** no topic is set in #lobby")
+        bob.say("/topic release on friday")
+        self.assertEqual(carol.expect(r"\*\*\* bob set .*"),
+                         "*** bob set the topic of #dev: release on friday")
+        alice.say("/join #dev")
+        alice.expect(r"\*\*\* you are in #dev: .*")
+        self.assertEqual(alice.next_line(), "*** topic of #dev: release on friday")
+
+    def test_rooms_lists_the_busiest_first_and_counts_the_rest(self):
+        peers = [self.connect("user%d" % number) for number in range(chat.ROOMS_LISTED + 2)]
+        for number, peer in enumerate(peers[1:]):
+            peer.say("/join #room%02d" % number)
+            peer.expect(r"\*\*\* you are in .*")
+        peers[2].say("/join #room00")
+        peers[2].expect(r"\*\*\* you are in .*")
+        peers[0].say("/rooms")
+        listed = peers[0].expect(r"\*\*\* \d+ rooms: .*")
+        self.assertTrue(listed.startswith("*** 21 rooms: #room00 (2), #lobby (1), #room02 (1), "),
+                        listed)
+        self.assertTrue(listed.endswith(", and 1 more"), listed)
+
+
+class DefaultRoomTest(ServerTestCase):
+
+    options = {"room": "#main", "max_rooms": 2}
+
+    def test_the_default_room_and_the_room_limit(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        self.assertEqual(alice.transcript[1], "*** you are in #main: 1 online: alice")
+        alice.say("/join #one", "/part")
+        alice.expect(r"\*\*\* you are in #one: .*")
+        self.assertEqual(alice.next_line(), "*** you are in #main: 2 online: bob, alice")
+        bob.say("/join #two")
+        bob.expect(r"\*\*\* you are in #two: .*")
+        alice.say("/join #three")
+        self.assertEqual(alice.expect(r"\*\*\* error: .*"), "*** error: 2 rooms exist, the most "
+                         "this server allows; join one of them (/rooms)")
 
 
 class JoinNoticeTest(ServerTestCase):
@@ -1327,7 +1538,8 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(run_cli("--version").stdout.strip(), "chat.py " + chat.__version__)
 
     def test_bad_arguments_are_usage_errors(self):
-        for args in (("server", "--port", "70000"), ("server", "--max-line", "0"), ()):
+        for args in (("server", "--port", "70000"), ("server", "--max-line", "0"), (),
+                     ("client", "--port", "0"), ("server", "--room", "#a b")):
             result = run_cli(*args)
             self.assertEqual(result.returncode, 2, args)
             self.assertIn("usage:", result.stderr)
@@ -1340,13 +1552,24 @@ class CommandLineTest(unittest.TestCase):
                  (("server", "--password-file", "/nonexistent"), "cannot read the password file"),
                  (("client", "--tls-fingerprint", "abc"), "invalid --tls-fingerprint"),
                  (("client", "--tls-ca", "/nonexistent.pem"), "cannot use --tls-ca"),
-                 (("client", "--nick", "a b"), "invalid --nick")]
+                 (("client", "--nick", "a b"), "invalid --nick"),
+                 (("client", "--nick", ""), "invalid --nick: a nick is 1 to 20 characters"),
+                 (("client", "--host", "box:80", "--port", "81"), "not the one --port says")]
         for args, message in cases:
             with self.subTest(args=args):
                 result = run_cli(*args)
                 self.assertEqual(result.returncode, 1)
                 self.assertIn(message, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
+                self.assertNotIn("[SSL]", result.stderr)
+
+    def test_host_forms(self):
+        self.assertEqual(chat.split_host("[::1]", None), ("::1", 7777))
+        self.assertEqual(chat.split_host("[::1]:8000", None), ("::1", 8000))
+        self.assertEqual(chat.split_host("box:8000", 8000), ("box", 8000))
+        self.assertEqual(chat.split_host("::1", 9), ("::1", 9))
+        self.assertEqual(chat.split_host("box", None), ("box", 7777))
+        self.assertEqual(chat.split_host(None, 0), (None, 0))
 
     @unittest.skipIf(ssl is None, "no ssl module")
     def test_tls_server_logs_its_fingerprint(self):
@@ -1382,7 +1605,8 @@ class CommandLineTest(unittest.TestCase):
             port = busy.getsockname()[1]
             result = run_cli("server", "--host", "127.0.0.1", "--port", str(port))
         self.assertEqual(result.returncode, 1)
-        self.assertRegex(result.stderr, r"cannot listen on 127\.0\.0\.1:%d: .*in use" % port)
+        self.assertEqual(result.stderr, "chat.py: cannot listen on 127.0.0.1:%d: port %d is in use "
+                         "(is another server running there?)\n" % (port, port))
         self.assertNotIn("Traceback", result.stderr)
 
     @unittest.skipUnless(ipv6_available() and socket.has_dualstack_ipv6(), "no dual-stack IPv6")
@@ -1564,6 +1788,36 @@ class ClientTest(ServerTestCase):
         self.assertEqual(str(failure.exception),
                          "cannot connect to nowhere.example:7777: Name or service not known")
 
+    def test_a_tls_client_at_a_plaintext_server_says_so(self):
+        result = run_cli("client", "--host", "127.0.0.1", "--port", str(self.address[1]),
+                         "--tls-ca", PKI["ca"])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("the server does not speak TLS", result.stderr)
+        self.assertNotIn("WRONG_VERSION_NUMBER", result.stderr)
+
+    def test_listen_only_keeps_listening_with_nothing_on_stdin(self):
+        alice = self.connect("alice")
+        client = ClientProcess(self, self.address[1], "--nick", "logger", "--listen-only",
+                               "--no-reconnect")
+        client.proc.stdin.close()   # as from a script: stdin at its end at once
+        client.proc.stdin = None
+        alice.expect(r"\*\*\* logger joined")
+        alice.say("for the log")
+        alice.sync()
+        self.server.shutdown()
+        code, out, err = client.finish()
+        self.assertEqual(code, 1)   # the server went away
+        self.assertTrue(out.endswith("<alice> for the log\n*** server shutting down\n"), out)
+
+    def test_host_may_carry_the_port(self):
+        alice = self.connect("alice")
+        result = subprocess.run(
+            [sys.executable, CHAT, "client", "--host", "127.0.0.1:%d" % self.address[1],
+             "--nick", "ci"], input=b"by host:port\n", capture_output=True, timeout=TIMEOUT * 2,
+            env=child_env())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(alice.expect(r"<ci> .*"), "<ci> by host:port")
+
     def test_client_enables_keepalive(self):
         with socket.socket() as sock:
             chat.enable_keepalive(sock)
@@ -1601,6 +1855,12 @@ class ClientTLSTest(TLSServerMixin, ServerTestCase):
         self.assertIn("fingerprint is " + TEST_CERT_FINGERPRINT, err)
         self.assertIn("connect with: --tls-fingerprint " + TEST_CERT_FINGERPRINT[7:], err)
         self.assertEqual(alice.sync(), [])
+
+    def test_a_plaintext_client_on_the_tls_port_is_told_at_once(self):
+        result = run_cli("client", "--host", "127.0.0.1", "--port", str(self.address[1]),
+                         "--nick", "plain")
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r"^chat.py: 127.0.0.1:\d+ speaks TLS: connect with --tls")
 
     def test_wrong_fingerprint_is_refused(self):
         alice, code, err = self.run_client("--tls-fingerprint", "ab" * 32)
@@ -1680,6 +1940,21 @@ class LineEditorTest(unittest.TestCase):
         editor.right()
         editor.backspace()
         self.assertEqual(editor.text, "ab")
+
+    def test_flags_skin_tones_and_joined_emoji_move_and_delete_whole(self):
+        editor = chat.LineEditor()
+        editor.insert("a🇫🇷👍🏽👨\u200d👩\u200d👧b")
+        editor.left()
+        self.assertEqual(editor.text[editor.cursor:], "b")
+        editor.left()
+        self.assertEqual(editor.text[editor.cursor:], "👨\u200d👩\u200d👧b")
+        editor.backspace()
+        self.assertEqual(editor.text, "a🇫🇷👨\u200d👩\u200d👧b")
+        editor.backspace()
+        self.assertEqual(editor.text, "a👨\u200d👩\u200d👧b")
+        editor.right()
+        self.assertEqual(editor.text[editor.cursor:], "b")
+        self.assertEqual(chat.text_width("🇫🇷👍🏽e\u0301"), 5)
 
     def test_history(self):
         editor = chat.LineEditor()
@@ -2392,6 +2667,40 @@ class ReconnectTest(ServerTestCase):
         self.assertFalse(thread.is_alive(), "the client waited out its backoff")
         self.assertEqual(result, {"code": 0})
 
+    def leave_during_backoff(self, kind, text=None):
+        # The backoff (at least 22 s) outlasts the join below: only leaving ends it.
+        client, console, thread, result = self.start_client(retry_delay=30, retry_max=30)
+        self.server.shutdown()
+        console.wait(lambda: console.notices, "the lost connection")
+        client.post(kind, text)
+        thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive(), "the client waited out its backoff")
+        self.assertEqual(result, {"code": 0})
+
+    def test_ctrl_d_during_backoff_leaves_at_once(self):
+        self.leave_during_backoff("eof")
+
+    def test_quit_during_backoff_leaves_at_once(self):
+        self.leave_during_backoff("line", "/quit see you")
+
+    def test_the_wait_shown_is_never_above_the_maximum(self):
+        with mock.patch.object(chat.random, "uniform", return_value=1.25):   # the most jitter
+            client, console, thread, result = self.start_client(retry_delay=30, retry_max=30)
+            self.server.shutdown()
+            console.wait(lambda: console.notices, "the lost connection")
+        self.assertRegex(console.notices[0], r"; reconnecting in 30 s$")
+
+    def test_a_reconnected_client_goes_back_to_its_room(self):
+        client, console, thread, result = self.start_client()
+        client.post("line", "/join #dev")
+        console.wait(lambda: console.room == "#dev", "the move")
+        self.restart_server()
+        console.wait(lambda: console.lines.count("*** you are in #dev: 1 online: ci") == 2,
+                     "the way back to #dev")
+        alice = self.connect("alice")
+        alice.say("/who #dev")
+        self.assertEqual(alice.expect(r"\*\*\* #dev: .*"), "*** #dev: 1 online: ci")
+
     def test_no_reconnect_fails_with_the_reason(self):
         client, console, thread, result = self.start_client(reconnect=False)
         self.server.shutdown()
@@ -2448,11 +2757,27 @@ class PipedClientTest(ServerTestCase):
             client = ClientProcess(self, fake.getsockname()[1], "--no-reconnect")
             conn, _ = fake.accept()
             with conn:
+                conn.recv(100)
                 conn.sendall(b"*** welcome to evil, you are bob\n\x1b]0;pwned\x07<evil> \x1b[2Jhi"
                              b"\xc2\x9b31m there\xe2\x80\xae\n\x1b[?1049h*** bye\n")
             code, out, err = client.finish()
         self.assertEqual(out, "*** welcome to evil, you are bob\n<evil> hi there\n*** bye\n")
         self.assertEqual(code, 1)   # the server went away
+
+    def test_a_hostile_server_cannot_exhaust_the_client(self):
+        with socket.create_server(("127.0.0.1", 0)) as fake:
+            client = ClientProcess(self, fake.getsockname()[1], "--no-reconnect")
+            conn, _ = fake.accept()
+            with conn:
+                conn.recv(100)   # the client's nick: read, so the close is no reset
+                conn.sendall(b"*** welcome to evil, you are bob\n" + b"x" * (3 << 20) + b"\n")
+                conn.sendall(b"*** --- last 50 messages in #lobby ---\n*** [10:00] <a> said\n"
+                             b"<b> no end of history came\n*** bye\n")
+            code, out, err = client.finish()
+        self.assertEqual(out, "*** welcome to evil, you are bob\n"
+                         "*** --- last 1 message in #lobby ---\n*** [10:00] <a> said\n"
+                         "<b> no end of history came\n*** bye\n")
+        self.assertIn("the server sent a line of over 1048576 bytes; it is left out", err)
 
     def test_timestamps_on_request(self):
         alice = self.connect("alice")
