@@ -4,16 +4,19 @@
     python chat.py server                  # on one machine (port 7777)
     python chat.py client --host HOST      # on the others, or: nc HOST 7777
 
-Wire protocol: UTF-8 text lines ending in LF (CRLF accepted).
+Wire protocol: UTF-8 text lines ending in LF (CRLF accepted), in rooms.
   client -> server  a chat line, or a command: /nick NAME, /me ACTION,
-                    /msg NICK TEXT, /who, /help, /quit [REASON], and
-                    /pass PASSWORD first when the server has a password
-                    ("//text" sends the literal line "/text")
-  server -> client  <alice> text      a chat line
+                    /msg NICK TEXT, /join ROOM, /part, /rooms, /who [ROOM],
+                    /topic [TEXT], /help, /quit [REASON], and /pass PASSWORD
+                    first when the server has a password ("//text" sends
+                    the literal line "/text")
+  server -> client  <alice> text      a chat line in your room
                     * alice waves     an action
                     *alice* text      a private message to you
                     -> *bob* text     your private message, as sent
                     *** text          everything from the server
+The server greets a connection after its first line (or a moment of silence);
+every shape it sends is in the Wording table, which the client reads with.
 
 Standard library only; Python 3.8+ on Linux, macOS and Windows.
 """
@@ -2417,10 +2420,15 @@ class ChatServer:
         if took:
             conn.stuck_since = None
         elif conn.stuck_since is None:
-            conn.stuck_since = now
+            conn.stuck_since = now   # look again then, even if no more output comes
+            self.call_later(self.options.queue_grace * 1.01, self._recheck_backlog, conn)
         if (now - conn.over_since > SEND_QUEUE_LAG or conn.stuck_since is not None
                 and now - conn.stuck_since > self.options.queue_grace):
             self._failed.append((conn, "send queue exceeded"))
+
+    def _recheck_backlog(self, conn):
+        if conn.stage is not CLOSED and conn.stuck_since is not None:
+            self._check_backlog(conn, took=False)
 
     def _update_interest(self, conn):
         """Register what the connection waits for: the one place that calls the selector."""
@@ -3859,7 +3867,8 @@ def build_parser():
 def add_server_parser(commands):
     server = commands.add_parser(
         "server", help="run a chat server",
-        description="Run a chat server. Clients connect with 'chat.py client' or nc/telnet.",
+        description="Run a chat server. Clients connect with 'chat.py client' or nc/telnet, "
+        "and start in one room; /join ROOM creates and enters others.",
         epilog="The password may also come from the CHAT_PASSWORD environment variable "
         "(never from the command line, where ps would show it).")
     add_network_arguments(server, "address to listen on (default: all interfaces, IPv4 and IPv6)")

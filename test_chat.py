@@ -1038,6 +1038,29 @@ class SlowReaderTest(ServerTestCase):
         self.assertIn("send queue exceeded", "\n".join(logs.output))
 
 
+class StuckReaderTest(ServerTestCase):
+
+    options = {"queue_grace": 0.2, "queue_limit": 64 * 1024}
+
+    def test_a_reader_that_stops_is_dropped_even_when_all_is_quiet(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(TIMEOUT)
+        stuck.connect(self.address)
+        self.addCleanup(stuck.close)
+        stuck.sendall(b"/nick stuck\n")
+        alice.expect(r"\*\*\* stuck joined")
+        batch = "".join("%04d %s\n" % (i, "q" * 1000) for i in range(100)).encode()
+        while True:   # until the kernel buffers are full and the server holds more
+            info = self.member("stuck")
+            if info is None or info.backlog > 64 * 1024:
+                break
+            bob.send(batch)
+            bob.sync()
+        alice.expect(r"\*\*\* stuck left \(send queue exceeded\)")   # with nothing more said
+
+
 class BigTurnTest(ServerTestCase):
     """Many long lines in one turn: memory in proportion to what was said, and no reader
     that keeps up is dropped, though each gets far more than the queue limit at once."""
@@ -1529,11 +1552,11 @@ class CommandLineTest(unittest.TestCase):
         for flag in ("--host", "--port", "-4", "-6", "--max-clients", "--max-line",
                      "--announce-limit", "--name", "--verbose", "--quiet", "--tls-cert",
                      "--tls-key", "--password-file", "CHAT_PASSWORD", "--register-timeout",
-                     "--rate", "--burst", "--max-per-ip"):
+                     "--rate", "--burst", "--max-per-ip", "--room", "--max-rooms", "--history"):
             self.assertIn(flag, server_help)
         client_help = run_cli("client", "--help").stdout
         for flag in ("--host", "--port", "-4", "-6", "--nick", "--tls", "--tls-ca",
-                     "--tls-fingerprint", "--password-file", "CHAT_PASSWORD"):
+                     "--tls-fingerprint", "--password-file", "CHAT_PASSWORD", "--listen-only"):
             self.assertIn(flag, client_help)
         self.assertEqual(run_cli("--version").stdout.strip(), "chat.py " + chat.__version__)
 
