@@ -37,7 +37,6 @@ import itertools
 import logging
 import math
 import os
-import queue
 import random
 import re
 import select
@@ -2616,7 +2615,7 @@ def tls_failure(exc):
     """Plain words for a failed TLS handshake."""
     reason = getattr(exc, "reason", None) or ""
     if reason in ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE") \
-            or isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)):
+            or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError)):
         return "the server does not speak TLS (leave out --tls and its options)"
     return reason or describe_error(exc)
 

@@ -4,7 +4,6 @@ and the real client in a subprocess. Run with: python -m unittest -v
 
 import codecs
 import collections
-import io
 import itertools
 import logging
 import os
@@ -496,7 +495,8 @@ class HubTest(unittest.TestCase):
         self.assertEqual(self.sink.published, [("#lobby", chat.Joined("#lobby", "alice"), "alice")])
 
     def test_join_moves_a_member_and_both_rooms_are_told(self):
-        alice, bob = self.admit("alice"), self.admit("bob")
+        self.admit("alice")
+        bob = self.admit("bob")
         self.sink.published.clear()
         self.replies(bob)
         self.hub.do_join(bob, "dev")
@@ -701,7 +701,8 @@ class ChatTest(ServerTestCase):
         self.assertEqual(alice.expect(r"\*\*\* \d+ online.*"), "*** 2 online: alice, Caroline")
 
     def test_who_and_help(self):
-        bob, alice = self.connect("bob"), self.connect("alice")
+        self.connect("bob")
+        alice = self.connect("alice")
         alice.say("/WHO", "/help")
         self.assertEqual(alice.next_line(), "*** 2 online: alice, bob")
         help_lines = alice.lines_until(r"\*\*\*   //text .*")
@@ -726,7 +727,8 @@ class ChatTest(ServerTestCase):
         self.assertEqual(alice.expect(r"\*\*\* 2 online.*"), "*** 2 online: alice, bobby")
 
     def test_look_alikes_of_a_nick_online_are_refused(self):
-        alice, bob = self.connect("alice"), self.connect("bob")
+        alice = self.connect("alice")
+        self.connect("bob")
         guest = self.connect()
         guest.say("/nick аӏісе", "/nick ᏴᎾᏴ", "/nick bob\u034f", "/nick Иван")
         self.assertEqual(guest.next_line(), "*** error: nick аӏісе looks like alice, who is online")
@@ -952,7 +954,8 @@ class BigRoomTest(ServerTestCase):
     options = {"announce_limit": 3}
 
     def test_notices_only_in_small_rooms(self):
-        alice, bob, carol = self.connect("alice"), self.connect("bob"), self.connect("carol")
+        alice, bob = self.connect("alice"), self.connect("bob")
+        self.connect("carol")
         dave = self.connect("dave")           # the fourth member: not announced
         self.assertEqual(alice.sync(), ["*** bob joined", "*** carol joined"])
         dave.say("/nick david", "/quit")
@@ -2679,6 +2682,9 @@ class ReconnectTest(ServerTestCase):
                 if line.startswith("<") or HISTORY_ENTRY.match(line)]
         for line in ("<alice> one", "<alice> two", "<alice> three", "<ci> mine", "<alice> four"):
             self.assertEqual(said.count(line), 1, (line, console.lines))
+        headers = [line for line in console.lines if line.startswith("*** --- last")]
+        self.assertEqual(headers, ["*** --- last 2 messages in #lobby ---",   # says what it shows
+                                   "*** --- last 1 message in #lobby ---"])
 
     def test_ctrl_c_during_backoff_exits_at_once(self):
         # The backoff (at least 22 s) outlasts the join below: only an interrupt ends it.
