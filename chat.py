@@ -525,7 +525,8 @@ class Welcome:
 
 @dataclass(frozen=True)
 class RoomState:
-    """Who is in a room the member has just entered (or, greeting, the first one)."""
+    """A room the member has just entered (greeting: the first one): who is there, and
+    its topic."""
     room: "Room"
     greeting: bool = False
 
@@ -998,8 +999,6 @@ class Hub:
                 self.sink.send(member, notice("pace", burst=self.options.burst,
                                               rate="%g" % self.options.rate))
             self.sink.send(member, notice("help_hint"))
-        if room.topic:
-            self.sink.send(member, TopicInfo(room.name, room.topic))
         if room.history:
             self.sink.send(member, History(room))
         if member.announced:
@@ -1239,12 +1238,16 @@ class LineDialect(Dialect):
         return line_bytes("private", nick=event.sender, text=text)
 
     def _room_state(self, event):
-        """Who is there, the first ones to come first: cheap however big the room."""
+        """Who is there, the first ones to come first (cheap however big the room), and
+        the topic."""
         room = event.room
         names = [member.nick for member in itertools.islice(room.members, GREETING_NAMES)]
         more = len(room.members) - len(names)
-        return line_bytes("in_room", room=room.name, count=len(room.members),
-                          names=", ".join(names) + (", and %d more" % more if more else ""))
+        state = line_bytes("in_room", room=room.name, count=len(room.members),
+                           names=", ".join(names) + (", and %d more" % more if more else ""))
+        if room.topic:
+            state += line_bytes("topic", room=room.name, text=room.topic)
+        return state
 
     def _topic(self, event):
         if event.text:

@@ -529,7 +529,8 @@ class HubTest(unittest.TestCase):
         self.hub.do_topic(bob, None, "ship it")
         self.assertIn(("#dev", chat.TopicSet("#dev", "bob", "ship it"), None), self.sink.published)
         self.hub.do_join(alice, "#dev")
-        self.assertEqual(self.replies(alice, chat.TopicInfo), [chat.TopicInfo("#dev", "ship it")])
+        self.assertEqual([state.room.topic for state in self.replies(alice, chat.RoomState)],
+                         ["ship it"])
         self.hub.do_join(alice, "#lobby")
         history = self.replies(alice, chat.History)[0].room.history
         self.assertEqual([said.text for said in history], ["two", "three"])   # --history 2
