@@ -530,7 +530,7 @@ class HubTest(unittest.TestCase):
         self.assertIn(("#dev", chat.TopicSet("#dev", "bob", "ship it"), None), self.sink.published)
         self.hub.do_join(alice, "#dev")
         self.assertEqual([state.room.topic for state in self.replies(alice, chat.RoomState)],
-                         ["ship it"])
+                         [None, "ship it"])   # the greeting's #lobby, then #dev
         self.hub.do_join(alice, "#lobby")
         history = self.replies(alice, chat.History)[0].room.history
         self.assertEqual([said.text for said in history], ["two", "three"])   # --history 2
