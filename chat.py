@@ -94,6 +94,9 @@ ROOM_CREATE_RATE = 0.2               # ...and then one per 1/RATE seconds
 GUESS_LIMIT = 5                      # wrong passwords from one address (IPv6: /64)...
 GUESS_WINDOW = 60.0                  # ...within this many seconds, then it waits
 GUESSERS_TRACKED = 10000             # addresses remembered for that
+IRC_PING_INTERVAL = 120.0            # seconds of silence before an IRC client is pinged...
+IRC_PING_TIMEOUT = 60.0              # ...and before it is dropped if it does not answer
+MAX_TARGETS = 4                      # rooms or nicks one IRC command may name
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
@@ -413,6 +416,7 @@ class Wording:
         ("already_in_room", "*** error: you are in {room} already"),
         ("in_default_room", "*** error: you are in {room}, where everyone starts; "
                             "/quit leaves the chat"),
+        ("ping_timeout", "*** error: no answer to PING"),
         ("error", "*** error: {text}"),
         ("notice", "*** {text}"),
     )
@@ -572,13 +576,14 @@ def notice(key, **fields):
 class Member:
     """Someone in the chat: a nick, the rooms it is in, and where its events go."""
 
-    __slots__ = ("endpoint", "multi_room", "hears_quiet", "nick", "key", "lookalikes", "rooms",
-                 "heralded", "announced", "room_tokens", "room_refilled")
+    __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "nick", "key",
+                 "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled")
 
-    def __init__(self, endpoint, multi_room=False, hears_quiet=False):
+    def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
         self.multi_room = multi_room    # may be in several rooms at once (IRC)
         self.hears_quiet = hears_quiet  # wants every join, leave and rename (it keeps lists)
+        self.realname = realname        # what it says it is (IRC's USER), or ""
         self.nick = self.key = None
         self.lookalikes = ()
         self.rooms = {}                 # Room -> None, in join order
@@ -744,11 +749,11 @@ class Hub:
         problem = self.nick_problem(nick, member)
         return (None, problem) if problem else (nick, None)
 
-    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False):
+    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname=""):
         """Greet a newcomer into the default room under nick, or as a guest (told why when
         nick was refused). A guest's arrival is told once it picks a nick or speaks, or
         after join_delay, so people appear once, under their name."""
-        member = Member(endpoint, multi_room, hears_quiet)
+        member = Member(endpoint, multi_room, hears_quiet, realname)
         problem = None
         if nick is not None:
             nick, problem = self.claim(nick)
@@ -1075,6 +1080,7 @@ class Dialect:
 
     multi_room = False      # its members may be in several rooms at once
     hears_quiet = False     # it keeps member lists: it needs joins and leaves in big rooms
+    ends_lines_with_cr = False   # a lone CR ends a line too
 
     def __init__(self, server, conn):
         self.server = server
@@ -1303,13 +1309,546 @@ class LineDialect(Dialect):
     }
 
 
+# IRC formatting (bold, colours, italics, ...) is not for every dialect: stripped with
+# its parameters. CTCP framing (\x01) is taken apart by the IRC dialect.
+_IRC_FORMATTING = re.compile(
+    "\x03(?:\\d{1,2}(?:,\\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+    "|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+_IRC_FIRST_LINE = re.compile(rb"(?i)(?:CAP|NICK|USER|PASS)(?:[ \r\n]|$)")
+IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
+IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
+
+
+def irc_params(text):
+    """(COMMAND, [params]) of an IRC line; tags and a prefix, if any, are ignored."""
+    if text.startswith("@"):
+        text = text.partition(" ")[2].lstrip(" ")
+    if text.startswith(":"):
+        text = text.partition(" ")[2].lstrip(" ")
+    params = []
+    while text and len(params) < 16:
+        if text.startswith(":") and params:
+            params.append(text[1:])
+            break
+        word, _, text = text.partition(" ")
+        text = text.lstrip(" ")
+        if word:
+            params.append(word)
+    return (params[0].upper(), params[1:]) if params else ("", [])
+
+
+def irc_text(text):
+    """Text from an IRC client as every dialect may show it: no formatting, nothing a
+    terminal would obey."""
+    return sanitize(_IRC_FORMATTING.sub("", text))
+
+
+def irc_split(head, text):
+    """Lines of head + text, each at most IRC_LINE bytes with its CR LF: text is cut at
+    UTF-8 character boundaries when it is longer."""
+    head = head.encode()
+    room = IRC_LINE - len(head) - 2
+    data = text.encode()
+    lines = []
+    while True:
+        cut = len(data) if len(data) <= room else room
+        while cut < len(data) and cut and data[cut] & 0xC0 == 0x80:
+            cut -= 1   # not inside a character
+        lines.append(head + data[:cut] + b"\r\n")
+        data = data[cut:]
+        if not data:
+            return b"".join(lines)
+
+
+def irc_source(nick):
+    return "%s!%s@%s" % (nick, nick, IRC_HOST)
+
+
+class IrcDialect(Dialect):
+    """IRC as irssi, WeeChat, HexChat, bots and bridges speak it: registration with
+    CAP (no capabilities), PASS, NICK and USER; rooms are channels and a member may
+    be in several; enough commands and numerics for clients to track their state.
+
+    Every line sent fits 512 bytes. IRC formatting is stripped, CTCP ACTION is /me
+    both ways, other CTCP is not relayed.
+    """
+
+    multi_room = True
+    hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
+    ends_lines_with_cr = True
+
+    def __init__(self, server, conn):
+        super().__init__(server, conn)
+        self.wanted_nick = None
+        self.user = self.realname = None
+        self.password = None
+        self.negotiating = False    # CAP LS came and CAP END did not, yet
+        self.heard = time.monotonic()
+        self.pinged = None          # when the server's PING went out unanswered
+
+    @property
+    def nick(self):
+        member = self.conn.member
+        return member.nick if member else (self.wanted_nick or "*")
+
+    @property
+    def server_name(self):
+        name = self.hub.name
+        return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name) else "chat.py"
+
+    # Registration
+
+    def handle(self, message):
+        self.heard = time.monotonic()
+        self.pinged = None
+        if message is TOO_LONG:
+            self._numeric("417", ":Input line was too long")
+            return
+        command, params = irc_params(message.decode("utf-8", "replace"))
+        if not command:
+            return
+        name, needed = self.COMMANDS.get(command, (None, 0))
+        if self.conn.member is None and command not in self.BEFORE_REGISTRATION:
+            if name:
+                self._numeric("451", ":You have not registered")
+            return
+        if name is None:
+            self._numeric("421", "%s :Unknown command" % sanitize(command)[:30])
+        elif len(params) < needed:
+            self._numeric("461", "%s :Not enough parameters" % command)
+        else:
+            getattr(self, name)(params)
+
+    def _cap(self, params):
+        sub = params[0].upper()
+        if sub == "LS":
+            self.negotiating = self.conn.member is None
+            self._send(":%s CAP %s LS :" % (self.server_name, self.nick))
+        elif sub == "LIST":
+            self._send(":%s CAP %s LIST :" % (self.server_name, self.nick))
+        elif sub == "REQ":
+            self._send(":%s CAP %s NAK :%s" % (self.server_name, self.nick,
+                                               params[1] if len(params) > 1 else ""))
+        elif sub == "END":
+            self.negotiating = False
+            self._register()
+        else:
+            self._numeric("410", "%s :Invalid CAP command" % sanitize(sub)[:20])
+
+    def _pass(self, params):
+        if self.conn.member is not None:
+            self._numeric("462", ":You may not reregister")
+        else:
+            self.password = params[0]
+
+    def _user(self, params):
+        if self.conn.member is not None:
+            self._numeric("462", ":You may not reregister")
+            return
+        if len(params) < 4:
+            self._numeric("461", "USER :Not enough parameters")
+            return
+        self.user = irc_text(params[0])[:10] or "user"
+        self.realname = irc_text(params[3])[:50]
+        self._register()
+
+    def _nick(self, params):
+        if self.conn.member is not None:
+            self.hub.do_nick(self.conn.member, irc_text(params[0]))
+            return
+        nick, problem = self.hub.claim(irc_text(params[0]))
+        if problem:
+            self.send_event(problem)
+            return
+        self.wanted_nick = nick
+        self._register()
+
+    def _register(self):
+        """NICK, USER and the end of CAP: check the password, then greet."""
+        if self.conn.member is not None or self.negotiating or not (self.wanted_nick and
+                                                                    self.user):
+            return
+        problem = self.hub.nick_problem(self.wanted_nick)
+        if problem:   # taken while USER or CAP END was awaited
+            self.wanted_nick = None
+            self.send_event(problem)
+            return
+        if self.server.options.password:
+            verdict, wait = self.hub.check_password(self.conn.ip, self.password or "")
+            if verdict == "wait":
+                self.server.disconnect(self.conn, "password guessing throttled", notice(
+                    "guesses_throttled", seconds=math.ceil(wait)))
+                return
+            if verdict == "wrong":
+                log.info("%r: wrong password", self.conn)
+                self.server.refuse_password(self.conn, notice("wrong_password"))
+                return
+            log.info("%r: password accepted", self.conn)
+        self.server.admit(self.conn, self.wanted_nick, self.realname)
+        self.server.call_later(self.server.options.irc_ping_interval, self._keep_alive)
+
+    def _keep_alive(self):
+        """PING a client that said nothing for a while; drop one that never answers."""
+        if self.conn.member is None:
+            return
+        options = self.server.options
+        now = time.monotonic()
+        if self.pinged is not None and now - self.pinged >= options.irc_ping_timeout:
+            self.server.disconnect(self.conn, "ping timeout", notice("ping_timeout"))
+            return
+        if self.pinged is None and now - self.heard >= options.irc_ping_interval:
+            self.pinged = now
+            self._send("PING :%s" % self.server_name)
+        wait = options.irc_ping_timeout if self.pinged else (
+            self.heard + options.irc_ping_interval - now)
+        self.server.call_later(max(wait, 0.01), self._keep_alive)
+
+    # Commands
+
+    def _ping(self, params):
+        self._send(":%s PONG %s :%s" % (self.server_name, self.server_name, params[0]))
+
+    def _pong(self, params):
+        pass   # heard: that is all a PONG is for
+
+    def _quit(self, params):
+        if self.conn.member is None:
+            self.server.disconnect(self.conn, "quit", notice("bye"))
+        else:
+            self.hub.do_quit(self.conn.member, irc_text(params[0]) if params else "")
+
+    def _join(self, params):
+        if params[0] == "0":
+            for room in list(self.conn.member.rooms):
+                self.hub.do_part(self.conn.member, room.name, "left all channels")
+            return
+        for name in params[0].split(",")[:MAX_TARGETS]:
+            if name:
+                self.hub.do_join(self.conn.member, name)
+
+    def _part(self, params):
+        reason = irc_text(params[1]) if len(params) > 1 else ""
+        for name in params[0].split(",")[:MAX_TARGETS]:
+            room = self.hub.find_room(name)
+            if room is None or room not in self.conn.member.rooms:
+                self._numeric("442", "%s :You're not on that channel" % sanitize(name)[:40])
+            else:
+                self.hub.do_part(self.conn.member, room.name, reason)
+
+    def _privmsg(self, params, quiet=False):
+        """PRIVMSG, and NOTICE (quiet: no error is ever sent back for one)."""
+        def error(number, text):
+            if not quiet:
+                self._numeric(number, text)
+        if not params:
+            error("411", ":No recipient given")
+            return
+        text, action = params[1] if len(params) > 1 else "", False
+        if text.startswith("\x01"):
+            kind, _, text = text.strip("\x01").partition(" ")
+            if kind.upper() != "ACTION":
+                return   # other CTCP (VERSION, PING, ...) is not relayed
+            action = True
+        text = irc_text(text).strip()
+        if not text:
+            error("412", ":No text to send")
+            return
+        member = self.conn.member
+        for target in params[0].split(",")[:MAX_TARGETS]:
+            room = self.hub.find_room(target) if target.startswith("#") else None
+            if room is not None and room in member.rooms:
+                self.hub.do_say(member, text, action, room)
+            elif room is not None:
+                error("404", "%s :Cannot send to channel" % room.name)
+            elif self.hub.find_member(target) is not None and not target.startswith("#"):
+                self.hub.do_msg(member, target, text, action)
+            else:
+                error("401", "%s :No such nick/channel" % sanitize(target)[:40])
+
+    def _notice_command(self, params):
+        self._privmsg(params, quiet=True)
+
+    def _names(self, params):
+        rooms = [self.hub.find_room(name) for name in params[0].split(",")] if params else \
+            list(self.conn.member.rooms)
+        for room in rooms:
+            if room is not None:
+                self.conn_send(self._names_reply(room))
+        if params and not all(rooms):
+            self._numeric("366", "%s :End of /NAMES list" % sanitize(params[0])[:40])
+
+    def _names_reply(self, room):
+        lines = []
+        head = ":%s 353 %s = %s :" % (self.server_name, self.nick, room.name)
+        names = room.names()
+        chunk = []
+        for name in names:
+            if len(head) + len(" ".join(chunk + [name]).encode()) + 2 > IRC_LINE and chunk:
+                lines.append(irc_split(head, " ".join(chunk)))
+                chunk = []
+            chunk.append(name)
+        if chunk:
+            lines.append(irc_split(head, " ".join(chunk)))
+        lines.append(self._numeric_bytes("366", "%s :End of /NAMES list" % room.name))
+        return b"".join(lines)
+
+    def _who(self, params):
+        mask = params[0] if params else "*"
+        room = self.hub.find_room(mask) if mask.startswith("#") else None
+        members = list(room.members) if room else [
+            member for member in [self.hub.find_member(mask)] if member]
+        lines = [self._numeric_bytes("352", "%s %s %s %s %s H :0 %s" % (
+            room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
+            self.server_name, m.nick, m.realname or m.nick)) for m in members]
+        lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % sanitize(mask)[:40]))
+        self.conn_send(b"".join(lines))
+
+    def _whois(self, params):
+        name = params[-1]
+        member = self.hub.find_member(name)
+        if member is None:
+            self._numeric("401", "%s :No such nick/channel" % sanitize(name)[:40])
+        else:
+            self._numeric("311", "%s %s %s * :%s" % (member.nick, member.nick, IRC_HOST,
+                                                     member.realname or member.nick))
+            if member.rooms:
+                self._numeric("319", "%s :%s" % (member.nick, " ".join(
+                    room.name for room in member.rooms)))
+            self._numeric("312", "%s %s :chat.py" % (member.nick, self.server_name))
+        self._numeric("318", "%s :End of /WHOIS list" % sanitize(name)[:40])
+
+    def _list(self, params):
+        rooms = sorted(self.hub.rooms.values(), key=lambda room: (-len(room.members), room.key))
+        lines = [self._numeric_bytes("321", "Channel :Users  Name")]
+        lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.members),
+                                                             room.topic or ""))
+                  for room in rooms]
+        lines.append(self._numeric_bytes("323", ":End of /LIST"))
+        self.conn_send(b"".join(lines))
+
+    def _topic_command(self, params):
+        if len(params) > 1:
+            self.hub.do_topic(self.conn.member, params[0], irc_text(params[1]))
+        else:
+            self.hub.do_topic(self.conn.member, params[0])
+
+    def _mode(self, params):
+        target = params[0]
+        if target.startswith("#"):
+            room = self.hub.find_room(target)
+            if room is None:
+                self._numeric("403", "%s :No such channel" % sanitize(target)[:40])
+            elif len(params) == 1:
+                self._numeric("324", "%s +n" % room.name)
+            elif params[1].lstrip("+") == "b":
+                self._numeric("368", "%s :End of channel ban list" % room.name)
+            else:
+                self._numeric("482", "%s :You're not channel operator" % room.name)
+        elif name_key(target) == name_key(self.nick):
+            self._numeric("221", "+" if len(params) == 1 else "+")
+        else:
+            self._numeric("502", ":Can't change mode for other users")
+
+    def _ison(self, params):
+        found = [self.hub.find_member(name) for name in " ".join(params).split()]
+        self._numeric("303", ":" + " ".join(member.nick for member in found if member))
+
+    def _userhost(self, params):
+        found = [self.hub.find_member(name) for name in params[:5]]
+        self._numeric("302", ":" + " ".join("%s=+%s@%s" % (member.nick, member.nick, IRC_HOST)
+                                            for member in found if member))
+
+    COMMANDS = {   # IRC command -> (method, parameters it needs)
+        "CAP": ("_cap", 1), "PASS": ("_pass", 1), "NICK": ("_nick", 1), "USER": ("_user", 1),
+        "PING": ("_ping", 1), "PONG": ("_pong", 0), "QUIT": ("_quit", 0),
+        "JOIN": ("_join", 1), "PART": ("_part", 1), "PRIVMSG": ("_privmsg", 0),
+        "NOTICE": ("_notice_command", 0), "NAMES": ("_names", 0), "WHO": ("_who", 0),
+        "WHOIS": ("_whois", 1), "LIST": ("_list", 0), "TOPIC": ("_topic_command", 1),
+        "MODE": ("_mode", 1), "ISON": ("_ison", 1), "USERHOST": ("_userhost", 1),
+    }
+    BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
+
+    # What goes out
+
+    def _send(self, line):
+        self.conn_send((line + "\r\n").encode())
+
+    def conn_send(self, data):
+        self.server.send_bytes(self.conn, data)
+
+    def send_event(self, event):
+        self.server.send_event(self.conn, event)
+
+    def _numeric_bytes(self, number, text):
+        return self._line(":%s %s %s %s" % (self.server_name, number, self.nick, text))
+
+    @staticmethod
+    def _line(line):
+        """A line cut to 512 bytes with its CR LF, at a character boundary."""
+        data = line.encode()
+        if len(data) > IRC_LINE - 2:
+            cut = IRC_LINE - 2
+            while cut and data[cut] & 0xC0 == 0x80:
+                cut -= 1
+            data = data[:cut]
+        return data + b"\r\n"
+
+    def _numeric(self, number, text):
+        self.conn_send(self._numeric_bytes(number, text))
+
+    def render(self, event):
+        renderer = self._RENDERERS.get(type(event))
+        if renderer is None:
+            return self.render_shared(event)
+        return renderer(self, event)
+
+    @classmethod
+    def render_shared(cls, event):
+        kind = type(event)
+        if kind is Said:
+            text = "\x01ACTION %s\x01" % event.text if event.action else event.text
+            return irc_split(":%s PRIVMSG %s :" % (irc_source(event.nick), event.room), text)
+        if kind is Joined:
+            return cls._line(":%s JOIN %s" % (irc_source(event.nick), event.room))
+        if kind is Parted:
+            reason = "left for %s" % event.to if event.to else event.reason
+            return cls._line(":%s PART %s :%s" % (irc_source(event.nick), event.room, reason))
+        if kind is Quit:
+            return cls._line(":%s QUIT :%s" % (irc_source(event.nick), event.reason))
+        if kind is Renamed:
+            return cls._line(":%s NICK :%s" % (irc_source(event.old), event.new))
+        if kind is TopicSet:
+            return cls._line(":%s TOPIC %s :%s" % (irc_source(event.nick), event.room, event.text))
+        raise TypeError("no IRC line for %r" % (event,))
+
+    def _welcome(self, event):
+        name, nick = self.server_name, event.nick
+        isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
+                    "PREFIX=() CHANMODES=b,,,n MAXTARGETS=%d NETWORK=%s UTF8ONLY"
+                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_TARGETS,
+                       re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
+        members, rooms = len(self.hub.members), len(self.hub.rooms)
+        lines = [
+            ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
+            ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
+            ("003", ":This server was started %s" % self.server.started),
+            ("004", "%s chat.py-%s i bn" % (name, __version__)),
+            ("005", "%s :are supported by this server" % isupport),
+            ("251", ":There are %d users and 0 invisible on 1 servers" % members),
+            ("254", "%d :channels formed" % rooms),
+            ("255", ":I have %d clients and 0 servers" % members),
+            ("375", ":- %s message of the day -" % name),
+            ("372", ":- People here talk from IRC, nc, the chat.py client and browsers."),
+            ("372", ":- /join #room makes or enters a room; /list shows them."),
+            ("376", ":End of /MOTD command"),
+        ]
+        return b"".join(self._line(":%s %s %s %s" % (name, number, nick, text))
+                        for number, text in lines)
+
+    def _room_state(self, event):
+        room = event.room
+        data = self._line(":%s JOIN %s" % (irc_source(self.nick), room.name))
+        if room.topic:
+            data += self._numeric_bytes("332", "%s :%s" % (room.name, room.topic))
+        return data + self._names_reply(room)
+
+    def _history(self, event):
+        """The room's last lines, as NOTICEs from the server between two markers: clearly
+        not said now. Rendered once per change of the history."""
+        room = event.room
+        block = room.history_cache.get(IrcDialect)
+        if block is None:
+            head = ":%s NOTICE %s :" % (self.server_name, room.name)
+            count = len(room.history)
+            lines = [irc_split(head, "--- last %d %s in %s ---" % (
+                count, "message" if count == 1 else "messages", room.name))]
+            for said in room.history:
+                shape = "[%s] * %s %s" if said.action else "[%s] <%s> %s"
+                lines.append(irc_split(head, shape % (clock_text(said.time), said.nick, said.text)))
+            lines.append(irc_split(head, "--- end of history ---"))
+            block = room.history_cache[IrcDialect] = b"".join(lines)
+        return block
+
+    def _private(self, event):
+        if event.sent:
+            return b""   # IRC clients show what they sent themselves
+        text = "\x01ACTION %s\x01" % event.text if event.action else event.text
+        return irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender), self.nick), text)
+
+    def _topic(self, event):
+        if event.text:
+            return self._numeric_bytes("332", "%s :%s" % (event.room, event.text))
+        return self._numeric_bytes("331", "%s :No topic is set" % event.room)
+
+    def _who_list(self, event):
+        return self._names_reply(event.room)
+
+    def _room_list(self, event):
+        return b"".join([self._numeric_bytes("322", "%s %d :" % room) for room in event.rooms]
+                        + [self._numeric_bytes("323", ":End of /LIST")])
+
+    _NUMERICS = {   # Wording shape -> (numeric, text after the receiver's nick)
+        "nick_taken": ("433", "{nick} :Nickname is already in use"),
+        "nick_lookalike": ("433", "{nick} :Nickname looks like {other}, who is online"),
+        "invalid_nick": ("432", "{name} :Erroneous nickname: {reason}"),
+        "no_such_nick": ("401", "{nick} :No such nick/channel"),
+        "no_such_room": ("403", "{room} :No such channel"),
+        "invalid_room": ("479", "{name} :Illegal channel name: {reason}"),
+        "room_lookalike": ("479", "{room} :Channel name looks like {other}"),
+        "too_many_rooms": ("405", "* :There are {count} channels, the most this server allows"),
+        "rooms_too_fast": ("263", "JOIN :You are creating channels too fast; try again in "
+                                  "{seconds} s"),
+        "line_too_long": ("417", ":Input line was too long"),
+        "password_needed": ("464", ":Password incorrect"),
+        "wrong_password": ("464", ":Password incorrect"),
+    }
+    _CLOSING = ("bye", "excess_flood", "registration_timeout", "guesses_throttled",
+                "shutting_down", "wrong_password", "ping_timeout")
+    _SILENT = ("help_hint", "pace", "already_in_room")
+
+    def _notice(self, event):
+        key, fields = event.key, event.fields
+        data = b""
+        if key in self._NUMERICS:
+            number, text = self._NUMERICS[key]
+            data = self._numeric_bytes(number, text.format(**fields))
+        if key in self._CLOSING:
+            text = WORDING.render(key, **fields)[len("*** "):]
+            return data + self._line("ERROR :Closing link: %s" % text)
+        if key == "renamed_self":
+            return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
+                                                 fields["nick"]))
+        if data or key in self._SILENT:
+            return data
+        if key == "help":
+            return b"".join(irc_split(":%s NOTICE %s :" % (self.server_name, self.nick),
+                                      line.format(room=self.hub.default_room.name))
+                            for line in HELP_TEXT)
+        return irc_split(":%s NOTICE %s :" % (self.server_name, self.nick),
+                         WORDING.render(key, **fields)[len("*** "):])
+
+    _RENDERERS = {
+        Notice: _notice,
+        Private: _private,
+        Welcome: _welcome,
+        RoomState: _room_state,
+        TopicInfo: _topic,
+        History: _history,
+        WhoList: _who_list,
+        RoomList: _room_list,
+    }
+
+
 def line_bytes(key, **fields):
     """One line of the line protocol, encoded, newline included."""
     return (WORDING.render(key, **fields) + "\n").encode()
 
 
 def dialect_for(first_line):
-    """The dialect a connection speaks, from its first line."""
+    """The dialect a connection speaks, from its first line: an IRC registration command
+    (CAP, NICK, USER, PASS) means IRC; anything else is the line protocol."""
+    if _IRC_FIRST_LINE.match(first_line):
+        return IrcDialect
     return LineDialect
 
 
@@ -1333,8 +1872,9 @@ class BufferedSocket:
         self.retry = None               # buffer to send again after a would-block
 
     def queue(self, data):
-        self.outbox.append(data)
-        self.queued += len(data)
+        if data:   # an empty buffer would never be consumed
+            self.outbox.append(data)
+            self.queued += len(data)
 
     def send_pending(self):
         """Send what the kernel takes of the queue; return True once it is empty.
@@ -1433,6 +1973,8 @@ class ServerOptions:
     flood_lag: float = FLOOD_LAG       # seconds of lines a client may be ahead of --rate
     max_per_ip: int = 0                # 0: no limit
     history: int = DEFAULT_HISTORY     # public lines replayed to newcomers, per room; 0: none
+    irc_ping_interval: float = IRC_PING_INTERVAL
+    irc_ping_timeout: float = IRC_PING_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -1550,15 +2092,17 @@ class Connection(BufferedSocket):
 
 
 class LineFramer:
-    """Cuts received bytes into lines (LF; a CR before it is kept for the dialect).
+    """Cuts received bytes into lines (LF; a CR before it is kept for the dialect, or,
+    with cr_ends_lines, ends a line by itself).
 
     A line over the limit becomes TOO_LONG and is never buffered beyond it.
     """
 
-    __slots__ = ("limit", "partial", "discarding")
+    __slots__ = ("limit", "cr_ends_lines", "partial", "discarding")
 
-    def __init__(self, limit):
+    def __init__(self, limit, cr_ends_lines=False):
         self.limit = limit
+        self.cr_ends_lines = cr_ends_lines
         self.partial = b""
         self.discarding = False         # inside an over-long line, dropping to its end
 
@@ -1568,6 +2112,8 @@ class LineFramer:
 
     def feed(self, data):
         """The complete lines in data, after what came before."""
+        if self.cr_ends_lines and b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if self.discarding:
             end = data.find(b"\n")
             if end < 0:
@@ -1682,8 +2228,9 @@ class TurnBatcher:
 
     def send(self, conn, data):
         self.seq += 1
-        self._mark(conn, DATA, data)
-        self.volume += len(data)
+        if data:
+            self._mark(conn, DATA, data)
+            self.volume += len(data)
 
     def moved(self, conn, room, entered):
         self.seq += 1
@@ -1853,6 +2400,7 @@ class ChatServer:
     def __init__(self, options=None):
         self.options = options or ServerOptions()
         self.name = self.options.name or socket.gethostname()
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self._selector = selectors.DefaultSelector()
         self._listeners = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -2029,15 +2577,20 @@ class ChatServer:
         """conn speaks dialect_class from now on; the messages in what it has sent so far."""
         sniffed = conn.framer.data if isinstance(conn.framer, Sniffer) else b""
         conn.dialect = dialect_class(self, conn)
-        conn.framer = LineFramer(self.options.max_line)
+        conn.framer = LineFramer(self.options.max_line, dialect_class.ends_lines_with_cr)
         conn.dialect.start(spoke)
         return conn.framer.feed(sniffed) if sniffed else []
 
-    def admit(self, conn, nick=None):
+    def admit(self, conn, nick=None, realname=""):
         """Let conn into the chat: the hub greets it under nick, or as a guest."""
         dialect = conn.dialect
         conn.stage = CHAT
-        conn.member = self.hub.admit(conn, nick, dialect.multi_room, dialect.hears_quiet)
+        conn.member = self.hub.admit(conn, nick, dialect.multi_room, dialect.hears_quiet,
+                                     realname)
+
+    def send_bytes(self, conn, data):
+        """Send conn bytes a dialect made itself, in order with the rest of the turn."""
+        self._batcher.send(conn, data)
 
     def refuse_password(self, conn, answer):
         """A wrong password: the answer, and the close, only after a pause, so guessing
