@@ -1383,13 +1383,15 @@ class IrcDialect(Dialect):
         self.user = self.realname = None
         self.password = None
         self.negotiating = False    # CAP LS came and CAP END did not, yet
+        self.greeted_as = "*"       # the nick of its greeting, while it is being greeted
         self.heard = time.monotonic()
         self.pinged = None          # when the server's PING went out unanswered
 
     @property
     def nick(self):
+        """The receiver's nick as numerics name it: "*" before it registers."""
         member = self.conn.member
-        return member.nick if member else (self.wanted_nick or "*")
+        return member.nick if member else self.greeted_as
 
     @property
     def server_name(self):
@@ -1484,6 +1486,7 @@ class IrcDialect(Dialect):
                 self.server.refuse_password(self.conn, notice("wrong_password"))
                 return
             log.info("%r: password accepted", self.conn)
+        self.greeted_as = self.wanted_nick
         self.server.admit(self.conn, self.wanted_nick, self.realname)
         self.server.call_later(self.server.options.irc_ping_interval, self._keep_alive)
 

@@ -171,6 +171,8 @@ class Peer:
             self.buffer = lines.pop()
             self.pending.extend(lines)
         line = self.pending.popleft().decode("utf-8")
+        if line.endswith("\r"):   # IRC's CR LF
+            line = line[:-1]
         self.transcript.append(line)
         return line
 
@@ -1484,6 +1486,218 @@ class PerAddressLimitTest(ServerTestCase):
         first.sock.close()
         wait_for(lambda: self.server.stats()["connections"] == 1, message="a slot to free up")
         self.connect("again")
+
+
+# --- IRC ---
+
+class IrcPeer(Peer):
+    """An IRC client on a raw socket."""
+
+    def irc(self, *lines):
+        self.send("".join(line + "\r\n" for line in lines).encode())
+
+    def barrier(self):
+        """The lines that arrived before the answer to a PING sent now."""
+        self.irc("PING :barrier")
+        return self.lines_until(r":\S+ PONG \S+ :barrier")
+
+    def numeric(self, number):
+        """Skip to the next numeric reply of that number; return its line."""
+        return self.expect(r":\S+ %s .*" % number)
+
+    def register(self, nick):
+        """Register as modern clients do; return every line up to the end of the join."""
+        self.irc("CAP LS 302", "NICK " + nick, "USER %s 0 * :%s the tester" % (nick, nick))
+        self.expect(r":\S+ CAP \* LS :")
+        self.irc("CAP END")
+        return self.lines_until(r":\S+ 366 %s #lobby :.*" % re.escape(nick))
+
+
+class IrcTest(ServerTestCase):
+    """IRC clients on the same port, among everyone else."""
+
+    options = {"greet_delay": 5.0, "history": 3}   # IRC clients speak first: never late
+
+    def irc_peer(self, nick=None):
+        peer = IrcPeer(self.wrap(socket.create_connection(self.address, timeout=TIMEOUT)))
+        self.addCleanup(peer.sock.close)
+        if nick:
+            peer.register(nick)
+        return peer
+
+    def test_registration_as_clients_expect_it(self):
+        peer = self.irc_peer()
+        peer.irc("CAP LS 302", "NICK alice", "USER alice 0 * :Alice Tester")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LS :")
+        peer.irc("CAP REQ :multi-prefix sasl", "PING :held")
+        self.assertEqual(peer.next_line(), ":testroom CAP * NAK :multi-prefix sasl")
+        self.assertEqual(peer.next_line(), ":testroom PONG testroom :held")   # no 001 yet
+        peer.irc("CAP END")
+        lines = peer.lines_until(r":testroom 366 alice #lobby :End of /NAMES list")
+        self.assertEqual(lines[0], ":testroom 001 alice :Welcome to testroom, alice!alice@chat")
+        numbers = [line.split(" ")[1] for line in lines if line.startswith(":testroom ")]
+        for number in ("002", "003", "004", "005", "251", "375", "376", "353"):
+            self.assertIn(number, numbers)
+        isupport = " ".join(line for line in lines if " 005 " in line)
+        for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
+                      "NETWORK=testroom", "UTF8ONLY"):
+            self.assertIn(token, isupport)
+        self.assertIn(":alice!alice@chat JOIN #lobby", lines)
+        self.assertIn(":testroom 353 alice = #lobby :alice", lines)
+        self.assertFalse([line for line in lines if line.startswith("***")])
+
+    def test_nick_rules_are_those_of_every_dialect(self):
+        self.connect("alice")
+        peer = self.irc_peer()
+        peer.irc("NICK alice", "NICK аӏісе", "NICK a.b", "NICK bob\u034f", "NICK bob",
+                 "USER bob 0 * :Bob")
+        self.assertEqual(peer.next_line(), ":testroom 433 * alice :Nickname is already in use")
+        self.assertEqual(peer.next_line(), ":testroom 433 * аӏісе :Nickname looks like alice, "
+                                           "who is online")
+        self.assertRegex(peer.next_line(), r":testroom 432 \* a\.b :Erroneous nickname: .*")
+        self.assertRegex(peer.next_line(), r":testroom 432 \* bob.? :Erroneous nickname: .*"
+                                           r"invisible.*")
+        self.assertEqual(peer.next_line(), ":testroom 001 bob :Welcome to testroom, bob!bob@chat")
+
+    def test_malformed_and_early_input(self):
+        peer = self.irc_peer()
+        peer.irc("NICK", "JOIN #early", "USER x", "NICK early")
+        self.assertEqual(peer.next_line(), ":testroom 461 * NICK :Not enough parameters")
+        self.assertEqual(peer.next_line(), ":testroom 451 * :You have not registered")
+        self.assertEqual(peer.next_line(), ":testroom 461 * USER :Not enough parameters")
+        peer.irc("USER early 0 * :Early Bird")
+        peer.lines_until(r":testroom 366 early #lobby :.*")
+        peer.send(b":early PRIVMSG #lobby :with a prefix\rFROBNICATE\r\nPRIVMSG #lobby\r\n"
+                  b"PRIVMSG\nPRIVMSG #nowhere :hi\nUSER again 0 * :x\n"
+                  + b"PRIVMSG #lobby :" + b"x" * 5000 + b"\r\n")
+        self.assertEqual(peer.next_line(), ":testroom 421 early FROBNICATE :Unknown command")
+        self.assertEqual(peer.next_line(), ":testroom 412 early :No text to send")
+        self.assertEqual(peer.next_line(), ":testroom 411 early :No recipient given")
+        self.assertEqual(peer.next_line(), ":testroom 401 early #nowhere :No such nick/channel")
+        self.assertEqual(peer.next_line(), ":testroom 462 early :You may not reregister")
+        self.assertEqual(peer.next_line(), ":testroom 417 early :Input line was too long")
+        bob = self.connect("bob")
+        self.assertRegex(bob.next_line(), r"\*\*\* --- last 1 message .*")
+        self.assertRegex(bob.next_line(), r"\*\*\* \[\d\d:\d\d\] <early> with a prefix")
+        peer.irc("PRIVMSG #lobby trailing-without-colon")
+        self.assertEqual(bob.expect(r"<early> .*"), "<early> trailing-without-colon")
+
+    def test_irc_and_nc_users_talk_both_ways(self):
+        alice = self.irc_peer("alice")
+        bob = self.connect("bob")
+        self.assertEqual(alice.expect(r":bob!.* JOIN .*"), ":bob!bob@chat JOIN #lobby")
+        bob.say("hi from nc", "/me waves", "/msg alice psst")
+        self.assertEqual(alice.next_line(), ":bob!bob@chat PRIVMSG #lobby :hi from nc")
+        self.assertEqual(alice.next_line(), ":bob!bob@chat PRIVMSG #lobby :\x01ACTION waves\x01")
+        self.assertEqual(alice.next_line(), ":bob!bob@chat PRIVMSG alice :psst")
+        alice.irc("PRIVMSG #lobby :hi from IRC \x02bold\x02 \x0304red \x1b[2J",
+                  "PRIVMSG #lobby :\x01ACTION nods\x01", "PRIVMSG bob :\x01VERSION\x01",
+                  "PRIVMSG bob :private reply", "NOTICE #lobby :a notice")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> hi from IRC bold red")
+        self.assertEqual(bob.next_line(), "* alice nods")
+        self.assertEqual(bob.next_line(), "*alice* private reply")   # the CTCP VERSION went nowhere
+        self.assertEqual(bob.next_line(), "<alice> a notice")
+        alice.irc("JOIN #dev", "PRIVMSG #dev :only in dev")
+        alice.expect(r":testroom 366 alice #dev .*")
+        self.assertEqual(bob.sync(), [])   # bob is not in #dev
+        bob.say("/join #dev")
+        self.assertEqual(bob.expect(r"\*\*\* \[\d\d:\d\d\] .*")[-19:], "<alice> only in dev")
+        self.assertEqual(alice.expect(r":bob!.*"), ":bob!bob@chat PART #lobby :left for #dev")
+        self.assertEqual(alice.next_line(), ":bob!bob@chat JOIN #dev")
+        alice.irc("NICK alicia", "PART #dev :see you", "QUIT :gone home")
+        self.assertEqual(alice.expect(r":alice!.*"), ":alice!alice@chat NICK :alicia")
+        self.assertEqual(bob.lines_until(r"\*\*\* alicia left \(see you\)")[-1],
+                         "*** alice is now known as alicia")
+        self.assertEqual(alice.expect(r"ERROR .*"), "ERROR :Closing link: bye")
+
+    def test_history_is_marked_as_past_and_lines_fit_512_bytes(self):
+        bob = self.connect("bob")
+        long_text = "ünïcödé " * 300   # 3600 bytes, most of them two-byte characters
+        bob.say("earlier", long_text.strip())
+        bob.sync()
+        alice = self.irc_peer()
+        lines = alice.register("alice") + alice.lines_until(r".* :--- end of history ---")
+        lines.append(alice.transcript[-1])
+        past = [line for line in lines if " NOTICE #lobby :" in line]
+        self.assertEqual(past[0], ":testroom NOTICE #lobby :--- last 2 messages in #lobby ---")
+        self.assertRegex(past[1], r":testroom NOTICE #lobby :\[\d\d:\d\d\] <bob> earlier$")
+        self.assertEqual(past[-1], ":testroom NOTICE #lobby :--- end of history ---")
+        bob.say(long_text.strip())
+        bob.sync()
+        said = alice.barrier()
+        self.assertGreaterEqual(len(said), 7)
+        for line in said:
+            self.assertLessEqual(len(line.encode()) + 2, 512)
+            self.assertTrue(line.startswith(":bob!bob@chat PRIVMSG #lobby :"), line)
+        self.assertEqual("".join(line.split(" :", 1)[1] for line in said), long_text.strip())
+        self.assertFalse([line for line in lines + said if re.search(r"127\.0\.0\.1", line)])
+
+    def test_queries(self):
+        alice, bob = self.irc_peer("alice"), self.connect("bob")
+        alice.irc("JOIN #dev,#ops", "TOPIC #dev :ship it", "NAMES #lobby", "WHO #lobby",
+                  "WHOIS bob", "LIST", "MODE #dev", "MODE #dev b", "MODE alice", "ISON bob nobody",
+                  "USERHOST bob", "TOPIC #dev", "WHOIS nobody")
+        self.assertEqual(alice.expect(r".* TOPIC .*"), ":alice!alice@chat TOPIC #dev :ship it")
+        self.assertEqual(alice.numeric("353"), ":testroom 353 alice = #lobby :alice bob")
+        self.assertEqual(alice.numeric("352"), ":testroom 352 alice #lobby alice chat testroom "
+                                               "alice H :0 alice the tester")
+        self.assertEqual(alice.numeric("311"), ":testroom 311 alice bob bob chat * :bob")
+        self.assertEqual(alice.numeric("319"), ":testroom 319 alice bob :#lobby")
+        self.assertEqual(alice.numeric("322"), ":testroom 322 alice #lobby 2 :")
+        self.assertEqual(alice.numeric("324"), ":testroom 324 alice #dev +n")
+        self.assertEqual(alice.numeric("368"), ":testroom 368 alice #dev :End of channel ban list")
+        self.assertEqual(alice.numeric("221"), ":testroom 221 alice +")
+        self.assertEqual(alice.numeric("303"), ":testroom 303 alice :bob")
+        self.assertEqual(alice.numeric("302"), ":testroom 302 alice :bob=+bob@chat")
+        self.assertEqual(alice.numeric("332"), ":testroom 332 alice #dev :ship it")
+        self.assertEqual(alice.numeric("401"), ":testroom 401 alice nobody :No such nick/channel")
+        bob.say("/topic")
+        self.assertEqual(bob.expect(r"\*\*\* no topic .*"), "*** no topic is set in #lobby")
+
+    def test_a_member_of_several_rooms_hears_a_nick_change_once(self):
+        alice, carol = self.irc_peer("alice"), self.irc_peer("carol")
+        for peer, nick in ((alice, "alice"), (carol, "carol")):
+            peer.irc("JOIN #a,#b")
+            peer.expect(r":testroom 366 %s #b .*" % nick)
+        alice.barrier()
+        carol.irc("NICK caroline", "QUIT :bye")
+        carol.expect_closed()
+        said = alice.barrier()
+        self.assertEqual(said, [":carol!carol@chat NICK :caroline",
+                                ":caroline!caroline@chat QUIT :quit: bye"])
+
+
+class IrcPasswordTest(ServerTestCase):
+
+    options = {"greet_delay": 5.0, "password": "open sesame", "wrong_password_delay": 0.1}
+
+    def test_pass_before_nick_and_user(self):
+        peer = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(peer.sock.close)
+        peer.irc("PASS :open sesame", "NICK alice", "USER alice 0 * :A")
+        self.assertEqual(peer.next_line(), ":testroom 001 alice :Welcome to testroom, "
+                                           "alice!alice@chat")
+        wrong = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(wrong.sock.close)
+        wrong.irc("PASS guess", "NICK bob", "USER bob 0 * :B")
+        self.assertEqual(wrong.expect_closed(), [":testroom 464 * :Password incorrect",
+                                                 "ERROR :Closing link: error: wrong password"])
+
+
+class IrcKeepAliveTest(ServerTestCase):
+
+    options = {"greet_delay": 5.0, "irc_ping_interval": 0.2, "irc_ping_timeout": 0.3}
+
+    def test_the_server_pings_and_drops_who_never_answers(self):
+        bob = self.connect("bob")
+        alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        self.assertEqual(alice.expect(r"PING .*"), "PING :testroom")
+        alice.irc("PONG :testroom")
+        self.assertEqual(alice.expect(r"PING .*"), "PING :testroom")   # alive: pinged again
+        self.assertEqual(alice.expect_closed()[-1], "ERROR :Closing link: error: no answer to PING")
+        self.assertEqual(bob.expect(r"\*\*\* alice left .*"), "*** alice left (ping timeout)")
 
 
 # --- The programs, as processes ---
