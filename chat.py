@@ -1530,7 +1530,8 @@ class IrcDialect(Dialect):
                 self.hub.do_join(self.conn.member, name)
 
     def _part(self, params):
-        reason = irc_text(params[1]) if len(params) > 1 else ""
+        reason = irc_text(params[1]).strip()[:MAX_REASON] if len(params) > 1 else ""
+        reason = "part: " + reason if reason else "part"   # never a server's reason
         for name in params[0].split(",")[:MAX_TARGETS]:
             room = self.hub.find_room(name)
             if room is None or room not in self.conn.member.rooms:

@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1698,6 +1699,115 @@ class IrcKeepAliveTest(ServerTestCase):
         self.assertEqual(alice.expect(r"PING .*"), "PING :testroom")   # alive: pinged again
         self.assertEqual(alice.expect_closed()[-1], "ERROR :Closing link: error: no answer to PING")
         self.assertEqual(bob.expect(r"\*\*\* alice left .*"), "*** alice left (ping timeout)")
+
+
+class Tmux:
+    """A program in a terminal of tmux's (its own tmux server), read off its screen."""
+
+    def __init__(self, test, command, cols=120, rows=40):
+        self.socket = "chat-test-%d-%d" % (os.getpid(), id(self))
+        subprocess.run(["tmux", "-L", self.socket, "new-session", "-d", "-x", str(cols),
+                        "-y", str(rows), command], check=True, env=child_env(TERM="xterm"))
+        test.addCleanup(subprocess.run, ["tmux", "-L", self.socket, "kill-server"],
+                        capture_output=True)
+
+    def screen(self):
+        return subprocess.run(["tmux", "-L", self.socket, "capture-pane", "-p", "-S", "-200"],
+                              capture_output=True, text=True).stdout
+
+    def type(self, text):
+        subprocess.run(["tmux", "-L", self.socket, "send-keys", "-l", text], check=True)
+        subprocess.run(["tmux", "-L", self.socket, "send-keys", "Enter"], check=True)
+
+    def wait_for(self, pattern):
+        deadline = time.monotonic() + TIMEOUT
+        while not re.search(pattern, self.screen()):
+            if time.monotonic() > deadline:
+                raise AssertionError("no %r on the screen:\n%s" % (pattern, self.screen()))
+            time.sleep(0.05)
+
+
+class LineReader:
+    """A subprocess's output lines, gathered by a thread, waited for by pattern."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), name="reader", daemon=True).start()
+
+    def _read(self, stream):
+        for raw in stream:
+            with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, pattern):
+        with self._changed:
+            if not self._changed.wait_for(
+                    lambda: any(re.search(pattern, line) for line in self.lines), TIMEOUT):
+                raise AssertionError("no line like %r in %r" % (pattern, self.lines[-10:]))
+            return next(line for line in self.lines if re.search(pattern, line))
+
+
+class RealIrcClientTest(ServerTestCase):
+    """IRC clients from Debian join, talk with an nc user both ways and change rooms."""
+
+    options = {"greet_delay": 5.0}
+
+    @unittest.skipUnless(shutil.which("sic"), "sic is not installed")
+    def test_sic(self):
+        nina = self.connect("nina")
+        nina.say("/join #dev")
+        nina.expect(r"\*\*\* you are in #dev: .*")
+        sic = subprocess.Popen(["sic", "-h", "127.0.0.1", "-p", str(self.address[1]), "-n", "sicko"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+        self.addCleanup(sic.stdout.close)
+        self.addCleanup(sic.stdin.close)
+        self.addCleanup(sic.wait, TIMEOUT)
+        self.addCleanup(sic.kill)
+        output = LineReader(sic.stdout)
+        output.wait_for(r"366 \(sicko #lobby\)")
+
+        def type_line(line):   # sic reads one line per wake-up: one at a time
+            sic.stdin.write(line.encode() + b"\n")
+            sic.stdin.flush()
+        type_line(":j #dev")
+        output.wait_for(r"366 \(sicko #dev\)")
+        type_line(":m #dev hello from sic")
+        self.assertEqual(nina.expect(r"<sicko> .*"), "<sicko> hello from sic")
+        nina.say("hello sic, from nc")
+        output.wait_for(r"<nina> hello sic, from nc")
+        type_line(":l #dev")
+        self.assertRegex(nina.expect(r"\*\*\* sicko left.*"), r"\*\*\* sicko left \(part.*\)")
+
+    @unittest.skipUnless(shutil.which("irssi") and shutil.which("tmux"), "irssi or tmux missing")
+    def test_irssi(self):
+        home = tempfile.mkdtemp(prefix="chat-irssi-")
+        self.addCleanup(shutil.rmtree, home, True)
+        with open(os.path.join(home, "config"), "w") as config:
+            config.write('settings = { "irc/core" = { cmd_queue_speed = "0"; }; };\n')
+        nina = self.connect("nina")
+        irssi = Tmux(self, "irssi --home=%s -n ircbob -c 127.0.0.1 -p %d"
+                     % (home, self.address[1]))
+        self.assertEqual(nina.expect(r"\*\*\* ircbob .*"), "*** ircbob joined")
+        irssi.type("/window goto #lobby")
+        irssi.wait_for(r"Total of 2 nicks")
+        nina.say("hi irc folks")
+        irssi.wait_for(r"< ?nina> hi irc folks")
+        irssi.type("hello nina, from irssi")
+        self.assertEqual(nina.expect(r"<ircbob> .*"), "<ircbob> hello nina, from irssi")
+        irssi.type("/join #dev")   # IRC users may be in several rooms at once
+        irssi.wait_for(r"Total of 1 nicks")
+        nina.say("/join #dev")
+        self.assertEqual(nina.expect(r"\*\*\* you are in #dev: .*"),
+                         "*** you are in #dev: 2 online: ircbob, nina")
+        nina.say("in dev now")
+        irssi.wait_for(r"< ?nina> in dev now")
+        irssi.type("/me smiles")
+        self.assertEqual(nina.expect(r"\* ircbob .*"), "* ircbob smiles")
+        irssi.type("/part")
+        self.assertEqual(nina.expect(r"\*\*\* ircbob .*"), "*** ircbob left (part)")
 
 
 # --- The programs, as processes ---
