@@ -1607,7 +1607,7 @@ class IrcTest(ServerTestCase):
         self.assertEqual(alice.next_line(), ":bob!bob@chat JOIN #dev")
         alice.irc("NICK alicia", "PART #dev :see you", "QUIT :gone home")
         self.assertEqual(alice.expect(r":alice!.*"), ":alice!alice@chat NICK :alicia")
-        self.assertEqual(bob.lines_until(r"\*\*\* alicia left \(see you\)")[-1],
+        self.assertEqual(bob.lines_until(r"\*\*\* alicia left \(part: see you\)")[-1],
                          "*** alice is now known as alicia")
         self.assertEqual(alice.expect(r"ERROR .*"), "ERROR :Closing link: bye")
 
