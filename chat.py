@@ -97,6 +97,7 @@ GUESSERS_TRACKED = 10000             # addresses remembered for that
 IRC_PING_INTERVAL = 120.0            # seconds of silence before an IRC client is pinged...
 IRC_PING_TIMEOUT = 60.0              # ...and before it is dropped if it does not answer
 MAX_TARGETS = 4                      # rooms or nicks one IRC command may name
+NICK_RUN = 250                       # bytes of nicks in one line of a member list
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
@@ -606,7 +607,7 @@ class Room:
     from them (who lists, history blocks) until they change."""
 
     __slots__ = ("name", "key", "lookalikes", "members", "topic", "history", "hearing_quiet",
-                 "cache", "history_cache", "_names")
+                 "cache", "history_cache", "_names", "_runs")
 
     def __init__(self, name, history):
         self.name = name
@@ -618,12 +619,16 @@ class Room:
         self.hearing_quiet = 0          # members that want quiet events
         self.cache = {}                 # rendered from the member list
         self.history_cache = {}         # rendered from the history
-        self._names = None
+        self._names = None              # sorted nicks
+        self._runs = None               # see nick_runs
 
     def add(self, member):
         self.members[member] = None
         self.hearing_quiet += member.hears_quiet
-        self.changed()
+        self.cache.clear()
+        self._names = None
+        if self._runs is not None:
+            self._extend_runs(member.nick)
 
     def remove(self, member):
         del self.members[member]
@@ -633,13 +638,31 @@ class Room:
     def changed(self):
         """Forget what was rendered from the member list."""
         self.cache.clear()
-        self._names = None
+        self._names = self._runs = None
 
     def names(self):
         """Nicks of the members, sorted (case-insensitively)."""
         if self._names is None:
             self._names = sorted((member.nick for member in self.members), key=name_key)
         return self._names
+
+    def nick_runs(self):
+        """The members' nicks in join order, space-separated in runs of at most NICK_RUN
+        bytes: what a reply that must fit a line (IRC's NAMES) is made of. A join
+        adds to the last run, so a storm of joins costs little."""
+        if self._runs is None:
+            self._runs = []
+            for member in self.members:
+                self._extend_runs(member.nick)
+        return self._runs
+
+    def _extend_runs(self, nick):
+        runs, size = self._runs, len(nick.encode())
+        if runs and runs[-1][1] + 1 + size <= NICK_RUN:
+            runs[-1][0] += " " + nick
+            runs[-1][1] += 1 + size
+        else:
+            runs.append([nick, size])
 
     def remember(self, event):
         self.history.append(event)
@@ -1582,17 +1605,9 @@ class IrcDialect(Dialect):
             self._numeric("366", "%s :End of /NAMES list" % sanitize(params[0])[:40])
 
     def _names_reply(self, room):
-        lines = []
-        head = ":%s 353 %s = %s :" % (self.server_name, self.nick, room.name)
-        names = room.names()
-        chunk = []
-        for name in names:
-            if len(head) + len(" ".join(chunk + [name]).encode()) + 2 > IRC_LINE and chunk:
-                lines.append(irc_split(head, " ".join(chunk)))
-                chunk = []
-            chunk.append(name)
-        if chunk:
-            lines.append(irc_split(head, " ".join(chunk)))
+        """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
+        head = (":%s 353 %s = %s :" % (self.server_name, self.nick, room.name)).encode()
+        lines = [head + run.encode() + b"\r\n" for run, _ in room.nick_runs()]
         lines.append(self._numeric_bytes("366", "%s :End of /NAMES list" % room.name))
         return b"".join(lines)
 
@@ -2177,12 +2192,13 @@ class Sniffer:
 class RoomTurn:
     """One room's events of a turn, and their bytes once rendered for a dialect."""
 
-    __slots__ = ("seqs", "events", "excluded", "rendered")
+    __slots__ = ("seqs", "events", "excluded", "uids", "rendered")
 
     def __init__(self):
         self.seqs = []          # the turn's sequence number of each event
         self.events = []
         self.excluded = []      # the connection each event is not for (its speaker), or None
+        self.uids = set()       # of events told in several rooms (Quit, Renamed)
         self.rendered = {}      # dialect class -> (bytes, offset of each event's bytes)
 
     def bytes_for(self, dialect):
@@ -2228,6 +2244,9 @@ class TurnBatcher:
         turn.seqs.append(self.seq)
         turn.events.append(event)
         turn.excluded.append(exclude)
+        uid = getattr(event, "uid", 0)
+        if uid:
+            turn.uids.add(uid)
         self.volume += len(getattr(event, "text", "")) + 40
 
     def send(self, conn, data):
@@ -2267,8 +2286,8 @@ class TurnBatcher:
                     continue
                 if member.multi_room and any(other in rooms for other in member.rooms
                                              if other is not room):
-                    done.add(conn)   # several active rooms: interleave them in order
-                    deliver(conn, self._pieces(conn, [], rooms))
+                    done.add(conn)
+                    deliver(conn, self._pieces_by_room(conn, rooms, conn.member.rooms))
                     continue
                 dialect = type(conn.dialect)
                 data = shared.get(dialect)
@@ -2277,18 +2296,50 @@ class TurnBatcher:
                 if data:
                     deliver_shared(conn, data)
 
+    @staticmethod
+    def _pieces_by_room(conn, rooms, its_rooms, seen=()):
+        """The bytes of each of its rooms that had events, one room after the other (the
+        events of a turn are grouped by room), an event told in several rooms (or
+        among seen uids) left out after the first."""
+        dialect = type(conn.dialect)
+        pieces, seen = [], set(seen)
+        for room in its_rooms:
+            turn = rooms.get(room)
+            if turn is None:
+                continue
+            data, offsets = turn.bytes_for(dialect)
+            if not turn.uids & seen:
+                pieces.append(data)
+            else:
+                pieces += [memoryview(data)[offsets[index]:offsets[index + 1]]
+                           for index, event in enumerate(turn.events)
+                           if getattr(event, "uid", 0) not in seen]
+            seen |= turn.uids
+        return [piece for piece in pieces if len(piece)]
+
     def _pieces(self, conn, marks, rooms):
-        """What conn gets this turn: its own data and views of the rooms' bytes, in order."""
+        """What conn gets this turn: its own data and views of the rooms' bytes, in order.
+
+        Its data and the room its marks are about (the one it spoke in, entered or
+        left) are cut into order without a walk, then come its other rooms; only a
+        member whose marks concern several active rooms needs the walk.
+        """
         member = conn.member
         current = member.rooms if member is not None else {}
-        changes = [mark for mark in marks if mark[1] in (ENTER, LEAVE)]
-        involved = set(current).union(mark[2] for mark in changes)
-        active = [room for room in involved if room in rooms]
-        room = active[0] if active else None
-        own_changes = [mark for mark in changes if mark[2] is room]
-        if len(active) <= 1 and len(own_changes) <= 1:
-            return self._pieces_in_one_room(conn, marks, room, rooms.get(room), own_changes)
-        return self._pieces_in_order(conn, marks, rooms, active, current, changes)
+        changes = [mark for mark in marks if mark[1] is ENTER or mark[1] is LEAVE]
+        marked = {mark[2] for mark in changes}
+        marked.update(mark[2][0] for mark in marks if mark[1] is SKIP)
+        active = [room for room in set(current) | marked if room in rooms]
+        main = [room for room in active if room in marked] or active[:1]
+        own_changes = [mark for mark in changes if main and mark[2] is main[0]]
+        if len(main) > 1 or len(own_changes) > 1:
+            return self._pieces_in_order(conn, marks, rooms, active, current, changes)
+        room = main[0] if main else None
+        pieces = self._pieces_in_one_room(conn, marks, room, rooms.get(room), own_changes)
+        others = [other for other in current if other in rooms and other is not room]
+        if others:
+            pieces += self._pieces_by_room(conn, rooms, others, rooms[room].uids if room else ())
+        return pieces
 
     @staticmethod
     def _pieces_in_one_room(conn, marks, room, turn, changes):
