@@ -23,6 +23,7 @@ Standard library only; Python 3.8+ on Linux, macOS and Windows.
 
 import _thread
 import argparse
+import base64
 import bisect
 import codecs
 import collections
@@ -34,6 +35,7 @@ import heapq
 import hmac
 import ipaddress
 import itertools
+import json
 import logging
 import math
 import os
@@ -98,6 +100,8 @@ IRC_PING_INTERVAL = 120.0            # seconds of silence before an IRC client i
 IRC_PING_TIMEOUT = 60.0              # ...and before it is dropped if it does not answer
 MAX_TARGETS = 4                      # rooms or nicks one IRC command may name
 NICK_RUN = 250                       # bytes of nicks in one line of a member list
+HTTP_HEAD_LIMIT = 8 * 1024           # bytes of an HTTP request's line and headers
+WEB_MEMBERS = 1000                   # names a browser gets when it enters a room
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
@@ -1103,12 +1107,15 @@ class Dialect:
 
     multi_room = False      # its members may be in several rooms at once
     hears_quiet = False     # it keeps member lists: it needs joins and leaves in big rooms
-    ends_lines_with_cr = False   # a lone CR ends a line too
 
     def __init__(self, server, conn):
         self.server = server
         self.conn = conn
         self.hub = server.hub
+
+    def framer(self, limit):
+        """What cuts the connection's bytes into messages for it."""
+        return LineFramer(limit)
 
     def start(self, spoke):
         """The connection was found to speak this dialect: by its first line (spoke), or
@@ -1398,7 +1405,9 @@ class IrcDialect(Dialect):
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
-    ends_lines_with_cr = True
+
+    def framer(self, limit):
+        return LineFramer(limit, cr_ends_lines=True)   # clients end lines with CR LF, LF, or CR
 
     def __init__(self, server, conn):
         super().__init__(server, conn)
@@ -1858,14 +1867,433 @@ class IrcDialect(Dialect):
     }
 
 
+# HTTP and WebSocket: the browser page and its connection.
+
+_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} [\x21-\x7e]+ HTTP/1\.[01]\r?\n?")
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 304: "Not Modified",
+                400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                405: "Method Not Allowed", 426: "Upgrade Required",
+                431: "Request Header Fields Too Large"}
+
+
+def ws_frame(opcode, payload=b""):
+    """One unmasked, final WebSocket frame, as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, size))
+    elif size < 65536:
+        head = bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+    return head + payload
+
+
+def ws_close(code, reason=""):
+    return ws_frame(WS_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+
+
+def ws_unmask(payload, mask):
+    """XOR a client frame's payload with its mask, as one big integer: no loop per byte."""
+    size = len(payload)
+    if not size:
+        return b""
+    key = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+
+
+def valid_close_code(code):
+    """Codes a peer may send in a close frame (RFC 6455 7.4)."""
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code < 5000
+
+
+class HeadReader:
+    """Gathers an HTTP request's head (request line and headers, HTTP_HEAD_LIMIT bytes at
+    most); bytes after it wait for what reads the connection next."""
+
+    __slots__ = ("data", "rest", "done")
+
+    def __init__(self):
+        self.data = self.rest = b""
+        self.done = False
+
+    @property
+    def buffered(self):
+        return len(self.data) + len(self.rest)
+
+    def feed(self, data):
+        if self.done:
+            self.rest += data[:HTTP_HEAD_LIMIT]
+            return []
+        self.data += data
+        end, size = self.data.find(b"\r\n\r\n"), 4
+        if end < 0:
+            end, size = self.data.find(b"\n\n"), 2
+        if end < 0:
+            if len(self.data) > HTTP_HEAD_LIMIT:
+                self.done = True
+                return [TOO_LONG]
+            return []
+        self.done = True
+        head, self.rest = self.data[:end], self.data[end + size:]
+        self.data = b""
+        return [TOO_LONG] if end > HTTP_HEAD_LIMIT else [head]
+
+    def finish(self):
+        return []
+
+
+class WebSocketFramer:
+    """RFC 6455 frames from a browser or a bot: whole text messages out (checked as
+    UTF-8 across fragments, at most limit bytes), control frames answered; a frame
+    that breaks the protocol closes the connection with the code the RFC gives."""
+
+    __slots__ = ("dialect", "limit", "data", "parts", "size", "decoder", "done")
+
+    def __init__(self, dialect, limit, data=b""):
+        self.dialect = dialect
+        self.limit = limit
+        self.data = data
+        self.parts = None               # fragments of a message under way
+        self.size = 0
+        self.decoder = None
+        self.done = False               # closed: ignore the rest
+
+    @property
+    def buffered(self):
+        return len(self.data) + self.size
+
+    def feed(self, data):
+        self.data += data
+        messages = []
+        while not self.done:
+            frame = self._next_frame()
+            if frame is None:
+                break
+            message = self._take(*frame)
+            if message is not None:
+                messages.append(message)
+        return messages
+
+    def finish(self):
+        return []
+
+    def _next_frame(self):
+        """(fin, opcode, payload) of the first whole frame, or None while it is partial."""
+        data = self.data
+        if len(data) < 2:
+            return None
+        first, second = data[0], data[1]
+        fin, opcode, size = first & 0x80, first & 0x0F, second & 0x7F
+        if first & 0x70:
+            return self._fail(1002, "reserved bits set (no extensions were agreed)")
+        if not second & 0x80:
+            return self._fail(1002, "a client's frames must be masked")
+        if opcode >= 8 and (not fin or size > 125):
+            return self._fail(1002, "a control frame of over 125 bytes, or in fragments")
+        offset = 2
+        if size >= 126:
+            extra = 2 if size == 126 else 8
+            if len(data) < 2 + extra:
+                return None
+            size = int.from_bytes(data[2:2 + extra], "big")
+            offset += extra
+        if opcode < 8 and self.size + size > self.limit:
+            return self._fail(1009, "a message of over %d bytes" % self.limit)
+        if len(data) < offset + 4 + size:
+            return None
+        mask = data[offset:offset + 4]
+        payload = ws_unmask(data[offset + 4:offset + 4 + size], mask)
+        self.data = data[offset + 4 + size:]
+        return fin, opcode, payload
+
+    def _take(self, fin, opcode, payload):
+        """A message when a text message is complete; control frames are handled here."""
+        if opcode == WS_PING:
+            self.dialect.conn_send(ws_frame(WS_PONG, payload))
+        elif opcode == WS_PONG:
+            pass
+        elif opcode == WS_CLOSE:
+            self._closed_by_peer(payload)
+        elif opcode == WS_BINARY and self.parts is None:
+            self._fail(1003, "only text messages are understood")
+        elif opcode == WS_TEXT and self.parts is None:
+            self.parts, self.size = [], 0
+            self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+            return self._fragment(fin, payload)
+        elif opcode == 0 and self.parts is not None:
+            return self._fragment(fin, payload)
+        else:
+            self._fail(1002, "unexpected opcode %d" % opcode)
+        return None
+
+    def _fragment(self, fin, payload):
+        try:
+            self.decoder.decode(payload, final=bool(fin))
+        except UnicodeDecodeError:
+            self._fail(1007, "a text message that is not UTF-8")
+            return None
+        self.parts.append(payload)
+        self.size += len(payload)
+        if not fin:
+            return None
+        message = b"".join(self.parts)
+        self.parts, self.size = None, 0
+        return message
+
+    def _closed_by_peer(self, payload):
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+        if len(payload) == 1 or (len(payload) >= 2 and not valid_close_code(code)):
+            self._fail(1002, "an invalid close frame")
+            return
+        try:
+            payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(1007, "a close reason that is not UTF-8")
+            return
+        self.done = True
+        self.dialect.close_socket("connection closed", ws_close(1000))
+
+    def _fail(self, code, why):
+        self.done = True
+        self.dialect.close_socket("websocket protocol error: " + why, ws_close(code, why))
+        return None
+
+
+class HttpDialect(Dialect):
+    """HTTP/1.1 on the chat port: GET / is the page, GET /ws becomes a WebSocket that
+    speaks the line protocol in and JSON events out. One request per connection."""
+
+    def framer(self, limit):
+        return HeadReader()
+
+    def handle(self, head):
+        if head is TOO_LONG:
+            self._respond(431, "the request's head is over %d bytes" % HTTP_HEAD_LIMIT)
+            return
+        request = self._parse(head)
+        if request is None:
+            self._respond(400, "a malformed request")
+            return
+        method, path, headers = request
+        log.info("%r: %s %s", self.conn, method, sanitize(path)[:60])
+        if method not in ("GET", "HEAD"):
+            self._respond(405, "only GET and HEAD", {"Allow": "GET, HEAD"})
+        elif path == "/":
+            self._page(method, headers)
+        elif path == "/ws":
+            self._upgrade(headers)
+        else:
+            self._respond(404, "nothing here: the chat is at /")
+
+    @staticmethod
+    def _parse(head):
+        """(method, path, {lower-case header: value}), or None when it is not HTTP."""
+        try:
+            lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        except ValueError:
+            return None
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+            return None
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                return None
+            headers[name.lower()] = value.strip()
+        if parts[2] == "HTTP/1.1" and "host" not in headers:
+            return None
+        return parts[0], parts[1].split("?", 1)[0], headers
+
+    def _page(self, method, headers):
+        if headers.get("if-none-match") == PAGE_ETAG:
+            self._respond(304, "", {"ETag": PAGE_ETAG}, body=b"")
+            return
+        host = headers.get("host", "")
+        csp = PAGE_CSP
+        if re.fullmatch(r"[\w.:\[\]-]+", host):   # the page's own WebSocket, by name
+            csp = csp.replace("connect-src 'self'", "connect-src 'self' ws://%s wss://%s"
+                              % (host, host))
+        self._respond(200, "", {"Content-Type": "text/html; charset=utf-8",
+                                "Content-Security-Policy": csp,
+                                "Cache-Control": "no-cache", "ETag": PAGE_ETAG},
+                      body=PAGE_BYTES if method == "GET" else b"", length=len(PAGE_BYTES))
+
+    def _upgrade(self, headers):
+        """The WebSocket handshake: version 13, a key, and, from a browser, this page's
+        own origin: another site's page must not talk in the room as its visitor."""
+        if "websocket" not in headers.get("upgrade", "").lower() or \
+                "upgrade" not in headers.get("connection", "").lower():
+            self._respond(426, "this address is for WebSocket connections",
+                          {"Upgrade": "websocket", "Sec-WebSocket-Version": "13"})
+            return
+        if headers.get("sec-websocket-version") != "13":
+            self._respond(426, "WebSocket version 13 only", {"Sec-WebSocket-Version": "13"})
+            return
+        key = headers.get("sec-websocket-key", "")
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            valid_key = False
+        if not valid_key:
+            self._respond(400, "a missing or malformed Sec-WebSocket-Key")
+            return
+        origin = headers.get("origin")
+        scheme = "https://" if self.conn.tls else "http://"
+        if origin is not None and origin.lower() != scheme + headers.get("host", "").lower():
+            log.warning("%r: WebSocket from another site refused (%s)", self.conn,
+                        sanitize(origin)[:80])
+            self._respond(403, "a page from another site may not connect")
+            return
+        accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest())
+        self.conn_send(self._head(101, {"Upgrade": "websocket", "Connection": "Upgrade",
+                                        "Sec-WebSocket-Accept": accept.decode()}))
+        self.server.change_dialect(self.conn, WebSocketDialect, self.conn.framer.rest)
+
+    @staticmethod
+    def _head(status, headers):
+        lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS[status])]
+        lines += ["%s: %s" % item for item in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def _respond(self, status, why, headers=None, body=None, length=None):
+        """A whole response, then the connection closes."""
+        if body is None:
+            body = ("%d %s: %s\n" % (status, HTTP_REASONS[status], why)).encode()
+            headers = dict(headers or {}, **{"Content-Type": "text/plain; charset=utf-8"})
+        headers = dict(headers or {})
+        headers.update({"Content-Length": str(len(body) if length is None else length),
+                        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                        "Connection": "close"})
+        self.conn_send(self._head(status, headers) + body)
+        self.server.disconnect(self.conn, "http %d" % status)
+
+    def conn_send(self, data):
+        self.server.send_bytes(self.conn, data)
+
+    def render(self, event):
+        return b""   # no chat before the upgrade; refusals come as HTTP statuses
+
+
+def json_time(when):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+class WebSocketDialect(LineDialect):
+    """The browser's connection: line-protocol commands in (one per text message, so
+    every command works as for nc), JSON events out, one per text message."""
+
+    hears_quiet = True      # the page keeps member lists
+
+    def framer(self, limit):
+        return WebSocketFramer(self, limit)
+
+    def start(self, spoke):
+        super().start(spoke=True)   # the page speaks first: /nick, then /pass if asked
+
+    def conn_send(self, data):
+        self.server.send_bytes(self.conn, data)
+
+    def close_socket(self, reason, frame):
+        self.conn_send(frame)
+        self.server.disconnect(self.conn, reason)
+
+    @staticmethod
+    def frame(obj):
+        return ws_frame(WS_TEXT, json.dumps(obj, ensure_ascii=False,
+                                            separators=(",", ":")).encode())
+
+    @classmethod
+    def render_shared(cls, event):
+        return cls.frame(cls.event_json(event))
+
+    @staticmethod
+    def event_json(event):
+        kind = type(event)
+        if kind is Said:
+            return {"type": "acted" if event.action else "said", "room": event.room,
+                    "nick": event.nick, "text": event.text, "time": json_time(event.time)}
+        if kind is Joined:
+            return {"type": "joined", "room": event.room, "nick": event.nick,
+                    "quiet": event.quiet}
+        if kind is Parted:
+            return {"type": "left", "room": event.room, "nick": event.nick,
+                    "reason": event.reason, "to": event.to, "quiet": event.quiet}
+        if kind is Quit:
+            return {"type": "quit", "room": event.room, "nick": event.nick,
+                    "reason": event.reason, "quiet": event.quiet}
+        if kind is Renamed:
+            return {"type": "renamed", "room": event.room, "old": event.old, "new": event.new,
+                    "quiet": event.quiet}
+        if kind is TopicSet:
+            return {"type": "topic", "room": event.room, "nick": event.nick, "text": event.text}
+        raise TypeError("no JSON for %r" % (event,))
+
+    def render(self, event):
+        renderer = self._JSON.get(type(event))
+        if renderer is None:
+            return self.render_shared(event)
+        return renderer(self, event)
+
+    def _notice(self, event):
+        key, fields = event.key, event.fields
+        if key == "help":
+            room = self.hub.default_room.name
+            return self.frame({"type": "help", "lines": [line.format(room=room)
+                                                           for line in HELP_TEXT]})
+        text = WORDING.render(key, **fields)[len("*** "):]
+        data = self.frame(dict(fields, type="error" if is_error(key) else "notice", code=key,
+                               text=text))
+        close = self._CLOSING.get(key)
+        return data + ws_close(close, text) if close else data
+
+    _CLOSING = {"bye": 1000, "shutting_down": 1001, "excess_flood": 1008,
+                "registration_timeout": 1008, "guesses_throttled": 1008, "wrong_password": 1008}
+
+    def _history(self, event):
+        room = event.room
+        block = room.history_cache.get(WebSocketDialect)
+        if block is None:
+            block = room.history_cache[WebSocketDialect] = self.frame({
+                "type": "history", "room": room.name,
+                "lines": [self.event_json(said) for said in room.history]})
+        return block
+
+    _JSON = {
+        Notice: _notice,
+        Private: lambda self, event: self.frame({
+            "type": "private", "from": event.sender, "to": event.target, "text": event.text,
+            "action": event.action, "sent": event.sent, "time": json_time(event.time)}),
+        Welcome: lambda self, event: self.frame({"type": "welcome", "server": event.server,
+                                                 "nick": event.nick}),
+        RoomState: lambda self, event: self.frame({
+            "type": "room", "room": event.room.name, "topic": event.room.topic,
+            "count": len(event.room.members), "members": [
+                member.nick for member in itertools.islice(event.room.members, WEB_MEMBERS)]}),
+        TopicInfo: lambda self, event: self.frame({"type": "topic_info", "room": event.room,
+                                                   "text": event.text}),
+        History: _history,
+        WhoList: lambda self, event: self.frame({"type": "who", "room": event.room.name,
+                                                 "own": event.own, "members": event.room.names()}),
+        RoomList: lambda self, event: self.frame({
+            "type": "rooms", "total": event.total,
+            "rooms": [{"name": name, "members": count} for name, count in event.rooms]}),
+    }
+
+
 def line_bytes(key, **fields):
     """One line of the line protocol, encoded, newline included."""
     return (WORDING.render(key, **fields) + "\n").encode()
 
 
-def dialect_for(first_line):
-    """The dialect a connection speaks, from its first line: an IRC registration command
-    (CAP, NICK, USER, PASS) means IRC; anything else is the line protocol."""
+def dialect_for(first_line, web=True):
+    """The dialect a connection speaks, from its first line: an HTTP request line means
+    HTTP (unless the web is off), an IRC registration command (CAP, NICK, USER, PASS)
+    IRC; anything else is the line protocol."""
+    if web and _HTTP_REQUEST_LINE.match(first_line):
+        return HttpDialect
     if _IRC_FIRST_LINE.match(first_line):
         return IrcDialect
     return LineDialect
@@ -1992,6 +2420,7 @@ class ServerOptions:
     flood_lag: float = FLOOD_LAG       # seconds of lines a client may be ahead of --rate
     max_per_ip: int = 0                # 0: no limit
     history: int = DEFAULT_HISTORY     # public lines replayed to newcomers, per room; 0: none
+    web: bool = True                   # HTTP and WebSocket on the same port
     irc_ping_interval: float = IRC_PING_INTERVAL
     irc_ping_timeout: float = IRC_PING_TIMEOUT
 
@@ -2180,12 +2609,14 @@ class Sniffer:
         end = self.data.find(b"\n")
         if end < 0 and len(self.data) <= max(self.server.options.max_line, SNIFF_LIMIT):
             return []
-        return self.server.choose_dialect(self.conn, dialect_for(self.data[:end + 1]), True)
+        return self.server.choose_dialect(
+            self.conn, dialect_for(self.data[:end + 1], self.server.options.web), True)
 
     def finish(self):
         if not self.data:
             return []
-        messages = self.server.choose_dialect(self.conn, dialect_for(self.data), True)
+        messages = self.server.choose_dialect(
+            self.conn, dialect_for(self.data, self.server.options.web), True)
         return messages + self.conn.framer.finish()
 
 
@@ -2632,9 +3063,18 @@ class ChatServer:
         """conn speaks dialect_class from now on; the messages in what it has sent so far."""
         sniffed = conn.framer.data if isinstance(conn.framer, Sniffer) else b""
         conn.dialect = dialect_class(self, conn)
-        conn.framer = LineFramer(self.options.max_line, dialect_class.ends_lines_with_cr)
+        conn.framer = conn.dialect.framer(self.options.max_line)
         conn.dialect.start(spoke)
         return conn.framer.feed(sniffed) if sniffed else []
+
+    def change_dialect(self, conn, dialect_class, rest):
+        """conn speaks another dialect from now on (an HTTP request became a WebSocket);
+        rest is what it sent after the request."""
+        conn.dialect = dialect_class(self, conn)
+        conn.framer = conn.dialect.framer(self.options.max_line)
+        conn.dialect.start(True)
+        if rest:
+            self._take_in(conn, conn.framer.feed(rest))
 
     def admit(self, conn, nick=None, realname=""):
         """Let conn into the chat: the hub greets it under nick, or as a guest."""
@@ -4459,6 +4899,309 @@ class ChatClient:
         self._send_line("/nick " + nick_variant(self.wanted_nick, self._nick_attempt), own=True)
 
 
+# --- The browser page ---
+# One document, nothing fetched from elsewhere: served at / by HttpDialect. Its
+# script and style are allowed by their hashes, and nothing else is.
+
+_PAGE_STYLE = """
+:root{color-scheme:light dark;--bg:#fdfdfc;--fg:#1d1d1f;--dim:#6b6b70;--line:#e3e3e6;--mine:#eef4ff;--hl:#fff4c2;--err:#b3261e;--l:38%;font:16px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif}
+@media (prefers-color-scheme:dark){:root{--bg:#16161a;--fg:#ececf0;--dim:#9a9aa3;--line:#2c2c33;--mine:#1d2636;--hl:#3b3315;--err:#ff8a80;--l:70%}}
+*{box-sizing:border-box}body{margin:0;height:100vh;height:100dvh;display:flex;flex-direction:column;background:var(--bg);color:var(--fg)}
+header{display:flex;gap:.6em;align-items:baseline;flex-wrap:wrap;padding:.4em .8em;border-bottom:1px solid var(--line)}
+h1{font-size:1.05em;margin:0}#topic{color:var(--dim);flex:1;min-width:8em;overflow-wrap:anywhere}#state{color:var(--dim);font-size:.9em}
+button{font:inherit;padding:.25em .7em;border:1px solid var(--line);border-radius:6px;background:transparent;color:inherit;cursor:pointer}
+button:focus-visible,input:focus-visible,a:focus-visible,#log:focus-visible{outline:2px solid #4c7dff;outline-offset:1px}
+main{flex:1;display:flex;min-height:0}#log{flex:1;overflow-y:auto;padding:.4em .8em;overflow-wrap:anywhere}
+aside{width:14em;border-left:1px solid var(--line);overflow-y:auto;padding:.4em .8em}aside h2{font-size:.85em;color:var(--dim);margin:.6em 0 .2em;text-transform:uppercase}
+aside ul{list-style:none;margin:0;padding:0}aside li button{border:0;padding:.1em 0;text-align:left;width:100%}aside li[aria-current] button{font-weight:600}
+.msg{padding:.05em 0}.time{color:var(--dim);font-size:.8em;margin-right:.5em;font-variant-numeric:tabular-nums}.nick{font-weight:600}
+.notice{color:var(--dim)}.error{color:var(--err)}.past{opacity:.65}.mine{background:var(--mine)}.private{background:var(--hl);border-left:3px solid #c9a227;padding-left:.3em}.mention{background:var(--hl)}
+form#send{display:flex;gap:.5em;padding:.5em .8em;border-top:1px solid var(--line)}form#send label{align-self:center;color:var(--dim);white-space:nowrap}
+input{font:inherit;flex:1;min-width:0;padding:.4em .5em;border:1px solid var(--line);border-radius:6px;background:transparent;color:inherit}
+#login{position:fixed;inset:0;display:flex;align-items:center;justify-content:center;background:var(--bg)}#login form{display:grid;gap:.6em;width:min(22em,90vw)}
+#login[hidden],.hidden{display:none}#people{display:none}
+@media (max-width:640px){aside{display:none;position:fixed;right:0;top:2.6em;bottom:3.4em;background:var(--bg);z-index:1}aside.open{display:block}#people{display:inline-block}}
+"""
+
+_PAGE_SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+const log = $("log"), input = $("line"), memberList = $("members"), roomList = $("rooms");
+const COMMANDS = ["/nick", "/me", "/msg", "/join", "/part", "/rooms", "/who", "/topic", "/help", "/quit"];
+let ws = null, me = null, room = null, returnTo = null, retry = 1000, unread = 0, leaving = false;
+let members = [], rooms = [], sent = [], browsing = -1, password = null, title = "chat";
+
+function colour(nick) {
+  let hash = 0;
+  for (const c of nick.toLowerCase()) hash = (hash * 31 + c.codePointAt(0)) >>> 0;
+  return "hsl(" + (hash % 360) + " 60% var(--l))";
+}
+function clock(iso) {
+  const when = iso ? new Date(iso) : new Date();
+  return when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+}
+function withLinks(parent, text) {
+  const url = /\bhttps?:\/\/[^\s<>"']+/g;
+  let last = 0, found;
+  while ((found = url.exec(text))) {
+    parent.append(text.slice(last, found.index));
+    const a = document.createElement("a");
+    a.href = found[0]; a.textContent = found[0]; a.rel = "noopener noreferrer"; a.target = "_blank";
+    parent.append(a);
+    last = found.index + found[0].length;
+  }
+  parent.append(text.slice(last));
+}
+function show(kind, parts, when, past) {
+  const near = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  const div = document.createElement("div");
+  div.className = "msg " + kind + (past ? " past" : "");
+  const stamp = document.createElement("span");
+  stamp.className = "time"; stamp.textContent = clock(when);
+  div.append(stamp);
+  for (const part of parts) {
+    if (typeof part === "string") { withLinks(div, part); continue; }
+    const span = document.createElement("span");
+    span.className = "nick"; span.style.color = colour(part.nick); span.textContent = part.nick;
+    div.append(span);
+  }
+  log.append(div);
+  while (log.childElementCount > 2000) log.firstElementChild.remove();
+  if (near) log.scrollTop = log.scrollHeight;
+  return div;
+}
+function mentions(text) {
+  if (!me) return false;
+  const escaped = me.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  return new RegExp("(^|[^\\p{L}\\p{N}_-])" + escaped + "($|[^\\p{L}\\p{N}_-])", "iu").test(text);
+}
+function attention(summary) {
+  if (!document.hidden) return;
+  unread += 1;
+  document.title = "(" + unread + ") " + title;
+  if (window.Notification && Notification.permission === "granted") new Notification(summary);
+}
+function chatLine(ev, past) {
+  const mine = ev.nick === me, said = ev.type === "said";
+  const parts = said ? ["<", {nick: ev.nick}, "> " + ev.text] : ["* ", {nick: ev.nick}, " " + ev.text];
+  const div = show(mine ? "mine" : "", parts, ev.time, past);
+  if (!past && !mine && mentions(ev.text)) { div.classList.add("mention"); attention(ev.nick + ": " + ev.text); }
+  else if (!past && !mine) attention(ev.nick + ": " + ev.text);
+}
+function listMembers() {
+  memberList.replaceChildren(...members.slice().sort((a, b) => a.localeCompare(b)).map((nick) => {
+    const li = document.createElement("li"), b = document.createElement("button");
+    b.type = "button"; b.textContent = nick; b.style.color = colour(nick);
+    b.addEventListener("click", () => { input.value = "/msg " + nick + " "; input.focus(); });
+    li.append(b); return li;
+  }));
+  $("members-title").textContent = "People (" + members.length + ")";
+}
+function listRooms() {
+  roomList.replaceChildren(...rooms.map((r) => {
+    const li = document.createElement("li"), b = document.createElement("button");
+    b.type = "button"; b.textContent = r.name + " (" + r.members + ")";
+    if (r.name === room) li.setAttribute("aria-current", "true");
+    b.addEventListener("click", () => send("/join " + r.name));
+    li.append(b); return li;
+  }));
+}
+function setRoom(name, topic) {
+  room = name;
+  $("title").textContent = room;
+  $("topic").textContent = topic || "";
+  $("prompt").textContent = room + " " + me;
+  title = room + " - chat";
+  document.title = unread ? "(" + unread + ") " + title : title;
+}
+const handlers = {
+  welcome(ev) { me = ev.nick; retry = 1000; state(""); show("notice", ["Welcome to " + ev.server + ", you are ", {nick: me}]); },
+  room(ev) {
+    setRoom(ev.room, ev.topic); members = ev.members.slice(); listMembers();
+    show("notice", ["You are in " + ev.room + " (" + ev.count + " here)" + (ev.topic ? ": " + ev.topic : "")]);
+    if (returnTo && returnTo !== ev.room) { const back = returnTo; returnTo = null; send("/join " + back); }
+    else { returnTo = null; send("/rooms"); }
+  },
+  history(ev) {
+    show("notice", ["Earlier in " + ev.room + ":"], null, true);
+    for (const line of ev.lines) chatLine(line, true);
+  },
+  said(ev) { if (ev.room === room) chatLine(ev, false); },
+  acted(ev) { if (ev.room === room) chatLine(ev, false); },
+  private(ev) {
+    const parts = ev.sent ? ["to ", {nick: ev.to}, ": " + ev.text] : ["from ", {nick: ev.from}, ": " + ev.text];
+    show("private", parts, ev.time);
+    if (!ev.sent) attention("private from " + ev.from + ": " + ev.text);
+  },
+  joined(ev) { if (ev.room !== room) return; members.push(ev.nick); listMembers(); if (!ev.quiet) show("notice", [{nick: ev.nick}, " joined"]); },
+  left(ev) { gone(ev, ev.to ? " left for " + ev.to : " left (" + ev.reason + ")"); },
+  quit(ev) { gone(ev, " left (" + ev.reason + ")"); },
+  renamed(ev) {
+    if (ev.room !== room) return;
+    members = members.map((n) => (n === ev.old ? ev.new : n)); listMembers();
+    if (ev.old === me) { me = ev.new; setRoom(room, $("topic").textContent); }
+    if (!ev.quiet) show("notice", [{nick: ev.old}, " is now known as ", {nick: ev.new}]);
+  },
+  topic(ev) { if (ev.room === room) $("topic").textContent = ev.text; show("notice", [{nick: ev.nick}, " set the topic of " + ev.room + ": " + ev.text]); },
+  topic_info(ev) { show("notice", [ev.text ? "Topic of " + ev.room + ": " + ev.text : "No topic is set in " + ev.room]); },
+  who(ev) { if (ev.own) { members = ev.members.slice(); listMembers(); } show("notice", [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]); },
+  rooms(ev) { rooms = ev.rooms; listRooms(); },
+  help(ev) { for (const line of ev.lines) show("notice", [line]); },
+  notice(ev) {
+    if (ev.code === "password_required") { askPassword(""); return; }
+    if (ev.code === "renamed_self") { me = ev.nick; localStorage.setItem("chat-nick", me); setRoom(room, $("topic").textContent); }
+    if (ev.code !== "help_hint" && ev.code !== "pace") show("notice", [ev.text]);
+  },
+  error(ev) {
+    if (ev.code === "wrong_password" || ev.code === "guesses_throttled") { password = null; askPassword(ev.text); return; }
+    if (ev.code === "nick_taken" || ev.code === "nick_lookalike") { send("/nick " + ev.nick + "_"); }
+    show("error", [ev.text]);
+  },
+};
+function gone(ev, how) {
+  if (ev.room !== room) return;
+  members = members.filter((n) => n !== ev.nick); listMembers();
+  if (!ev.quiet) show("notice", [{nick: ev.nick}, how]);
+}
+function state(text) { $("state").textContent = text; }
+function send(text) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(text); }
+function connect() {
+  const nick = localStorage.getItem("chat-nick") || "";
+  ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+  state("connecting...");
+  ws.onopen = () => { state(""); ws.send("/nick " + nick); if (password) ws.send("/pass " + password); };
+  ws.onmessage = (message) => {
+    let ev;
+    try { ev = JSON.parse(message.data); } catch (e) { return; }
+    const handler = handlers[ev.type];
+    if (handler) handler(ev);
+  };
+  ws.onclose = () => {
+    ws = null;
+    if (leaving) { state("you left"); return; }
+    returnTo = room || returnTo;
+    const wait = Math.min(retry, 30000);
+    state("reconnecting in " + Math.round(wait / 1000) + " s...");
+    setTimeout(connect, wait);
+    retry = Math.min(retry * 2, 30000);
+  };
+}
+function askPassword(why) {
+  $("login").hidden = false;
+  $("password-row").classList.remove("hidden");
+  $("login-error").textContent = why;
+  $("password").focus();
+  if (ws) { leaving = true; ws.close(); }
+}
+$("login-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const nick = $("nick").value.trim();
+  if (!nick) return;
+  localStorage.setItem("chat-nick", nick);
+  password = $("password").value || null;
+  $("login").hidden = true;
+  leaving = false;
+  connect();
+  input.focus();
+});
+$("send").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = input.value;
+  if (!text.trim()) return;
+  if (!sent.length || sent[sent.length - 1] !== text) sent.push(text);
+  browsing = -1;
+  if (/^\/quit\b/i.test(text)) leaving = true;
+  send(text);
+  if (me && !text.startsWith("/")) chatLine({type: "said", nick: me, text: text}, false);
+  else if (me && /^\/me /i.test(text)) chatLine({type: "acted", nick: me, text: text.slice(4)}, false);
+  else if (me && text.startsWith("//")) chatLine({type: "said", nick: me, text: text.slice(1)}, false);
+  input.value = "";
+});
+input.addEventListener("keydown", (event) => {
+  if (event.key === "ArrowUp" || event.key === "ArrowDown") {
+    if (!sent.length) return;
+    event.preventDefault();
+    browsing = browsing < 0 ? sent.length : browsing;
+    browsing = Math.max(0, Math.min(sent.length, browsing + (event.key === "ArrowUp" ? -1 : 1)));
+    input.value = browsing < sent.length ? sent[browsing] : "";
+  } else if (event.key === "Tab") {
+    const upto = input.value.slice(0, input.selectionStart), start = upto.lastIndexOf(" ") + 1;
+    const word = upto.slice(start).toLowerCase(), first = input.value.split(" ")[0].toLowerCase();
+    if (!word) return;
+    event.preventDefault();
+    const pool = start === 0 && word[0] === "/" ? COMMANDS
+      : (first === "/join" || first === "/who") && start === first.length + 1 ? rooms.map((r) => r.name)
+      : members.filter((n) => n !== me);
+    const found = pool.filter((name) => name.toLowerCase().startsWith(word));
+    if (found.length === 1) {
+      const ending = pool === COMMANDS || start > 0 ? " " : ": ";
+      input.value = upto.slice(0, start) + found[0] + ending + input.value.slice(upto.length);
+    } else if (found.length > 1) show("notice", [found.join("  ")]);
+  } else if (event.key === "Escape") input.value = "";
+});
+document.addEventListener("visibilitychange", () => { if (!document.hidden) { unread = 0; document.title = title; } });
+$("notify").addEventListener("click", () => { if (window.Notification) Notification.requestPermission(); });
+$("people").addEventListener("click", () => $("side").classList.toggle("open"));
+$("nick").value = localStorage.getItem("chat-nick") || "";
+$("nick").focus();
+"""
+
+_PAGE_BODY = """
+<header>
+<h1 id="title">chat</h1>
+<span id="topic"></span>
+<span id="state" role="status" aria-live="polite"></span>
+<button id="people" type="button" aria-controls="side">People &amp; rooms</button>
+<button id="notify" type="button" title="Desktop notifications for messages while this tab is hidden">Notify me</button>
+</header>
+<main>
+<section id="log" aria-live="polite" aria-label="Messages" tabindex="0"></section>
+<aside id="side" aria-label="People and rooms">
+<h2>Rooms</h2>
+<ul id="rooms"></ul>
+<h2 id="members-title">People</h2>
+<ul id="members"></ul>
+</aside>
+</main>
+<form id="send" autocomplete="off">
+<label for="line" id="prompt">Message</label>
+<input id="line" name="line" autocomplete="off" enterkeyhint="send" placeholder="Message, or /help">
+<button type="submit">Send</button>
+</form>
+<div id="login">
+<form id="login-form">
+<h1>Join the chat</h1>
+<label for="nick">Your nick</label>
+<input id="nick" name="nick" required maxlength="20" autocomplete="nickname">
+<div id="password-row" class="hidden">
+<label for="password">Password</label>
+<input id="password" name="password" type="password" autocomplete="current-password">
+</div>
+<p id="login-error" class="error" role="alert"></p>
+<button type="submit">Join</button>
+</form>
+</div>
+"""
+
+PAGE_HTML = (
+    '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+    '<meta name="color-scheme" content="light dark">\n<title>chat</title>\n'
+    "<style>" + _PAGE_STYLE + "</style>\n</head>\n<body>" + _PAGE_BODY
+    + "<script>" + _PAGE_SCRIPT + "</script>\n</body>\n</html>\n")
+PAGE_BYTES = PAGE_HTML.encode()
+PAGE_ETAG = '"%s"' % hashlib.sha256(PAGE_BYTES).hexdigest()[:32]
+
+
+def _csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (_csp_hash(_PAGE_SCRIPT), _csp_hash(_PAGE_STYLE)))
+
+
 # --- Command line ---
 
 def build_parser():
@@ -4485,6 +5228,9 @@ def add_server_parser(commands):
     server.add_argument("--name", help="server name shown in the greeting (default: host name)")
     server.add_argument("--room", type=room_name, default=DEFAULT_ROOM, metavar="ROOM",
                         help="the room everyone starts in (default %(default)s)")
+    server.add_argument("--no-web", dest="web", action="store_false",
+                        help="do not serve the browser page and its WebSocket (by default "
+                        "http://HOST:PORT/ is a chat page, on the same port)")
     limits = server.add_argument_group("limits")
     limits.add_argument("--max-clients", type=positive_int, default=DEFAULT_MAX_CLIENTS,
                         metavar="N", help="connections accepted at once (default %(default)s" +
@@ -4718,7 +5464,8 @@ def server_options(args):
         max_clients=min(args.max_clients, DEFAULT_MAX_CLIENTS) if WINDOWS else args.max_clients,
         max_line=args.max_line, announce_limit=args.announce_limit,
         password=read_password(args.password_file), register_timeout=args.register_timeout,
-        rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip, history=args.history)
+        rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip, history=args.history,
+        web=args.web)
     if args.tls_key and not args.tls_cert:
         raise ChatError("--tls-key needs --tls-cert")
     fingerprint = None

@@ -2,8 +2,11 @@
 and the real client in a subprocess. Run with: python -m unittest -v
 """
 
+import base64
 import codecs
 import collections
+import hashlib
+import json
 import itertools
 import logging
 import os
@@ -1808,6 +1811,303 @@ class RealIrcClientTest(ServerTestCase):
         self.assertEqual(nina.expect(r"\* ircbob .*"), "* ircbob smiles")
         irssi.type("/part")
         self.assertEqual(nina.expect(r"\*\*\* ircbob .*"), "*** ircbob left (part)")
+
+
+# --- The browser: HTTP, WebSocket, the page ---
+
+class WsPeer:
+    """A WebSocket client on a raw socket, as a browser or a bot would be."""
+
+    def __init__(self, address, origin=None, version="13", key=None, path="/ws", host=None):
+        self.sock = socket.create_connection(address, timeout=TIMEOUT)
+        self.key = key if key is not None else base64.b64encode(os.urandom(16)).decode()
+        host = host or "%s:%d" % address[:2]
+        lines = ["GET %s HTTP/1.1" % path, "Host: " + host, "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Version: " + version]
+        if self.key:
+            lines.append("Sec-WebSocket-Key: " + self.key)
+        if origin:
+            lines.append("Origin: " + origin)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.data = b""
+        while b"\r\n\r\n" not in self.data:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            self.data += chunk
+        head, _, self.data = self.data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split(" ")[1])
+        self.headers = {name.lower(): value.strip() for name, _, value in
+                        (line.partition(":") for line in lines[1:])}
+
+    def close(self):
+        self.sock.close()
+
+    def frame(self, opcode, payload=b"", fin=True, mask=True, rsv=0):
+        """The bytes of one client frame."""
+        head = bytes(((0x80 if fin else 0) | rsv | opcode,))
+        size = len(payload)
+        length = size if size < 126 else (126 if size < 65536 else 127)
+        head += bytes(((0x80 if mask else 0) | length,))
+        if length == 126:
+            head += size.to_bytes(2, "big")
+        elif length == 127:
+            head += size.to_bytes(8, "big")
+        if not mask:
+            return head + payload
+        key = os.urandom(4)
+        return head + key + bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def say(self, *lines):
+        self.send(b"".join(self.frame(0x1, line.encode()) for line in lines))
+
+    def _read(self, size):
+        while len(self.data) < size:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("closed with %r left" % self.data)
+            self.data += chunk
+        got, self.data = self.data[:size], self.data[size:]
+        return got
+
+    def recv_frame(self):
+        """(opcode, payload) of the next frame from the server (never masked)."""
+        first, second = self._read(2)
+        assert not second & 0x80, "the server masked a frame"
+        size = second & 0x7F
+        if size >= 126:
+            size = int.from_bytes(self._read(2 if size == 126 else 8), "big")
+        return first & 0x0F, self._read(size)
+
+    def event(self):
+        opcode, payload = self.recv_frame()
+        if opcode != 0x1:
+            return {"type": "frame", "opcode": opcode, "payload": payload}
+        return json.loads(payload)
+
+    def expect(self, **fields):
+        """Skip events up to one with all these fields; return it."""
+        while True:
+            event = self.event()
+            if all(event.get(name) == value for name, value in fields.items()):
+                return event
+
+    def close_code(self):
+        """The code of the close frame that comes next, after any other frames."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big")
+
+
+def http(address, request):
+    """Send raw request bytes; return (status, headers, body) of the whole response."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in
+               (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+class HttpTest(ServerTestCase):
+    """The page and its headers; every other request gets the status it deserves."""
+
+    def get(self, path="/", method="GET", extra=""):
+        return http(self.address, ("%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n" % (
+            method, path, self.address[1], extra)).encode())
+
+    def test_the_page_and_its_headers(self):
+        status, headers, body = self.get()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        self.assertEqual(int(headers["content-length"]), len(body))
+        page = body.decode()
+        script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+        style = re.search(r"<style>(.*)</style>", page, re.S).group(1)
+        csp = headers["content-security-policy"]
+        for inline, directive in ((script, "script-src"), (style, "style-src")):
+            digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+            self.assertIn("%s 'sha256-%s'" % (directive, digest), csp)
+        self.assertIn("default-src 'none'", csp)
+        self.assertIn("ws://127.0.0.1:%d" % self.address[1], csp)
+        self.assertNotRegex(page, r"(src|href)=\S*//")   # nothing fetched from elsewhere
+        self.assertIn('name="viewport"', page)
+        self.assertIn('aria-live="polite"', page)
+        status, headers, body = self.get(method="HEAD")
+        self.assertEqual((status, body, int(headers["content-length"])), (200, b"", len(page.encode())))
+        status, _, _ = self.get(extra="If-None-Match: %s\r\n" % headers["etag"])
+        self.assertEqual(status, 304)
+
+    def test_other_requests(self):
+        self.assertEqual(self.get("/secret")[0], 404)
+        status, headers, _ = self.get(method="POST")
+        self.assertEqual((status, headers["allow"]), (405, "GET, HEAD"))
+        self.assertEqual(http(self.address, b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n")[0], 400)
+        self.assertEqual(http(self.address, b"GET / HTTP/1.1\r\n\r\n")[0], 400)   # no Host
+        self.assertEqual(self.get(extra="X-Big: %s\r\n" % ("b" * 9000))[0], 431)
+
+    def test_a_request_that_never_ends_is_cut_off_at_the_registration_timeout(self):
+        self.server.options.register_timeout = 0.3
+        with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")   # and nothing more
+            self.assertEqual(sock.recv(100), b"")
+
+
+class NoWebTest(ServerTestCase):
+
+    options = {"web": False}
+
+    def test_without_the_web_a_request_is_just_a_line(self):
+        peer = self.open_peer()
+        peer.say("GET / HTTP/1.1", "Host: x", "")
+        self.assertRegex(peer.next_line(), r"\*\*\* welcome to testroom, you are guest\d+")
+
+
+class WebSocketTest(ServerTestCase):
+    """RFC 6455, defensively: handshakes, framing rules, and chat with everyone else."""
+
+    options = {"greet_delay": 5.0, "max_line": 1000, "history": 5}
+
+    def ws(self, nick=None, **kwargs):
+        peer = WsPeer(self.address, **kwargs)
+        self.addCleanup(peer.close)
+        if nick:
+            self.assertEqual(peer.status, 101)
+            peer.say("/nick " + nick)
+            peer.expect(type="room")
+        return peer
+
+    def test_handshakes(self):
+        good = self.ws()
+        self.assertEqual(good.status, 101)
+        expected = base64.b64encode(hashlib.sha1(
+            (good.key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.assertEqual(good.headers["sec-websocket-accept"], expected)
+        same_site = self.ws(origin="http://127.0.0.1:%d" % self.address[1])
+        self.assertEqual(same_site.status, 101)
+        self.assertEqual(self.ws(origin="https://evil.example").status, 403)
+        self.assertEqual(self.ws(origin="http://127.0.0.1:1").status, 403)
+        wrong_version = self.ws(version="8")
+        self.assertEqual((wrong_version.status, wrong_version.headers["sec-websocket-version"]),
+                         (426, "13"))
+        self.assertEqual(self.ws(key="").status, 400)
+        self.assertEqual(self.ws(key="short").status, 400)
+        plain = http(self.address, ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                                    % self.address[1]).encode())
+        self.assertEqual(plain[0], 426)
+
+    def test_chat_with_nc_users_both_ways(self):
+        bob = self.connect("bob")
+        bob.say("said before")
+        web = self.ws()
+        web.say("/nick webby")
+        self.assertEqual(web.event(), {"type": "welcome", "server": "testroom", "nick": "webby"})
+        self.assertEqual(web.event(), {"type": "room", "room": "#lobby", "topic": None,
+                                       "count": 2, "members": ["bob", "webby"]})
+        history = web.expect(type="history")
+        self.assertEqual([(line["type"], line["nick"], line["text"]) for line in history["lines"]],
+                         [("said", "bob", "said before")])
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
+        web.say("hello from the web", "/me waves", "/msg bob psst", "/join #dev")
+        self.assertEqual(bob.next_line(), "<webby> hello from the web")
+        self.assertEqual(bob.next_line(), "* webby waves")
+        self.assertEqual(bob.next_line(), "*webby* psst")
+        self.assertEqual(bob.next_line(), "*** webby left for #dev")
+        sent = web.expect(type="private")
+        self.assertEqual((sent["to"], sent["text"], sent["sent"]), ("bob", "psst", True))
+        web.expect(type="room", room="#dev")
+        bob.say("/join #dev", "<script>alert(1)</script>", "/me \x1b[31mgrins")
+        joined = web.expect(type="joined")
+        self.assertEqual((joined["room"], joined["nick"]), ("#dev", "bob"))
+        said = web.expect(type="said")
+        self.assertEqual((said["nick"], said["text"], said["room"]),
+                         ("bob", "<script>alert(1)</script>", "#dev"))
+        self.assertRegex(said["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(web.expect(type="acted")["text"], "grins")
+        web.say("/nick taken!")
+        error = web.expect(type="error")
+        self.assertEqual((error["code"], error["name"]), ("invalid_nick", "taken!"))
+        web.say("/quit")
+        self.assertEqual(web.expect(type="notice")["code"], "bye")
+        self.assertEqual(web.close_code(), 1000)
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby left (quit)")
+
+    def test_fragments_control_frames_and_partial_reads(self):
+        bob = self.connect("bob")
+        web = self.ws("webby")
+        bob.expect(r"\*\*\* webby joined")
+        text = "ünïcödé".encode()
+        web.send(web.frame(0x1, text[:3], fin=False) + web.frame(0x9, b"are you there")
+                 + web.frame(0x0, text[3:8], fin=False) + web.frame(0x0, text[8:]))
+        frame = web.recv_frame()
+        while frame[0] == 0x1:   # the rest of the greeting
+            frame = web.recv_frame()
+        self.assertEqual(frame, (0xA, b"are you there"))   # the pong, mid-message
+        self.assertEqual(bob.next_line(), "<webby> ünïcödé")
+        frames = web.frame(0x1, b"one") + web.frame(0x1, b"two") + web.frame(0x1, b"three")
+        for byte in frames[:10]:                 # a byte at a time, then the rest at once
+            web.send(bytes((byte,)))
+        web.send(frames[10:])
+        self.assertEqual([bob.next_line() for _ in range(3)],
+                         ["<webby> one", "<webby> two", "<webby> three"])
+
+    def test_protocol_violations_close_with_the_right_code(self):
+        cases = [
+            (lambda w: w.frame(0x1, b"plain", mask=False), 1002),        # unmasked
+            (lambda w: w.frame(0x1, b"x", rsv=0x40), 1002),              # a reserved bit
+            (lambda w: w.frame(0x3, b"x"), 1002),                        # a reserved opcode
+            (lambda w: w.frame(0x2, b"\x00\x01"), 1003),                 # binary
+            (lambda w: w.frame(0x0, b"x"), 1002),                        # continuation first
+            (lambda w: w.frame(0x1, b"a", fin=False) + w.frame(0x1, b"b"), 1002),
+            (lambda w: w.frame(0x9, b"p" * 126), 1002),                  # a control frame > 125
+            (lambda w: w.frame(0x1, b"x" * 1001), 1009),                 # over --max-line
+            (lambda w: w.frame(0x1, b"\xc3", fin=False) + w.frame(0x0, b"(x"), 1007),
+            (lambda w: w.frame(0x8, (1005).to_bytes(2, "big")), 1002),   # a reserved close code
+            (lambda w: w.frame(0x8, b"\x03"), 1002),                     # a one-byte close
+            (lambda w: w.frame(0x8, (1000).to_bytes(2, "big") + b"bye"), 1000),   # a clean close
+        ]
+        for make, code in cases:
+            with self.subTest(code=code):
+                web = WsPeer(self.address)
+                self.addCleanup(web.close)
+                web.say("/nick w%d" % len(self.server.connections()))
+                web.expect(type="room")
+                web.send(make(web))
+                self.assertEqual(web.close_code(), code)
+                self.assertEqual(web.sock.recv(100), b"")
+
+    def test_a_long_message_header_is_refused_before_it_is_buffered(self):
+        web = self.ws("webby")
+        web.send(bytes((0x81, 0xFF)) + (1 << 40).to_bytes(8, "big"))   # claims a terabyte
+        self.assertEqual(web.close_code(), 1009)
+
+
+class WebFloodTest(ServerTestCase):
+
+    options = {"greet_delay": 5.0, "rate": 50, "burst": 5, "flood_lag": 0.2}
+
+    def test_flood_control_applies_to_browsers(self):
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        web.say("/nick flood")
+        web.expect(type="room")
+        web.say(*("line %d" % i for i in range(200)))
+        self.assertEqual(web.expect(type="error")["code"], "excess_flood")
+        self.assertEqual(web.close_code(), 1008)
 
 
 # --- The programs, as processes ---
