@@ -2110,6 +2110,120 @@ class WebFloodTest(ServerTestCase):
         self.assertEqual(web.close_code(), 1008)
 
 
+class Chromium:
+    """Headless Chromium driven over its DevTools pipe (fds 3 and 4), with nothing but
+    the standard library: one page, and JavaScript evaluated in it."""
+
+    def __init__(self, test):
+        self.profile = tempfile.mkdtemp(prefix="chat-chromium-")
+        test.addCleanup(shutil.rmtree, self.profile, True)
+        commands_r, self.commands = os.pipe()
+        self.replies_r, replies_w = os.pipe()
+        flags = ("--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "
+                 "--disable-background-networking --disable-component-update --disable-sync "
+                 "--user-data-dir=%s --remote-debugging-pipe about:blank" % self.profile)
+        self.proc = subprocess.Popen(
+            ["bash", "-c", "exec %s %s 3<&%d 4>&%d" % (shutil.which("chromium"), flags,
+                                                         commands_r, replies_w)],
+            pass_fds=(commands_r, replies_w), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+        os.close(commands_r)
+        os.close(replies_w)
+        test.addCleanup(self.close)
+        self.replies = {}
+        self._changed = threading.Condition()
+        self._ids = itertools.count(1)
+        threading.Thread(target=self._read, name="devtools", daemon=True).start()
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target,
+                                 flatten=True)["sessionId"]
+
+    def _read(self):
+        data = b""
+        while True:
+            chunk = os.read(self.replies_r, 65536)
+            if not chunk:
+                return
+            data += chunk
+            while b"\0" in data:
+                message, data = data.split(b"\0", 1)
+                reply = json.loads(message)
+                if "id" in reply:
+                    with self._changed:
+                        self.replies[reply["id"]] = reply
+                        self._changed.notify_all()
+
+    def call(self, method, session=None, **params):
+        number = next(self._ids)
+        message = {"id": number, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        with self._changed:
+            if not self._changed.wait_for(lambda: number in self.replies, TIMEOUT):
+                raise AssertionError("Chromium did not answer %s" % method)
+            reply = self.replies.pop(number)
+        if "error" in reply:
+            raise AssertionError("Chromium: %s" % reply["error"])
+        return reply["result"]
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", self.session, expression=expression,
+                           returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("JavaScript failed: %s" % result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait(self, expression):
+        deadline = time.monotonic() + TIMEOUT
+        while not self.js(expression):
+            if time.monotonic() > deadline:
+                raise AssertionError("never true in the page: %s; the log: %r" % (
+                    expression, self.js("document.getElementById('log').innerText")))
+            time.sleep(0.05)
+
+    def open(self, url):
+        self.call("Page.navigate", self.session, url=url)
+        self.wait("document.readyState === 'complete' && !!document.getElementById('nick')")
+
+    def close(self):
+        os.close(self.commands)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        os.close(self.replies_r)
+
+
+@unittest.skipUnless(shutil.which("chromium") and shutil.which("bash"), "Chromium is not installed")
+class BrowserTest(ServerTestCase):
+    """The page in a real browser, talking with an nc user."""
+
+    options = {"greet_delay": 5.0}
+
+    def test_the_page_in_chromium(self):
+        bob = self.connect("bob")
+        browser = Chromium(self)
+        browser.open("http://127.0.0.1:%d/" % self.address[1])
+        browser.js("document.getElementById('nick').value = 'webby';"
+                   "document.getElementById('login-form').requestSubmit()")
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
+        browser.wait("document.getElementById('members').innerText.includes('bob')")
+        browser.js("document.getElementById('line').value = 'hello from the browser';"
+                   "document.getElementById('send').requestSubmit()")
+        self.assertEqual(bob.expect(r"<webby> .*"), "<webby> hello from the browser")
+        bob.say("<script>document.title='pwned'</script> see https://example.com/a?b=1",
+                "/msg webby just for you")
+        browser.wait("document.getElementById('log').innerText.includes('just for you')")
+        self.assertEqual(browser.js("document.querySelectorAll('#log script').length"), 0)
+        self.assertIn("<script>document.title='pwned'</script>",
+                      browser.js("document.getElementById('log').innerText"))
+        self.assertNotEqual(browser.js("document.title"), "pwned")
+        self.assertEqual(browser.js("[...document.querySelectorAll('#log a')].map("
+                                    "a => a.href + ' ' + a.rel)"),
+                         ["https://example.com/a?b=1 noopener noreferrer"])
+        self.assertEqual(browser.js("document.querySelectorAll('#log .private').length"), 1)
+
+
 # --- The programs, as processes ---
 
 class ServerProcess:
