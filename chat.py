@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -65,6 +66,10 @@ try:
     import msvcrt
 except ImportError:   # POSIX
     msvcrt = None
+try:
+    import fcntl
+except ImportError:   # Windows: msvcrt locks the data directory instead
+    fcntl = None
 
 __version__ = "1.0.0"
 
@@ -103,6 +108,8 @@ NICK_RUN = 250                       # bytes of nicks in one line of a member li
 HTTP_HEAD_LIMIT = 8 * 1024           # bytes of an HTTP request's line and headers
 WEB_MEMBERS = 1000                   # names a browser gets when it enters a room
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
+DEFAULT_LOG_MAX_BYTES = 1 << 20      # a room's log is rotated past this (--data-dir)
+SYNC_INTERVAL = 1.0                  # seconds between fsyncs of the logs, at most
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
 ACCEPT_BATCH = 256                   # accepts per loop turn, so reads are not starved
 GATHER_POLLS = 8                     # extra zero-wait polls per turn while lines keep coming
@@ -390,6 +397,22 @@ class Wording:
         ("no_topic", "*** no topic is set in {room}"),
         ("topic_set", "*** {nick} set the topic of {room}: {text}"),
         ("rooms", "*** {count} rooms: {list}"),
+        ("kicked", "*** {nick} was kicked by {by} ({reason})"),
+        ("kicked_you", "*** you were kicked by {by} ({reason})"),
+        ("opped", "*** you are an operator now"),
+        ("ban_added", "*** banned {target} ({network}) {span}: {reason}"),
+        ("ban_entry", "*** ban {target} ({network}) by {by}, {span}: {reason}"),
+        ("no_bans", "*** no bans"),
+        ("unbanned", "*** unbanned {target}"),
+        ("muted", "*** {nick} is muted {span}"),
+        ("muted_you", "*** {by} muted you {span}; you may still /msg an operator"),
+        ("unmuted", "*** {nick} may talk again"),
+        ("unmuted_you", "*** you may talk again"),
+        ("away_set", "*** you are away: {text}"),
+        ("away_cleared", "*** you are back"),
+        ("is_away", "*** {nick} is away: {text}"),
+        ("ignoring", "*** ignoring {nick} (/unignore {nick} to hear them again)"),
+        ("unignoring", "*** no longer ignoring {nick}"),
         ("bye", "*** bye"),
         ("shutting_down", "*** server shutting down"),
         ("password_required", "*** password required: /pass PASSWORD"),
@@ -422,10 +445,19 @@ class Wording:
         ("in_default_room", "*** error: you are in {room}, where everyone starts; "
                             "/quit leaves the chat"),
         ("ping_timeout", "*** error: no answer to PING"),
+        ("banned", "*** error: banned"),
+        ("not_operator", "*** error: only operators may /{name}"),
+        ("no_operators", "*** error: this server has no operators"),
+        ("wrong_op_password", "*** error: wrong operator password"),
+        ("op_guesses_throttled", "*** error: too many wrong operator passwords from your "
+                                 "address; try again in {seconds} s"),
+        ("no_such_ban", "*** error: no ban on {target}"),
+        ("you_are_muted", "*** error: you are muted; you may still /msg an operator"),
         ("error", "*** error: {text}"),
+        ("whois", "*** {nick}: {details}"),
         ("notice", "*** {text}"),
     )
-    FIELDS = {"nick": r"[^\s*]+", "new": r"\S+", "other": r"\S+", "room": r"#\S+",
+    FIELDS = {"nick": r"[^\s*:]+", "new": r"\S+", "other": r"\S+", "room": r"#\S+", "by": r"\S+",
               "count": r"\d+", "limit": r"\d+", "seconds": r"\d+", "burst": r"\d+",
               "rate": r"\d+(?:\.\d+)?", "time": r"\d\d:\d\d", "noun": r"messages?"}
 
@@ -434,9 +466,16 @@ class Wording:
         self._patterns = [(key, re.compile(self._regex(template))) for key, template in self.SHAPES]
 
     def _regex(self, template):
-        parts = re.split(r"\{(\w+)\}", template)
-        return "".join("(?P<%s>%s)" % (part, self.FIELDS.get(part, ".*")) if odd
-                       else re.escape(part) for odd, part in zip(itertools.cycle((0, 1)), parts))
+        parts, seen, regex = re.split(r"\{(\w+)\}", template), set(), []
+        for odd, part in zip(itertools.cycle((0, 1)), parts):
+            if not odd:
+                regex.append(re.escape(part))
+            elif part in seen:   # a field said twice is the same text twice
+                regex.append("(?P=%s)" % part)
+            else:
+                seen.add(part)
+                regex.append("(?P<%s>%s)" % (part, self.FIELDS.get(part, ".*")))
+        return "".join(regex)
 
     def render(self, key, **fields):
         """The line (without its newline) of shape key."""
@@ -509,6 +548,16 @@ class Renamed:
 
 
 @dataclass(frozen=True)
+class Kicked:
+    """An operator put a member out (kick or ban); one event per room, sharing a uid."""
+    room: str
+    nick: str
+    by: str
+    reason: str
+    uid: int = 0
+
+
+@dataclass(frozen=True)
 class TopicSet:
     room: str
     nick: str
@@ -558,6 +607,18 @@ class WhoList:
 
 
 @dataclass(frozen=True)
+class Whois:
+    """What /whois tells: address only when an operator asks."""
+    nick: str
+    realname: str
+    rooms: tuple
+    idle: float
+    away: Optional[str]
+    operator: bool
+    address: Optional[str]
+
+
+@dataclass(frozen=True)
 class RoomList:
     rooms: tuple      # (name, member count), busiest first
     total: int
@@ -581,14 +642,21 @@ def notice(key, **fields):
 class Member:
     """Someone in the chat: a nick, the rooms it is in, and where its events go."""
 
-    __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "nick", "key",
-                 "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled")
+    __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
+                 "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
+                 "operator", "away", "muted_until", "ignoring", "active")
 
-    def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname=""):
+    def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
         self.multi_room = multi_room    # may be in several rooms at once (IRC)
         self.hears_quiet = hears_quiet  # wants every join, leave and rename (it keeps lists)
         self.realname = realname        # what it says it is (IRC's USER), or ""
+        self.address = address          # its IP: for bans, and for operators' eyes only
+        self.operator = False
+        self.away = None                # its away message
+        self.muted_until = None         # it may not talk in rooms before then
+        self.ignoring = set()           # keys of the nicks it does not want to hear
+        self.active = time.monotonic()  # when it last said something
         self.nick = self.key = None
         self.lookalikes = ()
         self.rooms = {}                 # Room -> None, in join order
@@ -604,6 +672,10 @@ class Member:
     def room(self):
         """The room of a member that is in one at a time; the first one otherwise."""
         return next(iter(self.rooms), None)
+
+    @property
+    def muted(self):
+        return self.muted_until is not None and time.time() < self.muted_until
 
 
 class Room:
@@ -632,7 +704,7 @@ class Room:
         self.cache.clear()
         self._names = None
         if self._runs is not None:
-            self._extend_runs(member.nick)
+            self._extend_runs(self.shown(member))
 
     def remove(self, member):
         del self.members[member]
@@ -644,10 +716,16 @@ class Room:
         self.cache.clear()
         self._names = self._runs = None
 
+    @staticmethod
+    def shown(member):
+        """A member's nick in lists: "@alice" for an operator."""
+        return "@" + member.nick if member.operator else member.nick
+
     def names(self):
-        """Nicks of the members, sorted (case-insensitively)."""
+        """Nicks of the members as lists show them, sorted (case-insensitively)."""
         if self._names is None:
-            self._names = sorted((member.nick for member in self.members), key=name_key)
+            self._names = sorted((self.shown(member) for member in self.members),
+                                 key=lambda name: name_key(name.lstrip("@")))
         return self._names
 
     def nick_runs(self):
@@ -657,7 +735,7 @@ class Room:
         if self._runs is None:
             self._runs = []
             for member in self.members:
-                self._extend_runs(member.nick)
+                self._extend_runs(self.shown(member))
         return self._runs
 
     def _extend_runs(self, nick):
@@ -720,6 +798,66 @@ class GuessThrottle:
         return len(times) == self.limit
 
 
+def parse_duration(text):
+    """Seconds in "90s", "10m", "2h", "7d" or a bare number of seconds; ValueError else."""
+    found = re.fullmatch(r"(\d{1,7})([smhd]?)", text.lower())
+    if not found:
+        raise ValueError("not a duration: %r" % text)
+    return int(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
+
+
+def span_text(until, now):
+    """ "for good", or "for 1h 5m" until a time."""
+    if until is None:
+        return "for good"
+    left, parts = max(int(until - now), 0), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append("%d%s" % (left // size, unit))
+            left %= size
+    return "for " + " ".join(parts[:2])
+
+
+def address_block(text):
+    """The network a ban on an address covers: an IPv4 address (IPv4-mapped IPv6 counts
+    as IPv4), an IPv6 /64, or the network given; ValueError if it is none of those."""
+    network = ipaddress.ip_network(text.split("%")[0], strict=False)
+    if network.version == 6 and network.prefixlen == 128:
+        address = network.network_address
+        if address.ipv4_mapped:
+            return ipaddress.ip_network(address.ipv4_mapped)
+        return ipaddress.ip_network("%s/64" % address, strict=False)
+    return network
+
+
+@dataclass
+class Ban:
+    """A refused network: until a time (None: for good), why, and who said so."""
+    target: str                 # what the operator named: a nick, an address or a network
+    network: object             # an ipaddress network
+    until: Optional[float]
+    reason: str
+    by: str
+
+    def covers(self, ip):
+        try:
+            address = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return address.version == self.network.version and address in self.network
+
+    def as_record(self):
+        return {"target": self.target, "network": str(self.network), "until": self.until,
+                "reason": self.reason, "by": self.by}
+
+    @classmethod
+    def from_record(cls, record):
+        return cls(record["target"], ipaddress.ip_network(record["network"]), record["until"],
+                   record["reason"], record["by"])
+
+
 class Hub:
     """The chat: nicks, rooms and every command, for members of every dialect.
 
@@ -729,15 +867,21 @@ class Hub:
     call_later(delay, function, *args).
     """
 
-    def __init__(self, options, sink, name, clock=time.time):
+    def __init__(self, options, sink, name, clock=time.time, store=None):
         self.options = options
         self.sink = sink
         self.name = name
         self.clock = clock
+        self.store = store or Store()   # what survives a restart: history, topics, bans
         self.members = {}               # nick key -> Member
         self.lookalikes = {}            # skeleton -> Member
         self.rooms = {}                 # room key -> Room
         self.guesses = GuessThrottle()
+        self.op_guesses = GuessThrottle()
+        self.ignored_by = {}            # nick key -> members that ignore that nick
+        self.mutes = {}                 # nick key -> until when (a reconnect stays muted)
+        self.topics, bans = self.store.load_state()
+        self.bans = [Ban.from_record(record) for record in bans]
         self._guests = itertools.count(1)
         self._uids = itertools.count(1)
         self.default_room = self._add_room(normalize_room(options.room))
@@ -746,15 +890,27 @@ class Hub:
 
     def check_password(self, ip, password):
         """("ok", 0), ("wrong", 0), or ("wait", seconds) when ip guessed wrong too often."""
-        wait = self.guesses.wait(ip)
+        return self._guess(self.guesses, ip, password, self.options.password, "passwords")
+
+    @staticmethod
+    def _guess(throttle, ip, password, right, what):
+        wait = throttle.wait(ip)
         if wait:
             return "wait", wait
-        if hmac.compare_digest(password.encode(), self.options.password.encode()):
+        if hmac.compare_digest(password.encode(), right.encode()):
             return "ok", 0
-        if self.guesses.failed(ip):
-            log.warning("%s: %d wrong passwords within %.0f s; its next attempts wait",
-                        ip, self.guesses.limit, self.guesses.window)
+        if throttle.failed(ip):
+            log.warning("%s: %d wrong %s within %.0f s; its next attempts wait",
+                        ip, throttle.limit, what, throttle.window)
         return "wrong", 0
+
+    def ban_for(self, ip):
+        """The ban that refuses ip, or None (bans that ran out are forgotten)."""
+        now = self.clock()
+        if any(ban.until is not None and ban.until <= now for ban in self.bans):
+            self.bans = [ban for ban in self.bans if ban.until is None or ban.until > now]
+            self._save_state()
+        return next((ban for ban in self.bans if ban.covers(ip)), None)
 
     def nick_problem(self, nick, member=None):
         """The reply refusing nick (taken, or a look-alike of a nick online), or None."""
@@ -776,15 +932,17 @@ class Hub:
         problem = self.nick_problem(nick, member)
         return (None, problem) if problem else (nick, None)
 
-    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname=""):
+    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname="",
+              address=""):
         """Greet a newcomer into the default room under nick, or as a guest (told why when
         nick was refused). A guest's arrival is told once it picks a nick or speaks, or
         after join_delay, so people appear once, under their name."""
-        member = Member(endpoint, multi_room, hears_quiet, realname)
+        member = Member(endpoint, multi_room, hears_quiet, realname, address)
         problem = None
         if nick is not None:
             nick, problem = self.claim(nick)
         self._register(member, nick or self._guest_nick())
+        member.muted_until = self.mutes.get(member.key)
         self.sink.send(member, Welcome(self.name, member.nick))
         self._enter(member, self.default_room, greeting=True)
         if problem:
@@ -812,6 +970,8 @@ class Hub:
             quiet = room not in member.heralded or self._big(room)
             self._remove(member, room, Quit(room.name, member.nick, reason, quiet, uid))
         self._unregister(member)
+        for key in member.ignoring:
+            self.ignored_by.get(key, set()).discard(member)
 
     # Commands
 
@@ -823,8 +983,9 @@ class Hub:
         if problem:
             self.sink.send(member, problem)
             return
-        old = member.nick
+        old, old_key = member.nick, member.key
         self._register(member, nick)
+        self._follow_rename(old_key, member.key)
         log.info("%r was %s", member, old)
         self.sink.send(member, notice("renamed_self", nick=nick, old=old))
         if old != nick:
@@ -832,19 +993,27 @@ class Hub:
             for room in member.rooms:
                 room.changed()
                 quiet = room not in member.heralded or self._big(room)
-                self._publish_membership(room, Renamed(room.name, old, nick, quiet, uid), member)
+                self._publish_membership(room, Renamed(room.name, old, nick, quiet, uid), (member,))
         self.announce(member)
 
     def do_say(self, member, text, action=False, room=None):
-        """A public line in room (by default the member's room)."""
+        """A public line in room (by default the member's room): not for those who ignore
+        its speaker."""
         room = room or member.room
         if room is None or member not in room.members:
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
             return
+        if member.muted:
+            self.sink.send(member, notice("you_are_muted"))
+            return
         self.announce(member)
+        member.active = time.monotonic()
         event = Said(room.name, member.nick, text, action, self.clock())
-        self.sink.publish(room, event, member)
+        ignorers = self.ignored_by.get(member.key, ())
+        self.sink.publish(room, event, (member,) + tuple(
+            other for other in ignorers if room in other.rooms))
+        self.store.append(room.name, event)
         if room.history.maxlen:
             room.remember(event)
 
@@ -863,9 +1032,16 @@ class Hub:
         if target is None:
             self.sink.send(member, notice("no_such_nick", nick=sanitize(target_name)[:40]))
             return
+        if member.muted and not target.operator:
+            self.sink.send(member, notice("you_are_muted"))
+            return
+        member.active = time.monotonic()
         now = self.clock()
-        self.sink.send(target, Private(member.nick, target.nick, text, action, False, now))
+        if member.key not in target.ignoring:   # the ignored are not told
+            self.sink.send(target, Private(member.nick, target.nick, text, action, False, now))
         self.sink.send(member, Private(member.nick, target.nick, text, action, True, now))
+        if target.away:
+            self.sink.send(member, notice("is_away", nick=target.nick, text=target.away))
 
     def do_who(self, member, room_name=None):
         self.announce(member)
@@ -932,11 +1108,178 @@ class Hub:
             self.sink.send(member, notice("error", text="you are not in %s" % room.name))
             return
         room.topic = text.strip()[:MAX_TOPIC] or None
-        self.sink.publish(room, TopicSet(room.name, member.nick, room.topic or ""), None)
+        self.topics[room.key] = room.topic
+        self._save_state()
+        self.sink.publish(room, TopicSet(room.name, member.nick, room.topic or ""), ())
 
     def do_quit(self, member, reason=""):
         reason = reason.strip()[:MAX_REASON]
         self.sink.close(member, "quit: " + reason if reason else "quit", notice("bye"))
+
+    def do_away(self, member, text=""):
+        member.away = text.strip()[:MAX_REASON] or None
+        self.sink.send(member, notice("away_set", text=member.away) if member.away
+                       else notice("away_cleared"))
+
+    def do_ignore(self, member, name):
+        key = self._nick_key(member, name, "/ignore NICK")
+        if key is None or key == member.key:
+            return
+        member.ignoring.add(key)
+        self.ignored_by.setdefault(key, set()).add(member)
+        self.sink.send(member, notice("ignoring", nick=sanitize(name)[:MAX_NICK]))
+
+    def do_unignore(self, member, name):
+        key = self._nick_key(member, name, "/unignore NICK")
+        if key is not None:
+            member.ignoring.discard(key)
+            self.ignored_by.get(key, set()).discard(member)
+            self.sink.send(member, notice("unignoring", nick=sanitize(name)[:MAX_NICK]))
+
+    def do_whois(self, member, name):
+        target = self._online(member, name, "/whois NICK")
+        if target is not None:
+            self.sink.send(member, Whois(
+                target.nick, target.realname, tuple(room.name for room in target.rooms),
+                time.monotonic() - target.active, target.away, target.operator,
+                target.address if member.operator else None))
+
+    # Operators
+
+    def do_op(self, member, password):
+        if not self.options.op_password:
+            self.sink.send(member, notice("no_operators"))
+            return
+        verdict, wait = self._guess(self.op_guesses, member.address, password,
+                                    self.options.op_password, "operator passwords")
+        if verdict == "wait":
+            self.sink.send(member, notice("op_guesses_throttled", seconds=math.ceil(wait)))
+        elif verdict == "wrong":
+            log.warning("%r: wrong operator password", member)
+            self.sink.send(member, notice("wrong_op_password"))
+        else:
+            member.operator = True
+            for room in member.rooms:
+                room.changed()
+            log.warning("%r is an operator now", member)
+            self.sink.send(member, notice("opped"))
+
+    def do_kick(self, member, name, reason=""):
+        if not self._operator(member, "kick"):
+            return
+        target = self._online(member, name, "/kick NICK [REASON]")
+        if target is not None:
+            reason = reason.strip()[:MAX_REASON] or "no reason given"
+            log.warning("%s (operator) kicked %r: %s", member.nick, target, reason)
+            self._expel(target, member.nick, reason)
+
+    def do_ban(self, member, target, rest=""):
+        """Ban a nick's address, an address or a network, for a while or for good; the
+        members it covers are put out at once."""
+        if not self._operator(member, "ban"):
+            return
+        if not target:
+            self.sink.send(member, notice("usage", usage="/ban NICK|ADDRESS|NETWORK "
+                                                         "[DURATION: 10m, 2h, 7d] [REASON]"))
+            return
+        duration, reason = None, rest.strip()
+        first, _, more = reason.partition(" ")
+        try:
+            duration, reason = parse_duration(first), more.strip()
+        except ValueError:
+            pass
+        online = self.find_member(target)
+        try:
+            network = address_block(online.address if online else target)
+        except ValueError:
+            self.sink.send(member, notice("error", text="%s is neither a nick online nor an "
+                                          "address" % sanitize(target)[:40]))
+            return
+        now = self.clock()
+        ban = Ban(sanitize(target)[:60], network, now + duration if duration else None,
+                  reason[:MAX_REASON] or "no reason given", member.nick)
+        self.bans = [old for old in self.bans if old.network != network] + [ban]
+        self._save_state()
+        log.warning("%s (operator) banned %s (%s) %s: %s", member.nick, ban.target, network,
+                    span_text(ban.until, now), ban.reason)
+        self.sink.send(member, notice("ban_added", target=ban.target, network=str(network),
+                                      span=span_text(ban.until, now), reason=ban.reason))
+        for other in list(self.members.values()):
+            if ban.covers(other.address):
+                self._expel(other, member.nick, "banned: " + ban.reason)
+
+    def do_unban(self, member, target):
+        if not self._operator(member, "unban"):
+            return
+        if not target:
+            self.sink.send(member, notice("usage", usage="/unban NICK|ADDRESS|NETWORK (see /bans)"))
+            return
+        left = [ban for ban in self.bans if target not in (ban.target, str(ban.network))]
+        if len(left) == len(self.bans):
+            self.sink.send(member, notice("no_such_ban", target=sanitize(target)[:60]))
+            return
+        self.bans = left
+        self._save_state()
+        log.warning("%s (operator) unbanned %s", member.nick, sanitize(target)[:60])
+        self.sink.send(member, notice("unbanned", target=sanitize(target)[:60]))
+
+    def do_bans(self, member):
+        if not self._operator(member, "bans"):
+            return
+        self.ban_for("")   # forget the bans that ran out
+        now = self.clock()
+        for ban in self.bans:
+            self.sink.send(member, notice("ban_entry", target=ban.target, network=str(ban.network),
+                                          by=ban.by, span=span_text(ban.until, now),
+                                          reason=ban.reason))
+        if not self.bans:
+            self.sink.send(member, notice("no_bans"))
+
+    def do_mute(self, member, name, duration=""):
+        if not self._operator(member, "mute"):
+            return
+        target = self._online(member, name, "/mute NICK [DURATION: 10m, 2h, 7d]")
+        if target is None:
+            return
+        try:
+            seconds = parse_duration(duration) if duration else None
+        except ValueError:
+            self.sink.send(member, notice("usage", usage="/mute NICK [DURATION: 90s, 10m, 2h, 7d]"))
+            return
+        now = self.clock()
+        target.muted_until = self.mutes[target.key] = now + seconds if seconds else float("inf")
+        span = span_text(now + seconds if seconds else None, now)
+        log.warning("%s (operator) muted %r %s", member.nick, target, span)
+        self.sink.send(target, notice("muted_you", by=member.nick, span=span))
+        self.sink.send(member, notice("muted", nick=target.nick, span=span))
+
+    def do_unmute(self, member, name):
+        if not self._operator(member, "unmute"):
+            return
+        target = self._online(member, name, "/unmute NICK")
+        if target is not None:
+            target.muted_until = None
+            self.mutes.pop(target.key, None)
+            log.warning("%s (operator) unmuted %r", member.nick, target)
+            self.sink.send(target, notice("unmuted_you"))
+            self.sink.send(member, notice("unmuted", nick=target.nick))
+
+    def _operator(self, member, command):
+        if not member.operator:
+            self.sink.send(member, notice("not_operator", name=command))
+        return member.operator
+
+    def _expel(self, target, by, reason):
+        """Put a member out: its rooms are told who did it and why, then it goes."""
+        uid = next(self._uids)
+        for room in list(target.rooms):
+            self._remove(target, room, Kicked(room.name, target.nick, by, reason, uid))
+        self._unregister(target)
+        self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
+
+    def _save_state(self):
+        self.store.save_state({key: topic for key, topic in self.topics.items() if topic},
+                              [ban.as_record() for ban in self.bans])
 
     # Inspection
 
@@ -948,6 +1291,36 @@ class Hub:
         return self.rooms.get(key)
 
     # Nicks
+
+    def _online(self, member, name, usage):
+        """The member called name, or None (the asker is told why)."""
+        if not name:
+            self.sink.send(member, notice("usage", usage=usage))
+            return None
+        target = self.find_member(name)
+        if target is None:
+            self.sink.send(member, notice("no_such_nick", nick=sanitize(name)[:40]))
+        return target
+
+    def _nick_key(self, member, name, usage):
+        """The key of a valid nick (online or not), or None (the asker is told why)."""
+        if not name:
+            self.sink.send(member, notice("usage", usage=usage))
+            return None
+        try:
+            return name_key(normalize_nick(name))
+        except ValueError as exc:
+            self.sink.send(member, notice("invalid_nick", name=sanitize(name)[:40], reason=str(exc)))
+            return None
+
+    def _follow_rename(self, old_key, new_key):
+        """Mutes and ignores follow a nick that changes."""
+        if old_key in self.mutes:
+            self.mutes[new_key] = self.mutes.pop(old_key)
+        for other in self.ignored_by.pop(old_key, ()):
+            other.ignoring.discard(old_key)
+            other.ignoring.add(new_key)
+            self.ignored_by.setdefault(new_key, set()).add(other)
 
     def _guest_nick(self):
         while True:
@@ -974,6 +1347,9 @@ class Hub:
 
     def _add_room(self, name):
         room = Room(name, self.options.history)
+        room.topic = self.topics.get(room.key)
+        for event in self.store.history(name, self.options.history):
+            room.remember(event)
         self.rooms[room.key] = room
         return room
 
@@ -1041,7 +1417,7 @@ class Hub:
         del member.rooms[room]
         member.heralded.discard(room)
         self.sink.moved(member, room, False)
-        self._publish_membership(room, event, None)
+        self._publish_membership(room, event, ())
         if not room.members and room is not self.default_room:
             del self.rooms[room.key]
 
@@ -1049,15 +1425,239 @@ class Hub:
         quiet = self._big(room)
         if not quiet:
             member.heralded.add(room)
-        self._publish_membership(room, Joined(room.name, member.nick, quiet), member)
+        self._publish_membership(room, Joined(room.name, member.nick, quiet), (member,))
 
     def _big(self, room):
         return len(room.members) > self.options.announce_limit
 
-    def _publish_membership(self, room, event, exclude):
+    def _publish_membership(self, room, event, excluded):
         """Joins, leaves and renames: quiet ones only where a member wants them."""
         if not event.quiet or room.hearing_quiet:
-            self.sink.publish(room, event, exclude)
+            self.sink.publish(room, event, excluded)
+
+
+# --- Persistence ---
+
+class StoreError(OSError):
+    """The data directory cannot be used at all (in use, not a directory, ...)."""
+
+
+class Store:
+    """What should survive a restart, kept nowhere: without --data-dir the chat lives in
+    memory. FileStore keeps it on disk."""
+
+    def load_state(self):
+        """({room key: topic}, [ban records]) kept from before."""
+        return {}, []
+
+    def save_state(self, topics, bans):
+        pass
+
+    def history(self, room, count):
+        """The last count public lines (Said events) of room, from before."""
+        return []
+
+    def append(self, room, event):
+        pass
+
+    def flush(self):
+        """Write what the turn said: before the turn's output goes out."""
+
+    @property
+    def unsynced(self):
+        """Whether written data waits for sync()."""
+        return False
+
+    def sync(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class FileStore(Store):
+    """Rooms' public lines, topics and bans in a directory of their own.
+
+    Each room's lines go to a log (one JSON record per line: time, nick, kind,
+    text); a turn's lines of a room are one write(), done before that turn's
+    output is sent, so a crash or kill -9 loses nothing that was relayed. Logs
+    are rotated past max_bytes (one older generation is kept, enough to replay
+    the history); a torn last record, from a crash in mid-write, is skipped when
+    read. Topics and bans are in state.json, replaced whole. The directory is
+    0700 and the files 0600: chat text is private. A failing disk is logged
+    and the chat goes on from memory.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, path, max_bytes=DEFAULT_LOG_MAX_BYTES):
+        self.path = path
+        self.max_bytes = max_bytes
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+            self._lock_fd = self._lock(os.path.join(path, "lock"))
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(exc.errno, "cannot use the data directory %s: %s"
+                             % (path, exc.strerror or exc))
+        self._pending = {}      # room name -> [record bytes] of this turn
+        self._files = {}        # room name -> [fd, bytes in the file]
+        self._unsynced = set()  # fds written since the last fsync
+        self._failing = False
+
+    @staticmethod
+    def _lock(path):
+        """Hold the directory's lock file for as long as the server runs."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            elif msvcrt is not None:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            raise StoreError(errno.EBUSY, "the data directory %s is in use by another server"
+                             % os.path.dirname(path))
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        return fd
+
+    def _log_path(self, room):
+        return os.path.join(self.path, "room-%s.log" % urllib.parse.quote(name_key(room), safe=""))
+
+    # Topics and bans
+
+    def load_state(self):
+        try:
+            with open(os.path.join(self.path, self.STATE), encoding="utf-8") as file:
+                state = json.load(file)
+            return dict(state.get("topics", {})), list(state.get("bans", []))
+        except FileNotFoundError:
+            return {}, []
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("cannot read %s (%s): starting without topics and bans",
+                        os.path.join(self.path, self.STATE), exc)
+            return {}, []
+
+    def save_state(self, topics, bans):
+        final = os.path.join(self.path, self.STATE)
+        temporary = final + ".new"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, json.dumps({"topics": topics, "bans": bans}, indent=1).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, final)
+            self._healthy()
+        except OSError as exc:
+            self._failed("cannot save topics and bans", exc)
+
+    # Public lines
+
+    def history(self, room, count):
+        if not count:
+            return []
+        path = self._log_path(room)
+        lines = []
+        for part in (path + ".1", path):
+            try:
+                with open(part, "rb") as file:
+                    lines += self._records(part, file.read())
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot read %s: %s", part, exc.strerror or exc)
+        events = []
+        for line in lines[-count * 2:]:   # a few more, in case some do not parse
+            try:
+                record = json.loads(line)
+                events.append(Said(room, record["nick"], record["text"],
+                                   record["kind"] == "acted", record["time"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return events[-count:]
+
+    @staticmethod
+    def _records(path, data):
+        """The whole records of a log: a last one cut short by a crash is skipped."""
+        lines = data.split(b"\n")
+        if lines[-1]:
+            log.warning("%s: skipped a torn record at the end (%d bytes)", path, len(lines[-1]))
+        return lines[:-1]
+
+    def append(self, room, event):
+        record = {"time": event.time, "nick": event.nick, "kind": "acted" if event.action
+                  else "said", "text": event.text}
+        self._pending.setdefault(room, []).append(
+            json.dumps(record, ensure_ascii=False).encode() + b"\n")
+
+    def flush(self):
+        pending, self._pending = self._pending, {}
+        for room, records in pending.items():
+            try:
+                self._write(room, b"".join(records))
+                self._healthy()
+            except OSError as exc:
+                self._failed("cannot write the log of %s" % room, exc)
+
+    def _write(self, room, data):
+        entry = self._files.get(room)
+        if entry is None:
+            path = self._log_path(room)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            entry = self._files[room] = [fd, os.fstat(fd).st_size]
+        view = memoryview(data)
+        while view:
+            written = os.write(entry[0], view)
+            view = view[written:]
+            entry[1] += written
+        self._unsynced.add(entry[0])
+        if entry[1] > self.max_bytes:
+            self._rotate(room)
+
+    def _rotate(self, room):
+        """The log becomes the older generation; the next write starts a new one."""
+        fd = self._files.pop(room)[0]
+        self._unsynced.discard(fd)
+        os.fsync(fd)
+        os.close(fd)
+        path = self._log_path(room)
+        os.replace(path, path + ".1")
+
+    @property
+    def unsynced(self):
+        return bool(self._unsynced)
+
+    def sync(self):
+        unsynced, self._unsynced = self._unsynced, set()
+        for fd in unsynced:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._failed("cannot sync a log", exc)
+
+    def close(self):
+        self.flush()
+        self.sync()
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        os.close(self._lock_fd)
+
+    def _failed(self, what, exc):
+        if not self._failing:
+            log.error("%s in %s: %s; the chat goes on from memory",
+                      what, self.path, exc.strerror or exc)
+        self._failing = True
+
+    def _healthy(self):
+        if self._failing:
+            log.warning("the data directory %s works again", self.path)
+        self._failing = False
 
 
 # --- Dialects ---
@@ -1076,8 +1676,16 @@ HELP_TEXT = (
     "  /rooms           list the rooms",
     "  /who [ROOM]      who is in your room (or in ROOM)",
     "  /topic [TEXT]    show or set your room's topic",
+    "  /whois NICK      who NICK is: rooms, idle time, away",
+    "  /away [TEXT]     say you are away (/away alone: back)",
+    "  /ignore NICK     hear nothing more from NICK (/unignore NICK)",
     "  /quit [REASON]   leave",
     "  //text           send a line that starts with /",
+    "operators (/op PASSWORD) also have:",
+    "  /kick NICK [WHY]                      put NICK out",
+    "  /ban NICK|ADDRESS [10m|2h|7d] [WHY]   put out and keep out (for good by default)",
+    "  /unban NICK|ADDRESS, /bans            lift a ban; list them",
+    "  /mute NICK [10m|2h|7d], /unmute NICK  stop NICK talking in rooms",
 )
 
 
@@ -1195,6 +1803,16 @@ class LineDialect(Dialect):
         "rooms": ("do_rooms", lambda rest: ()),
         "topic": ("do_topic", lambda rest: (None, rest) if rest else ()),
         "quit": ("do_quit", lambda rest: (rest,)),
+        "whois": ("do_whois", lambda rest: (rest,)),
+        "away": ("do_away", lambda rest: (rest,)),
+        "ignore": ("do_ignore", lambda rest: (rest,)),
+        "unignore": ("do_unignore", lambda rest: (rest,)),
+        "kick": ("do_kick", lambda rest: tuple(rest.partition(" ")[::2])),
+        "ban": ("do_ban", lambda rest: tuple(rest.partition(" ")[::2])),
+        "unban": ("do_unban", lambda rest: (rest,)),
+        "bans": ("do_bans", lambda rest: ()),
+        "mute": ("do_mute", lambda rest: tuple(rest.partition(" ")[::2])),
+        "unmute": ("do_unmute", lambda rest: (rest,)),
     }
 
     def handle(self, message):
@@ -1224,6 +1842,9 @@ class LineDialect(Dialect):
         name, argument = self._split_command(text)
         if name == "pass":
             self.server.send_event(self.conn, notice("already_in"))
+            return
+        if name == "op":   # the password as typed, spaces and all
+            self.hub.do_op(self.conn.member, argument)
             return
         if name not in self.COMMANDS:
             self.server.send_event(self.conn, notice("unknown_command", name=sanitize(name)[:30]))
@@ -1259,6 +1880,8 @@ class LineDialect(Dialect):
             return line_bytes("renamed", nick=event.old, new=event.new)
         if kind is TopicSet:
             return line_bytes("topic_set", nick=event.nick, room=event.room, text=event.text)
+        if kind is Kicked:
+            return line_bytes("kicked", nick=event.nick, by=event.by, reason=event.reason)
         raise TypeError("no line for %r" % (event,))
 
     def _notice(self, event):
@@ -1277,7 +1900,7 @@ class LineDialect(Dialect):
         """Who is there, the first ones to come first (cheap however big the room), and
         the topic."""
         room = event.room
-        names = [member.nick for member in itertools.islice(room.members, GREETING_NAMES)]
+        names = [room.shown(member) for member in itertools.islice(room.members, GREETING_NAMES)]
         more = len(room.members) - len(names)
         state = line_bytes("in_room", room=room.name, count=len(room.members),
                            names=", ".join(names) + (", and %d more" % more if more else ""))
@@ -1327,9 +1950,21 @@ class LineDialect(Dialect):
             listed.append("and %d more" % (event.total - len(listed)))
         return line_bytes("rooms", count=event.total, list=", ".join(listed))
 
+    def _whois(self, event):
+        details = ["in " + ", ".join(event.rooms) if event.rooms else "in no room",
+                   "idle " + span_text(event.idle, 0)[len("for "):]]
+        if event.away:
+            details.append("away: " + event.away)
+        if event.operator:
+            details.append("operator")
+        if event.address:
+            details.append("from " + event.address)
+        return line_bytes("whois", nick=event.nick, details="; ".join(details))
+
     _RENDERERS = {
         Notice: _notice,
         Private: _private,
+        Whois: _whois,
         Welcome: lambda self, event: line_bytes("welcome", server=event.server, nick=event.nick),
         RoomState: _room_state,
         TopicInfo: _topic,
@@ -1388,6 +2023,14 @@ def irc_split(head, text):
         data = data[cut:]
         if not data:
             return b"".join(lines)
+
+
+def irc_ban_target(mask):
+    """What an IRC ban mask names: nick!*@* the nick, *!*@host the host (an address or a
+    network: hosts here show none), a bare word itself."""
+    nick, _, host = mask.partition("!")
+    host = host.rpartition("@")[2]
+    return nick if nick not in ("", "*") else (host if host not in ("", "*") else mask)
 
 
 def irc_source(nick):
@@ -1625,25 +2268,41 @@ class IrcDialect(Dialect):
         room = self.hub.find_room(mask) if mask.startswith("#") else None
         members = list(room.members) if room else [
             member for member in [self.hub.find_member(mask)] if member]
-        lines = [self._numeric_bytes("352", "%s %s %s %s %s H :0 %s" % (
+        lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
             room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
-            self.server_name, m.nick, m.realname or m.nick)) for m in members]
+            self.server_name, m.nick, "H@" if m.operator else "H", m.realname or m.nick))
+            for m in members]
         lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % sanitize(mask)[:40]))
         self.conn_send(b"".join(lines))
 
     def _whois(self, params):
-        name = params[-1]
-        member = self.hub.find_member(name)
-        if member is None:
-            self._numeric("401", "%s :No such nick/channel" % sanitize(name)[:40])
-        else:
-            self._numeric("311", "%s %s %s * :%s" % (member.nick, member.nick, IRC_HOST,
-                                                     member.realname or member.nick))
-            if member.rooms:
-                self._numeric("319", "%s :%s" % (member.nick, " ".join(
-                    room.name for room in member.rooms)))
-            self._numeric("312", "%s %s :chat.py" % (member.nick, self.server_name))
-        self._numeric("318", "%s :End of /WHOIS list" % sanitize(name)[:40])
+        self.hub.do_whois(self.conn.member, params[-1])
+
+    def _whois_reply(self, event):
+        nick = event.nick
+        lines = [("311", "%s %s %s * :%s" % (nick, nick, IRC_HOST, event.realname or nick))]
+        if event.rooms:
+            prefix = "@" if event.operator else ""
+            lines.append(("319", "%s :%s" % (nick, " ".join(prefix + room for room in event.rooms))))
+        lines.append(("312", "%s %s :chat.py" % (nick, self.server_name)))
+        if event.operator:
+            lines.append(("313", "%s :is an IRC operator" % nick))
+        if event.away:
+            lines.append(("301", "%s :%s" % (nick, event.away)))
+        if event.address:
+            lines.append(("338", "%s %s :actually using host" % (nick, event.address)))
+        lines.append(("317", "%s %d :seconds idle" % (nick, event.idle)))
+        lines.append(("318", "%s :End of /WHOIS list" % nick))
+        return b"".join(self._numeric_bytes(number, text) for number, text in lines)
+
+    def _oper(self, params):
+        self.hub.do_op(self.conn.member, params[1])
+
+    def _kick(self, params):
+        self.hub.do_kick(self.conn.member, params[1], irc_text(params[2]) if len(params) > 2 else "")
+
+    def _away(self, params):
+        self.hub.do_away(self.conn.member, irc_text(params[0]) if params else "")
 
     def _list(self, params):
         rooms = sorted(self.hub.rooms.values(), key=lambda room: (-len(room.members), room.key))
@@ -1668,14 +2327,25 @@ class IrcDialect(Dialect):
                 self._numeric("403", "%s :No such channel" % sanitize(target)[:40])
             elif len(params) == 1:
                 self._numeric("324", "%s +n" % room.name)
-            elif params[1].lstrip("+") == "b":
-                self._numeric("368", "%s :End of channel ban list" % room.name)
+            elif params[1] in ("b", "+b") and len(params) == 2:
+                self._ban_list(room)
+            elif params[1] in ("+b", "-b"):
+                method = self.hub.do_ban if params[1] == "+b" else self.hub.do_unban
+                method(self.conn.member, irc_ban_target(params[2]))
             else:
                 self._numeric("482", "%s :You're not channel operator" % room.name)
         elif name_key(target) == name_key(self.nick):
             self._numeric("221", "+" if len(params) == 1 else "+")
         else:
             self._numeric("502", ":Can't change mode for other users")
+
+    def _ban_list(self, room):
+        """367 for each ban (to operators: bans show addresses), then 368."""
+        bans = self.hub.bans if self.conn.member.operator else []
+        lines = [self._numeric_bytes("367", "%s *!*@%s %s %d" % (
+            room.name, ban.network, ban.by, 0)) for ban in bans]
+        lines.append(self._numeric_bytes("368", "%s :End of channel ban list" % room.name))
+        self.conn_send(b"".join(lines))
 
     def _ison(self, params):
         found = [self.hub.find_member(name) for name in " ".join(params).split()]
@@ -1693,6 +2363,7 @@ class IrcDialect(Dialect):
         "NOTICE": ("_notice_command", 0), "NAMES": ("_names", 0), "WHO": ("_who", 0),
         "WHOIS": ("_whois", 1), "LIST": ("_list", 0), "TOPIC": ("_topic_command", 1),
         "MODE": ("_mode", 1), "ISON": ("_ison", 1), "USERHOST": ("_userhost", 1),
+        "OPER": ("_oper", 2), "KICK": ("_kick", 2), "AWAY": ("_away", 0),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
 
@@ -1747,12 +2418,15 @@ class IrcDialect(Dialect):
             return cls._line(":%s NICK :%s" % (irc_source(event.old), event.new))
         if kind is TopicSet:
             return cls._line(":%s TOPIC %s :%s" % (irc_source(event.nick), event.room, event.text))
+        if kind is Kicked:
+            return cls._line(":%s KICK %s %s :%s" % (irc_source(event.by), event.room, event.nick,
+                                                     event.reason))
         raise TypeError("no IRC line for %r" % (event,))
 
     def _welcome(self, event):
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
-                    "PREFIX=() CHANMODES=b,,,n MAXTARGETS=%d NETWORK=%s UTF8ONLY"
+                    "PREFIX=(o)@ CHANMODES=b,,,n MAXTARGETS=%d NETWORK=%s UTF8ONLY"
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_TARGETS,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         members, rooms = len(self.hub.members), len(self.hub.rooms)
@@ -1829,9 +2503,16 @@ class IrcDialect(Dialect):
         "line_too_long": ("417", ":Input line was too long"),
         "password_needed": ("464", ":Password incorrect"),
         "wrong_password": ("464", ":Password incorrect"),
+        "opped": ("381", ":You are now an IRC operator"),
+        "not_operator": ("481", ":Permission Denied- You're not an IRC operator"),
+        "wrong_op_password": ("464", ":Password incorrect"),
+        "op_guesses_throttled": ("464", ":Too many wrong passwords; try again in {seconds} s"),
+        "away_set": ("306", ":You have been marked as being away"),
+        "away_cleared": ("305", ":You are no longer marked as being away"),
+        "is_away": ("301", "{nick} :{text}"),
     }
     _CLOSING = ("bye", "excess_flood", "registration_timeout", "guesses_throttled",
-                "shutting_down", "wrong_password", "ping_timeout")
+                "shutting_down", "wrong_password", "ping_timeout", "kicked_you")
     _SILENT = ("help_hint", "pace", "already_in_room")
 
     def _notice(self, event):
@@ -1858,6 +2539,7 @@ class IrcDialect(Dialect):
     _RENDERERS = {
         Notice: _notice,
         Private: _private,
+        Whois: _whois_reply,
         Welcome: _welcome,
         RoomState: _room_state,
         TopicInfo: _topic,
@@ -2229,6 +2911,9 @@ class WebSocketDialect(LineDialect):
                     "quiet": event.quiet}
         if kind is TopicSet:
             return {"type": "topic", "room": event.room, "nick": event.nick, "text": event.text}
+        if kind is Kicked:
+            return {"type": "kicked", "room": event.room, "nick": event.nick, "by": event.by,
+                    "reason": event.reason}
         raise TypeError("no JSON for %r" % (event,))
 
     def render(self, event):
@@ -2250,7 +2935,8 @@ class WebSocketDialect(LineDialect):
         return data + ws_close(close, text) if close else data
 
     _CLOSING = {"bye": 1000, "shutting_down": 1001, "excess_flood": 1008,
-                "registration_timeout": 1008, "guesses_throttled": 1008, "wrong_password": 1008}
+                "registration_timeout": 1008, "guesses_throttled": 1008, "wrong_password": 1008,
+                "kicked_you": 1008}
 
     def _history(self, event):
         room = event.room
@@ -2271,12 +2957,19 @@ class WebSocketDialect(LineDialect):
         RoomState: lambda self, event: self.frame({
             "type": "room", "room": event.room.name, "topic": event.room.topic,
             "count": len(event.room.members), "members": [
-                member.nick for member in itertools.islice(event.room.members, WEB_MEMBERS)]}),
+                member.nick for member in itertools.islice(event.room.members, WEB_MEMBERS)],
+            "operators": [member.nick for member in event.room.members if member.operator]}),
+        Whois: lambda self, event: self.frame({
+            "type": "whois", "nick": event.nick, "rooms": list(event.rooms),
+            "idle": int(event.idle), "away": event.away, "operator": event.operator,
+            "address": event.address}),
         TopicInfo: lambda self, event: self.frame({"type": "topic_info", "room": event.room,
                                                    "text": event.text}),
         History: _history,
-        WhoList: lambda self, event: self.frame({"type": "who", "room": event.room.name,
-                                                 "own": event.own, "members": event.room.names()}),
+        WhoList: lambda self, event: self.frame({
+            "type": "who", "room": event.room.name, "own": event.own,
+            "members": sorted((member.nick for member in event.room.members), key=name_key),
+            "operators": [member.nick for member in event.room.members if member.operator]}),
         RoomList: lambda self, event: self.frame({
             "type": "rooms", "total": event.total,
             "rooms": [{"name": name, "members": count} for name, count in event.rooms]}),
@@ -2421,6 +3114,9 @@ class ServerOptions:
     max_per_ip: int = 0                # 0: no limit
     history: int = DEFAULT_HISTORY     # public lines replayed to newcomers, per room; 0: none
     web: bool = True                   # HTTP and WebSocket on the same port
+    op_password: Optional[str] = None  # set: /op PASSWORD makes an operator
+    data_dir: Optional[str] = None     # set: history, topics and bans survive restarts
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     irc_ping_interval: float = IRC_PING_INTERVAL
     irc_ping_timeout: float = IRC_PING_TIMEOUT
 
@@ -2628,7 +3324,7 @@ class RoomTurn:
     def __init__(self):
         self.seqs = []          # the turn's sequence number of each event
         self.events = []
-        self.excluded = []      # the connection each event is not for (its speaker), or None
+        self.excluded = []      # the connections each event is not for (its speaker, ...)
         self.uids = set()       # of events told in several rooms (Quit, Renamed)
         self.rendered = {}      # dialect class -> (bytes, offset of each event's bytes)
 
@@ -2665,16 +3361,18 @@ class TurnBatcher:
     def __bool__(self):
         return bool(self.rooms or self.marks)
 
-    def publish(self, room, event, exclude=None):
+    def publish(self, room, event, excluded=()):
+        """A room event, for every member but those excluded (its speaker, and who
+        ignores the speaker)."""
         self.seq += 1
         turn = self.rooms.get(room)
         if turn is None:
             turn = self.rooms[room] = RoomTurn()
-        if exclude is not None:
-            self._mark(exclude, SKIP, (room, len(turn.events)))
+        for conn in excluded:
+            self._mark(conn, SKIP, (room, len(turn.events)))
         turn.seqs.append(self.seq)
         turn.events.append(event)
-        turn.excluded.append(exclude)
+        turn.excluded.append(excluded)
         uid = getattr(event, "uid", 0)
         if uid:
             turn.uids.add(uid)
@@ -2836,7 +3534,7 @@ class TurnBatcher:
                     inside[value] = what is ENTER
                 continue
             turn = rooms[what]
-            wanted = inside.get(what) and turn.excluded[value] is not conn
+            wanted = inside.get(what) and conn not in turn.excluded[value]
             uid = getattr(turn.events[value], "uid", 0)
             if wanted and uid:
                 wanted = uid not in seen
@@ -2856,8 +3554,8 @@ class HubSink:
     def __init__(self, server, batcher):
         self._server, self._batcher = server, batcher
 
-    def publish(self, room, event, exclude):
-        self._batcher.publish(room, event, exclude and exclude.endpoint)
+    def publish(self, room, event, excluded):
+        self._batcher.publish(room, event, tuple(member.endpoint for member in excluded))
 
     def send(self, member, event):
         conn = member.endpoint
@@ -2897,7 +3595,10 @@ class ChatServer:
         self._timer_seq = itertools.count()
         self._batcher = TurnBatcher()
         self._failed = []              # (connection, reason) to drop after the turn
-        self.hub = Hub(self.options, HubSink(self, self._batcher), self.name)
+        self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes)
+                       if self.options.data_dir else Store())
+        self._sync_pending = False
+        self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store)
         rate = self.options.rate
         self._read_size = PACED_RECV_SIZE if rate else RECV_SIZE
         self._flood_lines = math.ceil(rate * self.options.flood_lag)
@@ -2963,13 +3664,16 @@ class ChatServer:
             self._finished.wait()
 
     def server_close(self):
-        """Release every socket (the loop must have stopped)."""
+        """Release every socket and the data directory (the loop must have stopped)."""
         for conn in list(self._conns):
             self._finish(conn)
         for sock in self._listeners + [self._wake_r, self._wake_w]:
             sock.close()
         self._listeners = []
         self._selector.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     # Inspection, safe from any thread
 
@@ -3081,7 +3785,7 @@ class ChatServer:
         dialect = conn.dialect
         conn.stage = CHAT
         conn.member = self.hub.admit(conn, nick, dialect.multi_room, dialect.hears_quiet,
-                                     realname)
+                                     realname, conn.ip)
 
     def send_bytes(self, conn, data):
         """Send conn bytes a dialect made itself, in order with the rest of the turn."""
@@ -3166,6 +3870,10 @@ class ChatServer:
             log.exception("%r: unexpected error, dropping the connection", conn)
             self._drop(conn, "internal error")
 
+    def _sync_store(self):
+        self._sync_pending = False
+        self._store.sync()
+
     def _run_due_timers(self):
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
@@ -3236,6 +3944,8 @@ class ChatServer:
             self._open(conn)
 
     def _refusal_for(self, peer):
+        if self.hub.ban_for(peer_ip(peer)):
+            return "banned"
         if len(self._conns) >= self.options.max_clients:
             return "server_full"
         if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
@@ -3402,7 +4112,11 @@ class ChatServer:
     def _flush_turn(self):
         while self._batcher or self._failed:
             if self._batcher:
+                self._store.flush()   # on disk before anyone is told: a crash loses nothing
                 self._batcher.flush(self._deliver, self._deliver_shared)
+                if self._store.unsynced and not self._sync_pending:
+                    self._sync_pending = True
+                    self.call_later(SYNC_INTERVAL, self._sync_store)
             failed, self._failed = self._failed, []
             for conn, reason in failed:
                 self._drop(conn, reason)

@@ -461,8 +461,8 @@ class RecordingSink:
         self.closed = []
         self.timers = []
 
-    def publish(self, room, event, exclude):
-        self.published.append((room.name, event, exclude and exclude.nick))
+    def publish(self, room, event, excluded):
+        self.published.append((room.name, event, excluded[0].nick if excluded else None))
 
     def send(self, member, event):
         self.sent[member].append(event)
@@ -613,7 +613,7 @@ class TurnBatcherTest(unittest.TestCase):
     def say(self, name, text, exclude=None, uid=0):
         event = self.Event(text)
         event.uid = uid
-        self.batcher.publish(self.rooms[name], event, exclude)
+        self.batcher.publish(self.rooms[name], event, (exclude,) if exclude else ())
 
     def flush(self):
         got = collections.defaultdict(bytes)
@@ -2017,7 +2017,8 @@ class WebSocketTest(ServerTestCase):
         web.say("/nick webby")
         self.assertEqual(web.event(), {"type": "welcome", "server": "testroom", "nick": "webby"})
         self.assertEqual(web.event(), {"type": "room", "room": "#lobby", "topic": None,
-                                       "count": 2, "members": ["bob", "webby"]})
+                                       "count": 2, "members": ["bob", "webby"],
+                                       "operators": []})
         history = web.expect(type="history")
         self.assertEqual([(line["type"], line["nick"], line["text"]) for line in history["lines"]],
                          [("said", "bob", "said before")])
