@@ -555,6 +555,7 @@ class Kicked:
     by: str
     reason: str
     uid: int = 0
+    quiet: bool = False     # always told, whatever the room's size
 
 
 @dataclass(frozen=True)
@@ -1205,7 +1206,7 @@ class Hub:
         self.sink.send(member, notice("ban_added", target=ban.target, network=str(network),
                                       span=span_text(ban.until, now), reason=ban.reason))
         for other in list(self.members.values()):
-            if ban.covers(other.address):
+            if ban.covers(other.address) and not other.operator:
                 self._expel(other, member.nick, "banned: " + ban.reason)
 
     def do_unban(self, member, target):
@@ -5936,8 +5937,8 @@ def add_server_parser(commands):
         "server", help="run a chat server",
         description="Run a chat server. Clients connect with 'chat.py client' or nc/telnet, "
         "and start in one room; /join ROOM creates and enters others.",
-        epilog="The password may also come from the CHAT_PASSWORD environment variable "
-        "(never from the command line, where ps would show it).")
+        epilog="The passwords may also come from the CHAT_PASSWORD and CHAT_OP_PASSWORD "
+        "environment variables (never from the command line, where ps would show them).")
     add_network_arguments(server, "address to listen on (default: all interfaces, IPv4 and IPv6)")
     server.add_argument("--name", help="server name shown in the greeting (default: host name)")
     server.add_argument("--room", type=room_name, default=DEFAULT_ROOM, metavar="ROOM",
@@ -5976,6 +5977,16 @@ def add_server_parser(commands):
     security.add_argument("--tls-key", metavar="FILE", help="PEM private key, if not in --tls-cert")
     security.add_argument("--password-file", metavar="FILE",
                           help="file holding the password clients must send with /pass")
+    security.add_argument("--op-password-file", metavar="FILE",
+                          help="file holding the password that /op (IRC: OPER) takes to make "
+                          "an operator, who may kick, ban and mute (or CHAT_OP_PASSWORD)")
+    storage = server.add_argument_group("storage")
+    storage.add_argument("--data-dir", metavar="DIR",
+                         help="keep each room's history, the topics and the bans in DIR, so a "
+                         "restart (even kill -9) loses none of them (default: memory only)")
+    storage.add_argument("--log-max-bytes", type=positive_int, default=DEFAULT_LOG_MAX_BYTES,
+                         metavar="BYTES", help="rotate a room's log past this size; one older "
+                         "log is kept (default %(default)s)")
     verbosity = server.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log errors only")
@@ -6106,10 +6117,11 @@ def positive_float(text):
     return value
 
 
-def read_password(path):
-    """The password from a file (its trailing newline stripped) or $CHAT_PASSWORD, or None."""
+def read_password(path, variable="CHAT_PASSWORD"):
+    """The password from a file (its trailing newline stripped) or the environment
+    variable, or None."""
     if path is None:
-        return os.environ.get("CHAT_PASSWORD") or None
+        return os.environ.get(variable) or None
     try:
         with open(path, encoding="utf-8") as file:
             password = file.read().rstrip("\r\n")
@@ -6178,6 +6190,8 @@ def server_options(args):
         max_clients=min(args.max_clients, DEFAULT_MAX_CLIENTS) if WINDOWS else args.max_clients,
         max_line=args.max_line, announce_limit=args.announce_limit,
         password=read_password(args.password_file), register_timeout=args.register_timeout,
+        op_password=read_password(args.op_password_file, "CHAT_OP_PASSWORD"),
+        data_dir=args.data_dir, log_max_bytes=args.log_max_bytes,
         rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip, history=args.history,
         web=args.web)
     if args.tls_key and not args.tls_cert:
@@ -6214,6 +6228,8 @@ def run_server(args):
     options, fingerprint = server_options(args)
     try:
         server = ChatServer(options)
+    except StoreError as exc:
+        raise ChatError(exc.strerror)
     except OSError as exc:
         where = format_address(options.host or "*", options.port)
         raise ChatError("cannot listen on %s: %s" % (where, listen_failure(exc, options.port)))

@@ -1492,6 +1492,163 @@ class PerAddressLimitTest(ServerTestCase):
         self.connect("again")
 
 
+# --- Operators, and everyone's /away, /ignore, /whois ---
+
+class ModerationTest(ServerTestCase):
+    """An operator removes a troublemaker in one command, and keeps them out."""
+
+    options = {"op_password": "op secret", "greet_delay": 5.0}
+
+    def connect_from(self, source, nick):
+        """A peer connecting from another loopback address (Linux has 127.0.0.0/8)."""
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.bind((source, 0))
+        except OSError:
+            self.skipTest("cannot connect from %s here" % source)
+        sock.connect(self.address)
+        peer = Peer(sock)
+        peer.say("/nick " + nick)
+        peer.expect(r"\*\*\* type /help for commands")
+        return peer
+
+    def operator(self, nick="alice"):
+        peer = self.connect(nick)
+        peer.say("/op op secret")
+        self.assertEqual(peer.expect(r"\*\*\* (you are|error).*"), "*** you are an operator now")
+        return peer
+
+    def test_op_kick_and_the_marks_in_lists(self):
+        bob, carol = self.connect("bob"), self.connect("carol")
+        bob.say("/kick carol", "/op wrong", "/op op secret!")
+        self.assertEqual(bob.expect(r"\*\*\* error.*"), "*** error: only operators may /kick")
+        self.assertEqual(bob.next_line(), "*** error: wrong operator password")
+        alice = self.operator()
+        alice.say("/who", "/kick carol spamming", "/kick nobody")
+        self.assertEqual(alice.expect(r"\*\*\* \d online.*"), "*** 3 online: @alice, bob, carol")
+        self.assertEqual(carol.expect_closed()[-1], "*** you were kicked by alice (spamming)")
+        self.assertEqual(bob.expect(r"\*\*\* carol .*"), "*** carol was kicked by alice (spamming)")
+        self.assertEqual(alice.expect(r"\*\*\* error.*"), "*** error: no such nick nobody")
+
+    def test_a_ban_keeps_an_address_out_until_it_ends(self):
+        alice = self.operator()
+        bob = self.connect_from("127.0.0.2", "bob")
+        alice.say("/ban bob 2s flooding", "/bans")
+        self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (banned: flooding)")
+        self.assertEqual(alice.expect(r"\*\*\* banned .*"),
+                         "*** banned bob (127.0.0.2/32) for 2s: flooding")
+        self.assertRegex(alice.expect(r"\*\*\* ban .*"),
+                         r"\*\*\* ban bob \(127\.0\.0\.2/32\) by alice, for [12]s: flooding")
+        refused = socket.socket()
+        self.addCleanup(refused.close)
+        refused.settimeout(TIMEOUT)
+        refused.bind(("127.0.0.2", 0))
+        refused.connect(self.address)
+        self.assertEqual(Peer(refused).expect_closed(), ["*** error: banned"])
+        self.connect("carol")   # other addresses are welcome
+
+        def back_in():
+            try:
+                self.connect_from("127.0.0.2", "bob")
+                return True
+            except AssertionError:
+                return False
+        wait_for(back_in, message="the ban to end")
+
+    def test_unban_and_networks(self):
+        alice = self.operator()
+        alice.say("/ban 127.0.0.0/30 testing", "/unban 127.0.0.0/30", "/unban 10.0.0.1",
+                  "/ban ::ffff:127.0.0.3", "/bans", "/ban", "/ban nowhere")
+        self.assertEqual(alice.expect(r"\*\*\* banned .*"),
+                         "*** banned 127.0.0.0/30 (127.0.0.0/30) for good: testing")
+        self.assertEqual(alice.next_line(), "*** unbanned 127.0.0.0/30")
+        self.assertEqual(alice.next_line(), "*** error: no ban on 10.0.0.1")
+        self.assertEqual(alice.next_line(), "*** banned ::ffff:127.0.0.3 (127.0.0.3/32) for good: "
+                                            "no reason given")   # IPv4-mapped counts as IPv4
+        self.assertRegex(alice.next_line(), r"\*\*\* ban ::ffff:127\.0\.0\.3 .*")
+        self.assertRegex(alice.next_line(), r"\*\*\* error: usage: /ban .*")
+        self.assertRegex(alice.next_line(), r"\*\*\* error: nowhere is neither .*")
+
+    def test_mute(self):
+        alice, carol = self.operator(), self.connect("carol")
+        bob = self.connect_from("127.0.0.2", "bob")
+        alice.say("/mute bob 10m")
+        self.assertEqual(alice.expect(r"\*\*\* bob is muted .*"), "*** bob is muted for 10m")
+        self.assertEqual(bob.expect(r"\*\*\* alice muted .*"),
+                         "*** alice muted you for 10m; you may still /msg an operator")
+        bob.say("let me talk", "/msg carol psst", "/msg alice sorry", "/nick bobby")
+        self.assertEqual(bob.next_line(), "*** error: you are muted; you may still /msg an operator")
+        self.assertEqual(bob.next_line(), "*** error: you are muted; you may still /msg an operator")
+        self.assertEqual(bob.next_line(), "-> *alice* sorry")
+        bob.expect(r"\*\*\* you are now known as bobby")
+        bob.say("still muted")
+        self.assertRegex(bob.next_line(), r"\*\*\* error: you are muted.*")   # not by renaming
+        self.assertEqual(alice.expect(r"\*bob\* .*"), "*bob* sorry")
+        alice.say("/unmute bobby")
+        self.assertEqual(bob.expect(r"\*\*\* you may .*"), "*** you may talk again")
+        bob.say("thanks")
+        self.assertEqual(carol.expect(r"<bobby> .*"), "<bobby> thanks")
+
+    def test_away_ignore_and_whois(self):
+        alice = self.operator()
+        bob, carol = self.connect_from("127.0.0.2", "bob"), self.connect("carol")
+        carol.say("/away at lunch", "/ignore bob")
+        self.assertEqual(carol.next_line(), "*** you are away: at lunch")
+        self.assertEqual(carol.next_line(), "*** ignoring bob (/unignore bob to hear them again)")
+        bob.say("can anyone hear me", "/msg carol psst")
+        self.assertEqual(bob.expect(r"\*\*\* carol is away.*"), "*** carol is away: at lunch")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> can anyone hear me")
+        carol.say("/unignore bob", "/away")
+        bob.say("now?")
+        self.assertEqual(carol.lines_until(r"<bob> now\?"),
+                         ["*** no longer ignoring bob", "*** you are back"])   # nothing before
+        bob.say("/whois carol", "/whois alice")
+        self.assertRegex(bob.next_line(), r"\*\*\* carol: in #lobby; idle \d+s$")
+        self.assertRegex(bob.next_line(), r"\*\*\* alice: in #lobby; idle \d+s; operator$")
+        alice.say("/whois bob")
+        self.assertRegex(alice.expect(r"\*\*\* bob: .*"),
+                         r"\*\*\* bob: in #lobby; idle \d+s; from 127\.0\.0\.2$")
+
+    def test_wrong_operator_passwords_are_throttled(self):
+        peer = self.connect("guesser")
+        peer.say(*["/op guess %d" % number for number in range(chat.GUESS_LIMIT + 1)])
+        for _ in range(chat.GUESS_LIMIT):
+            self.assertEqual(peer.next_line(), "*** error: wrong operator password")
+        self.assertRegex(peer.next_line(), r"\*\*\* error: too many wrong operator passwords "
+                                           r"from your address; try again in \d+ s")
+
+
+class IrcModerationTest(ServerTestCase):
+
+    options = {"op_password": "op secret", "greet_delay": 5.0}
+
+    def test_oper_kick_bans_away_and_whois(self):
+        alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        bob = self.connect("bob")
+        alice.irc("OPER alice wrong", "OPER alice :op secret", "NAMES #lobby", "AWAY :brb")
+        self.assertEqual(alice.numeric("464"), ":testroom 464 alice :Password incorrect")
+        self.assertEqual(alice.numeric("381"), ":testroom 381 alice :You are now an IRC operator")
+        self.assertEqual(alice.numeric("353"), ":testroom 353 alice = #lobby :@alice bob")
+        self.assertEqual(alice.numeric("306"), ":testroom 306 alice :You have been marked as "
+                                               "being away")
+        bob.say("/msg alice are you there", "/whois alice")
+        self.assertEqual(bob.expect(r"\*\*\* alice is away.*"), "*** alice is away: brb")
+        self.assertRegex(bob.next_line(), r"\*\*\* alice: in #lobby; idle \d+s; away: brb; "
+                                          r"operator$")
+        alice.irc("WHOIS bob", "MODE #lobby +b nobody!*@*", "MODE #lobby b", "KICK #lobby bob :go")
+        self.assertRegex(alice.numeric("338"), r":testroom 338 alice bob 127\.0\.0\.1 :.*")
+        self.assertRegex(alice.numeric("317"), r":testroom 317 alice bob \d+ :seconds idle")
+        self.assertEqual(alice.expect(r".* NOTICE .*"), ":testroom NOTICE alice :error: nobody is "
+                                                        "neither a nick online nor an address")
+        self.assertEqual(alice.numeric("368"), ":testroom 368 alice #lobby :End of channel ban list")
+        self.assertEqual(alice.expect(r".* KICK .*"), ":alice!alice@chat KICK #lobby bob :go")
+        self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (go)")
+
+
 # --- IRC ---
 
 class IrcPeer(Peer):
