@@ -130,6 +130,12 @@ def child_env(**changes):
     return env
 
 
+def history_of(peer):
+    """The lines of the history block a peer receives next, without their times."""
+    block = peer.lines_until(r"\*\*\* --- end of history ---")
+    return [HISTORY_ENTRY.sub("", line) for line in block if HISTORY_ENTRY.match(line)]
+
+
 def wait_for(condition, timeout=TIMEOUT, message="condition"):
     """Poll an in-process condition until it holds; fail after timeout."""
     deadline = time.monotonic() + timeout
@@ -305,8 +311,9 @@ class ServerTestCase(unittest.TestCase):
         self.server.server_close()
         if before_start:
             before_start()
-        self.server = chat.ChatServer(chat.ServerOptions(**dict(self.DEFAULTS, port=port,
-                                                                **options)))
+        settings = dict(self.DEFAULTS, **self.options)
+        settings.update(options, port=port)
+        self.server = chat.ChatServer(chat.ServerOptions(**settings))
         self.addCleanup(self.server.server_close)
         self.thread = threading.Thread(target=self.server.serve_forever, name="chat-server-2",
                                        daemon=True)
@@ -1647,6 +1654,133 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(alice.numeric("368"), ":testroom 368 alice #lobby :End of channel ban list")
         self.assertEqual(alice.expect(r".* KICK .*"), ":alice!alice@chat KICK #lobby bob :go")
         self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (go)")
+
+
+class PersistenceTest(ServerTestCase):
+    """With a data directory, a restart loses nothing that was relayed."""
+
+    options = {"op_password": "op secret", "history": 5}
+
+    def setUp(self):
+        self.data = tempfile.mkdtemp(prefix="chat-data-")
+        self.addCleanup(shutil.rmtree, self.data, True)
+        self.options = dict(self.options, data_dir=os.path.join(self.data, "chat"))
+        super().setUp()
+
+    def log_file(self, room):
+        return os.path.join(self.options["data_dir"], "room-%s.log" % room.replace("#", "%23"))
+
+    def test_history_topics_and_bans_survive_a_restart(self):
+        alice = self.connect("alice")
+        alice.say("/op op secret", "in the lobby", "/join #dev", "/topic release friday",
+                  "in dev", "/me ships it", "/ban 10.1.2.3 7d a spammer")
+        alice.expect(r"\*\*\* banned .*")
+        self.restart_server()
+        bob = self.connect("bob")
+        self.assertRegex(bob.expect(r"\*\*\* \[.*"), r"\*\*\* \[\d\d:\d\d\] <alice> in the lobby")
+        bob.say("/join #dev")
+        self.assertEqual(bob.expect(r"\*\*\* topic .*"), "*** topic of #dev: release friday")
+        self.assertEqual([HISTORY_ENTRY.sub("", line) for line in
+                          bob.lines_until(r"\*\*\* --- end of history ---")[1:]],
+                         ["<alice> in dev", "* alice ships it"])
+        bob.say("/op op secret", "/bans")
+        self.assertRegex(bob.expect(r"\*\*\* ban .*"), r"\*\*\* ban 10\.1\.2\.3 \(10\.1\.2\.3/32\) "
+                         r"by alice, for 6d 23h: a spammer")
+
+    @unittest.skipUnless(POSIX, "modes are POSIX")
+    def test_private_files_and_rotation(self):
+        self.restart_server(log_max_bytes=300, history=3)   # a log of ~4 records
+        alice = self.connect("alice")
+        for number in range(20):   # a turn each: a log is rotated after a turn's write
+            alice.say("line %02d" % number)
+            alice.sync()
+        log_file = self.log_file("#lobby")
+        self.assertLessEqual(os.path.getsize(log_file + ".1"), 300 + 100)   # rotated
+        logs = {name for name in os.listdir(self.options["data_dir"]) if name.startswith("room-")}
+        self.assertLessEqual(logs, {"room-%23lobby.log", "room-%23lobby.log.1"})   # two at most
+        self.assertEqual(os.stat(self.options["data_dir"]).st_mode & 0o777, 0o700)
+        for name in (log_file, log_file + ".1", os.path.join(self.options["data_dir"], "lock")):
+            if os.path.exists(name):
+                self.assertEqual(os.stat(name).st_mode & 0o777, 0o600, name)
+        self.restart_server(log_max_bytes=300, history=3)
+        bob = self.connect("bob")
+        self.assertEqual(history_of(bob), ["<alice> line %02d" % number for number in range(17, 20)])
+
+    def test_a_torn_last_record_is_skipped(self):
+        self.stop_server()
+        self.server.server_close()
+        with open(self.log_file("#lobby"), "wb") as log_file:
+            for text in ("first", "second"):
+                log_file.write(json.dumps({"time": 1, "nick": "alice", "kind": "said",
+                                           "text": text}).encode() + b"\n")
+            log_file.write(b'{"time": 2, "nick": "alice", "ki')   # the server died here
+        with self.assertLogs(chat.log, logging.WARNING) as logs:
+            self.restart_server()
+            bob = self.connect("bob")
+        self.assertIn("skipped a torn record", "\n".join(logs.output))
+        self.assertEqual(history_of(bob), ["<alice> first", "<alice> second"])
+
+    def test_a_data_directory_in_use_is_refused(self):
+        with self.assertRaisesRegex(chat.StoreError, "in use by another server"):
+            chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=0,
+                                               data_dir=self.options["data_dir"]))
+
+    def test_a_failing_disk_is_logged_and_the_chat_goes_on(self):
+        os.mkdir(self.log_file("#lobby"))   # the log cannot be opened: EISDIR
+        alice, bob = self.connect("alice"), self.connect("bob")
+        with self.assertLogs(chat.log, logging.ERROR) as logs:
+            alice.say("still here", "and here")
+            self.assertEqual(bob.expect(r"<alice> .*"), "<alice> still here")
+            self.assertEqual(bob.next_line(), "<alice> and here")
+        self.assertEqual(len(logs.output), 1)   # once, not for every line
+        self.assertIn("cannot write the log of #lobby", logs.output[0])
+
+
+@unittest.skipUnless(POSIX, "kill -9 and resource limits are POSIX")
+class CrashTest(unittest.TestCase):
+
+    def setUp(self):
+        self.data = tempfile.mkdtemp(prefix="chat-data-")
+        self.addCleanup(shutil.rmtree, self.data, True)
+
+    def peer(self, port, nick):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        peer = Peer(sock)
+        peer.say("/nick " + nick)
+        peer.expect(r"\*\*\* type /help for commands")
+        return peer
+
+    def test_kill_9_loses_nothing_that_was_relayed(self):
+        server = ServerProcess(self, "--host", "127.0.0.1", "--rate", "0", "--data-dir", self.data)
+        alice, bob = self.peer(server.port, "alice"), self.peer(server.port, "bob")
+        lines = ["said before the crash %d" % number for number in range(10)]
+        alice.say(*lines)
+        bob.lines_until(r"<alice> said before the crash 9")
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(TIMEOUT)
+        server = ServerProcess(self, "--host", "127.0.0.1", "--data-dir", self.data)
+        carol = self.peer(server.port, "carol")
+        self.assertEqual(history_of(carol), ["<alice> " + line for line in lines])
+
+    def test_a_full_disk_is_logged_and_the_chat_goes_on(self):
+        import resource
+
+        def small_files():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+        server = ServerProcess(self, "--host", "127.0.0.1", "--rate", "0", "--data-dir",
+                               self.data, preexec_fn=small_files)
+        alice, bob = self.peer(server.port, "alice"), self.peer(server.port, "bob")
+        alice.say(*("line %d %s" % (number, "x" * 50) for number in range(20)))
+        self.assertEqual(bob.lines_until(r"<alice> line 19 .*")[-1][:15], "<alice> line 18")
+        server.wait_for(r"cannot write the log of #lobby .*: File too large; the chat goes on")
+
+    def test_a_second_server_on_the_same_data_directory_is_refused(self):
+        ServerProcess(self, "--host", "127.0.0.1", "--data-dir", self.data)
+        result = run_cli("server", "--host", "127.0.0.1", "--port", "0", "--data-dir", self.data)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, "chat.py: the data directory %s is in use by another "
+                                        "server\n" % self.data)
 
 
 # --- IRC ---
