@@ -1482,8 +1482,9 @@ class FileStore(Store):
     Each room's lines go to a log (one JSON record per line: time, nick, kind,
     text); a turn's lines of a room are one write(), done before that turn's
     output is sent, so a crash or kill -9 loses nothing that was relayed. Logs
-    are rotated past max_bytes (one older generation is kept, enough to replay
-    the history); a torn last record, from a crash in mid-write, is skipped when
+    are rotated past max_bytes, but never before they hold keep_records lines:
+    the one older generation kept is then always enough to replay the history,
+    whatever the size of the lines. A torn last record, from a crash in mid-write, is skipped when
     read. Topics and bans are in state.json, replaced whole. The directory is
     0700 and the files 0600: chat text is private. A failing disk is logged
     and the chat goes on from memory.
@@ -1491,9 +1492,10 @@ class FileStore(Store):
 
     STATE = "state.json"
 
-    def __init__(self, path, max_bytes=DEFAULT_LOG_MAX_BYTES):
+    def __init__(self, path, max_bytes=DEFAULT_LOG_MAX_BYTES, keep_records=DEFAULT_HISTORY):
         self.path = path
         self.max_bytes = max_bytes
+        self.keep_records = keep_records
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
@@ -1504,7 +1506,7 @@ class FileStore(Store):
             raise StoreError(exc.errno, "cannot use the data directory %s: %s"
                              % (path, exc.strerror or exc))
         self._pending = {}      # room name -> [record bytes] of this turn
-        self._files = {}        # room name -> [fd, bytes in the file]
+        self._files = {}        # room name -> [fd, bytes, records in the file]
         self._unsynced = set()  # fds written since the last fsync
         self._failing = False
 
@@ -1606,19 +1608,27 @@ class FileStore(Store):
                 self._failed("cannot write the log of %s" % room, exc)
 
     def _write(self, room, data):
-        entry = self._files.get(room)
-        if entry is None:
-            path = self._log_path(room)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            entry = self._files[room] = [fd, os.fstat(fd).st_size]
+        entry = self._files.get(room) or self._open(room)
         view = memoryview(data)
         while view:
             written = os.write(entry[0], view)
             view = view[written:]
             entry[1] += written
+        entry[2] += data.count(b"\n")
         self._unsynced.add(entry[0])
-        if entry[1] > self.max_bytes:
+        if entry[1] > self.max_bytes and entry[2] >= self.keep_records:
             self._rotate(room)
+
+    def _open(self, room):
+        """Open a room's log for appending, counting the records it already holds."""
+        fd = os.open(self._log_path(room), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            records = sum(chunk.count(b"\n") for chunk in iter(lambda: os.read(fd, 1 << 16), b""))
+        except OSError:
+            os.close(fd)
+            raise
+        entry = self._files[room] = [fd, os.fstat(fd).st_size, records]
+        return entry
 
     def _rotate(self, room):
         """The log becomes the older generation; the next write starts a new one."""
@@ -1644,7 +1654,7 @@ class FileStore(Store):
     def close(self):
         self.flush()
         self.sync()
-        for fd, _ in self._files.values():
+        for fd, *_ in self._files.values():
             os.close(fd)
         self._files.clear()
         os.close(self._lock_fd)
@@ -3596,7 +3606,8 @@ class ChatServer:
         self._timer_seq = itertools.count()
         self._batcher = TurnBatcher()
         self._failed = []              # (connection, reason) to drop after the turn
-        self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes)
+        self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes,
+                                 self.options.history)
                        if self.options.data_dir else Store())
         self._sync_pending = False
         self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store)
@@ -5985,8 +5996,8 @@ def add_server_parser(commands):
                          help="keep each room's history, the topics and the bans in DIR, so a "
                          "restart (even kill -9) loses none of them (default: memory only)")
     storage.add_argument("--log-max-bytes", type=positive_int, default=DEFAULT_LOG_MAX_BYTES,
-                         metavar="BYTES", help="rotate a room's log past this size; one older "
-                         "log is kept (default %(default)s)")
+                         metavar="BYTES", help="rotate a room's log past this size, once it holds "
+                         "the --history lines; one older log is kept (default %(default)s)")
     verbosity = server.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log errors only")

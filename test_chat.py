@@ -1689,22 +1689,27 @@ class PersistenceTest(ServerTestCase):
 
     @unittest.skipUnless(POSIX, "modes are POSIX")
     def test_private_files_and_rotation(self):
-        self.restart_server(log_max_bytes=300, history=3)   # a log of ~4 records
+        self.restart_server(log_max_bytes=200, history=5)   # 200 bytes: under 5 records
         alice = self.connect("alice")
         for number in range(20):   # a turn each: a log is rotated after a turn's write
+            if number == 3:        # a restart goes on counting the records of the log
+                self.restart_server(log_max_bytes=200, history=5)
+                alice = self.connect("alice")
             alice.say("line %02d" % number)
             alice.sync()
         log_file = self.log_file("#lobby")
-        self.assertLessEqual(os.path.getsize(log_file + ".1"), 300 + 100)   # rotated
+        self.assertFalse(os.path.exists(log_file))   # the 20th record made the 4th rotation
+        with open(log_file + ".1", "rb") as older:
+            self.assertEqual(older.read().count(b"\n"), 5)   # rotated, keeping the replay
         logs = {name for name in os.listdir(self.options["data_dir"]) if name.startswith("room-")}
         self.assertLessEqual(logs, {"room-%23lobby.log", "room-%23lobby.log.1"})   # two at most
         self.assertEqual(os.stat(self.options["data_dir"]).st_mode & 0o777, 0o700)
         for name in (log_file, log_file + ".1", os.path.join(self.options["data_dir"], "lock")):
             if os.path.exists(name):
                 self.assertEqual(os.stat(name).st_mode & 0o777, 0o600, name)
-        self.restart_server(log_max_bytes=300, history=3)
+        self.restart_server(log_max_bytes=200, history=5)
         bob = self.connect("bob")
-        self.assertEqual(history_of(bob), ["<alice> line %02d" % number for number in range(17, 20)])
+        self.assertEqual(history_of(bob), ["<alice> line %02d" % number for number in range(15, 20)])
 
     def test_a_torn_last_record_is_skipped(self):
         self.stop_server()
