@@ -402,6 +402,8 @@ class Wording:
         ("opped", "*** you are an operator now"),
         ("ban_added", "*** banned {target} ({network}) {span}: {reason}"),
         ("ban_entry", "*** ban {target} ({network}) by {by}, {span}: {reason}"),
+        ("ban_covers_you", "*** note: the ban covers your own address: you could not "
+                           "reconnect from it"),
         ("no_bans", "*** no bans"),
         ("unbanned", "*** unbanned {target}"),
         ("muted", "*** {nick} is muted {span}"),
@@ -1205,6 +1207,8 @@ class Hub:
                     span_text(ban.until, now), ban.reason)
         self.sink.send(member, notice("ban_added", target=ban.target, network=str(network),
                                       span=span_text(ban.until, now), reason=ban.reason))
+        if ban.covers(member.address):
+            self.sink.send(member, notice("ban_covers_you"))
         for other in list(self.members.values()):
             if ban.covers(other.address) and not other.operator:
                 self._expel(other, member.nick, "banned: " + ban.reason)
@@ -1860,8 +1864,13 @@ class LineDialect(Dialect):
         if name not in self.COMMANDS:
             self.server.send_event(self.conn, notice("unknown_command", name=sanitize(name)[:30]))
             return
-        method, arguments = self.COMMANDS[name]
-        getattr(self.hub, method)(self.conn.member, *arguments(sanitize(argument).strip()))
+        self.run_command(self.hub, self.conn.member, name, sanitize(argument))
+
+    @classmethod
+    def run_command(cls, hub, member, name, argument):
+        """Run /NAME ARGUMENT for a member (IRC runs the commands it has no word for here)."""
+        method, arguments = cls.COMMANDS[name]
+        getattr(hub, method)(member, *arguments(argument.strip()))
 
     # What goes out
 
@@ -2097,10 +2106,13 @@ class IrcDialect(Dialect):
             return
         name, needed = self.COMMANDS.get(command, (None, 0))
         if self.conn.member is None and command not in self.BEFORE_REGISTRATION:
-            if name:
+            if name or command in self.CHAT_COMMANDS:
                 self._numeric("451", ":You have not registered")
             return
-        if name is None:
+        if command in self.CHAT_COMMANDS:
+            LineDialect.run_command(self.hub, self.conn.member, command.lower(),
+                                    irc_text(" ".join(params)))
+        elif name is None:
             self._numeric("421", "%s :Unknown command" % sanitize(command)[:30])
         elif len(params) < needed:
             self._numeric("461", "%s :Not enough parameters" % command)
@@ -2346,7 +2358,7 @@ class IrcDialect(Dialect):
             else:
                 self._numeric("482", "%s :You're not channel operator" % room.name)
         elif name_key(target) == name_key(self.nick):
-            self._numeric("221", "+" if len(params) == 1 else "+")
+            self._numeric("221", "+")
         else:
             self._numeric("502", ":Can't change mode for other users")
 
@@ -2377,6 +2389,10 @@ class IrcDialect(Dialect):
         "OPER": ("_oper", 2), "KICK": ("_kick", 2), "AWAY": ("_away", 0),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
+    # The line protocol's commands IRC has no word for, run as they are: clients send
+    # a command they do not know as it is typed (HexChat; /quote MUTE bob 10m elsewhere)
+    CHAT_COMMANDS = frozenset(("MUTE", "UNMUTE", "BAN", "UNBAN", "BANS", "IGNORE", "UNIGNORE",
+                               "ROOMS", "HELP"))
 
     # What goes out
 

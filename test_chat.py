@@ -1570,6 +1570,7 @@ class ModerationTest(ServerTestCase):
                   "/ban ::ffff:127.0.0.3", "/bans", "/ban", "/ban nowhere")
         self.assertEqual(alice.expect(r"\*\*\* banned .*"),
                          "*** banned 127.0.0.0/30 (127.0.0.0/30) for good: testing")
+        self.assertRegex(alice.next_line(), r"\*\*\* note: the ban covers your own address.*")
         self.assertEqual(alice.next_line(), "*** unbanned 127.0.0.0/30")
         self.assertEqual(alice.next_line(), "*** error: no ban on 10.0.0.1")
         self.assertEqual(alice.next_line(), "*** banned ::ffff:127.0.0.3 (127.0.0.3/32) for good: "
@@ -1654,6 +1655,23 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(alice.numeric("368"), ":testroom 368 alice #lobby :End of channel ban list")
         self.assertEqual(alice.expect(r".* KICK .*"), ":alice!alice@chat KICK #lobby bob :go")
         self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (go)")
+
+    def test_chat_commands_irc_has_no_word_for(self):
+        early = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(early.sock.close)
+        early.irc("NICK early", "MUTE bob")
+        self.assertEqual(early.numeric("451"), ":testroom 451 * :You have not registered")
+        alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        bob = self.connect("bob")
+        alice.irc("OPER alice :op secret", "MUTE bob :10m", "BANS", "IGNORE bob", "UNMUTE")
+        self.assertEqual(alice.expect(r".* NOTICE .*"), ":testroom NOTICE alice :bob is muted for 10m")
+        self.assertEqual(alice.next_line(), ":testroom NOTICE alice :no bans")
+        self.assertEqual(alice.next_line(), ":testroom NOTICE alice :ignoring bob (/unignore bob "
+                                            "to hear them again)")
+        self.assertRegex(alice.next_line(), r":testroom NOTICE alice :error: usage: /unmute .*")
+        self.assertRegex(bob.expect(r"\*\*\* alice muted .*"), r"\*\*\* alice muted you for 10m.*")
 
 
 class PersistenceTest(ServerTestCase):
