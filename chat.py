@@ -4866,8 +4866,7 @@ _CONTROL_KEYS = {
 }
 _WINDOWS_KEYS = {"H": "previous", "P": "next", "K": "left", "M": "right", "G": "home", "O": "end",
                  "S": "delete", "s": "word_left", "t": "word_right"}
-COMMAND_WORDS = ("/nick", "/me", "/msg", "/join", "/part", "/rooms", "/who", "/topic", "/help",
-                 "/quit")
+COMMAND_WORDS = tuple("/" + name for name in (*LineDialect.COMMANDS, "op"))   # for Tab
 
 
 class TerminalConsole:
@@ -5669,7 +5668,7 @@ _PAGE_SCRIPT = r"""
 "use strict";
 const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("line"), memberList = $("members"), roomList = $("rooms");
-const COMMANDS = ["/nick", "/me", "/msg", "/join", "/part", "/rooms", "/who", "/topic", "/help", "/quit"];
+const COMMANDS = @COMMAND_WORDS@;
 let ws = null, me = null, room = null, returnTo = null, retry = 1000, unread = 0, leaving = false;
 let members = [], rooms = [], sent = [], browsing = -1, password = null, title = "chat";
 
@@ -5886,7 +5885,7 @@ $("notify").addEventListener("click", () => { if (window.Notification) Notificat
 $("people").addEventListener("click", () => $("side").classList.toggle("open"));
 $("nick").value = localStorage.getItem("chat-nick") || "";
 $("nick").focus();
-"""
+""".replace("@COMMAND_WORDS@", json.dumps(COMMAND_WORDS))
 
 _PAGE_BODY = """
 <header>

@@ -3064,8 +3064,12 @@ class LineEditorTest(unittest.TestCase):
         self.assertEqual(editor.text, "bob: hi alice ")
         editor.kill_to_start()
         editor.insert("/wh")
+        self.assertEqual(editor.complete(chat.COMMAND_WORDS, nicks), [])
+        self.assertEqual(editor.text, "/who")
+        self.assertEqual(editor.complete(chat.COMMAND_WORDS, nicks), ["/who", "/whois"])
+        editor.insert("i")
         editor.complete(chat.COMMAND_WORDS, nicks)
-        self.assertEqual(editor.text, "/who ")
+        self.assertEqual(editor.text, "/whois ")
 
     def test_parse_keys(self):
         keys, rest = chat.parse_keys("ab\x1b[Dc\x01\x1b[3~\r\x1b[1;5Cé\x1b[")
