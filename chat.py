@@ -1706,6 +1706,26 @@ HELP_TEXT = (
 
 MEMBERSHIP_EVENTS = (Joined, Parted, Quit, Renamed)
 
+# The notices a connection is closed with, which a dialect marks as the end (IRC:
+# ERROR), with the WebSocket close code of each (1000 normal, 1001 going away, 1008
+# policy)
+FAREWELLS = {"bye": 1000, "shutting_down": 1001, "excess_flood": 1008, "ping_timeout": 1008,
+             "registration_timeout": 1008, "guesses_throttled": 1008, "wrong_password": 1008,
+             "kicked_you": 1008, "banned": 1008}
+
+
+def whois_details(event):
+    """A Whois in words: "in #lobby, #dev; idle 3m 5s; away: lunch; operator"."""
+    details = ["in " + ", ".join(event.rooms) if event.rooms else "in no room",
+               "idle " + span_text(event.idle, 0)[len("for "):]]
+    if event.away:
+        details.append("away: " + event.away)
+    if event.operator:
+        details.append("operator")
+    if event.address:
+        details.append("from " + event.address)
+    return "; ".join(details)
+
 
 class LineTooLong(bytes):
     """Stands in the inbox for a line over the limit: the dialect tells its sender."""
@@ -1789,8 +1809,7 @@ class LineDialect(Dialect):
         if name == "nick" and argument.strip():
             self.server.admit(self.conn, sanitize(argument).strip())
             return False
-        self.server.admit(self.conn, self.wanted_nick)
-        return True
+        return self.server.admit(self.conn, self.wanted_nick)
 
     def _check_password(self, password):
         verdict, wait = self.hub.check_password(self.conn.ip, password)
@@ -1971,15 +1990,7 @@ class LineDialect(Dialect):
         return line_bytes("rooms", count=event.total, list=", ".join(listed))
 
     def _whois(self, event):
-        details = ["in " + ", ".join(event.rooms) if event.rooms else "in no room",
-                   "idle " + span_text(event.idle, 0)[len("for "):]]
-        if event.away:
-            details.append("away: " + event.away)
-        if event.operator:
-            details.append("operator")
-        if event.address:
-            details.append("from " + event.address)
-        return line_bytes("whois", nick=event.nick, details="; ".join(details))
+        return line_bytes("whois", nick=event.nick, details=whois_details(event))
 
     _RENDERERS = {
         Notice: _notice,
@@ -2531,6 +2542,7 @@ class IrcDialect(Dialect):
         "password_needed": ("464", ":Password incorrect"),
         "wrong_password": ("464", ":Password incorrect"),
         "opped": ("381", ":You are now an IRC operator"),
+        "banned": ("465", ":You are banned from this server"),
         "not_operator": ("481", ":Permission Denied- You're not an IRC operator"),
         "wrong_op_password": ("464", ":Password incorrect"),
         "op_guesses_throttled": ("464", ":Too many wrong passwords; try again in {seconds} s"),
@@ -2538,8 +2550,6 @@ class IrcDialect(Dialect):
         "away_cleared": ("305", ":You are no longer marked as being away"),
         "is_away": ("301", "{nick} :{text}"),
     }
-    _CLOSING = ("bye", "excess_flood", "registration_timeout", "guesses_throttled",
-                "shutting_down", "wrong_password", "ping_timeout", "kicked_you")
     _SILENT = ("help_hint", "pace", "already_in_room")
 
     def _notice(self, event):
@@ -2548,8 +2558,8 @@ class IrcDialect(Dialect):
         if key in self._NUMERICS:
             number, text = self._NUMERICS[key]
             data = self._numeric_bytes(number, text.format(**fields))
-        if key in self._CLOSING:
-            text = WORDING.render(key, **fields)[len("*** "):]
+        if key in FAREWELLS:
+            text = WORDING.render(key, **fields)[len("*** error: " if is_error(key) else "*** "):]
             return data + self._line("ERROR :Closing link: %s" % text)
         if key == "renamed_self":
             return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
@@ -2958,12 +2968,8 @@ class WebSocketDialect(LineDialect):
         text = WORDING.render(key, **fields)[len("*** "):]
         data = self.frame(dict(fields, type="error" if is_error(key) else "notice", code=key,
                                text=text))
-        close = self._CLOSING.get(key)
+        close = FAREWELLS.get(key)
         return data + ws_close(close, text) if close else data
-
-    _CLOSING = {"bye": 1000, "shutting_down": 1001, "excess_flood": 1008,
-                "registration_timeout": 1008, "guesses_throttled": 1008, "wrong_password": 1008,
-                "kicked_you": 1008}
 
     def _history(self, event):
         room = event.room
@@ -2989,7 +2995,7 @@ class WebSocketDialect(LineDialect):
         Whois: lambda self, event: self.frame({
             "type": "whois", "nick": event.nick, "rooms": list(event.rooms),
             "idle": int(event.idle), "away": event.away, "operator": event.operator,
-            "address": event.address}),
+            "address": event.address, "details": whois_details(event)}),
         TopicInfo: lambda self, event: self.frame({"type": "topic_info", "room": event.room,
                                                    "text": event.text}),
         History: _history,
@@ -3809,11 +3815,18 @@ class ChatServer:
             self._take_in(conn, conn.framer.feed(rest))
 
     def admit(self, conn, nick=None, realname=""):
-        """Let conn into the chat: the hub greets it under nick, or as a guest."""
+        """Let conn into the chat: the hub greets it under nick, or as a guest. False when
+        its address is banned: it is told so, in its own dialect (a browser is served its
+        page, and is told in it), and let go."""
+        if self.hub.ban_for(conn.ip):
+            log.warning("refused %r: banned", conn)
+            self.disconnect(conn, "banned", notice("banned"))
+            return False
         dialect = conn.dialect
         conn.stage = CHAT
         conn.member = self.hub.admit(conn, nick, dialect.multi_room, dialect.hears_quiet,
                                      realname, conn.ip)
+        return True
 
     def send_bytes(self, conn, data):
         """Send conn bytes a dialect made itself, in order with the rest of the turn."""
@@ -3972,8 +3985,6 @@ class ChatServer:
             self._open(conn)
 
     def _refusal_for(self, peer):
-        if self.hub.ban_for(peer_ip(peer)):
-            return "banned"
         if len(self._conns) >= self.options.max_clients:
             return "server_full"
         if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
@@ -5208,7 +5219,8 @@ class ChatClient:
     posts each line, waking the main loop through a socketpair; the main loop
     alone owns the socket, so the connection needs no lock. A lost connection
     is reopened with backoff; lines typed meanwhile wait, and the client goes
-    back to the room it was in.
+    back to the room it was in. One that an operator closed (a kick) is not:
+    coming straight back would undo the kick.
     """
 
     def __init__(self, host="localhost", port=DEFAULT_PORT, family=socket.AF_UNSPEC,
@@ -5220,6 +5232,7 @@ class ChatClient:
         self.nick = None
         self.room = None                # the room we are in, as the server last said
         self._return_to = None          # the room to go back to after a reconnect
+        self._kicked = None             # what the server said when an operator kicked us
         self.console = console or PlainConsole()
         self.tls_context = tls_context  # None: plaintext
         self.tls_pin = tls_pin          # hex SHA-256 the server certificate must have
@@ -5370,6 +5383,8 @@ class ChatClient:
                 raise RefusedError("%s refused the password: too many wrong passwords from "
                                    "this address; try again in %s s" % (self.where,
                                                                         fields["seconds"]))
+            if kind == "banned":
+                raise RefusedError("%s has banned this address" % self.where)
             if kind == "speaks_tls":
                 raise RefusedError("%s speaks TLS: connect with --tls, --tls-ca FILE or "
                                    "--tls-fingerprint HEX (the server logs its fingerprint)"
@@ -5417,6 +5432,8 @@ class ChatClient:
         """After a lost connection: retry with backoff until back (True) or the user
         leaves (False). Refusals (TLS, password) end the client."""
         self._conn.sock.close()
+        if self._kicked:
+            raise ChatError("%s: %s" % (self.where, self._kicked))
         if not self.reconnect:
             raise ChatError("connection to %s lost: the server closed it" % self.where)
         self._return_to, self.room = self.room, None
@@ -5616,6 +5633,8 @@ class ChatClient:
             self._pacer = Pacer(float(fields["rate"]), int(fields["burst"]), self._sent)
         elif kind in ("said", "acted"):
             self._seen.append(line)
+        elif kind == "kicked_you":
+            self._kicked = line[len("*** "):]
 
     def _set_nick(self, nick):
         self.nick = nick
@@ -5670,7 +5689,7 @@ const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("line"), memberList = $("members"), roomList = $("rooms");
 const COMMANDS = @COMMAND_WORDS@;
 let ws = null, me = null, room = null, returnTo = null, retry = 1000, unread = 0, leaving = false;
-let members = [], rooms = [], sent = [], browsing = -1, password = null, title = "chat";
+let members = [], operators = new Set(), rooms = [], sent = [], browsing = -1, password = null, title = "chat";
 
 function colour(nick) {
   let hash = 0;
@@ -5732,7 +5751,7 @@ function chatLine(ev, past) {
 function listMembers() {
   memberList.replaceChildren(...members.slice().sort((a, b) => a.localeCompare(b)).map((nick) => {
     const li = document.createElement("li"), b = document.createElement("button");
-    b.type = "button"; b.textContent = nick; b.style.color = colour(nick);
+    b.type = "button"; b.textContent = (operators.has(nick) ? "@" : "") + nick; b.style.color = colour(nick);
     b.addEventListener("click", () => { input.value = "/msg " + nick + " "; input.focus(); });
     li.append(b); return li;
   }));
@@ -5758,7 +5777,7 @@ function setRoom(name, topic) {
 const handlers = {
   welcome(ev) { me = ev.nick; retry = 1000; state(""); show("notice", ["Welcome to " + ev.server + ", you are ", {nick: me}]); },
   room(ev) {
-    setRoom(ev.room, ev.topic); members = ev.members.slice(); listMembers();
+    setRoom(ev.room, ev.topic); members = ev.members.slice(); operators = new Set(ev.operators); listMembers();
     show("notice", ["You are in " + ev.room + " (" + ev.count + " here)" + (ev.topic ? ": " + ev.topic : "")]);
     if (returnTo && returnTo !== ev.room) { const back = returnTo; returnTo = null; send("/join " + back); }
     else { returnTo = null; send("/rooms"); }
@@ -5777,6 +5796,8 @@ const handlers = {
   joined(ev) { if (ev.room !== room) return; members.push(ev.nick); listMembers(); if (!ev.quiet) show("notice", [{nick: ev.nick}, " joined"]); },
   left(ev) { gone(ev, ev.to ? " left for " + ev.to : " left (" + ev.reason + ")"); },
   quit(ev) { gone(ev, " left (" + ev.reason + ")"); },
+  kicked(ev) { gone(ev, " was kicked by " + ev.by + " (" + ev.reason + ")"); },
+  whois(ev) { show("notice", [{nick: ev.nick}, ": " + ev.details]); },
   renamed(ev) {
     if (ev.room !== room) return;
     members = members.map((n) => (n === ev.old ? ev.new : n)); listMembers();
@@ -5785,17 +5806,19 @@ const handlers = {
   },
   topic(ev) { if (ev.room === room) $("topic").textContent = ev.text; show("notice", [{nick: ev.nick}, " set the topic of " + ev.room + ": " + ev.text]); },
   topic_info(ev) { show("notice", [ev.text ? "Topic of " + ev.room + ": " + ev.text : "No topic is set in " + ev.room]); },
-  who(ev) { if (ev.own) { members = ev.members.slice(); listMembers(); } show("notice", [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]); },
+  who(ev) { if (ev.own) { members = ev.members.slice(); operators = new Set(ev.operators); listMembers(); } show("notice", [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]); },
   rooms(ev) { rooms = ev.rooms; listRooms(); },
   help(ev) { for (const line of ev.lines) show("notice", [line]); },
   notice(ev) {
     if (ev.code === "password_required") { askPassword(""); return; }
+    if (ev.code === "kicked_you") leaving = ev.text + "; reload the page to come back";
     if (ev.code === "renamed_self") { me = ev.nick; localStorage.setItem("chat-nick", me); setRoom(room, $("topic").textContent); }
     if (ev.code !== "help_hint" && ev.code !== "pace") show("notice", [ev.text]);
   },
   error(ev) {
     if (ev.code === "wrong_password" || ev.code === "guesses_throttled") { password = null; askPassword(ev.text); return; }
     if (ev.code === "nick_taken" || ev.code === "nick_lookalike") { send("/nick " + ev.nick + "_"); }
+    if (ev.code === "banned") leaving = "this address is banned from the chat";
     show("error", [ev.text]);
   },
 };
@@ -5819,7 +5842,7 @@ function connect() {
   };
   ws.onclose = () => {
     ws = null;
-    if (leaving) { state("you left"); return; }
+    if (leaving) { state(leaving); return; }
     returnTo = room || returnTo;
     const wait = Math.min(retry, 30000);
     state("reconnecting in " + Math.round(wait / 1000) + " s...");
@@ -5832,7 +5855,7 @@ function askPassword(why) {
   $("password-row").classList.remove("hidden");
   $("login-error").textContent = why;
   $("password").focus();
-  if (ws) { leaving = true; ws.close(); }
+  if (ws) { leaving = "you left"; ws.close(); }
 }
 $("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -5851,7 +5874,7 @@ $("send").addEventListener("submit", (event) => {
   if (!text.trim()) return;
   if (!sent.length || sent[sent.length - 1] !== text) sent.push(text);
   browsing = -1;
-  if (/^\/quit\b/i.test(text)) leaving = true;
+  if (/^\/quit\b/i.test(text)) leaving = "you left";
   send(text);
   if (me && !text.startsWith("/")) chatLine({type: "said", nick: me, text: text}, false);
   else if (me && /^\/me /i.test(text)) chatLine({type: "acted", nick: me, text: text.slice(4)}, false);

@@ -1553,7 +1553,9 @@ class ModerationTest(ServerTestCase):
         refused.settimeout(TIMEOUT)
         refused.bind(("127.0.0.2", 0))
         refused.connect(self.address)
-        self.assertEqual(Peer(refused).expect_closed(), ["*** error: banned"])
+        refused = Peer(refused)
+        refused.say("/nick bob")
+        self.assertEqual(refused.expect_closed(), ["*** error: banned"])
         self.connect("carol")   # other addresses are welcome
 
         def back_in():
@@ -1563,6 +1565,37 @@ class ModerationTest(ServerTestCase):
             except AssertionError:
                 return False
         wait_for(back_in, message="the ban to end")
+
+    def test_a_banned_address_is_told_in_its_own_dialect(self):
+        alice = self.operator()
+        alice.say("/ban 127.0.0.1 testing")   # the operator stays; newcomers from it do not
+        alice.expect(r"\*\*\* note: the ban covers your own address.*")
+        irc = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(irc.sock.close)
+        irc.irc("NICK bob", "USER bob 0 * :Bob")
+        self.assertEqual(irc.expect_closed()[-2:], [":testroom 465 bob :You are banned from this server",
+                                                    "ERROR :Closing link: banned"])
+        status, _, page = http(self.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status, 200)   # the page is served, and says it over its WebSocket
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        web.say("/nick carol")
+        self.assertEqual(web.event(), {"type": "error", "code": "banned", "text": "error: banned"})
+        self.assertEqual(web.close_code(), 1008)
+        code, _, err = ClientProcess(self, self.address[1], "--nick", "dave").finish()
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"^chat.py: 127\.0\.0\.1:\d+ has banned this address\n$")
+        self.assertEqual(alice.sync(), [])   # none of them got in
+
+    def test_the_client_does_not_come_back_after_a_kick(self):
+        alice = self.operator()
+        client = ClientProcess(self, self.address[1], "--nick", "ci", "--listen-only")
+        alice.expect(r"\*\*\* ci joined")
+        alice.say("/kick ci enough")
+        code, out, err = client.finish()
+        self.assertEqual(code, 1)
+        self.assertEqual(out.splitlines()[-1], "*** you were kicked by alice (enough)")
+        self.assertRegex(err, r"^chat.py: 127\.0\.0\.1:\d+: you were kicked by alice \(enough\)\n$")
 
     def test_unban_and_networks(self):
         alice = self.operator()
@@ -1999,7 +2032,7 @@ class IrcPasswordTest(ServerTestCase):
         self.addCleanup(wrong.sock.close)
         wrong.irc("PASS guess", "NICK bob", "USER bob 0 * :B")
         self.assertEqual(wrong.expect_closed(), [":testroom 464 * :Password incorrect",
-                                                 "ERROR :Closing link: error: wrong password"])
+                                                 "ERROR :Closing link: wrong password"])
 
 
 class IrcKeepAliveTest(ServerTestCase):
@@ -2014,7 +2047,7 @@ class IrcKeepAliveTest(ServerTestCase):
         self.assertEqual(alice.expect(r"PING .*"), "PING :testroom")
         alice.irc("PONG :testroom")
         self.assertEqual(alice.expect(r"PING .*"), "PING :testroom")   # alive: pinged again
-        self.assertEqual(alice.expect_closed()[-1], "ERROR :Closing link: error: no answer to PING")
+        self.assertEqual(alice.expect_closed()[-1], "ERROR :Closing link: no answer to PING")
         self.assertEqual(bob.expect(r"\*\*\* alice left .*"), "*** alice left (ping timeout)")
 
 
@@ -2513,7 +2546,7 @@ class Chromium:
 class BrowserTest(ServerTestCase):
     """The page in a real browser, talking with an nc user."""
 
-    options = {"greet_delay": 5.0}
+    options = {"greet_delay": 5.0, "op_password": "op secret"}
 
     def test_the_page_in_chromium(self):
         bob = self.connect("bob")
@@ -2537,6 +2570,18 @@ class BrowserTest(ServerTestCase):
                                     "a => a.href + ' ' + a.rel)"),
                          ["https://example.com/a?b=1 noopener noreferrer"])
         self.assertEqual(browser.js("document.querySelectorAll('#log .private').length"), 1)
+        bob.say("/op op secret")
+        bob.expect(r"\*\*\* you are an operator now")
+        browser.js("document.getElementById('line').value = '/whois bob';"
+                   "document.getElementById('send').requestSubmit()")
+        browser.wait("document.getElementById('log').innerText.includes('bob: in #lobby; idle')")
+        browser.js("document.getElementById('line').value = '/who';"
+                   "document.getElementById('send').requestSubmit()")
+        browser.wait("document.getElementById('members').innerText.includes('@bob')")
+        bob.say("/kick webby that will do")
+        browser.wait("document.getElementById('state').innerText.includes('reload the page')")
+        self.assertEqual(browser.js("document.getElementById('state').innerText"),
+                         "you were kicked by bob (that will do); reload the page to come back")
 
 
 # --- The programs, as processes ---
