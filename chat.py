@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""chat.py: a zero-install terminal chat, server and client in one file.
+"""chat.py: a zero-install chat, server and client in one file.
 
     python chat.py server                  # on one machine (port 7777)
-    python chat.py client --host HOST      # on the others, or: nc HOST 7777
+    python chat.py client --host HOST      # on the others, or: nc HOST 7777,
+                                           # an IRC client, http://HOST:7777/
 
 Wire protocol: UTF-8 text lines ending in LF (CRLF accepted), in rooms.
   client -> server  a chat line, or a command: /nick NAME, /me ACTION,
                     /msg NICK TEXT, /join ROOM, /part, /rooms, /who [ROOM],
-                    /topic [TEXT], /help, /quit [REASON], and /pass PASSWORD
-                    first when the server has a password ("//text" sends
-                    the literal line "/text")
+                    /topic [TEXT], /whois NICK, /away [TEXT], /ignore NICK,
+                    /help, /quit [REASON], operators' /op /kick /ban /mute...,
+                    and /pass PASSWORD first when the server has a password
+                    ("//text" sends the literal line "/text")
   server -> client  <alice> text      a chat line in your room
                     * alice waves     an action
                     *alice* text      a private message to you
@@ -17,6 +19,8 @@ Wire protocol: UTF-8 text lines ending in LF (CRLF accepted), in rooms.
                     *** text          everything from the server
 The server greets a connection after its first line (or a moment of silence);
 every shape it sends is in the Wording table, which the client reads with.
+A first line that registers IRC (CAP, NICK, USER, PASS) makes the connection
+IRC; an HTTP request gets the browser page, or a WebSocket speaking JSON.
 
 Standard library only; Python 3.8+ on Linux, macOS and Windows.
 """
@@ -5971,7 +5975,8 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="chat.py",
-        description="A terminal chat in one file: run a server, join it with the client or nc.",
+        description="A chat in one file: run a server, join it with the client, nc, an IRC "
+        "client or a browser.",
         epilog="Run 'chat.py server --help' or 'chat.py client --help' for their options.")
     parser.add_argument("--version", action="version", version="chat.py " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{server,client}")
@@ -5984,8 +5989,9 @@ def build_parser():
 def add_server_parser(commands):
     server = commands.add_parser(
         "server", help="run a chat server",
-        description="Run a chat server. Clients connect with 'chat.py client' or nc/telnet, "
-        "and start in one room; /join ROOM creates and enters others.",
+        description="Run a chat server. Clients connect with 'chat.py client', nc/telnet, an "
+        "IRC client or a browser (http://HOST:PORT/), all on the one port, and start in one "
+        "room; /join ROOM creates and enters others.",
         epilog="The passwords may also come from the CHAT_PASSWORD and CHAT_OP_PASSWORD "
         "environment variables (never from the command line, where ps would show them).")
     add_network_arguments(server, "address to listen on (default: all interfaces, IPv4 and IPv6)")
