@@ -343,6 +343,19 @@ class ServerTestCase(unittest.TestCase):
         self.addCleanup(sock.close)
         return Peer(sock)
 
+    def peer_from(self, source):
+        """A peer connecting from another loopback address (Linux has all of 127.0.0.0/8);
+        the test is skipped where there is no such address."""
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.bind((source, 0))
+        except OSError:
+            self.skipTest("cannot connect from %s here" % source)
+        sock.connect(self.address)
+        return Peer(sock)
+
     def wrap(self, sock):
         """Hook for subclasses that speak TLS."""
         return sock
@@ -1349,15 +1362,7 @@ class PasswordGuessingTest(ServerTestCase):
     options = {"password": "open sesame", "wrong_password_delay": 0.2}
 
     def guess(self, password, source="127.0.0.1"):
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.settimeout(TIMEOUT)
-        try:
-            sock.bind((source, 0))
-        except OSError:
-            self.skipTest("cannot connect from %s here" % source)
-        sock.connect(self.address)
-        peer = Peer(sock)
+        peer = self.peer_from(source)
         peer.say("/pass " + password)
         return peer
 
@@ -1507,16 +1512,7 @@ class ModerationTest(ServerTestCase):
     options = {"op_password": "op secret", "greet_delay": 5.0}
 
     def connect_from(self, source, nick):
-        """A peer connecting from another loopback address (Linux has 127.0.0.0/8)."""
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.settimeout(TIMEOUT)
-        try:
-            sock.bind((source, 0))
-        except OSError:
-            self.skipTest("cannot connect from %s here" % source)
-        sock.connect(self.address)
-        peer = Peer(sock)
+        peer = self.peer_from(source)
         peer.say("/nick " + nick)
         peer.expect(r"\*\*\* type /help for commands")
         return peer
@@ -1548,12 +1544,7 @@ class ModerationTest(ServerTestCase):
                          "*** banned bob (127.0.0.2/32) for 2s: flooding")
         self.assertRegex(alice.expect(r"\*\*\* ban .*"),
                          r"\*\*\* ban bob \(127\.0\.0\.2/32\) by alice, for [12]s: flooding")
-        refused = socket.socket()
-        self.addCleanup(refused.close)
-        refused.settimeout(TIMEOUT)
-        refused.bind(("127.0.0.2", 0))
-        refused.connect(self.address)
-        refused = Peer(refused)
+        refused = self.peer_from("127.0.0.2")
         refused.say("/nick bob")
         self.assertEqual(refused.expect_closed(), ["*** error: banned"])
         self.connect("carol")   # other addresses are welcome
