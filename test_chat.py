@@ -360,6 +360,15 @@ class ServerTestCase(unittest.TestCase):
         """Hook for subclasses that speak TLS."""
         return sock
 
+    def reader_that_never_reads(self, nick):
+        """A connection under nick, with a small receive buffer, that reads nothing."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"/nick %s\n" % nick.encode())
+
     def connect(self, nick=None):
         """A peer past its greeting; with a nick, it asks for it first, as the client does
         (which announces it), else it waits to be greeted as a guest."""
@@ -1038,12 +1047,7 @@ class SlowReaderTest(ServerTestCase):
 
     def test_slow_reader_is_dropped_others_get_everything_in_order(self):
         alice, bob = self.connect("alice"), self.connect("bob")
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.settimeout(TIMEOUT)
-        slow.connect(self.address)
-        self.addCleanup(slow.close)
-        slow.sendall(b"/nick slow\n")
+        self.reader_that_never_reads("slow")
         self.assertEqual(alice.expect(r"\*\*\* slow joined"), "*** slow joined")
         # bob talks until the server gives up on slow, however much the kernel buffers hold.
         dropped = threading.Event()
@@ -1074,12 +1078,7 @@ class StuckReaderTest(ServerTestCase):
 
     def test_a_reader_that_stops_is_dropped_even_when_all_is_quiet(self):
         alice, bob = self.connect("alice"), self.connect("bob")
-        stuck = socket.socket()
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.settimeout(TIMEOUT)
-        stuck.connect(self.address)
-        self.addCleanup(stuck.close)
-        stuck.sendall(b"/nick stuck\n")
+        self.reader_that_never_reads("stuck")
         alice.expect(r"\*\*\* stuck joined")
         batch = "".join("%04d %s\n" % (i, "q" * 1000) for i in range(100)).encode()
         while True:   # until the kernel buffers are full and the server holds more
