@@ -4788,9 +4788,11 @@ class LineEditor:
         self.text, self.cursor = text, len(text)
 
     def submit(self):
-        """The finished line; the editor is empty again and the line is in the history."""
+        """The finished line; the editor is empty again and the line is in the history
+        (unless it holds a password: Up must not show it to whoever looks on)."""
         line = self.text
-        if line.strip() and (not self.history or self.history[-1] != line):
+        secret = line.split(" ", 1)[0].lower() in ("/op", "/pass")
+        if line.strip() and not secret and (not self.history or self.history[-1] != line):
             self.history = (self.history + [line])[-self.HISTORY_SIZE:]
         self._browsing = None
         self._replace("")
@@ -5876,7 +5878,7 @@ $("send").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = input.value;
   if (!text.trim()) return;
-  if (!sent.length || sent[sent.length - 1] !== text) sent.push(text);
+  if (!/^\/(op|pass) /i.test(text) && (!sent.length || sent[sent.length - 1] !== text)) sent.push(text);
   browsing = -1;
   if (/^\/quit\b/i.test(text)) leaving = "you left";
   send(text);

@@ -2562,6 +2562,10 @@ class BrowserTest(ServerTestCase):
         self.assertEqual(browser.js("document.querySelectorAll('#log .private').length"), 1)
         bob.say("/op op secret")
         bob.expect(r"\*\*\* you are an operator now")
+        browser.js("document.getElementById('line').value = '/op not it';"
+                   "document.getElementById('send').requestSubmit()")
+        browser.wait("document.getElementById('log').innerText.includes('wrong operator password')")
+        self.assertEqual(browser.js("sent.filter(line => line.startsWith('/op')).length"), 0)
         browser.js("document.getElementById('line').value = '/whois bob';"
                    "document.getElementById('send').requestSubmit()")
         browser.wait("document.getElementById('log').innerText.includes('bob: in #lobby; idle')")
@@ -3073,7 +3077,7 @@ class LineEditorTest(unittest.TestCase):
 
     def test_history(self):
         editor = chat.LineEditor()
-        for line in ("first", "second"):
+        for line in ("first", "second", "/op sesame", "/PASS sesame"):   # no passwords kept
             editor.insert(line)
             self.assertEqual(editor.submit(), line)
         editor.insert("draft")
