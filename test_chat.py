@@ -2068,25 +2068,45 @@ class Tmux:
 
 
 class LineReader:
-    """A subprocess's output lines, gathered by a thread, waited for by pattern."""
+    """A subprocess's output, gathered line by line by a thread, waited for by pattern."""
 
     def __init__(self, stream):
         self.lines = []
+        self.ended = False
+        self._text = []
         self._changed = threading.Condition()
         threading.Thread(target=self._read, args=(stream,), name="reader", daemon=True).start()
 
     def _read(self, stream):
-        for raw in stream:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                self._changed.notify_all()
+        with stream:
+            for raw in stream:
+                text = raw.decode("utf-8", "replace")
+                with self._changed:
+                    self._text.append(text)
+                    self.lines.append(text.rstrip("\r\n"))
+                    self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
 
     def wait_for(self, pattern):
+        """The first line that matches; AssertionError if none comes in time."""
         with self._changed:
-            if not self._changed.wait_for(
-                    lambda: any(re.search(pattern, line) for line in self.lines), TIMEOUT):
+            self._changed.wait_for(lambda: self.ended or self._find(pattern) is not None, TIMEOUT)
+            found = self._find(pattern)
+            if found is None:
                 raise AssertionError("no line like %r in %r" % (pattern, self.lines[-10:]))
-            return next(line for line in self.lines if re.search(pattern, line))
+            return found
+
+    def _find(self, pattern):
+        return next((line for line in self.lines if re.search(pattern, line)), None)
+
+    def text(self):
+        """All of it, exactly, once the stream has ended."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.ended, TIMEOUT):
+                raise AssertionError("the output never ended: %r" % self.lines[-10:])
+            return "".join(self._text)
 
 
 class RealIrcClientTest(ServerTestCase):
@@ -2589,40 +2609,19 @@ class ServerProcess:
                                      stderr=subprocess.PIPE, preexec_fn=preexec_fn,
                                      env=child_env(**(env or {})))
         test.addCleanup(self.stop)
-        self.lines = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._collect, name="server-stderr", daemon=True).start()
+        self.log = LineReader(self.proc.stderr)
+        self.lines, self.wait_for = self.log.lines, self.log.wait_for
         listening = self.wait_for(r"listening on .*")
         self.port = int(listening.rsplit(":", 1)[1])
 
-    def _collect(self):
-        for raw in self.proc.stderr:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append(None)
-            self._changed.notify_all()
-
-    def wait_for(self, pattern):
-        with self._changed:
-            ok = self._changed.wait_for(lambda: None in self.lines or any(
-                line and re.search(pattern, line) for line in self.lines), TIMEOUT)
-            found = [line for line in self.lines if line and re.search(pattern, line)]
-            if not ok or not found:
-                raise AssertionError("server never logged %r; stderr: %r" % (pattern, self.lines))
-            return found[0]
-
     @property
     def stderr(self):
-        with self._changed:
-            return "\n".join(line for line in self.lines if line)
+        return "\n".join(line for line in list(self.lines) if line)
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(TIMEOUT)
-        self.proc.stderr.close()
 
 
 def run_cli(*args, env=None):
@@ -2812,7 +2811,7 @@ class CommandLineTest(unittest.TestCase):
 
 
 class ClientProcess:
-    """chat.py client in a subprocess with piped stdin/stdout."""
+    """chat.py client in a subprocess with piped stdin, stdout and stderr."""
 
     def __init__(self, test, port, *args, stdin_data=None, env=None):
         argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
@@ -2820,6 +2819,7 @@ class ClientProcess:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=child_env(**(env or {})))
         test.addCleanup(self.kill)
+        self.out, self.err = LineReader(self.proc.stdout), LineReader(self.proc.stderr)
         if stdin_data is not None:
             self.proc.stdin.write(stdin_data)
             self.proc.stdin.flush()
@@ -2829,13 +2829,15 @@ class ClientProcess:
         if self.proc.stdin:
             self.proc.stdin.close()
             self.proc.stdin = None
-        out, err = self.proc.communicate(timeout=TIMEOUT * 2)
-        return self.proc.returncode, out.decode("utf-8"), err.decode("utf-8")
+        self.proc.wait(TIMEOUT * 2)
+        return self.proc.returncode, self.out.text(), self.err.text()
 
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait()
+        if self.proc.stdin:
+            self.proc.stdin.close()
 
 
 class ClientTest(ServerTestCase):
@@ -2886,7 +2888,7 @@ class ClientTest(ServerTestCase):
     def test_ctrl_c_leaves_cleanly(self):
         alice = self.connect("alice")
         client = ClientProcess(self, self.address[1], "--nick", "ci")
-        alice.expect(r"\*\*\* ci joined")
+        client.out.wait_for(r"\*\*\* type /help")   # in: before, Ctrl+C just stops connecting
         client.proc.send_signal(signal.SIGINT)
         code, out, err = client.finish()
         self.assertEqual((code, err), (0, ""))
@@ -3463,7 +3465,9 @@ class TerminalClientTest(ServerTestCase):
 
     def start(self, *args, **kwargs):
         session = TerminalSession(self, self.address[1], "--nick", "alice", *args, **kwargs)
-        session.wait(lambda s: s.lines()[s.row].endswith(">"), "the prompt")
+        session.wait(lambda s: s.lines()[s.row].endswith(">") and "type/helpforcommands" in
+                     "".join(s.lines()).replace(" ", ""),   # shown once the console is up
+                     "the prompt, after the greeting: the terminal is raw by then")
         return session
 
     def test_incoming_lines_go_above_the_half_typed_line(self):
@@ -3627,7 +3631,6 @@ class TerminalClientTest(ServerTestCase):
         import termios
         bob = self.connect("bob")
         term = self.start()
-        bob.expect(r"\*\*\* alice joined")
         raw_mode = termios.tcgetattr(term.slave)
         self.assertFalse(raw_mode[3] & termios.ICANON)
         term.type("\x04")
