@@ -3622,6 +3622,9 @@ class ChatServer:
         self.options = options or ServerOptions()
         self.name = self.options.name or socket.gethostname()
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes,
+                                 self.options.history)   # first: a refusal leaks nothing
+                       if self.options.data_dir else Store())
         self._selector = selectors.DefaultSelector()
         self._listeners = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -3632,9 +3635,6 @@ class ChatServer:
         self._timer_seq = itertools.count()
         self._batcher = TurnBatcher()
         self._failed = []              # (connection, reason) to drop after the turn
-        self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes,
-                                 self.options.history)
-                       if self.options.data_dir else Store())
         self._sync_pending = False
         self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store)
         rate = self.options.rate

@@ -1274,10 +1274,11 @@ class TLSReadTest(TLSServerMixin, ServerTestCase):
 
     def test_connections_end_with_close_notify(self):
         context = ssl.create_default_context(cafile=PKI["ca"])
-        raw = socket.create_connection(self.address, timeout=TIMEOUT)
-        self.addCleanup(raw.close)
-        peer = Peer(context.wrap_socket(raw, server_hostname="localhost",
-                                        suppress_ragged_eofs=False))   # else no difference
+        tls = context.wrap_socket(socket.create_connection(self.address, timeout=TIMEOUT),
+                                  server_hostname="localhost",
+                                  suppress_ragged_eofs=False)   # else no difference
+        self.addCleanup(tls.close)
+        peer = Peer(tls)
         peer.say("/nick quitter")
         peer.expect(r"\*\*\* type /help for commands")
         peer.say("/quit")
