@@ -680,10 +680,6 @@ class Member:
         """The room of a member that is in one at a time; the first one otherwise."""
         return next(iter(self.rooms), None)
 
-    @property
-    def muted(self):
-        return self.muted_until is not None and time.time() < self.muted_until
-
 
 class Room:
     """A room: its members in join order, its topic and history, and what is rendered
@@ -861,6 +857,11 @@ class Ban:
 
     @classmethod
     def from_record(cls, record):
+        """The Ban of a kept record; KeyError, TypeError or ValueError if it is not one."""
+        texts = (record["target"], record["reason"], record["by"])
+        if not all(isinstance(text, str) for text in texts) or not isinstance(
+                record["until"], (int, float, type(None))):
+            raise TypeError("a ban record of the wrong shape")
         return cls(record["target"], ipaddress.ip_network(record["network"]), record["until"],
                    record["reason"], record["by"])
 
@@ -888,7 +889,7 @@ class Hub:
         self.ignored_by = {}            # nick key -> members that ignore that nick
         self.mutes = {}                 # nick key -> until when (a reconnect stays muted)
         self.topics, bans = self.store.load_state()
-        self.bans = [Ban.from_record(record) for record in bans]
+        self.bans = self._readable_bans(bans)
         self._guests = itertools.count(1)
         self._uids = itertools.count(1)
         self.default_room = self._add_room(normalize_room(options.room))
@@ -972,13 +973,18 @@ class Hub:
         """member leaves the chat (its connection is closing): every room is told."""
         if self.members.get(member.key) is not member:
             return
+        self._depart(member, lambda room, uid: Quit(
+            room.name, member.nick, reason, room not in member.heralded or self._big(room), uid))
+
+    def _depart(self, member, event_for):
+        """member is gone from the chat: each of its rooms gets event_for(room, uid) (one
+        uid, so a member of several hears it once), and its nick and ignores are let go."""
         uid = next(self._uids)
         for room in list(member.rooms):
-            quiet = room not in member.heralded or self._big(room)
-            self._remove(member, room, Quit(room.name, member.nick, reason, quiet, uid))
+            self._remove(member, room, event_for(room, uid))
         self._unregister(member)
-        for key in member.ignoring:
-            self.ignored_by.get(key, set()).discard(member)
+        for key in list(member.ignoring):
+            self._stop_ignoring(member, key)
 
     # Commands
 
@@ -1011,7 +1017,7 @@ class Hub:
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
             return
-        if member.muted:
+        if self._muted(member):
             self.sink.send(member, notice("you_are_muted"))
             return
         self.announce(member)
@@ -1039,7 +1045,7 @@ class Hub:
         if target is None:
             self.sink.send(member, notice("no_such_nick", nick=sanitize(target_name)[:40]))
             return
-        if member.muted and not target.operator:
+        if self._muted(member) and not target.operator:
             self.sink.send(member, notice("you_are_muted"))
             return
         member.active = time.monotonic()
@@ -1139,9 +1145,16 @@ class Hub:
     def do_unignore(self, member, name):
         key = self._nick_key(member, name, "/unignore NICK")
         if key is not None:
-            member.ignoring.discard(key)
-            self.ignored_by.get(key, set()).discard(member)
+            self._stop_ignoring(member, key)
             self.sink.send(member, notice("unignoring", nick=sanitize(name)[:MAX_NICK]))
+
+    def _stop_ignoring(self, member, key):
+        member.ignoring.discard(key)
+        ignorers = self.ignored_by.get(key)
+        if ignorers is not None:
+            ignorers.discard(member)
+            if not ignorers:
+                del self.ignored_by[key]
 
     def do_whois(self, member, name):
         target = self._online(member, name, "/whois NICK")
@@ -1273,6 +1286,9 @@ class Hub:
             self.sink.send(target, notice("unmuted_you"))
             self.sink.send(member, notice("unmuted", nick=target.nick))
 
+    def _muted(self, member):
+        return member.muted_until is not None and self.clock() < member.muted_until
+
     def _operator(self, member, command):
         if not member.operator:
             self.sink.send(member, notice("not_operator", name=command))
@@ -1280,11 +1296,19 @@ class Hub:
 
     def _expel(self, target, by, reason):
         """Put a member out: its rooms are told who did it and why, then it goes."""
-        uid = next(self._uids)
-        for room in list(target.rooms):
-            self._remove(target, room, Kicked(room.name, target.nick, by, reason, uid))
-        self._unregister(target)
+        self._depart(target, lambda room, uid: Kicked(room.name, target.nick, by, reason, uid))
         self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
+
+    @staticmethod
+    def _readable_bans(records):
+        """The bans kept from before; one that cannot be read (edited by hand) is skipped."""
+        bans = []
+        for record in records:
+            try:
+                bans.append(Ban.from_record(record))
+            except (KeyError, TypeError, ValueError):
+                log.warning("skipped a kept ban that cannot be read: %.100r", record)
+        return bans
 
     def _save_state(self):
         self.store.save_state({key: topic for key, topic in self.topics.items() if topic},
@@ -1492,8 +1516,8 @@ class FileStore(Store):
     output is sent, so a crash or kill -9 loses nothing that was relayed. Logs
     are rotated past max_bytes, but never before they hold keep_records lines:
     the one older generation kept is then always enough to replay the history,
-    whatever the size of the lines. A torn last record, from a crash in mid-write, is skipped when
-    read. Topics and bans are in state.json, replaced whole. The directory is
+    whatever the size of the lines. A torn last record, from a crash in
+    mid-write, is skipped when read. Topics and bans are in state.json, replaced whole. The directory is
     0700 and the files 0600: chat text is private. A failing disk is logged
     and the chat goes on from memory.
     """
@@ -1544,10 +1568,12 @@ class FileStore(Store):
         try:
             with open(os.path.join(self.path, self.STATE), encoding="utf-8") as file:
                 state = json.load(file)
-            return dict(state.get("topics", {})), list(state.get("bans", []))
+            topics = {key: topic for key, topic in state.get("topics", {}).items()
+                      if isinstance(key, str) and isinstance(topic, str)}
+            return topics, list(state.get("bans", []))
         except FileNotFoundError:
             return {}, []
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
             log.warning("cannot read %s (%s): starting without topics and bans",
                         os.path.join(self.path, self.STATE), exc)
             return {}, []
@@ -1556,12 +1582,11 @@ class FileStore(Store):
         final = os.path.join(self.path, self.STATE)
         temporary = final + ".new"
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, json.dumps({"topics": topics, "bans": bans}, indent=1).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                      "wb") as file:
+                file.write(json.dumps({"topics": topics, "bans": bans}, indent=1).encode())
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temporary, final)
             self._healthy()
         except OSError as exc:

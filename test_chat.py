@@ -1767,6 +1767,25 @@ class PersistenceTest(ServerTestCase):
         self.assertIn("skipped a torn record", "\n".join(logs.output))
         self.assertEqual(history_of(bob), ["<alice> first", "<alice> second"])
 
+    def test_kept_state_edited_by_hand_is_read_as_far_as_it_can_be(self):
+        self.stop_server()
+        self.server.server_close()
+        good = {"target": "10.0.0.1", "network": "10.0.0.1/32", "until": None,
+                "reason": "spam", "by": "alice"}
+        with open(os.path.join(self.options["data_dir"], "state.json"), "w") as state:
+            json.dump({"topics": {"#lobby": "kept", "#dev": 7},
+                       "bans": [dict(good, until="soon"), dict(good, network="nowhere"), [1], good]},
+                      state)
+        with self.assertLogs(chat.log, logging.WARNING) as logs:
+            self.restart_server()
+            bob = self.connect("bob")
+        self.assertEqual(len([line for line in logs.output if "skipped a kept ban" in line]), 3)
+        bob.say("/topic", "/op op secret", "/bans")
+        self.assertEqual(bob.expect(r"\*\*\* topic .*"), "*** topic of #lobby: kept")
+        self.assertEqual(bob.expect(r"\*\*\* (ban|no bans).*"),
+                         "*** ban 10.0.0.1 (10.0.0.1/32) by alice, for good: spam")
+        self.assertEqual(bob.sync(), [])   # one ban, and only one
+
     def test_a_data_directory_in_use_is_refused(self):
         with self.assertRaisesRegex(chat.StoreError, "in use by another server"):
             chat.ChatServer(chat.ServerOptions(host="127.0.0.1", port=0,
