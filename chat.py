@@ -1508,6 +1508,31 @@ class Store:
         pass
 
 
+class OpenLog:
+    """A room's log, open for appending: its size and how many records it holds."""
+
+    __slots__ = ("path", "fd", "size", "records")
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self.records = sum(chunk.count(b"\n")
+                               for chunk in iter(lambda: os.read(self.fd, 1 << 16), b""))
+            self.size = os.fstat(self.fd).st_size
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def append(self, data):
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+            self.size += written
+        self.records += data.count(b"\n")
+
+
 class FileStore(Store):
     """Rooms' public lines, topics and bans in a directory of their own.
 
@@ -1538,7 +1563,7 @@ class FileStore(Store):
             raise StoreError(exc.errno, "cannot use the data directory %s: %s"
                              % (path, exc.strerror or exc))
         self._pending = {}      # room name -> [record bytes] of this turn
-        self._files = {}        # room name -> [fd, bytes, records in the file]
+        self._files = {}        # room name -> its OpenLog
         self._unsynced = set()  # fds written since the last fsync
         self._failing = False
 
@@ -1641,36 +1666,23 @@ class FileStore(Store):
                 self._failed("cannot write the log of %s" % room, exc)
 
     def _write(self, room, data):
-        entry = self._files.get(room) or self._open(room)
-        view = memoryview(data)
-        while view:
-            written = os.write(entry[0], view)
-            view = view[written:]
-            entry[1] += written
-        entry[2] += data.count(b"\n")
-        self._unsynced.add(entry[0])
-        if entry[1] > self.max_bytes and entry[2] >= self.keep_records:
+        opened = self._files.get(room)
+        if opened is None:
+            opened = self._files[room] = OpenLog(self._log_path(room))
+        opened.append(data)
+        self._unsynced.add(opened.fd)
+        if opened.size > self.max_bytes and opened.records >= self.keep_records:
             self._rotate(room)
-
-    def _open(self, room):
-        """Open a room's log for appending, counting the records it already holds."""
-        fd = os.open(self._log_path(room), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            records = sum(chunk.count(b"\n") for chunk in iter(lambda: os.read(fd, 1 << 16), b""))
-        except OSError:
-            os.close(fd)
-            raise
-        entry = self._files[room] = [fd, os.fstat(fd).st_size, records]
-        return entry
 
     def _rotate(self, room):
         """The log becomes the older generation; the next write starts a new one."""
-        fd = self._files.pop(room)[0]
-        self._unsynced.discard(fd)
-        os.fsync(fd)
-        os.close(fd)
-        path = self._log_path(room)
-        os.replace(path, path + ".1")
+        opened = self._files.pop(room)
+        self._unsynced.discard(opened.fd)
+        try:
+            os.fsync(opened.fd)
+        finally:
+            os.close(opened.fd)
+        os.replace(opened.path, opened.path + ".1")
 
     @property
     def unsynced(self):
@@ -1687,8 +1699,8 @@ class FileStore(Store):
     def close(self):
         self.flush()
         self.sync()
-        for fd, *_ in self._files.values():
-            os.close(fd)
+        for opened in self._files.values():
+            os.close(opened.fd)
         self._files.clear()
         os.close(self._lock_fd)
 
