@@ -1808,6 +1808,20 @@ class Dialect:
     def handle(self, message):
         raise NotImplementedError
 
+    def password_accepted(self, password):
+        """Whether the server's password is right; a wrong one is refused after a pause,
+        and an address that guessed too often is let go at once."""
+        verdict, wait = self.hub.check_password(self.conn.ip, password)
+        if verdict == "wait":
+            self.server.disconnect(self.conn, "password guessing throttled",
+                                   notice("guesses_throttled", seconds=math.ceil(wait)))
+        elif verdict == "wrong":
+            log.info("%r: wrong password", self.conn)
+            self.server.refuse_password(self.conn, notice("wrong_password"))
+        else:
+            log.info("%r: password accepted", self.conn)
+        return verdict == "ok"
+
     def render(self, event):
         raise NotImplementedError
 
@@ -1853,17 +1867,9 @@ class LineDialect(Dialect):
         return self.server.admit(self.conn, self.wanted_nick)
 
     def _check_password(self, password):
-        verdict, wait = self.hub.check_password(self.conn.ip, password)
-        if verdict == "ok":
-            log.info("%r: password accepted", self.conn)
+        if self.password_accepted(password):
             self.locked = False
             self.server.admit(self.conn, self.wanted_nick)
-        elif verdict == "wrong":
-            log.info("%r: wrong password", self.conn)
-            self.server.refuse_password(self.conn, notice("wrong_password"))
-        else:
-            self.server.disconnect(self.conn, "password guessing throttled",
-                                   notice("guesses_throttled", seconds=math.ceil(wait)))
 
     # What arrives
 
@@ -2225,17 +2231,8 @@ class IrcDialect(Dialect):
             self.wanted_nick = None
             self.send_event(problem)
             return
-        if self.server.options.password:
-            verdict, wait = self.hub.check_password(self.conn.ip, self.password or "")
-            if verdict == "wait":
-                self.server.disconnect(self.conn, "password guessing throttled", notice(
-                    "guesses_throttled", seconds=math.ceil(wait)))
-                return
-            if verdict == "wrong":
-                log.info("%r: wrong password", self.conn)
-                self.server.refuse_password(self.conn, notice("wrong_password"))
-                return
-            log.info("%r: password accepted", self.conn)
+        if self.server.options.password and not self.password_accepted(self.password or ""):
+            return
         self.greeted_as = self.wanted_nick
         self.server.admit(self.conn, self.wanted_nick, self.realname)
         self.server.call_later(self.server.options.irc_ping_interval, self._keep_alive)
