@@ -487,6 +487,10 @@ class Wording:
         """The line (without its newline) of shape key."""
         return self.templates[key].format(**fields)
 
+    def percent_format(self, key):
+        """Shape key as a %-format of its fields in order: for the hot path."""
+        return re.sub(r"\{\w+\}", "%s", self.templates[key].replace("%", "%%"))
+
     def parse(self, line):
         """(shape, fields) of a received line; (None, {}) for a line of no known shape."""
         for key, pattern in self._patterns:
@@ -497,6 +501,12 @@ class Wording:
 
 
 WORDING = Wording()
+_SAID_FORMATS = {False: WORDING.percent_format("said"), True: WORDING.percent_format("acted")}
+
+
+def said_line(nick, text, action=False):
+    """A public line, or a /me, as the line protocol shows it: "<alice> hi", "* alice waves"."""
+    return _SAID_FORMATS[action] % (nick, text)
 
 
 # --- Events ---
@@ -1780,6 +1790,19 @@ def clock_text(when):
     return time.strftime("%H:%M", time.localtime(when))
 
 
+def history_lines(room):
+    """A room's history block in the line protocol's words: a header that says how
+    much, the lines with their times, an end marker."""
+    count = len(room.history)
+    lines = [WORDING.render("history_start", count=count, room=room.name,
+                            noun="message" if count == 1 else "messages")]
+    lines += [WORDING.render("history_entry", time=clock_text(said.time),
+                             line=said_line(said.nick, said.text, said.action))
+              for said in room.history]
+    lines.append(WORDING.render("history_end"))
+    return lines
+
+
 class Dialect:
     """How one connection speaks; one instance per connection.
 
@@ -1950,8 +1973,7 @@ class LineDialect(Dialect):
     def render_shared(cls, event):
         kind = type(event)
         if kind is Said:
-            shape = "* %s %s\n" if event.action else "<%s> %s\n"
-            return (shape % (event.nick, event.text)).encode()
+            return (said_line(event.nick, event.text, event.action) + "\n").encode()
         if kind in MEMBERSHIP_EVENTS and event.quiet:
             return b""
         if kind is Joined:
@@ -1977,7 +1999,7 @@ class LineDialect(Dialect):
         return line_bytes(event.key, **event.fields)
 
     def _private(self, event):
-        text = "* %s %s" % (event.sender, event.text) if event.action else event.text
+        text = said_line(event.sender, event.text, True) if event.action else event.text
         if event.sent:
             return line_bytes("private_sent", nick=event.target, text=text)
         return line_bytes("private", nick=event.sender, text=text)
@@ -2004,14 +2026,8 @@ class LineDialect(Dialect):
         room = event.room
         block = room.history_cache.get(LineDialect)
         if block is None:
-            count = len(room.history)
-            lines = [line_bytes("history_start", count=count, room=room.name,
-                                noun="message" if count == 1 else "messages")]
-            for said in room.history:
-                lines.append(b"*** [%s] %s" % (clock_text(said.time).encode(),
-                                               self.render_shared(said)))
-            lines.append(line_bytes("history_end"))
-            block = room.history_cache[LineDialect] = b"".join(lines)
+            block = room.history_cache[LineDialect] = "".join(
+                line + "\n" for line in history_lines(room)).encode()
         return block
 
     def _who(self, event):
@@ -2086,6 +2102,14 @@ def irc_text(text):
     return sanitize(_IRC_FORMATTING.sub("", text))
 
 
+def utf8_boundary(data, limit):
+    """The longest length of UTF-8 data, at most limit, that does not cut a character."""
+    cut = min(len(data), limit)
+    while cut < len(data) and cut and data[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return cut
+
+
 def irc_split(head, text):
     """Lines of head + text, each at most IRC_LINE bytes with its CR LF: text is cut at
     UTF-8 character boundaries when it is longer."""
@@ -2094,9 +2118,7 @@ def irc_split(head, text):
     data = text.encode()
     lines = []
     while True:
-        cut = len(data) if len(data) <= room else room
-        while cut < len(data) and cut and data[cut] & 0xC0 == 0x80:
-            cut -= 1   # not inside a character
+        cut = utf8_boundary(data, room)
         lines.append(head + data[:cut] + b"\r\n")
         data = data[cut:]
         if not data:
@@ -2461,12 +2483,7 @@ class IrcDialect(Dialect):
     def _line(line):
         """A line cut to 512 bytes with its CR LF, at a character boundary."""
         data = line.encode()
-        if len(data) > IRC_LINE - 2:
-            cut = IRC_LINE - 2
-            while cut and data[cut] & 0xC0 == 0x80:
-                cut -= 1
-            data = data[:cut]
-        return data + b"\r\n"
+        return data[:utf8_boundary(data, IRC_LINE - 2)] + b"\r\n"
 
     def _numeric(self, number, text):
         self.conn_send(self._numeric_bytes(number, text))
@@ -2537,14 +2554,8 @@ class IrcDialect(Dialect):
         block = room.history_cache.get(IrcDialect)
         if block is None:
             head = ":%s NOTICE %s :" % (self.server_name, room.name)
-            count = len(room.history)
-            lines = [irc_split(head, "--- last %d %s in %s ---" % (
-                count, "message" if count == 1 else "messages", room.name))]
-            for said in room.history:
-                shape = "[%s] * %s %s" if said.action else "[%s] <%s> %s"
-                lines.append(irc_split(head, shape % (clock_text(said.time), said.nick, said.text)))
-            lines.append(irc_split(head, "--- end of history ---"))
-            block = room.history_cache[IrcDialect] = b"".join(lines)
+            block = room.history_cache[IrcDialect] = b"".join(
+                irc_split(head, line[len("*** "):]) for line in history_lines(room))
         return block
 
     def _private(self, event):
