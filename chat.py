@@ -1831,6 +1831,13 @@ class Dialect:
     def handle(self, message):
         raise NotImplementedError
 
+    def send_event(self, event):
+        self.server.send_event(self.conn, event)
+
+    def conn_send(self, data):
+        """Send bytes the dialect made itself, in order with the rest of the turn."""
+        self.server.send_bytes(self.conn, data)
+
     def password_accepted(self, password):
         """Whether the server's password is right; a wrong one is refused after a pause,
         and an address that guessed too often is let go at once."""
@@ -1867,7 +1874,7 @@ class LineDialect(Dialect):
     def start(self, spoke):
         if self.server.options.password:
             self.locked = True
-            self.server.send_event(self.conn, notice("password_required"))
+            self.send_event(notice("password_required"))
         elif not spoke:
             self.server.admit(self.conn)
 
@@ -1882,7 +1889,7 @@ class LineDialect(Dialect):
             elif name == "nick":
                 self.wanted_nick = sanitize(argument).strip() or None
             else:
-                self.server.send_event(self.conn, notice("password_needed"))
+                self.send_event(notice("password_needed"))
             return False
         if name == "nick" and argument.strip():
             self.server.admit(self.conn, sanitize(argument).strip())
@@ -1921,7 +1928,7 @@ class LineDialect(Dialect):
 
     def handle(self, message):
         if message is TOO_LONG:
-            self.server.send_event(self.conn, notice(
+            self.send_event(notice(
                 "line_too_long", limit=self.server.options.max_line))
             return
         raw = strip_transport(message)
@@ -1945,13 +1952,13 @@ class LineDialect(Dialect):
     def _command(self, text):
         name, argument = self._split_command(text)
         if name == "pass":
-            self.server.send_event(self.conn, notice("already_in"))
+            self.send_event(notice("already_in"))
             return
         if name == "op":   # the password as typed, spaces and all
             self.hub.do_op(self.conn.member, argument)
             return
         if name not in self.COMMANDS:
-            self.server.send_event(self.conn, notice("unknown_command", name=sanitize(name)[:30]))
+            self.send_event(notice("unknown_command", name=sanitize(name)[:30]))
             return
         self.run_command(self.hub, self.conn.member, name, sanitize(argument))
 
@@ -2470,12 +2477,6 @@ class IrcDialect(Dialect):
     def _send(self, line):
         self.conn_send((line + "\r\n").encode())
 
-    def conn_send(self, data):
-        self.server.send_bytes(self.conn, data)
-
-    def send_event(self, event):
-        self.server.send_event(self.conn, event)
-
     def _numeric_bytes(self, number, text):
         return self._line(":%s %s %s %s" % (self.server_name, number, self.nick, text))
 
@@ -2938,9 +2939,6 @@ class HttpDialect(Dialect):
         self.conn_send(self._head(status, headers) + body)
         self.server.disconnect(self.conn, "http %d" % status)
 
-    def conn_send(self, data):
-        self.server.send_bytes(self.conn, data)
-
     def render(self, event):
         return b""   # no chat before the upgrade; refusals come as HTTP statuses
 
@@ -2960,9 +2958,6 @@ class WebSocketDialect(LineDialect):
 
     def start(self, spoke):
         super().start(spoke=True)   # the page speaks first: /nick, then /pass if asked
-
-    def conn_send(self, data):
-        self.server.send_bytes(self.conn, data)
 
     def close_socket(self, reason, frame):
         self.conn_send(frame)
