@@ -695,14 +695,15 @@ class Room:
     """A room: its members in join order, its topic and history, and what is rendered
     from them (who lists, history blocks) until they change."""
 
-    __slots__ = ("name", "key", "lookalikes", "members", "topic", "history", "hearing_quiet",
-                 "cache", "history_cache", "_names", "_runs")
+    __slots__ = ("name", "key", "lookalikes", "members", "operators", "topic", "history",
+                 "hearing_quiet", "cache", "history_cache", "_names", "_runs")
 
     def __init__(self, name, history):
         self.name = name
         self.key = name_key(name)
         self.lookalikes = lookalike_keys(name)
         self.members = {}               # Member -> None, in join order
+        self.operators = {}             # the members that are operators, so lists need no scan
         self.topic = None
         self.history = collections.deque(maxlen=history)   # Said events
         self.hearing_quiet = 0          # members that want quiet events
@@ -713,6 +714,8 @@ class Room:
 
     def add(self, member):
         self.members[member] = None
+        if member.operator:
+            self.operators[member] = None
         self.hearing_quiet += member.hears_quiet
         self.cache.clear()
         self._names = None
@@ -721,6 +724,7 @@ class Room:
 
     def remove(self, member):
         del self.members[member]
+        self.operators.pop(member, None)
         self.hearing_quiet -= member.hears_quiet
         self.changed()
 
@@ -1190,6 +1194,7 @@ class Hub:
         else:
             member.operator = True
             for room in member.rooms:
+                room.operators[member] = None
                 room.changed()
             log.warning("%r is an operator now", member)
             self.sink.send(member, notice("opped"))
@@ -3024,6 +3029,18 @@ class WebSocketDialect(LineDialect):
                 "lines": [self.event_json(said) for said in room.history]})
         return block
 
+    def _who(self, event):
+        """The member list, built once per change of the room and shared, as for nc."""
+        room = event.room
+        key = (WebSocketDialect, event.own)
+        reply = room.cache.get(key)
+        if reply is None:
+            reply = room.cache[key] = self.frame({
+                "type": "who", "room": room.name, "own": event.own,
+                "members": sorted((member.nick for member in room.members), key=name_key),
+                "operators": [member.nick for member in room.operators]})
+        return reply
+
     _JSON = {
         Notice: _notice,
         Private: lambda self, event: self.frame({
@@ -3035,7 +3052,7 @@ class WebSocketDialect(LineDialect):
             "type": "room", "room": event.room.name, "topic": event.room.topic,
             "count": len(event.room.members), "members": [
                 member.nick for member in itertools.islice(event.room.members, WEB_MEMBERS)],
-            "operators": [member.nick for member in event.room.members if member.operator]}),
+            "operators": [member.nick for member in event.room.operators]}),
         Whois: lambda self, event: self.frame({
             "type": "whois", "nick": event.nick, "rooms": list(event.rooms),
             "idle": int(event.idle), "away": event.away, "operator": event.operator,
@@ -3043,10 +3060,7 @@ class WebSocketDialect(LineDialect):
         TopicInfo: lambda self, event: self.frame({"type": "topic_info", "room": event.room,
                                                    "text": event.text}),
         History: _history,
-        WhoList: lambda self, event: self.frame({
-            "type": "who", "room": event.room.name, "own": event.own,
-            "members": sorted((member.nick for member in event.room.members), key=name_key),
-            "operators": [member.nick for member in event.room.members if member.operator]}),
+        WhoList: _who,
         RoomList: lambda self, event: self.frame({
             "type": "rooms", "total": event.total,
             "rooms": [{"name": name, "members": count} for name, count in event.rooms]}),
