@@ -3507,7 +3507,7 @@ class TurnBatcher:
                 if member.multi_room and any(other in rooms for other in member.rooms
                                              if other is not room):
                     done.add(conn)
-                    deliver(conn, self._pieces_by_room(conn, rooms, conn.member.rooms))
+                    deliver(conn, self._pieces_by_room(conn, rooms, member.rooms))
                     continue
                 dialect = type(conn.dialect)
                 data = shared.get(dialect)
