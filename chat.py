@@ -401,6 +401,7 @@ class Wording:
         ("no_topic", "*** no topic is set in {room}"),
         ("topic_set", "*** {nick} set the topic of {room}: {text}"),
         ("rooms", "*** {count} rooms: {list}"),
+        ("room_entry", "{room} ({count})"),   # an item of that list
         ("kicked", "*** {nick} was kicked by {by} ({reason})"),
         ("kicked_you", "*** you were kicked by {by} ({reason})"),
         ("opped", "*** you are an operator now"),
@@ -2059,7 +2060,8 @@ class LineDialect(Dialect):
         return reply
 
     def _room_list(self, event):
-        listed = ["%s (%d)" % room for room in event.rooms]
+        listed = [WORDING.render("room_entry", room=room, count=count)
+                  for room, count in event.rooms]
         if event.total > len(listed):
             listed.append("and %d more" % (event.total - len(listed)))
         return line_bytes("rooms", count=event.total, list=", ".join(listed))
@@ -4670,16 +4672,17 @@ class Roster:
             kind, fields = WORDING.parse(fields["line"])
         if kind in ("welcome", "joined", "said", "acted", "private"):
             self.nicks.add(fields["nick"])
-        elif kind in ("left", "moved"):
+        elif kind in ("left", "moved", "kicked"):
             self.nicks.discard(fields["nick"])
         elif kind == "renamed":
             self.nicks.discard(fields["nick"])
             self.nicks.add(fields["new"])
         elif kind in ("in_room", "who", "who_room"):
-            self.nicks.update(name for name in fields["names"].split(", ")
-                              if name and not name.startswith("and "))
+            self.nicks.update(name.lstrip("@") for name in fields["names"].split(", ")
+                              if name and not name.startswith("and "))   # "@": an operator
         elif kind == "rooms":
-            self.rooms.update(re.findall(r"(#\S+) \(\d+\)", fields["list"]))
+            entries = (WORDING.parse(entry) for entry in fields["list"].split(", "))
+            self.rooms.update(found["room"] for kind, found in entries if kind == "room_entry")
         if "room" in fields:
             self.rooms.add(fields["room"])
 

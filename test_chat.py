@@ -3143,6 +3143,24 @@ class LineEditorTest(unittest.TestCase):
         self.assertEqual([chat.char_width(c) for c in "a日\u0301🎉\u200d"], [1, 2, 0, 2, 0])
 
 
+class RosterTest(ServerTestCase):
+    """What Tab completes comes from the lines the server really sends."""
+
+    options = {"op_password": "op secret"}
+
+    def test_nicks_and_rooms_follow_what_is_shown(self):
+        alice, bob, carol = self.connect("alice"), self.connect("bob"), self.connect("carol")
+        carol.say("/join #dev")
+        carol.expect(r"\*\*\* you are in #dev.*")
+        alice.say("/op op secret", "/who", "/rooms", "/kick bob enough")
+        alice.expect(r"\*\*\* bob was kicked .*")
+        roster = chat.Roster()
+        for line in alice.transcript:   # all alice was shown, her greeting first
+            roster.note(line)
+        self.assertEqual(roster.nicks, {"alice"})   # not "@alice"; carol left, bob was kicked
+        self.assertEqual(roster.rooms, {"#lobby", "#dev"})
+
+
 class LineStyleTest(unittest.TestCase):
 
     def test_plain_style_leaves_lines_untouched(self):
