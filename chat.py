@@ -405,6 +405,7 @@ class Wording:
         ("kicked", "*** {nick} was kicked by {by} ({reason})"),
         ("kicked_you", "*** you were kicked by {by} ({reason})"),
         ("opped", "*** you are an operator now"),
+        ("now_operator", "*** {nick} is now an operator"),
         ("ban_added", "*** banned {target} ({network}) {span}: {reason}"),
         ("ban_entry", "*** ban {target} ({network}) by {by}, {span}: {reason}"),
         ("ban_covers_you", "*** note: the ban covers your own address: you could not "
@@ -576,6 +577,13 @@ class Kicked:
 
 
 @dataclass(frozen=True)
+class Opped:
+    """A member of the room became a (server) operator."""
+    room: str
+    nick: str
+
+
+@dataclass(frozen=True)
 class TopicSet:
     room: str
     nick: str
@@ -605,6 +613,7 @@ class RoomState:
     its topic."""
     room: "Room"
     greeting: bool = False
+    unlisted: Optional[str] = None      # the receiver's nick, while lists do not show it
 
 
 @dataclass(frozen=True)
@@ -694,17 +703,23 @@ class Member:
 
 class Room:
     """A room: its members in join order, its topic and history, and what is rendered
-    from them (who lists, history blocks) until they change."""
+    from them (who lists, history blocks) until they change.
 
-    __slots__ = ("name", "key", "lookalikes", "members", "operators", "topic", "history",
-                 "hearing_quiet", "cache", "history_cache", "_names", "_runs")
+    Every member hears the room; only the announced ones (they picked a nick or spoke)
+    are listed and counted, so a connection that has not shown itself yet (a silent
+    nc, a browser's spare socket greeted before it spoke) is in no list, and joins
+    that are listed are told exactly once."""
+
+    __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
+                 "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs")
 
     def __init__(self, name, history):
         self.name = name
         self.key = name_key(name)
         self.lookalikes = lookalike_keys(name)
-        self.members = {}               # Member -> None, in join order
-        self.operators = {}             # the members that are operators, so lists need no scan
+        self.members = {}               # Member -> None, in join order: who hears the room
+        self.listed = {}                # the announced members, in the order they showed
+        self.operators = {}             # the listed operators, so lists need no scan
         self.topic = None
         self.history = collections.deque(maxlen=history)   # Said events
         self.hearing_quiet = 0          # members that want quiet events
@@ -715,19 +730,27 @@ class Room:
 
     def add(self, member):
         self.members[member] = None
+        self.hearing_quiet += member.hears_quiet
+
+    def list(self, member):
+        """Show a member in the room's lists (it was announced)."""
+        self.listed[member] = None
         if member.operator:
             self.operators[member] = None
-        self.hearing_quiet += member.hears_quiet
         self.cache.clear()
         self._names = None
         if self._runs is not None:
             self._extend_runs(self.shown(member))
 
     def remove(self, member):
+        """Take a member out; True when it was listed (its leaving is news)."""
         del self.members[member]
-        self.operators.pop(member, None)
         self.hearing_quiet -= member.hears_quiet
-        self.changed()
+        if self.listed.pop(member, 0) is None:
+            self.operators.pop(member, None)
+            self.changed()
+            return True
+        return False
 
     def changed(self):
         """Forget what was rendered from the member list."""
@@ -740,19 +763,19 @@ class Room:
         return "@" + member.nick if member.operator else member.nick
 
     def names(self):
-        """Nicks of the members as lists show them, sorted (case-insensitively)."""
+        """Nicks of the listed members as lists show them, sorted (case-insensitively)."""
         if self._names is None:
-            self._names = sorted((self.shown(member) for member in self.members),
+            self._names = sorted((self.shown(member) for member in self.listed),
                                  key=lambda name: name_key(name.lstrip("@")))
         return self._names
 
     def nick_runs(self):
-        """The members' nicks in join order, space-separated in runs of at most NICK_RUN
-        bytes: what a reply that must fit a line (IRC's NAMES) is made of. A join
-        adds to the last run, so a storm of joins costs little."""
+        """The listed members' nicks in join order, space-separated in runs of at most
+        NICK_RUN bytes: what a reply that must fit a line (IRC's NAMES) is made of. A
+        join adds to the last run, so a storm of joins costs little."""
         if self._runs is None:
             self._runs = []
-            for member in self.members:
+            for member in self.listed:
                 self._extend_runs(self.shown(member))
         return self._runs
 
@@ -966,13 +989,12 @@ class Hub:
             nick, problem = self.claim(nick)
         self._register(member, nick or self._guest_nick())
         member.muted_until = self.mutes.get(member.key)
+        member.announced = bool(nick)   # entering, it is heralded at once
         self.sink.send(member, Welcome(self.name, member.nick))
         self._enter(member, self.default_room, greeting=True)
         if problem:
             self.sink.send(member, problem)
-        if nick:
-            self.announce(member)
-        else:
+        if not nick:
             self.sink.call_later(self.options.join_delay, self.announce, member)
         return member
 
@@ -1019,6 +1041,8 @@ class Hub:
         if old != nick:
             uid = next(self._uids)
             for room in member.rooms:
+                if member not in room.listed:
+                    continue
                 room.changed()
                 quiet = room not in member.heralded or self._big(room)
                 self._publish_membership(room, Renamed(room.name, old, nick, quiet, uid), (member,))
@@ -1119,8 +1143,8 @@ class Hub:
 
     def do_rooms(self, member):
         self.announce(member)
-        busiest = sorted(self.rooms.values(), key=lambda room: (-len(room.members), room.key))
-        listed = tuple((room.name, len(room.members)) for room in busiest[:ROOMS_LISTED])
+        busiest = sorted(self.rooms.values(), key=lambda room: (-len(room.listed), room.key))
+        listed = tuple((room.name, len(room.listed)) for room in busiest[:ROOMS_LISTED])
         self.sink.send(member, RoomList(listed, len(busiest)))
 
     def do_topic(self, member, room_name=None, text=None):
@@ -1192,13 +1216,15 @@ class Hub:
         elif verdict == "wrong":
             log.warning("%r: wrong operator password", member)
             self.sink.send(member, notice("wrong_op_password"))
-        else:
+        elif not member.operator:
+            self.announce(member)
             member.operator = True
+            log.warning("%r is an operator now", member)
+            self.sink.send(member, notice("opped"))
             for room in member.rooms:
                 room.operators[member] = None
                 room.changed()
-            log.warning("%r is an operator now", member)
-            self.sink.send(member, notice("opped"))
+                self.sink.publish(room, Opped(room.name, member.nick), (member,))
 
     def do_kick(self, member, name, reason=""):
         if not self._operator(member, "kick"):
@@ -1448,9 +1474,11 @@ class Hub:
 
     def _enter(self, member, room, greeting=False):
         room.add(member)
+        if member.announced:
+            room.list(member)   # in its own list from the start
         member.rooms[room] = None
         self.sink.moved(member, room, True)
-        self.sink.send(member, RoomState(room, greeting))
+        self.sink.send(member, RoomState(room, greeting, None if member.announced else member.nick))
         if greeting:
             if self.options.rate:
                 self.sink.send(member, notice("pace", burst=self.options.burst,
@@ -1462,22 +1490,25 @@ class Hub:
             self._herald(member, room)
 
     def _remove(self, member, room, event):
-        room.remove(member)
+        listed = room.remove(member)
         del member.rooms[room]
         member.heralded.discard(room)
         self.sink.moved(member, room, False)
-        self._publish_membership(room, event, ())
+        if listed:
+            self._publish_membership(room, event, ())
         if not room.members and room is not self.default_room:
             del self.rooms[room.key]
 
     def _herald(self, member, room):
+        if member not in room.listed:
+            room.list(member)
         quiet = self._big(room)
         if not quiet:
             member.heralded.add(room)
         self._publish_membership(room, Joined(room.name, member.nick, quiet), (member,))
 
     def _big(self, room):
-        return len(room.members) > self.options.announce_limit
+        return len(room.listed) > self.options.announce_limit
 
     def _publish_membership(self, room, event, excluded):
         """Joins, leaves and renames: quiet ones only where a member wants them."""
@@ -2001,6 +2032,8 @@ class LineDialect(Dialect):
             return line_bytes("renamed", nick=event.old, new=event.new)
         if kind is TopicSet:
             return line_bytes("topic_set", nick=event.nick, room=event.room, text=event.text)
+        if kind is Opped:
+            return line_bytes("now_operator", nick=event.nick)
         if kind is Kicked:
             return line_bytes("kicked", nick=event.nick, by=event.by, reason=event.reason)
         raise TypeError("no line for %r" % (event,))
@@ -2021,9 +2054,13 @@ class LineDialect(Dialect):
         """Who is there, the first ones to come first (cheap however big the room), and
         the topic."""
         room = event.room
-        names = [room.shown(member) for member in itertools.islice(room.members, GREETING_NAMES)]
-        more = len(room.members) - len(names)
-        state = line_bytes("in_room", room=room.name, count=len(room.members),
+        shown = [event.unlisted] if event.unlisted else []   # a guest counts itself too
+        names = [room.shown(member) for member in itertools.islice(
+            room.listed, GREETING_NAMES)] + shown
+        names = names[:GREETING_NAMES]
+        count = len(room.listed) + len(shown)
+        more = count - len(names)
+        state = line_bytes("in_room", room=room.name, count=count,
                            names=", ".join(names) + (", and %d more" % more if more else ""))
         if room.topic:
             state += line_bytes("topic", room=room.name, text=room.topic)
@@ -2087,7 +2124,11 @@ class LineDialect(Dialect):
 _IRC_FORMATTING = re.compile(
     "\x03(?:\\d{1,2}(?:,\\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
     "|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
-_IRC_FIRST_LINE = re.compile(rb"(?i)(?:CAP|NICK|USER|PASS)(?:[ \r\n]|$)")
+# What IRC clients send first, as they send it: upper case, with the parameters each
+# command needs. "nick alice" from nc is a chat line, not IRC.
+_IRC_FIRST_LINE = re.compile(
+    rb"(?:CAP (?:LS(?: \d+)?|REQ :?[^\r\n]*|END)|NICK :?[^\s:][^\s]*|PASS :?[^\s:][^\r\n]*"
+    rb"|USER [^\s]+ [^\s]+ [^\s]+ [^\r\n]*) ?\r?\n?|(?:CAP|NICK|USER|PASS) ?\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
 
@@ -2374,7 +2415,7 @@ class IrcDialect(Dialect):
     def _who(self, params):
         mask = params[0] if params else "*"
         room = self.hub.find_room(mask) if mask.startswith("#") else None
-        members = list(room.members) if room else [
+        members = list(room.listed) if room else [
             member for member in [self.hub.find_member(mask)] if member]
         lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
             room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
@@ -2413,9 +2454,9 @@ class IrcDialect(Dialect):
         self.hub.do_away(self.conn.member, irc_text(params[0]) if params else "")
 
     def _list(self, params):
-        rooms = sorted(self.hub.rooms.values(), key=lambda room: (-len(room.members), room.key))
+        rooms = sorted(self.hub.rooms.values(), key=lambda room: (-len(room.listed), room.key))
         lines = [self._numeric_bytes("321", "Channel :Users  Name")]
-        lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.members),
+        lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.listed),
                                                              room.topic or ""))
                   for room in rooms]
         lines.append(self._numeric_bytes("323", ":End of /LIST"))
@@ -2519,6 +2560,8 @@ class IrcDialect(Dialect):
             return cls._line(":%s NICK :%s" % (irc_source(event.old), event.new))
         if kind is TopicSet:
             return cls._line(":%s TOPIC %s :%s" % (irc_source(event.nick), event.room, event.text))
+        if kind is Opped:
+            return cls._line(":%s MODE %s +o %s" % (irc_source(event.nick), event.room, event.nick))
         if kind is Kicked:
             return cls._line(":%s KICK %s %s :%s" % (irc_source(event.by), event.room, event.nick,
                                                      event.reason))
@@ -2645,13 +2688,18 @@ class IrcDialect(Dialect):
 
 # HTTP and WebSocket: the browser page and its connection.
 
-_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} [\x21-\x7e]+ HTTP/1\.[01]\r?\n?")
+# An HTTP request line of any version (HTTP/0.9's "GET /path" has none, HTTP/2's preface
+# is "PRI * HTTP/2.0"); a start that has not ended within SNIFF_LIMIT bytes (a long URL)
+# is HTTP too, so no part of a request ever becomes chat.
+_HTTP_REQUEST_LINE = re.compile(
+    rb"[A-Z][A-Z_-]{1,19} [\x21-\x7e]+ HTTP/\d+(?:\.\d+)?\r?\n?|GET /[\x21-\x7e]*\r?\n?")
+_HTTP_REQUEST_START = re.compile(rb"[A-Z][A-Z_-]{1,19} (?:/|\*|https?://)")
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 304: "Not Modified",
                 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-                405: "Method Not Allowed", 426: "Upgrade Required",
-                431: "Request Header Fields Too Large"}
+                405: "Method Not Allowed", 414: "URI Too Long", 426: "Upgrade Required",
+                431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
 
 
 def ws_frame(opcode, payload=b""):
@@ -2688,11 +2736,12 @@ class HeadReader:
     """Gathers an HTTP request's head (request line and headers, HTTP_HEAD_LIMIT bytes at
     most); bytes after it wait for what reads the connection next."""
 
-    __slots__ = ("data", "rest", "done")
+    __slots__ = ("data", "rest", "done", "line_ended")
 
     def __init__(self):
         self.data = self.rest = b""
         self.done = False
+        self.line_ended = False         # the request line ended (a head too long is 431, not 414)
 
     @property
     def buffered(self):
@@ -2706,12 +2755,15 @@ class HeadReader:
         end, size = self.data.find(b"\r\n\r\n"), 4
         if end < 0:
             end, size = self.data.find(b"\n\n"), 2
+        first_end = self.data.find(b"\n")
+        if 0 <= first_end < HTTP_HEAD_LIMIT and b" HTTP/" not in self.data[:first_end]:
+            end, size = first_end, 1   # HTTP/0.9: the request line is all there is
         if end < 0:
             if len(self.data) > HTTP_HEAD_LIMIT:
-                self.done = True
+                self.done, self.line_ended, self.data = True, first_end >= 0, b""
                 return [TOO_LONG]
             return []
-        self.done = True
+        self.done, self.line_ended = True, first_end >= 0
         head, self.rest = self.data[:end], self.data[end + size:]
         self.data = b""
         return [TOO_LONG] if end > HTTP_HEAD_LIMIT else [head]
@@ -2846,13 +2898,19 @@ class HttpDialect(Dialect):
 
     def handle(self, head):
         if head is TOO_LONG:
-            self._respond(431, "the request's head is over %d bytes" % HTTP_HEAD_LIMIT)
+            if self.conn.framer.line_ended:
+                self._respond(431, "the request's head is over %d bytes" % HTTP_HEAD_LIMIT)
+            else:
+                self._respond(414, "the request line is over %d bytes" % HTTP_HEAD_LIMIT)
             return
         request = self._parse(head)
         if request is None:
             self._respond(400, "a malformed request")
             return
-        method, path, headers = request
+        method, path, version, headers = request
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            self._respond(505, "HTTP/1.0 and HTTP/1.1 only")
+            return
         log.info("%r: %s %s", self.conn, method, sanitize(path)[:60])
         if method not in ("GET", "HEAD"):
             self._respond(405, "only GET and HEAD", {"Allow": "GET, HEAD"})
@@ -2865,13 +2923,13 @@ class HttpDialect(Dialect):
 
     @staticmethod
     def _parse(head):
-        """(method, path, {lower-case header: value}), or None when it is not HTTP."""
-        try:
-            lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
-        except ValueError:
-            return None
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+        """(method, path, version, {lower-case header: value}), or None when it is not
+        HTTP; HTTP/0.9's version is ""."""
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        parts = lines[0].rstrip("\r").split(" ")
+        if len(parts) == 2:
+            parts.append("")
+        if len(parts) != 3 or not parts[1].startswith(("/", "*")):
             return None
         headers = {}
         for line in lines[1:]:
@@ -2881,7 +2939,7 @@ class HttpDialect(Dialect):
             headers[name.lower()] = value.strip()
         if parts[2] == "HTTP/1.1" and "host" not in headers:
             return None
-        return parts[0], parts[1].split("?", 1)[0], headers
+        return parts[0], parts[1].split("?", 1)[0], parts[2], headers
 
     def _page(self, method, headers):
         if headers.get("if-none-match") == PAGE_ETAG:
@@ -2999,6 +3057,8 @@ class WebSocketDialect(LineDialect):
                     "quiet": event.quiet}
         if kind is TopicSet:
             return {"type": "topic", "room": event.room, "nick": event.nick, "text": event.text}
+        if kind is Opped:
+            return {"type": "opped", "room": event.room, "nick": event.nick}
         if kind is Kicked:
             return {"type": "kicked", "room": event.room, "nick": event.nick, "by": event.by,
                     "reason": event.reason}
@@ -3039,7 +3099,7 @@ class WebSocketDialect(LineDialect):
         if reply is None:
             reply = room.cache[key] = self.frame({
                 "type": "who", "room": room.name, "own": event.own,
-                "members": sorted((member.nick for member in room.members), key=name_key),
+                "members": sorted((member.nick for member in room.listed), key=name_key),
                 "operators": [member.nick for member in room.operators]})
         return reply
 
@@ -3052,8 +3112,8 @@ class WebSocketDialect(LineDialect):
                                                  "nick": event.nick}),
         RoomState: lambda self, event: self.frame({
             "type": "room", "room": event.room.name, "topic": event.room.topic,
-            "count": len(event.room.members), "members": [
-                member.nick for member in itertools.islice(event.room.members, WEB_MEMBERS)],
+            "count": len(event.room.listed), "members": [
+                member.nick for member in itertools.islice(event.room.listed, WEB_MEMBERS)],
             "operators": [member.nick for member in event.room.operators]}),
         Whois: lambda self, event: self.frame({
             "type": "whois", "nick": event.nick, "rooms": list(event.rooms),
@@ -3074,13 +3134,15 @@ def line_bytes(key, **fields):
     return (WORDING.render(key, **fields) + "\n").encode()
 
 
-def dialect_for(first_line, web=True):
-    """The dialect a connection speaks, from its first line: an HTTP request line means
-    HTTP (unless the web is off), an IRC registration command (CAP, NICK, USER, PASS)
-    IRC; anything else is the line protocol."""
-    if web and _HTTP_REQUEST_LINE.match(first_line):
+def dialect_for(first_line, web=True, ended=True):
+    """The dialect a connection speaks, from its first line (or, not ended, the start of
+    one too long to wait for): an HTTP request line means HTTP (unless the web is off),
+    an IRC registration command (CAP, NICK, USER, PASS) IRC; anything else is the line
+    protocol."""
+    if web and (_HTTP_REQUEST_LINE.fullmatch(first_line) if ended
+                else _HTTP_REQUEST_START.match(first_line)):
         return HttpDialect
-    if _IRC_FIRST_LINE.match(first_line):
+    if ended and _IRC_FIRST_LINE.fullmatch(first_line):
         return IrcDialect
     return LineDialect
 
@@ -3396,17 +3458,20 @@ class Sniffer:
             self.server.refuse_tls_handshake(self.conn)
             return []
         end = self.data.find(b"\n")
-        if end < 0 and len(self.data) <= max(self.server.options.max_line, SNIFF_LIMIT):
-            return []
-        return self.server.choose_dialect(
-            self.conn, dialect_for(self.data[:end + 1], self.server.options.web), True)
+        if end >= 0:
+            return self._decide(self.data[:end + 1], True)
+        if len(self.data) > SNIFF_LIMIT:
+            return self._decide(self.data, False)
+        return []
 
     def finish(self):
         if not self.data:
             return []
-        messages = self.server.choose_dialect(
-            self.conn, dialect_for(self.data, self.server.options.web), True)
-        return messages + self.conn.framer.finish()
+        return self._decide(self.data, True) + self.conn.framer.finish()
+
+    def _decide(self, first_line, ended):
+        return self.server.choose_dialect(
+            self.conn, dialect_for(first_line, self.server.options.web, ended))
 
 
 class RoomTurn:
@@ -3857,13 +3922,28 @@ class ChatServer:
         """Send conn one event, rendered by its dialect (the line protocol before it has one)."""
         self._batcher.send(conn, (conn.dialect or LineDialect(self, conn)).render(event))
 
-    def choose_dialect(self, conn, dialect_class, spoke):
-        """conn speaks dialect_class from now on; the messages in what it has sent so far."""
-        sniffed = conn.framer.data if isinstance(conn.framer, Sniffer) else b""
-        conn.dialect = dialect_class(self, conn)
+    def choose_dialect(self, conn, dialect_class):
+        """conn speaks dialect_class, as its first line shows; the messages in what it has
+        sent so far.
+
+        A connection greeted after a silence (nc) may yet turn out to be a browser's
+        spare socket or a late IRC client: its first line decides. An HTTP request is
+        then closed without an answer and an IRC registration starts over as IRC, so
+        neither ever reaches a room."""
+        sniffed, greeted = conn.framer.data, conn.dialect
+        if greeted is not None and dialect_class is not type(greeted):
+            if dialect_class is not IrcDialect:
+                self.disconnect(conn, "an HTTP request after the greeting")
+                return []
+            if conn.member is not None:
+                self.hub.leave(conn.member, "connection closed")
+                conn.member = None
+            conn.stage = OPENING
+        if greeted is None or dialect_class is not type(greeted):
+            conn.dialect = dialect_class(self, conn)
+            conn.dialect.start(True)
         conn.framer = conn.dialect.framer(self.options.max_line)
-        conn.dialect.start(spoke)
-        return conn.framer.feed(sniffed) if sniffed else []
+        return conn.framer.feed(sniffed)
 
     def change_dialect(self, conn, dialect_class, rest):
         """conn speaks another dialect from now on (an HTTP request became a WebSocket);
@@ -4119,8 +4199,11 @@ class ChatServer:
         self.call_later(self.options.greet_delay, self._silence, conn)
 
     def _silence(self, conn):
+        """Greet a connection that said nothing (nc): its first line may still show
+        another dialect (see choose_dialect)."""
         if conn.stage is OPENING and conn.dialect is None:
-            self._take_in(conn, self.choose_dialect(conn, LineDialect, False))
+            conn.dialect = LineDialect(self, conn)
+            conn.dialect.start(spoke=False)
 
     def _expire_registration(self, conn):
         if conn.member is not None or conn.stage in (CLOSING, CLOSED, DENIED):
