@@ -2760,10 +2760,11 @@ class HeadReader:
             end, size = first_end, 1   # HTTP/0.9: the request line is all there is
         if end < 0:
             if len(self.data) > HTTP_HEAD_LIMIT:
-                self.done, self.line_ended, self.data = True, first_end >= 0, b""
+                self.done, self.data = True, b""
+                self.line_ended = 0 <= first_end <= HTTP_HEAD_LIMIT
                 return [TOO_LONG]
             return []
-        self.done, self.line_ended = True, first_end >= 0
+        self.done, self.line_ended = True, 0 <= first_end <= HTTP_HEAD_LIMIT
         head, self.rest = self.data[:end], self.data[end + size:]
         self.data = b""
         return [TOO_LONG] if end > HTTP_HEAD_LIMIT else [head]
@@ -2910,6 +2911,10 @@ class HttpDialect(Dialect):
         method, path, version, headers = request
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             self._respond(505, "HTTP/1.0 and HTTP/1.1 only")
+            return
+        if not self.server.options.web:
+            self._respond(404, "this chat server has no web page: connect with nc, IRC or "
+                               "chat.py client")
             return
         log.info("%r: %s %s", self.conn, method, sanitize(path)[:60])
         if method not in ("GET", "HEAD"):
@@ -3134,13 +3139,13 @@ def line_bytes(key, **fields):
     return (WORDING.render(key, **fields) + "\n").encode()
 
 
-def dialect_for(first_line, web=True, ended=True):
+def dialect_for(first_line, ended=True):
     """The dialect a connection speaks, from its first line (or, not ended, the start of
-    one too long to wait for): an HTTP request line means HTTP (unless the web is off),
-    an IRC registration command (CAP, NICK, USER, PASS) IRC; anything else is the line
-    protocol."""
-    if web and (_HTTP_REQUEST_LINE.fullmatch(first_line) if ended
-                else _HTTP_REQUEST_START.match(first_line)):
+    one too long to wait for): an HTTP request line means HTTP (refused when the web is
+    off: a request is never chat), an IRC registration command (CAP, NICK, USER, PASS)
+    IRC; anything else is the line protocol."""
+    if (_HTTP_REQUEST_LINE.fullmatch(first_line) if ended
+            else _HTTP_REQUEST_START.match(first_line)):
         return HttpDialect
     if ended and _IRC_FIRST_LINE.fullmatch(first_line):
         return IrcDialect
@@ -3470,8 +3475,7 @@ class Sniffer:
         return self._decide(self.data, True) + self.conn.framer.finish()
 
     def _decide(self, first_line, ended):
-        return self.server.choose_dialect(
-            self.conn, dialect_for(first_line, self.server.options.web, ended))
+        return self.server.choose_dialect(self.conn, dialect_for(first_line, ended))
 
 
 class RoomTurn:
@@ -4433,8 +4437,9 @@ class ChatServer:
         self._update_interest(conn)
 
     def _closing_peer_done(self, conn):
-        """A closing peer sent EOF: close now, or once its last output is out."""
-        if conn.outbox:
+        """A closing peer sent EOF: close now, or once its last output (queued, or still in
+        this turn) is out."""
+        if conn.outbox or conn in self._batcher.marks:
             conn.peer_done = True
             conn.reading = False
             self._update_interest(conn)

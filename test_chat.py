@@ -2348,10 +2348,91 @@ class NoWebTest(ServerTestCase):
 
     options = {"web": False}
 
-    def test_without_the_web_a_request_is_just_a_line(self):
+    def test_without_the_web_a_request_is_refused_not_chat(self):
+        alice = self.connect("alice")
+        status, _, body = http(self.address, b"POST / HTTP/1.1\r\nHost: x\r\n\r\nhello\n")
+        self.assertEqual(status, 404)
+        self.assertIn(b"no web page", body)
+        self.assertEqual(alice.sync(), [])
+
+
+def raw_exchange(address, *parts, gap=None):
+    """Send parts (after waiting for gap, a regex the server's output must match first);
+    return everything the server sent until it closed."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        data = b""
+        if gap:
+            while not re.search(gap.encode(), data):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        for part in parts:
+            sock.sendall(part)
+        sock.shutdown(socket.SHUT_WR)
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+class DialectDecisionTest(ServerTestCase):
+    """Only a whole first line decides a dialect, and no HTTP or IRC registration
+    bytes ever reach a room, however late, long or split they come."""
+
+    def assert_room_heard_nothing(self, alice):
+        heard = alice.sync()
+        self.assertEqual(heard, [])
+        self.assertEqual([room.members for room in self.server.rooms()], [("alice",)])
+
+    def test_a_request_after_the_silent_greeting_is_closed_unanswered(self):
+        alice = self.connect("alice")
+        alice.say("hi")
+        request = (b"GET / HTTP/1.1\r\nHost: x\r\nCookie: secret=1\r\n"
+                   b"User-Agent: Chromium\r\n\r\n")
+        got = raw_exchange(self.address, request, gap=r"type /help")
+        self.assertNotIn(b"HTTP/1.1", got)
+        self.assert_room_heard_nothing(alice)
+        newcomer = self.connect("newcomer")
+        self.assertNotIn("Cookie", " ".join(history_of(newcomer)))
+
+    def test_a_late_irc_client_registers_and_nothing_is_said(self):
+        alice = self.connect("alice")
+        with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
+            irc = Peer(sock)
+            irc.expect(r"\*\*\* type /help for commands")   # it was taken for nc
+            irc.send(b"PASS its-password\r\nNICK late\r\nUSER late 0 * :Late\r\n")
+            irc.expect(r":\S+ 001 late .*")
+            irc.send(b"JOIN #lobby\r\n")
+            self.assertEqual(alice.lines_until(r"\*\*\* late joined"), [])
+        self.assertNotIn("PASS", " ".join(alice.sync()))
+
+    def test_long_split_and_other_version_requests_are_never_chat(self):
+        alice = self.connect("alice")
+        form = b"POST /?" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain"
+        form += b"\r\n\r\n/nick attacker\nhello from another site\n"
+        self.assertEqual(http(self.address, form)[0], 414)
+        for request in (b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                        b"GET /x\r\n"):
+            self.assertEqual(http(self.address, request)[0], 505, request)
+        with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\n\r\n":   # a byte at a time
+                sock.send(bytes((byte,)))
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200"))
+        self.assert_room_heard_nothing(alice)
+
+    def test_an_nc_line_that_looks_like_irc_is_chat(self):
+        alice = self.connect("alice")
         peer = self.open_peer()
-        peer.say("GET / HTTP/1.1", "Host: x", "")
+        peer.say("nick bob is here", "cap this")
         self.assertRegex(peer.next_line(), r"\*\*\* welcome to testroom, you are guest\d+")
+        self.assertRegex(alice.next_line(), r"\*\*\* guest\d+ joined")
+        self.assertRegex(alice.next_line(), r"<guest\d+> nick bob is here")
+
+    def test_replies_reach_a_client_that_half_closed(self):
+        got = raw_exchange(self.address, b"hello\n/who\n/quit\n")
+        self.assertRegex(got.decode(), r"\*\*\* 1 online: guest\d+\n\*\*\* bye\n$")
 
 
 class WebSocketTest(ServerTestCase):
