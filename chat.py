@@ -2715,7 +2715,9 @@ def ws_frame(opcode, payload=b""):
 
 
 def ws_close(code, reason=""):
-    return ws_frame(WS_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+    """A close frame; its reason is cut to fit (123 bytes) at a character boundary."""
+    data = reason.encode()
+    return ws_frame(WS_CLOSE, code.to_bytes(2, "big") + data[:utf8_boundary(data, 123)])
 
 
 def ws_unmask(payload, mask):
@@ -2773,17 +2775,33 @@ class HeadReader:
         return []
 
 
+class WsPing(bytes):
+    """A ping's payload, in the inbox like a message: pings pass flood control too."""
+
+
+class WsFragment(bytes):
+    """Stands in the inbox for a fragment of a message under way: fragments cost flood
+    allowance as messages do, so a stream of empty ones cannot spin the server."""
+
+
+WS_FRAGMENT = WsFragment()
+WS_FRAME_COST = 6                    # bytes a fragment costs against the message limit
+
+
 class WebSocketFramer:
     """RFC 6455 frames from a browser or a bot: whole text messages out (checked as
-    UTF-8 across fragments, at most limit bytes), control frames answered; a frame
-    that breaks the protocol closes the connection with the code the RFC gives."""
+    UTF-8 across fragments, at most limit bytes, each fragment counting its header),
+    pings and fragments as flood-controlled stand-ins; a frame that breaks the
+    protocol closes the connection with the code the RFC gives. Frames are read in
+    place, so a read of many tiny frames costs time linear in its size."""
 
-    __slots__ = ("dialect", "limit", "data", "parts", "size", "decoder", "done")
+    __slots__ = ("dialect", "limit", "data", "pos", "parts", "size", "decoder", "done")
 
     def __init__(self, dialect, limit, data=b""):
         self.dialect = dialect
         self.limit = limit
         self.data = data
+        self.pos = 0                    # where the next frame starts in data
         self.parts = None               # fragments of a message under way
         self.size = 0
         self.decoder = None
@@ -2794,7 +2812,8 @@ class WebSocketFramer:
         return len(self.data) + self.size
 
     def feed(self, data):
-        self.data += data
+        self.data = self.data[self.pos:] + data if self.pos else self.data + data
+        self.pos = 0
         messages = []
         while not self.done:
             frame = self._next_frame()
@@ -2803,17 +2822,18 @@ class WebSocketFramer:
             message = self._take(*frame)
             if message is not None:
                 messages.append(message)
+        self.data, self.pos = self.data[self.pos:], 0
         return messages
 
     def finish(self):
         return []
 
     def _next_frame(self):
-        """(fin, opcode, payload) of the first whole frame, or None while it is partial."""
-        data = self.data
-        if len(data) < 2:
+        """(fin, opcode, payload) of the next whole frame, or None while it is partial."""
+        data, pos = self.data, self.pos
+        if len(data) - pos < 2:
             return None
-        first, second = data[0], data[1]
+        first, second = data[pos], data[pos + 1]
         fin, opcode, size = first & 0x80, first & 0x0F, second & 0x7F
         if first & 0x70:
             return self._fail(1002, "reserved bits set (no extensions were agreed)")
@@ -2821,12 +2841,12 @@ class WebSocketFramer:
             return self._fail(1002, "a client's frames must be masked")
         if opcode >= 8 and (not fin or size > 125):
             return self._fail(1002, "a control frame of over 125 bytes, or in fragments")
-        offset = 2
+        offset = pos + 2
         if size >= 126:
             extra = 2 if size == 126 else 8
-            if len(data) < 2 + extra:
+            if len(data) < offset + extra:
                 return None
-            size = int.from_bytes(data[2:2 + extra], "big")
+            size = int.from_bytes(data[offset:offset + extra], "big")
             offset += extra
         if opcode < 8 and self.size + size > self.limit:
             return self._fail(1009, "a message of over %d bytes" % self.limit)
@@ -2834,16 +2854,17 @@ class WebSocketFramer:
             return None
         mask = data[offset:offset + 4]
         payload = ws_unmask(data[offset + 4:offset + 4 + size], mask)
-        self.data = data[offset + 4 + size:]
+        self.pos = offset + 4 + size
         return fin, opcode, payload
 
     def _take(self, fin, opcode, payload):
-        """A message when a text message is complete; control frames are handled here."""
+        """A message when a text message is complete, or a stand-in for a ping or a
+        fragment; other control frames are handled here."""
         if opcode == WS_PING:
-            self.dialect.conn_send(ws_frame(WS_PONG, payload))
-        elif opcode == WS_PONG:
-            pass
-        elif opcode == WS_CLOSE:
+            return WsPing(payload)
+        if opcode == WS_PONG:
+            return None
+        if opcode == WS_CLOSE:
             self._closed_by_peer(payload)
         elif opcode == WS_BINARY and self.parts is None:
             self._fail(1003, "only text messages are understood")
@@ -2863,10 +2884,11 @@ class WebSocketFramer:
         except UnicodeDecodeError:
             self._fail(1007, "a text message that is not UTF-8")
             return None
-        self.parts.append(payload)
-        self.size += len(payload)
+        if payload:
+            self.parts.append(payload)
         if not fin:
-            return None
+            self.size += len(payload) + WS_FRAME_COST
+            return WS_FRAGMENT
         message = b"".join(self.parts)
         self.parts, self.size = None, 0
         return message
@@ -3028,6 +3050,13 @@ class WebSocketDialect(LineDialect):
 
     def start(self, spoke):
         super().start(spoke=True)   # the page speaks first: /nick, then /pass if asked
+
+    def handle(self, message):
+        kind = type(message)
+        if kind is WsPing:
+            self.conn_send(ws_frame(WS_PONG, message))
+        elif kind is not WsFragment:
+            super().handle(message)
 
     def close_socket(self, reason, frame):
         self.conn_send(frame)

@@ -2568,6 +2568,42 @@ class WebFloodTest(ServerTestCase):
         self.assertEqual(web.expect(type="error")["code"], "excess_flood")
         self.assertEqual(web.close_code(), 1008)
 
+    def test_pings_and_empty_fragments_count_as_messages_before_any_password(self):
+        for flood in (lambda w: w.frame(0x9, b"p"), lambda w: w.frame(0x0, b"", fin=False)):
+            web = WsPeer(self.address)
+            self.addCleanup(web.close)
+            web.send(web.frame(0x1, b"", fin=False) + flood(web) * 300)
+            self.assertEqual(web.close_code(), 1008)
+
+
+class WebSocketBoundsTest(ServerTestCase):
+    """Without flood control, frames are still bounded: fragments by the message limit,
+    and a read of many tiny frames costs time linear in its size."""
+
+    options = {"greet_delay": 5.0, "max_line": 1000}
+
+    def test_endless_empty_fragments_end_at_the_message_limit(self):
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        web.send(web.frame(0x1, b"", fin=False) + web.frame(0x0, b"", fin=False) * 200000)
+        self.assertEqual(web.close_code(), 1009)
+
+    def test_a_ping_storm_is_answered_without_stalling_the_loop(self):
+        bob = self.connect("bob")
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        count = 60000
+        threading.Thread(target=web.send, args=(web.frame(0x9, b"") * count,),
+                         daemon=True).start()
+        for _ in range(count):
+            self.assertEqual(web.recv_frame(), (0xA, b""))
+        self.assertEqual(bob.sync(), [])
+
+    def test_a_cjk_close_reason_is_cut_at_a_character(self):
+        frame = chat.ws_close(1008, "踢" * 100)
+        self.assertEqual(len(frame), 2 + 2 + 123 // 3 * 3)
+        frame[4:].decode("utf-8")
+
 
 class Chromium:
     """Headless Chromium driven over its DevTools pipe (fds 3 and 4), with nothing but
