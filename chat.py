@@ -108,6 +108,8 @@ GUESSERS_TRACKED = 10000             # addresses remembered for that
 IRC_PING_INTERVAL = 120.0            # seconds of silence before an IRC client is pinged...
 IRC_PING_TIMEOUT = 60.0              # ...and before it is dropped if it does not answer
 MAX_TARGETS = 4                      # rooms or nicks one IRC command may name
+MAX_JOINED = 50                      # rooms one member may be in at once (a nick change
+                                     # is told in each)
 NICK_RUN = 250                       # bytes of nicks in one line of a member list
 HTTP_HEAD_LIMIT = 8 * 1024           # bytes of an HTTP request's line and headers
 WEB_MEMBERS = 1000                   # names a browser gets when it enters a room
@@ -449,6 +451,8 @@ class Wording:
                            "join one of them (/rooms)"),
         ("rooms_too_fast", "*** error: you are creating rooms too fast; try again in {seconds} s"),
         ("no_such_room", "*** error: no such room {room}"),
+        ("too_many_joined", "*** error: you are in {count} rooms, the most one may be in: "
+                            "/part one before you join {room}"),
         ("already_in_room", "*** error: you are in {room} already"),
         ("in_default_room", "*** error: you are in {room}, where everyone starts; "
                             "/quit leaves the chat"),
@@ -1114,6 +1118,9 @@ class Hub:
         if room in member.rooms:
             if not member.multi_room:
                 self.sink.send(member, notice("already_in_room", room=room.name))
+            return
+        if len(member.rooms) >= MAX_JOINED:
+            self.sink.send(member, notice("too_many_joined", room=room.name, count=MAX_JOINED))
             return
         if not member.multi_room:
             for old in list(member.rooms):
@@ -2131,6 +2138,7 @@ _IRC_FIRST_LINE = re.compile(
     rb"|USER [^\s]+ [^\s]+ [^\s]+ [^\r\n]*) ?\r?\n?|(?:CAP|NICK|USER|PASS) ?\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
+RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL
 
 
 def irc_params(text):
@@ -2397,8 +2405,8 @@ class IrcDialect(Dialect):
         self._privmsg(params, quiet=True)
 
     def _names(self, params):
-        rooms = [self.hub.find_room(name) for name in params[0].split(",")] if params else \
-            list(self.conn.member.rooms)
+        rooms = [self.hub.find_room(name) for name in params[0].split(",")[:MAX_TARGETS]] \
+            if params else list(self.conn.member.rooms)
         for room in rooms:
             if room is not None:
                 self.conn_send(self._names_reply(room))
@@ -2407,22 +2415,39 @@ class IrcDialect(Dialect):
 
     def _names_reply(self, room):
         """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
-        head = (":%s 353 %s = %s :" % (self.server_name, self.nick, room.name)).encode()
-        lines = [head + run.encode() + b"\r\n" for run, _ in room.nick_runs()]
-        lines.append(self._numeric_bytes("366", "%s :End of /NAMES list" % room.name))
-        return b"".join(lines)
+        return self._for_me(room, "names", lambda: b"".join(
+            [self._numeric_bytes("353", "= %s :%s" % (room.name, run), RECEIVER)
+             for run, _ in room.nick_runs()]
+            + [self._numeric_bytes("366", "%s :End of /NAMES list" % room.name, RECEIVER)]))
+
+    def _for_me(self, room, what, render):
+        """A reply about a room, rendered once per change of the room for everyone (with a
+        stand-in for the receiver's nick) and made this receiver's by one replace: a
+        burst of WHO or NAMES in a big room costs little time and no memory per copy."""
+        key = (IrcDialect, what)
+        shared = room.cache.get(key)
+        if shared is None:
+            shared = room.cache[key] = render()
+        return shared.replace(RECEIVER.encode(), self.nick.encode())
 
     def _who(self, params):
         mask = params[0] if params else "*"
         room = self.hub.find_room(mask) if mask.startswith("#") else None
-        members = list(room.listed) if room else [
-            member for member in [self.hub.find_member(mask)] if member]
+        if room is not None:
+            self.conn_send(self._for_me(room, "who", lambda: self._who_lines(room, room.listed)))
+            return
+        found = self.hub.find_member(mask)
+        self.conn_send(self._who_lines(None, [found] if found else [], mask).replace(
+            RECEIVER.encode(), self.nick.encode()))
+
+    def _who_lines(self, room, members, mask=None):
         lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
             room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
-            self.server_name, m.nick, "H@" if m.operator else "H", m.realname or m.nick))
-            for m in members]
-        lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % sanitize(mask)[:40]))
-        self.conn_send(b"".join(lines))
+            self.server_name, m.nick, "H@" if m.operator else "H", m.realname or m.nick),
+            RECEIVER) for m in members]
+        lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
+            room.name if room else sanitize(mask)[:40]), RECEIVER))
+        return b"".join(lines)
 
     def _whois(self, params):
         self.hub.do_whois(self.conn.member, params[-1])
@@ -2525,8 +2550,8 @@ class IrcDialect(Dialect):
     def _send(self, line):
         self.conn_send((line + "\r\n").encode())
 
-    def _numeric_bytes(self, number, text):
-        return self._line(":%s %s %s %s" % (self.server_name, number, self.nick, text))
+    def _numeric_bytes(self, number, text, receiver=None):
+        return self._line(":%s %s %s %s" % (self.server_name, number, receiver or self.nick, text))
 
     @staticmethod
     def _line(line):
@@ -2570,8 +2595,10 @@ class IrcDialect(Dialect):
     def _welcome(self, event):
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
-                    "PREFIX=(o)@ CHANMODES=b,,,n MAXTARGETS=%d NETWORK=%s UTF8ONLY"
-                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_TARGETS,
+                    "PREFIX=(o)@ CHANMODES=b,,,n CHANLIMIT=#:%d MAXTARGETS=%d "
+                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:1,WHOIS:1 "
+                    "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
+                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_JOINED, MAX_TARGETS,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         members, rooms = len(self.hub.members), len(self.hub.rooms)
         lines = [
@@ -2636,6 +2663,7 @@ class IrcDialect(Dialect):
         "invalid_room": ("479", "{name} :Illegal channel name: {reason}"),
         "room_lookalike": ("479", "{room} :Channel name looks like {other}"),
         "too_many_rooms": ("405", "* :There are {count} channels, the most this server allows"),
+        "too_many_joined": ("405", "{room} :You have joined too many channels"),
         "rooms_too_fast": ("263", "JOIN :You are creating channels too fast; try again in "
                                   "{seconds} s"),
         "line_too_long": ("417", ":Input line was too long"),
@@ -3349,7 +3377,7 @@ class Connection(BufferedSocket):
 
     __slots__ = ("number", "peer", "ip", "tls", "stage", "framer", "dialect", "member", "inbox",
                  "inbox_bytes", "tokens", "refilled", "release_pending", "events", "reading",
-                 "want_write", "peer_done", "over_since", "stuck_since")
+                 "want_write", "peer_done", "over_since", "stuck_since", "owed", "held")
 
     def __init__(self, sock, peer, number, burst):
         super().__init__(sock)
@@ -3372,6 +3400,8 @@ class Connection(BufferedSocket):
         self.peer_done = False          # the peer will send no more
         self.over_since = None          # since when its backlog is over the limit...
         self.stuck_since = None         # ...and since when its socket took none of it
+        self.owed = 0                   # bytes of replies for it in this turn
+        self.held = False               # its input waits until its replies are out
 
     def __repr__(self):
         who = " " + self.member.nick if self.member else ""
@@ -3574,6 +3604,7 @@ class TurnBatcher:
         if data:
             self._mark(conn, DATA, data)
             self.volume += len(data)
+            conn.owed += len(data)
 
     def moved(self, conn, room, entered):
         self.seq += 1
@@ -3595,6 +3626,7 @@ class TurnBatcher:
         rooms, marks = self.rooms, self.marks
         self.rooms, self.marks, self.volume = {}, {}, 0
         for conn, conn_marks in marks.items():
+            conn.owed = 0
             if conn.stage is not CLOSED:
                 deliver(conn, self._pieces(conn, conn_marks, rooms))
         done = set(marks)
@@ -4282,6 +4314,9 @@ class ChatServer:
         if self.options.rate and inbox:
             allowed = conn.take_tokens(allowed, self.options.rate, self.options.burst)
         while allowed and inbox and (conn.stage is OPENING or conn.stage is CHAT):
+            if conn.queued + conn.owed > self.options.queue_limit:
+                self._hold_input(conn)
+                return
             message = inbox.popleft()
             conn.inbox_bytes -= len(message)
             allowed -= 1
@@ -4296,6 +4331,20 @@ class ChatServer:
             self.call_later(conn.seconds_to_next_token(self.options.rate), self._release, conn)
         elif conn.peer_done:
             self.disconnect(conn, "connection closed")
+
+    def _hold_input(self, conn):
+        """Its replies are over the queue limit: what it asks next waits, unread, until
+        they are out, so requests from one that does not read cannot pile up."""
+        if not conn.held:
+            conn.held, conn.reading = True, False
+            self._update_interest(conn)
+            self.call_later(0, self._resume_input, conn)
+
+    def _resume_input(self, conn):
+        if conn.held and conn.stage is not CLOSED and conn.queued <= self.options.queue_limit:
+            conn.held, conn.reading = False, not conn.peer_done
+            self._update_interest(conn)
+            self._release(conn)
 
     def _excess_flood(self, conn):
         """A connection too far ahead of flood control is cut off, as IRC servers do:
@@ -4376,6 +4425,7 @@ class ChatServer:
             elif conn.want_write:
                 conn.want_write = False
                 self._update_interest(conn)
+            self._resume_input(conn)
             return
         self._wait_until_writable(conn, took=conn.queued < before)
 

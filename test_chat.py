@@ -620,7 +620,7 @@ class TurnBatcherTest(unittest.TestCase):
         self.rooms = {name: chat.Room(name, 0) for name in ("#a", "#b")}
 
     def conn(self, *rooms):
-        conn = mock.Mock(stage=chat.CHAT, dialect=self.Dialect())
+        conn = mock.Mock(stage=chat.CHAT, dialect=self.Dialect(), owed=0)
         conn.member = chat.Member(conn, multi_room=len(rooms) > 1)
         for name in rooms:
             self.enter(conn, name, during_turn=False)
@@ -2026,6 +2026,55 @@ class IrcTest(ServerTestCase):
         said = alice.barrier()
         self.assertEqual(said, [":carol!carol@chat NICK :caroline",
                                 ":caroline!caroline@chat QUIT :quit: bye"])
+
+
+class IrcAmplificationTest(ServerTestCase):
+    """One connection's requests cannot make the server hold more than its queue limit
+    of replies, however many targets or lines it sends without reading."""
+
+    options = {"greet_delay": 5.0, "queue_limit": 32 * 1024}
+
+    def test_requests_wait_while_their_replies_are_not_read(self):
+        for i in range(60):
+            self.connect("n%02d%s" % (i, "x" * 17))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"NICK greedy\r\nUSER g 0 * :g\r\n")
+        wait_for(lambda: self.member("greedy"), message="greedy to register")
+        names = b"NAMES " + b",".join([b"#lobby"] * 500) + b"\r\n"
+        sending = threading.Thread(target=lambda: self.send_quietly(sock, names * 4000),
+                                   daemon=True)
+        sending.start()   # about 17 MB of requests for some 80 MB of replies
+        wait_for(lambda: self.member("greedy").backlog > 16 * 1024, message="a backlog")
+        self.assertLess(self.server.stats()["backlog"], 32 * 1024 + 16 * 1024)
+        self.assertTrue(sending.is_alive(), "the server read every request")
+
+    @staticmethod
+    def send_quietly(sock, data):
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+
+    def test_who_and_names_in_a_big_room_are_right_for_each_asker(self):
+        alice = self.connect("alice")
+        irc = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(irc.sock.close)
+        irc.register("ircy")
+        for nick in ("ircy", "ircy2"):
+            if nick == "ircy2":
+                irc.irc("NICK ircy2")
+                irc.expect(r":ircy!\S+ NICK :ircy2")
+            irc.irc("WHO #lobby", "NAMES #lobby,#lobby,#lobby,#lobby,#lobby,#lobby")
+            who = irc.lines_until(r":\S+ 315 %s #lobby :End of /WHO list" % nick)
+            self.assertEqual(sorted(line.split()[7] for line in who), ["alice", nick])
+            self.assertTrue(all(line.split()[2] == nick for line in who))
+            ends = [irc.numeric("366") for _ in range(4)]
+            self.assertTrue(all(" %s #lobby " % nick in line for line in ends))
+        self.assertEqual(alice.sync(), ["*** ircy joined", "*** ircy is now known as ircy2"])
 
 
 class IrcPasswordTest(ServerTestCase):
