@@ -87,7 +87,8 @@ DEFAULT_ROOM = "#lobby"              # where everyone starts
 DEFAULT_MAX_ROOMS = 1000
 SEND_QUEUE_LIMIT = 1 << 20           # bytes of unsent output a client may have while it takes
 SEND_QUEUE_GRACE = 1.0               # none for this many seconds, before it is dropped...
-SEND_QUEUE_LAG = 30.0                # ...or while it stays over the limit this long
+SEND_QUEUE_LAG = 30.0                # ...or while it stays over the limit this long,
+SEND_QUEUE_HARD = 4                  # ...or at once past this many times the limit
 GREET_DELAY = 0.25                   # seconds of silence before the line protocol greets:
                                      # IRC clients and browsers speak first, nc users wait
 JOIN_NOTICE_DELAY = 2.0              # seconds a newcomer has to pick a nick before "joined"
@@ -4438,8 +4439,9 @@ class ChatServer:
     def _check_backlog(self, conn, took):
         """A client with over queue_limit bytes waiting that takes none of them for
         queue_grace seconds, or stays over the limit for SEND_QUEUE_LAG, is not keeping
-        up: it goes. A burst, however large, never costs a reader that keeps reading,
-        and a backlog is mostly views of bytes shared with every other receiver."""
+        up: it goes, and at once past SEND_QUEUE_HARD times the limit, whatever its
+        grace. A burst within that never costs a reader that keeps reading, and a
+        backlog is mostly views of bytes shared with every other receiver."""
         if conn.queued <= self.options.queue_limit:
             conn.over_since = conn.stuck_since = None
             return
@@ -4452,7 +4454,8 @@ class ChatServer:
             conn.stuck_since = now   # look again then, even if no more output comes
             self.call_later(self.options.queue_grace * 1.01, self._recheck_backlog, conn)
         if (now - conn.over_since > SEND_QUEUE_LAG or conn.stuck_since is not None
-                and now - conn.stuck_since > self.options.queue_grace):
+                and now - conn.stuck_since > self.options.queue_grace
+                or conn.queued > SEND_QUEUE_HARD * self.options.queue_limit):
             self._failed.append((conn, "send queue exceeded"))
 
     def _recheck_backlog(self, conn):

@@ -1090,6 +1090,24 @@ class StuckReaderTest(ServerTestCase):
         alice.expect(r"\*\*\* stuck left \(send queue exceeded\)")   # with nothing more said
 
 
+class HardQueueCapTest(ServerTestCase):
+
+    options = {"queue_grace": 3600, "queue_limit": 64 * 1024}
+
+    def test_a_reader_far_behind_goes_at_once_whatever_its_grace(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        self.reader_that_never_reads("stuck")
+        alice.expect(r"\*\*\* stuck joined")
+        batch = "".join("%04d %s\n" % (i, "q" * 1000) for i in range(100)).encode()
+        peak = 0
+        while self.member("stuck") is not None:
+            bob.send(batch)
+            bob.sync()
+            peak = max(peak, self.server.stats()["backlog"])
+        alice.expect(r"\*\*\* stuck left \(send queue exceeded\)")
+        self.assertLessEqual(peak, 4 * 64 * 1024 + len(batch))
+
+
 class BigTurnTest(ServerTestCase):
     """Many long lines in one turn: memory in proportion to what was said, and no reader
     that keeps up is dropped, though each gets far more than the queue limit at once."""
