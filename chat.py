@@ -31,6 +31,7 @@ import base64
 import bisect
 import codecs
 import collections
+import contextlib
 import errno
 import functools
 import getpass
@@ -49,6 +50,7 @@ import select
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -131,6 +133,13 @@ MAX_NICK = 20                        # code points
 MAX_ROOM = 30                        # code points of a room name, after its "#"
 MAX_REASON = 100                     # code points of a /quit reason
 MAX_TOPIC = 300                      # code points of a room topic
+# Names nobody may take (nor a look-alike of): IRC clients send passwords to services
+# by these nicks, and people trust what seems to come from the server.
+RESERVED_NICKS = ("NickServ", "ChanServ", "OperServ", "MemoServ", "HostServ", "BotServ",
+                  "SaslServ", "HelpServ", "InfoServ", "StatServ", "GroupServ", "Global",
+                  "Alis", "Server", "chat", "chatpy", "admin", "root", "system", "services")
+MAX_STORED_TEXT = 8192               # code points of a line read back from the data dir
+MAX_MARKS = 4                        # combining marks kept on one character
 RESERVED_FDS = 32                    # descriptors for listeners, logs, the selector...
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE_IDLE = 60                  # seconds of silence before TCP probes a peer...
@@ -233,6 +242,42 @@ def sanitize(text):
         return text
     text = _ESCAPE_SEQUENCE.sub("", text).replace("\t", " ")
     return _UNSAFE_CHARS.sub("", text)
+
+
+# Characters that show as blanks but are not white space to str.split(): braille
+# blank, the Hangul fillers.
+_BLANK_LOOKALIKES = re.compile("[\u2800\u3164\uffa0\u115f\u1160]")
+
+
+def tidy_text(text):
+    """Relayed text (lines, topics, reasons) that cannot forge a row of a screen: runs of
+    blanks become one space (a line padded to the terminal's width makes the next row
+    look like the server's), and a character keeps at most MAX_MARKS combining marks
+    (piled up, they spill over other rows)."""
+    if not text.isascii():
+        text = _cap_marks(_BLANK_LOOKALIKES.sub(" ", text))
+    return " ".join(text.split())
+
+
+def _cap_marks(text):
+    kept, run = [], 0
+    for char in text:
+        if unicodedata.category(char) in ("Mn", "Me"):
+            run += 1
+            if run > MAX_MARKS:
+                continue
+        else:
+            run = 0
+        kept.append(char)
+    return "".join(kept)
+
+
+def stored_text(value):
+    """Text read back from the data directory, made as safe as text a client sends: it
+    may have been edited, or planted."""
+    if not isinstance(value, str):
+        raise TypeError("not text")
+    return tidy_text(sanitize(value.encode("utf-8", "replace").decode("utf-8")))
 
 
 def strip_transport(raw):
@@ -414,10 +459,12 @@ class Wording:
         ("ban_covers_you", "*** note: the ban covers your own address: you could not "
                            "reconnect from it"),
         ("no_bans", "*** no bans"),
+        ("mute_entry", "*** mute {target} ({network}) by {by}, {span}: {reason}"),
+        ("no_mutes", "*** no mutes"),
         ("unbanned", "*** unbanned {target}"),
         ("muted", "*** {nick} is muted {span}"),
         ("muted_you", "*** {by} muted you {span}; you may still /msg an operator"),
-        ("unmuted", "*** {nick} may talk again"),
+        ("unmuted", "*** {target} may talk again"),
         ("unmuted_you", "*** you may talk again"),
         ("away_set", "*** you are away: {text}"),
         ("away_cleared", "*** you are back"),
@@ -465,6 +512,8 @@ class Wording:
         ("op_guesses_throttled", "*** error: too many wrong operator passwords from your "
                                  "address; try again in {seconds} s"),
         ("no_such_ban", "*** error: no ban on {target}"),
+        ("no_such_mute", "*** error: no mute on {target}"),
+        ("nick_reserved", "*** error: nick {nick} is kept for the server and its services"),
         ("you_are_muted", "*** error: you are muted; you may still /msg an operator"),
         ("error", "*** error: {text}"),
         ("whois", "*** {nick}: {details}"),
@@ -676,7 +725,7 @@ class Member:
 
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
-                 "operator", "away", "muted_until", "ignoring", "active")
+                 "operator", "away", "mute", "ignoring", "active")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -686,7 +735,7 @@ class Member:
         self.address = address          # its IP: for bans, and for operators' eyes only
         self.operator = False
         self.away = None                # its away message
-        self.muted_until = None         # it may not talk in rooms before then
+        self.mute = None                # the Sanction that silences it, while in force
         self.ignoring = set()           # keys of the nicks it does not want to hear
         self.active = time.monotonic()  # when it last said something
         self.nick = self.key = None
@@ -864,52 +913,310 @@ def span_text(until, now):
     return "for " + " ".join(parts[:2])
 
 
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def address_block(text):
-    """The network a ban on an address covers: an IPv4 address (IPv4-mapped IPv6 counts
-    as IPv4), an IPv6 /64, or the network given; ValueError if it is none of those."""
+    """The network a ban on an address covers: an IPv4 address, an IPv6 /64, or the
+    network given; IPv4-mapped IPv6 addresses and networks count as the IPv4 ones they
+    map. ValueError if text is none of those."""
     network = ipaddress.ip_network(text.split("%")[0], strict=False)
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_IPV4_MAPPED):
+        return ipaddress.ip_network((int(network.network_address) & 0xFFFFFFFF,
+                                     network.prefixlen - 96))
     if network.version == 6 and network.prefixlen == 128:
-        address = network.network_address
-        if address.ipv4_mapped:
-            return ipaddress.ip_network(address.ipv4_mapped)
-        return ipaddress.ip_network("%s/64" % address, strict=False)
+        return ipaddress.ip_network("%s/64" % network.network_address, strict=False)
     return network
 
 
+def ip_address(ip):
+    """The address a peer's IP is, IPv4-mapped ones as IPv4; None if it is not one."""
+    try:
+        address = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return None
+    return address.ipv4_mapped or address if address.version == 6 else address
+
+
+def finite_time(value):
+    """A kept time: None (for good) or a number that is a real moment."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+            0 <= value < 1e11:
+        raise ValueError("not a time: %.40r" % (value,))
+    return float(value)
+
+
 @dataclass
-class Ban:
-    """A refused network: until a time (None: for good), why, and who said so."""
+class Sanction:
+    """A banned or muted network: until a time (None: for good), why, who said so, when."""
     target: str                 # what the operator named: a nick, an address or a network
     network: object             # an ipaddress network
     until: Optional[float]
     reason: str
     by: str
+    since: float = 0.0
 
     def covers(self, ip):
-        try:
-            address = ipaddress.ip_address(ip.split("%")[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return address.version == self.network.version and address in self.network
+        address = ip_address(ip)
+        return address is not None and address.version == self.network.version and \
+            address in self.network
 
     def as_record(self):
         return {"target": self.target, "network": str(self.network), "until": self.until,
-                "reason": self.reason, "by": self.by}
+                "reason": self.reason, "by": self.by, "since": self.since}
 
     @classmethod
     def from_record(cls, record):
-        """The Ban of a kept record; KeyError, TypeError or ValueError if it is not one."""
-        texts = (record["target"], record["reason"], record["by"])
-        if not all(isinstance(text, str) for text in texts) or not isinstance(
-                record["until"], (int, float, type(None))):
-            raise TypeError("a ban record of the wrong shape")
-        return cls(record["target"], ipaddress.ip_network(record["network"]), record["until"],
-                   record["reason"], record["by"])
+        """The Sanction of a kept record; KeyError, TypeError or ValueError if it is not one."""
+        return cls(stored_text(record["target"])[:60], address_block(record["network"]),
+                   finite_time(record["until"]), stored_text(record["reason"])[:MAX_REASON],
+                   stored_text(record["by"])[:MAX_NICK], finite_time(record.get("since")) or 0.0)
 
 
-class Hub:
+class Sanctions:
+    """The bans, or the mutes, in force: at most one per network, those that ran out
+    forgotten as they are looked at."""
+
+    def __init__(self, what, records=()):
+        self.what = what
+        self.items = []
+        for record in records if isinstance(records, list) else ():
+            try:
+                self.items.append(Sanction.from_record(record))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                log.warning("skipped a kept %s that cannot be read: %.100r", what, record)
+
+    def expire(self, now):
+        """Forget what ran out; True when anything was."""
+        kept = [item for item in self.items if item.until is None or item.until > now]
+        changed, self.items = len(kept) < len(self.items), kept
+        return changed
+
+    def covering(self, ip):
+        return next((item for item in self.items if item.covers(ip)), None)
+
+    def add(self, sanction):
+        self.items = [old for old in self.items if old.network != sanction.network] + [sanction]
+
+    def lift(self, target, network):
+        """Remove those named target (case aside) or on network; the removed ones."""
+        key = name_key(target)
+        removed = [item for item in self.items if name_key(item.target) == key
+                   or item.network == network or str(item.network) == target]
+        self.items = [item for item in self.items if item not in removed]
+        return removed
+
+    def records(self):
+        return [item.as_record() for item in self.items]
+
+
+class Moderation:
+    """Operators' powers, a part of the Hub: kick, ban and mute, and the ledgers of
+    bans and mutes. Bans and mutes are on addresses (a nick is only a way to name
+    one), so neither is evaded by a new nick or a new connection; a mute also
+    silences a member's nick changes, topics and leaving words, which would
+    otherwise carry what it may not say. Operators are above both."""
+
+    RECENT = 1000               # departed members whose address a ban or mute may still name
+
+    def do_op(self, member, password):
+        if not self.options.op_password:
+            self.sink.send(member, notice("no_operators"))
+            return
+        verdict, wait = self._guess(self.op_guesses, member.address, password,
+                                    self.options.op_password, "operator passwords")
+        if verdict == "wait":
+            self.sink.send(member, notice("op_guesses_throttled", seconds=math.ceil(wait)))
+        elif verdict == "wrong":
+            log.warning("%r: wrong operator password", member)
+            self.sink.send(member, notice("wrong_op_password"))
+        elif not member.operator:
+            self.announce(member)
+            member.operator = True
+            log.warning("%r is an operator now", member)
+            self.sink.send(member, notice("opped"))
+            for room in member.rooms:
+                room.operators[member] = None
+                room.changed()
+                self.sink.publish(room, Opped(room.name, member.nick), (member,))
+
+    def do_kick(self, member, name, reason=""):
+        if not self._operator(member, "kick"):
+            return
+        target = self._online(member, name, "/kick NICK [REASON]")
+        if target is not None:
+            reason = tidy_text(reason)[:MAX_REASON] or "no reason given"
+            log.warning("%s (operator) kicked %r: %s", member.nick, target, reason)
+            self._expel(target, member.nick, reason)
+
+    def do_ban(self, member, target, rest=""):
+        """Ban a nick's address, an address or a network, for a while or for good; the
+        members it covers are put out at once. The ban, or None."""
+        ban = self._sanction(member, "ban", target, rest, self.bans,
+                             "/ban NICK|ADDRESS|NETWORK [DURATION: 10m, 2h, 7d] [REASON]")
+        if ban is None:
+            return None
+        self.sink.send(member, notice("ban_added", target=ban.target, network=str(ban.network),
+                                      span=span_text(ban.until, ban.since), reason=ban.reason))
+        if ban.covers(member.address):
+            self.sink.send(member, notice("ban_covers_you"))
+        for other in list(self.members.values()):
+            if ban.covers(other.address) and not other.operator:
+                self._expel(other, member.nick, "banned: " + ban.reason)
+        return ban
+
+    def do_mute(self, member, target, rest=""):
+        """Silence a nick's address (the member, and whoever comes from there next) or an
+        address or network in every room, for a while or for good."""
+        mute = self._sanction(member, "mute", target, rest, self.mutes,
+                              "/mute NICK|ADDRESS|NETWORK [DURATION: 90s, 10m, 2h, 7d]")
+        if mute is None:
+            return
+        span = span_text(mute.until, mute.since)
+        online = self.find_member(target)
+        if online is not None and not online.operator:
+            online.mute = mute
+            self.sink.send(online, notice("muted_you", by=member.nick, span=span))
+        self.sink.send(member, notice("muted", nick=mute.target, span=span))
+
+    def _sanction(self, member, command, target, rest, ledger, usage):
+        """A new ban or mute from an operator's command, entered in ledger; None (the
+        operator told why) when the command is wrong."""
+        if not self._operator(member, command):
+            return None
+        if not target:
+            self.sink.send(member, notice("usage", usage=usage))
+            return None
+        duration, reason = None, tidy_text(rest)
+        first, _, more = reason.partition(" ")
+        try:
+            duration, reason = parse_duration(first), more
+        except ValueError:
+            pass
+        network = self._network_of(target)
+        if network is None:
+            self.sink.send(member, notice("error", text="%s is neither a nick online nor an "
+                                          "address" % sanitize(target)[:40]))
+            return None
+        now = self.clock()
+        sanction = Sanction(sanitize(target)[:60], network, now + duration if duration else None,
+                            reason[:MAX_REASON] or "no reason given", member.nick, now)
+        ledger.add(sanction)
+        self._save_state()
+        log.warning("%s (operator): %s %s (%s) %s: %s", member.nick, command, sanction.target,
+                    network, span_text(sanction.until, now), sanction.reason)
+        return sanction
+
+    def _network_of(self, target):
+        """The network a ban or mute on target covers: a nick online or just gone, an
+        address or a network; None when it is none of those."""
+        key = name_key(unicodedata.normalize("NFKC", target))
+        online = self.members.get(key)
+        address = online.address if online else self.recent.get(key)
+        try:
+            return address_block(address or target)
+        except ValueError:
+            return None
+
+    def do_unban(self, member, target):
+        """Lift the bans named target, or on its network (a nick, an address, a network
+        as /bans lists it); the lifted bans."""
+        return self._lift(member, "unban", target, self.bans, "no_such_ban", "unbanned")
+
+    def do_unmute(self, member, target):
+        if self._lift(member, "unmute", target, self.mutes, "no_such_mute", "unmuted"):
+            online = self.find_member(target)
+            if online is not None:
+                self.sink.send(online, notice("unmuted_you"))
+
+    def _lift(self, member, command, target, ledger, missing, done):
+        if not self._operator(member, command):
+            return []
+        if not target:
+            self.sink.send(member, notice("usage", usage="/%s NICK|ADDRESS|NETWORK (see /%ss)"
+                                          % (command, command[2:])))
+            return []
+        ledger.expire(self.clock())
+        online = self.find_member(target)
+        if online is not None and online.mute is not None and ledger is self.mutes:
+            target = online.mute.target
+        lifted = ledger.lift(target, self._network_of(target))
+        shown = sanitize(target)[:60]
+        if not lifted:
+            self.sink.send(member, notice(missing, target=shown))
+            return []
+        self._save_state()
+        log.warning("%s (operator): %s %s", member.nick, command, shown)
+        self.sink.send(member, notice(done, target=shown))
+        return lifted
+
+    def do_bans(self, member):
+        self._list_sanctions(member, "bans", self.bans, "ban_entry", "no_bans")
+
+    def do_mutes(self, member):
+        self._list_sanctions(member, "mutes", self.mutes, "mute_entry", "no_mutes")
+
+    def _list_sanctions(self, member, command, ledger, entry, none):
+        if not self._operator(member, command):
+            return
+        now = self.clock()
+        if ledger.expire(now):
+            self._save_state()
+        for item in ledger.items:
+            self.sink.send(member, notice(entry, target=item.target, network=str(item.network),
+                                          by=item.by, span=span_text(item.until, now),
+                                          reason=item.reason))
+        if not ledger.items:
+            self.sink.send(member, notice(none))
+
+    def ban_for(self, ip):
+        """The ban that refuses ip, or None (bans that ran out are forgotten)."""
+        if self.bans.expire(self.clock()):
+            self._save_state()
+        return self.bans.covering(ip)
+
+    def mute_for(self, ip):
+        if self.mutes.expire(self.clock()):
+            self._save_state()
+        return self.mutes.covering(ip)
+
+    def muted(self, member, told=True):
+        """Whether member may not talk (told so, unless told is False)."""
+        mute = member.mute
+        if mute is None or member.operator:
+            return False
+        if mute not in self.mutes.items or (mute.until is not None
+                                            and mute.until <= self.clock()):
+            member.mute = None
+            return False
+        if told:
+            self.sink.send(member, notice("you_are_muted"))
+        return True
+
+    def _operator(self, member, command):
+        if not member.operator:
+            self.sink.send(member, notice("not_operator", name=command))
+        return member.operator
+
+    def _expel(self, target, by, reason):
+        """Put a member out: its rooms are told who did it and why, then it goes."""
+        self._depart(target, lambda room, uid: Kicked(room.name, target.nick, by, reason, uid))
+        self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
+
+    def _remember_departure(self, member):
+        self.recent[member.key] = member.address
+        self.recent.move_to_end(member.key)
+        while len(self.recent) > self.RECENT:
+            self.recent.popitem(last=False)
+
+    def _save_state(self):
+        self.store.save_state({"topics": self.topics, "bans": self.bans.records(),
+                               "mutes": self.mutes.records()})
+
+
+class Hub(Moderation):
     """The chat: nicks, rooms and every command, for members of every dialect.
 
     sink receives what happens: publish(room, event, exclude) for room events,
@@ -930,9 +1237,12 @@ class Hub:
         self.guesses = GuessThrottle()
         self.op_guesses = GuessThrottle()
         self.ignored_by = {}            # nick key -> members that ignore that nick
-        self.mutes = {}                 # nick key -> until when (a reconnect stays muted)
-        self.topics, bans = self.store.load_state()
-        self.bans = self._readable_bans(bans)
+        state = self.store.load_state()
+        self.topics = self._readable_topics(state.get("topics"))   # room key -> topic
+        self.bans = Sanctions("ban", state.get("bans"))
+        self.mutes = Sanctions("mute", state.get("mutes"))
+        self.recent = collections.OrderedDict()   # nick key -> address, of departed members
+        self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
         self._guests = itertools.count(1)
         self._uids = itertools.count(1)
         self.default_room = self._add_room(normalize_room(options.room))
@@ -955,16 +1265,11 @@ class Hub:
                         ip, throttle.limit, what, throttle.window)
         return "wrong", 0
 
-    def ban_for(self, ip):
-        """The ban that refuses ip, or None (bans that ran out are forgotten)."""
-        now = self.clock()
-        if any(ban.until is not None and ban.until <= now for ban in self.bans):
-            self.bans = [ban for ban in self.bans if ban.until is None or ban.until > now]
-            self._save_state()
-        return next((ban for ban in self.bans if ban.covers(ip)), None)
-
     def nick_problem(self, nick, member=None):
-        """The reply refusing nick (taken, or a look-alike of a nick online), or None."""
+        """The reply refusing nick (taken, a look-alike of a nick online, or of a name
+        kept for services and the server), or None."""
+        if lookalike_keys(nick) & self.reserved:
+            return notice("nick_reserved", nick=nick)
         holder = self.members.get(name_key(nick))
         if holder is not None and holder is not member:
             return notice("nick_taken", nick=nick)
@@ -993,7 +1298,7 @@ class Hub:
         if nick is not None:
             nick, problem = self.claim(nick)
         self._register(member, nick or self._guest_nick())
-        member.muted_until = self.mutes.get(member.key)
+        member.mute = self.mute_for(address)
         member.announced = bool(nick)   # entering, it is heralded at once
         self.sink.send(member, Welcome(self.name, member.nick))
         self._enter(member, self.default_room, greeting=True)
@@ -1012,9 +1317,12 @@ class Hub:
             self._herald(member, room)
 
     def leave(self, member, reason):
-        """member leaves the chat (its connection is closing): every room is told."""
+        """member leaves the chat (its connection is closing): every room is told (of a
+        muted member, not its own words)."""
         if self.members.get(member.key) is not member:
             return
+        if member.mute is not None and self.muted(member, told=False):
+            reason = reason.partition(":")[0]
         self._depart(member, lambda room, uid: Quit(
             room.name, member.nick, reason, room not in member.heralded or self._big(room), uid))
 
@@ -1025,6 +1333,7 @@ class Hub:
         for room in list(member.rooms):
             self._remove(member, room, event_for(room, uid))
         self._unregister(member)
+        self._remember_departure(member)
         for key in list(member.ignoring):
             self._stop_ignoring(member, key)
 
@@ -1037,6 +1346,8 @@ class Hub:
         nick, problem = self.claim(name, member)
         if problem:
             self.sink.send(member, problem)
+            return
+        if nick != member.nick and self.muted(member):   # a new nick says something too
             return
         old, old_key = member.nick, member.key
         self._register(member, nick)
@@ -1061,8 +1372,7 @@ class Hub:
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
             return
-        if self._muted(member):
-            self.sink.send(member, notice("you_are_muted"))
+        if self.muted(member):
             return
         self.announce(member)
         member.active = time.monotonic()
@@ -1089,8 +1399,7 @@ class Hub:
         if target is None:
             self.sink.send(member, notice("no_such_nick", nick=sanitize(target_name)[:40]))
             return
-        if self._muted(member) and not target.operator:
-            self.sink.send(member, notice("you_are_muted"))
+        if not target.operator and self.muted(member):
             return
         member.active = time.monotonic()
         now = self.clock()
@@ -1144,6 +1453,8 @@ class Hub:
         if room not in member.rooms:
             self.sink.send(member, notice("error", text="you are not in %s" % room.name))
             return
+        if reason and self.muted(member, told=False):
+            reason = ""
         event = Parted(room.name, member.nick, reason, quiet=room not in member.heralded
                        or self._big(room))
         self.sink.send(member, event)
@@ -1167,17 +1478,23 @@ class Hub:
         if room not in member.rooms:
             self.sink.send(member, notice("error", text="you are not in %s" % room.name))
             return
-        room.topic = text.strip()[:MAX_TOPIC] or None
-        self.topics[room.key] = room.topic
+        if self.muted(member):
+            return
+        room.topic = tidy_text(text)[:MAX_TOPIC] or None
+        self.topics.pop(room.key, None)   # the newest last: see _forget_room
+        if room.topic:
+            self.topics[room.key] = room.topic
         self._save_state()
         self.sink.publish(room, TopicSet(room.name, member.nick, room.topic or ""), ())
 
     def do_quit(self, member, reason=""):
-        reason = reason.strip()[:MAX_REASON]
+        reason = tidy_text(reason)[:MAX_REASON]
         self.sink.close(member, "quit: " + reason if reason else "quit", notice("bye"))
 
     def do_away(self, member, text=""):
-        member.away = text.strip()[:MAX_REASON] or None
+        if text.strip() and self.muted(member):
+            return
+        member.away = tidy_text(text)[:MAX_REASON] or None
         self.sink.send(member, notice("away_set", text=member.away) if member.away
                        else notice("away_cleared"))
 
@@ -1210,159 +1527,6 @@ class Hub:
                 target.nick, target.realname, tuple(room.name for room in target.rooms),
                 time.monotonic() - target.active, target.away, target.operator,
                 target.address if member.operator else None))
-
-    # Operators
-
-    def do_op(self, member, password):
-        if not self.options.op_password:
-            self.sink.send(member, notice("no_operators"))
-            return
-        verdict, wait = self._guess(self.op_guesses, member.address, password,
-                                    self.options.op_password, "operator passwords")
-        if verdict == "wait":
-            self.sink.send(member, notice("op_guesses_throttled", seconds=math.ceil(wait)))
-        elif verdict == "wrong":
-            log.warning("%r: wrong operator password", member)
-            self.sink.send(member, notice("wrong_op_password"))
-        elif not member.operator:
-            self.announce(member)
-            member.operator = True
-            log.warning("%r is an operator now", member)
-            self.sink.send(member, notice("opped"))
-            for room in member.rooms:
-                room.operators[member] = None
-                room.changed()
-                self.sink.publish(room, Opped(room.name, member.nick), (member,))
-
-    def do_kick(self, member, name, reason=""):
-        if not self._operator(member, "kick"):
-            return
-        target = self._online(member, name, "/kick NICK [REASON]")
-        if target is not None:
-            reason = reason.strip()[:MAX_REASON] or "no reason given"
-            log.warning("%s (operator) kicked %r: %s", member.nick, target, reason)
-            self._expel(target, member.nick, reason)
-
-    def do_ban(self, member, target, rest=""):
-        """Ban a nick's address, an address or a network, for a while or for good; the
-        members it covers are put out at once."""
-        if not self._operator(member, "ban"):
-            return
-        if not target:
-            self.sink.send(member, notice("usage", usage="/ban NICK|ADDRESS|NETWORK "
-                                                         "[DURATION: 10m, 2h, 7d] [REASON]"))
-            return
-        duration, reason = None, rest.strip()
-        first, _, more = reason.partition(" ")
-        try:
-            duration, reason = parse_duration(first), more.strip()
-        except ValueError:
-            pass
-        online = self.find_member(target)
-        try:
-            network = address_block(online.address if online else target)
-        except ValueError:
-            self.sink.send(member, notice("error", text="%s is neither a nick online nor an "
-                                          "address" % sanitize(target)[:40]))
-            return
-        now = self.clock()
-        ban = Ban(sanitize(target)[:60], network, now + duration if duration else None,
-                  reason[:MAX_REASON] or "no reason given", member.nick)
-        self.bans = [old for old in self.bans if old.network != network] + [ban]
-        self._save_state()
-        log.warning("%s (operator) banned %s (%s) %s: %s", member.nick, ban.target, network,
-                    span_text(ban.until, now), ban.reason)
-        self.sink.send(member, notice("ban_added", target=ban.target, network=str(network),
-                                      span=span_text(ban.until, now), reason=ban.reason))
-        if ban.covers(member.address):
-            self.sink.send(member, notice("ban_covers_you"))
-        for other in list(self.members.values()):
-            if ban.covers(other.address) and not other.operator:
-                self._expel(other, member.nick, "banned: " + ban.reason)
-
-    def do_unban(self, member, target):
-        if not self._operator(member, "unban"):
-            return
-        if not target:
-            self.sink.send(member, notice("usage", usage="/unban NICK|ADDRESS|NETWORK (see /bans)"))
-            return
-        left = [ban for ban in self.bans if target not in (ban.target, str(ban.network))]
-        if len(left) == len(self.bans):
-            self.sink.send(member, notice("no_such_ban", target=sanitize(target)[:60]))
-            return
-        self.bans = left
-        self._save_state()
-        log.warning("%s (operator) unbanned %s", member.nick, sanitize(target)[:60])
-        self.sink.send(member, notice("unbanned", target=sanitize(target)[:60]))
-
-    def do_bans(self, member):
-        if not self._operator(member, "bans"):
-            return
-        self.ban_for("")   # forget the bans that ran out
-        now = self.clock()
-        for ban in self.bans:
-            self.sink.send(member, notice("ban_entry", target=ban.target, network=str(ban.network),
-                                          by=ban.by, span=span_text(ban.until, now),
-                                          reason=ban.reason))
-        if not self.bans:
-            self.sink.send(member, notice("no_bans"))
-
-    def do_mute(self, member, name, duration=""):
-        if not self._operator(member, "mute"):
-            return
-        target = self._online(member, name, "/mute NICK [DURATION: 10m, 2h, 7d]")
-        if target is None:
-            return
-        try:
-            seconds = parse_duration(duration) if duration else None
-        except ValueError:
-            self.sink.send(member, notice("usage", usage="/mute NICK [DURATION: 90s, 10m, 2h, 7d]"))
-            return
-        now = self.clock()
-        target.muted_until = self.mutes[target.key] = now + seconds if seconds else float("inf")
-        span = span_text(now + seconds if seconds else None, now)
-        log.warning("%s (operator) muted %r %s", member.nick, target, span)
-        self.sink.send(target, notice("muted_you", by=member.nick, span=span))
-        self.sink.send(member, notice("muted", nick=target.nick, span=span))
-
-    def do_unmute(self, member, name):
-        if not self._operator(member, "unmute"):
-            return
-        target = self._online(member, name, "/unmute NICK")
-        if target is not None:
-            target.muted_until = None
-            self.mutes.pop(target.key, None)
-            log.warning("%s (operator) unmuted %r", member.nick, target)
-            self.sink.send(target, notice("unmuted_you"))
-            self.sink.send(member, notice("unmuted", nick=target.nick))
-
-    def _muted(self, member):
-        return member.muted_until is not None and self.clock() < member.muted_until
-
-    def _operator(self, member, command):
-        if not member.operator:
-            self.sink.send(member, notice("not_operator", name=command))
-        return member.operator
-
-    def _expel(self, target, by, reason):
-        """Put a member out: its rooms are told who did it and why, then it goes."""
-        self._depart(target, lambda room, uid: Kicked(room.name, target.nick, by, reason, uid))
-        self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
-
-    @staticmethod
-    def _readable_bans(records):
-        """The bans kept from before; one that cannot be read (edited by hand) is skipped."""
-        bans = []
-        for record in records:
-            try:
-                bans.append(Ban.from_record(record))
-            except (KeyError, TypeError, ValueError):
-                log.warning("skipped a kept ban that cannot be read: %.100r", record)
-        return bans
-
-    def _save_state(self):
-        self.store.save_state({key: topic for key, topic in self.topics.items() if topic},
-                              [ban.as_record() for ban in self.bans])
 
     # Inspection
 
@@ -1397,9 +1561,7 @@ class Hub:
             return None
 
     def _follow_rename(self, old_key, new_key):
-        """Mutes and ignores follow a nick that changes."""
-        if old_key in self.mutes:
-            self.mutes[new_key] = self.mutes.pop(old_key)
+        """Ignores follow a nick that changes."""
         for other in self.ignored_by.pop(old_key, ()):
             other.ignoring.discard(old_key)
             other.ignoring.add(new_key)
@@ -1505,7 +1667,27 @@ class Hub:
         if listed:
             self._publish_membership(room, event, ())
         if not room.members and room is not self.default_room:
-            del self.rooms[room.key]
+            self._forget_room(room)
+
+    def _forget_room(self, room):
+        """An empty room goes; its topic is kept for its return, but only the newest
+        TOPICS_KEPT topics of rooms that are gone are."""
+        del self.rooms[room.key]
+        self.store.forget(room.name)
+        gone = [key for key in self.topics if key not in self.rooms]
+        for key in gone[:max(0, len(gone) - TOPICS_KEPT)]:
+            del self.topics[key]
+
+    @staticmethod
+    def _readable_topics(topics):
+        """The kept topics that are topics of rooms; the rest is skipped."""
+        kept = {}
+        for key, text in (topics or {}).items() if isinstance(topics, dict) else ():
+            try:
+                kept[name_key(normalize_room(key))] = stored_text(text)[:MAX_TOPIC]
+            except (TypeError, ValueError):
+                log.warning("skipped a kept topic that cannot be read: %.60r", key)
+        return {key: text for key, text in kept.items() if text}
 
     def _herald(self, member, room):
         if member not in room.listed:
@@ -1535,10 +1717,11 @@ class Store:
     memory. FileStore keeps it on disk."""
 
     def load_state(self):
-        """({room key: topic}, [ban records]) kept from before."""
-        return {}, []
+        """The state kept from before ({"topics": ..., "bans": ..., "mutes": ...}), as it
+        was read: the hub checks every part of it."""
+        return {}
 
-    def save_state(self, topics, bans):
+    def save_state(self, state):
         pass
 
     def history(self, room, count):
@@ -1547,6 +1730,9 @@ class Store:
 
     def append(self, room, event):
         pass
+
+    def forget(self, room):
+        """room is gone (it has no members): let go of what it holds open."""
 
     def flush(self):
         """Write what the turn said: before the turn's output goes out."""
@@ -1563,21 +1749,159 @@ class Store:
         pass
 
 
+# Opening a file never follows a link planted in the data directory: it fails (ELOOP)
+# instead of writing where the link points. Windows has no O_NOFOLLOW (and creating
+# links there needs privileges).
+PRIVATE_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC if hasattr(os, "O_NOFOLLOW") else 0
+TAIL_CHUNK = 64 * 1024                # bytes read at a time from a log's end
+OPEN_LOGS = 64                        # logs kept open; the least used are closed past this
+TOPICS_KEPT = 200                     # topics of rooms that are gone, remembered for their return
+
+
+def open_private(path, flags):
+    """A descriptor for a regular file of the data directory, created 0600, never through
+    a link; OSError for anything else (a link, a FIFO, a device)."""
+    fd = os.open(path, flags | PRIVATE_OPEN, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file: %s" % path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_at(fd, size, offset):
+    """size bytes of a file from offset (fewer at its end)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)   # Windows: the descriptor is the loop's alone
+    return os.read(fd, size)
+
+
+def read_tail(fd, size, lines):
+    """The last lines (at most lines of them) of the first size bytes of a file, read
+    backwards a chunk at a time: a big log costs what is wanted, not its size."""
+    chunks, newlines, end = [], 0, size
+    while end > 0 and newlines <= lines:
+        start = max(0, end - TAIL_CHUNK)
+        chunk = read_at(fd, end - start, start)
+        chunks.append(chunk)
+        newlines += chunk.count(b"\n")
+        end = start
+    data = b"".join(reversed(chunks))
+    found = data.split(b"\n")
+    if end > 0:
+        found = found[1:]   # the first, cut, line is older than what is wanted
+    return [line for line in found if line][-lines:] if lines else []
+
+
+class DiskWriter:
+    """A thread for what would stall the loop: fsyncs, and writing state.json whole.
+
+    The loop hands it work and never waits: logs are synced through descriptors of
+    their own (dup), so the loop may close or rotate a log meanwhile; of several
+    states saved in a row only the last is written."""
+
+    def __init__(self, failed, healthy):
+        self._failed = failed           # failed(what, exc), called from the thread...
+        self._healthy = healthy         # ...and healthy() after a state is written
+        self._lock = threading.Condition()
+        self._fds = []
+        self._state = None              # (path, bytes) to write next
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="chat-disk", daemon=True)
+        self._thread.start()
+
+    def sync(self, fds):
+        duplicates = []
+        for fd in fds:
+            try:
+                duplicates.append(os.dup(fd))
+            except OSError as exc:
+                self._failed("cannot sync a log", exc)
+        with self._lock:
+            self._fds += duplicates
+            self._lock.notify()
+
+    def save(self, path, data):
+        with self._lock:
+            self._state = (path, data)
+            self._lock.notify()
+
+    def close(self):
+        """Finish what was handed over, then stop."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                while not (self._fds or self._state or self._closing):
+                    self._lock.wait()
+                fds, state, closing = self._fds, self._state, self._closing
+                self._fds, self._state = [], None
+            for fd in fds:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    self._failed("cannot sync a log", exc)
+                finally:
+                    os.close(fd)
+            if state:
+                self._write_state(*state)
+            if closing and not fds and not state:
+                return
+
+    def _write_state(self, final, data):
+        temporary = final + ".new"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)   # a link planted there goes, not what it points to
+            fd = open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            with open(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, final)
+            self._healthy()
+        except OSError as exc:
+            self._failed("cannot save topics, bans and mutes", exc)
+
+
 class OpenLog:
-    """A room's log, open for appending: its size and how many records it holds."""
+    """A room's log, open for appending: its size, and how many records it holds, up to
+    the number a rotation must leave behind. A torn last record (a crash in mid-write)
+    is cut off, so the next record starts on a line of its own."""
 
     __slots__ = ("path", "fd", "size", "records")
 
-    def __init__(self, path):
+    def __init__(self, path, keep_records):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self.fd = open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
-            self.records = sum(chunk.count(b"\n")
-                               for chunk in iter(lambda: os.read(self.fd, 1 << 16), b""))
             self.size = os.fstat(self.fd).st_size
+            if self.size and read_at(self.fd, 1, self.size - 1) != b"\n":
+                self._cut_torn_record()
+            self.records = len(read_tail(self.fd, self.size, keep_records))
         except OSError:
             os.close(self.fd)
             raise
+
+    def _cut_torn_record(self):
+        end = self.size
+        while end > 0:
+            start = max(0, end - TAIL_CHUNK)
+            cut = read_at(self.fd, end - start, start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        log.warning("%s: cut a torn record at the end (%d bytes)", self.path, self.size - end)
+        os.ftruncate(self.fd, end)
+        self.size = end
 
     def append(self, data):
         view = memoryview(data)
@@ -1589,43 +1913,60 @@ class OpenLog:
 
 
 class FileStore(Store):
-    """Rooms' public lines, topics and bans in a directory of their own.
+    """Rooms' public lines, and the state (topics, bans, mutes), in a directory of its own.
 
     Each room's lines go to a log (one JSON record per line: time, nick, kind,
     text); a turn's lines of a room are one write(), done before that turn's
     output is sent, so a crash or kill -9 loses nothing that was relayed. Logs
     are rotated past max_bytes, but never before they hold keep_records lines:
     the one older generation kept is then always enough to replay the history,
-    whatever the size of the lines. A torn last record, from a crash in
-    mid-write, is skipped when read. Topics and bans are in state.json, replaced whole. The directory is
-    0700 and the files 0600: chat text is private. A failing disk is logged
-    and the chat goes on from memory.
+    whatever the size of the lines. Only logs' tails are ever read. The state is
+    state.json, replaced whole. fsyncs and state writes run in a thread of their
+    own (DiskWriter): the loop never waits for the disk beyond a write().
+
+    The directory is 0700 and its files 0600 (chat text is private); it must be
+    the server's user's, and no file in it is opened through a link. Everything
+    read back is checked like input from a stranger: what is wrong is skipped,
+    with a warning. A failing disk is logged and the chat goes on from memory.
     """
 
     STATE = "state.json"
+    NAME_LIMIT = 200                # bytes of a log's name: every room name fits in 255
 
     def __init__(self, path, max_bytes=DEFAULT_LOG_MAX_BYTES, keep_records=DEFAULT_HISTORY):
         self.path = path
         self.max_bytes = max_bytes
         self.keep_records = keep_records
+        self._lock_fd = self._open_directory(path)
+        self._writer = DiskWriter(self._failed, self._healthy)
+        self._pending = {}      # room name -> [record bytes] of this turn
+        self._files = collections.OrderedDict()   # room name -> its OpenLog, least used first
+        self._unsynced = set()  # fds written since the last sync
+        self._failing = False
+
+    @classmethod
+    def _open_directory(cls, path):
+        """Make or check the directory; return its lock's descriptor."""
         try:
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise StoreError(errno.ENOTDIR, "the data directory %s is not a directory"
+                                 % path)
             os.makedirs(path, mode=0o700, exist_ok=True)
+            if hasattr(os, "geteuid") and os.stat(path).st_uid != os.geteuid():
+                raise StoreError(errno.EPERM, "the data directory %s belongs to another user"
+                                 % path)
             os.chmod(path, 0o700)
-            self._lock_fd = self._lock(os.path.join(path, "lock"))
+            return cls._lock(os.path.join(path, "lock"))
         except StoreError:
             raise
         except OSError as exc:
             raise StoreError(exc.errno, "cannot use the data directory %s: %s"
                              % (path, exc.strerror or exc))
-        self._pending = {}      # room name -> [record bytes] of this turn
-        self._files = {}        # room name -> its OpenLog
-        self._unsynced = set()  # fds written since the last fsync
-        self._failing = False
 
     @staticmethod
     def _lock(path):
         """Hold the directory's lock file for as long as the server runs."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1640,70 +1981,73 @@ class FileStore(Store):
         return fd
 
     def _log_path(self, room):
-        return os.path.join(self.path, "room-%s.log" % urllib.parse.quote(name_key(room), safe=""))
+        key = name_key(room)
+        name = urllib.parse.quote(key, safe="")
+        if len(name) > self.NAME_LIMIT:
+            name = name[:self.NAME_LIMIT - 17] + "-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return os.path.join(self.path, "room-%s.log" % name)
 
-    # Topics and bans
+    # The state
 
     def load_state(self):
+        path = os.path.join(self.path, self.STATE)
         try:
-            with open(os.path.join(self.path, self.STATE), encoding="utf-8") as file:
-                state = json.load(file)
-            topics = {key: topic for key, topic in state.get("topics", {}).items()
-                      if isinstance(key, str) and isinstance(topic, str)}
-            return topics, list(state.get("bans", []))
+            with open(open_private(path, os.O_RDONLY), "rb") as file:
+                state = json.loads(file.read())
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            return state
         except FileNotFoundError:
-            return {}, []
-        except (OSError, ValueError, AttributeError, TypeError) as exc:
-            log.warning("cannot read %s (%s): starting without topics and bans",
-                        os.path.join(self.path, self.STATE), exc)
-            return {}, []
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s): starting without topics, bans and mutes", path, exc)
+            return {}
 
-    def save_state(self, topics, bans):
-        final = os.path.join(self.path, self.STATE)
-        temporary = final + ".new"
-        try:
-            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                      "wb") as file:
-                file.write(json.dumps({"topics": topics, "bans": bans}, indent=1).encode())
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, final)
-            self._healthy()
-        except OSError as exc:
-            self._failed("cannot save topics and bans", exc)
+    def save_state(self, state):
+        self._writer.save(os.path.join(self.path, self.STATE),
+                          json.dumps(state, indent=1).encode())
 
     # Public lines
 
     def history(self, room, count):
         if not count:
             return []
-        path = self._log_path(room)
-        lines = []
-        for part in (path + ".1", path):
+        path, lines = self._log_path(room), []
+        for part in (path, path + ".1"):   # the newest first
+            if len(lines) >= count * 2:
+                break
             try:
-                with open(part, "rb") as file:
-                    lines += self._records(part, file.read())
+                fd = open_private(part, os.O_RDONLY)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 log.warning("cannot read %s: %s", part, exc.strerror or exc)
-        events = []
-        for line in lines[-count * 2:]:   # a few more, in case some do not parse
-            try:
-                record = json.loads(line)
-                events.append(Said(room, record["nick"], record["text"],
-                                   record["kind"] == "acted", record["time"]))
-            except (ValueError, KeyError, TypeError):
                 continue
+            try:
+                lines = read_tail(fd, os.fstat(fd).st_size, count * 2 - len(lines)) + lines
+            finally:
+                os.close(fd)
+        events = [said for said in (self._said(room, line) for line in lines) if said]
+        if len(events) < len(lines):
+            skipped = len(lines) - len(events)
+            log.warning("%s: skipped %d record%s that cannot be read", path, skipped,
+                        "s" if skipped > 1 else "")
         return events[-count:]
 
     @staticmethod
-    def _records(path, data):
-        """The whole records of a log: a last one cut short by a crash is skipped."""
-        lines = data.split(b"\n")
-        if lines[-1]:
-            log.warning("%s: skipped a torn record at the end (%d bytes)", path, len(lines[-1]))
-        return lines[:-1]
+    def _said(room, line):
+        """The Said event of a record, or None when it is not one (torn, edited, hostile)."""
+        try:
+            record = json.loads(line)
+            when, kind = record["time"], record["kind"]
+            if not (isinstance(when, (int, float)) and 0 <= when < 1e11
+                    and kind in ("said", "acted")):
+                return None
+            return Said(room, normalize_nick(stored_text(record["nick"])),
+                        stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted",
+                        float(when))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def append(self, room, event):
         record = {"time": event.time, "nick": event.nick, "kind": "acted" if event.action
@@ -1723,7 +2067,11 @@ class FileStore(Store):
     def _write(self, room, data):
         opened = self._files.get(room)
         if opened is None:
-            opened = self._files[room] = OpenLog(self._log_path(room))
+            if len(self._files) >= OPEN_LOGS:
+                self._release(self._files.popitem(last=False)[1])
+            opened = self._files[room] = OpenLog(self._log_path(room), self.keep_records)
+        else:
+            self._files.move_to_end(room)
         opened.append(data)
         self._unsynced.add(opened.fd)
         if opened.size > self.max_bytes and opened.records >= self.keep_records:
@@ -1732,12 +2080,19 @@ class FileStore(Store):
     def _rotate(self, room):
         """The log becomes the older generation; the next write starts a new one."""
         opened = self._files.pop(room)
-        self._unsynced.discard(opened.fd)
-        try:
-            os.fsync(opened.fd)
-        finally:
-            os.close(opened.fd)
+        self._release(opened)
         os.replace(opened.path, opened.path + ".1")
+
+    def _release(self, opened):
+        """Close a log; what was written to it is synced by the writer all the same."""
+        self._unsynced.discard(opened.fd)
+        self._writer.sync([opened.fd])
+        os.close(opened.fd)
+
+    def forget(self, room):
+        opened = self._files.pop(room, None)
+        if opened is not None:
+            self._release(opened)
 
     @property
     def unsynced(self):
@@ -1745,18 +2100,14 @@ class FileStore(Store):
 
     def sync(self):
         unsynced, self._unsynced = self._unsynced, set()
-        for fd in unsynced:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                self._failed("cannot sync a log", exc)
+        self._writer.sync(unsynced)
 
     def close(self):
         self.flush()
-        self.sync()
         for opened in self._files.values():
-            os.close(opened.fd)
+            self._release(opened)
         self._files.clear()
+        self._writer.close()
         os.close(self._lock_fd)
 
     def _failed(self, what, exc):
@@ -1796,7 +2147,8 @@ HELP_TEXT = (
     "  /kick NICK [WHY]                      put NICK out",
     "  /ban NICK|ADDRESS [10m|2h|7d] [WHY]   put out and keep out (for good by default)",
     "  /unban NICK|ADDRESS, /bans            lift a ban; list them",
-    "  /mute NICK [10m|2h|7d], /unmute NICK  stop NICK talking in rooms",
+    "  /mute NICK|ADDRESS [10m|2h|7d]        stop NICK (and its address) talking",
+    "  /unmute NICK|ADDRESS, /mutes          lift a mute; list them",
 )
 
 
@@ -1969,6 +2321,7 @@ class LineDialect(Dialect):
         "bans": ("do_bans", lambda rest: ()),
         "mute": ("do_mute", lambda rest: tuple(rest.partition(" ")[::2])),
         "unmute": ("do_unmute", lambda rest: (rest,)),
+        "mutes": ("do_mutes", lambda rest: ()),
     }
 
     def handle(self, message):
@@ -2504,9 +2857,10 @@ class IrcDialect(Dialect):
                 self._numeric("324", "%s +n" % room.name)
             elif params[1] in ("b", "+b") and len(params) == 2:
                 self._ban_list(room)
+            elif params[1] == "-b" and len(params) == 2:
+                self._numeric("461", "MODE :Not enough parameters")
             elif params[1] in ("+b", "-b"):
-                method = self.hub.do_ban if params[1] == "+b" else self.hub.do_unban
-                method(self.conn.member, irc_ban_target(params[2]))
+                self._ban_mode(room, params[1], params[2])
             else:
                 self._numeric("482", "%s :You're not channel operator" % room.name)
         elif name_key(target) == name_key(self.nick):
@@ -2514,11 +2868,24 @@ class IrcDialect(Dialect):
         else:
             self._numeric("502", ":Can't change mode for other users")
 
+    def _ban_mode(self, room, change, mask):
+        """MODE +b or -b: the hub bans or lifts, and the change comes back as a MODE line,
+        which is how clients learn that a ban list changed."""
+        member = self.conn.member
+        if change == "+b":
+            changed = [self.hub.do_ban(member, irc_ban_target(mask))]
+        else:
+            changed = self.hub.do_unban(member, irc_ban_target(mask))
+        for ban in filter(None, changed):
+            self._send(":%s MODE %s %s *!*@%s" % (irc_source(member.nick), room.name, change,
+                                                  ban.network))
+
     def _ban_list(self, room):
         """367 for each ban (to operators: bans show addresses), then 368."""
-        bans = self.hub.bans if self.conn.member.operator else []
+        self.hub.ban_for("")   # forget the bans that ran out
+        bans = self.hub.bans.items if self.conn.member.operator else []
         lines = [self._numeric_bytes("367", "%s *!*@%s %s %d" % (
-            room.name, ban.network, ban.by, 0)) for ban in bans]
+            room.name, ban.network, ban.by, ban.since)) for ban in bans]
         lines.append(self._numeric_bytes("368", "%s :End of channel ban list" % room.name))
         self.conn_send(b"".join(lines))
 
@@ -2543,8 +2910,8 @@ class IrcDialect(Dialect):
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
     # The line protocol's commands IRC has no word for, run as they are: clients send
     # a command they do not know as it is typed (HexChat; /quote MUTE bob 10m elsewhere)
-    CHAT_COMMANDS = frozenset(("MUTE", "UNMUTE", "BAN", "UNBAN", "BANS", "IGNORE", "UNIGNORE",
-                               "ROOMS", "HELP"))
+    CHAT_COMMANDS = frozenset(("MUTE", "UNMUTE", "MUTES", "BAN", "UNBAN", "BANS", "IGNORE",
+                               "UNIGNORE", "ROOMS", "HELP"))
 
     # What goes out
 
