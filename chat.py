@@ -679,6 +679,7 @@ class TopicInfo:
 @dataclass(frozen=True)
 class History:
     room: "Room"
+    hidden: frozenset = frozenset()     # keys of the nicks whose lines the receiver ignores
 
 
 @dataclass(frozen=True)
@@ -1655,7 +1656,9 @@ class Hub(Moderation):
                                               rate="%g" % self.options.rate))
             self.sink.send(member, notice("help_hint"))
         if room.history:
-            self.sink.send(member, History(room))
+            hidden = member.ignoring.intersection(name_key(said.nick) for said in room.history) \
+                if member.ignoring else ()
+            self.sink.send(member, History(room, frozenset(hidden)))
         if member.announced:
             self._herald(member, room)
 
@@ -1814,14 +1817,30 @@ class DiskWriter:
         self._thread.start()
 
     def sync(self, fds):
+        """Sync these logs, which stay the loop's (the writer syncs copies)."""
+        with self._lock:
+            room = OPEN_LOGS - len(self._fds)
         duplicates = []
-        for fd in fds:
+        for fd in list(fds)[:max(room, 0)]:   # the rest: at the next sync
             try:
                 duplicates.append(os.dup(fd))
             except OSError as exc:
                 self._failed("cannot sync a log", exc)
+        self._hand_over(duplicates)
+
+    def sync_and_close(self, fd):
+        """Sync a log the loop is done with, then close it; at once, unsynced, when the
+        writer is that far behind (so descriptors stay bounded)."""
         with self._lock:
-            self._fds += duplicates
+            behind = len(self._fds) >= OPEN_LOGS
+        if behind:
+            os.close(fd)
+        else:
+            self._hand_over([fd])
+
+    def _hand_over(self, fds):
+        with self._lock:
+            self._fds += fds
             self._lock.notify()
 
     def save(self, path, data):
@@ -2085,9 +2104,11 @@ class FileStore(Store):
 
     def _release(self, opened):
         """Close a log; what was written to it is synced by the writer all the same."""
-        self._unsynced.discard(opened.fd)
-        self._writer.sync([opened.fd])
-        os.close(opened.fd)
+        if opened.fd in self._unsynced:
+            self._unsynced.discard(opened.fd)
+            self._writer.sync_and_close(opened.fd)
+        else:
+            os.close(opened.fd)
 
     def forget(self, room):
         opened = self._files.pop(room, None)
@@ -2187,15 +2208,15 @@ def clock_text(when):
     return time.strftime("%H:%M", time.localtime(when))
 
 
-def history_lines(room):
+def history_lines(room, history):
     """A room's history block in the line protocol's words: a header that says how
     much, the lines with their times, an end marker."""
-    count = len(room.history)
+    count = len(history)
     lines = [WORDING.render("history_start", count=count, room=room.name,
                             noun="message" if count == 1 else "messages")]
     lines += [WORDING.render("history_entry", time=clock_text(said.time),
                              line=said_line(said.nick, said.text, said.action))
-              for said in room.history]
+              for said in history]
     lines.append(WORDING.render("history_end"))
     return lines
 
@@ -2230,6 +2251,19 @@ class Dialect:
 
     def send_event(self, event):
         self.server.send_event(self.conn, event)
+
+    def history_block(self, event, render):
+        """A room's history as render(lines) makes it: once per change of the history,
+        shared by all who speak this dialect; made anew only for a receiver who
+        ignores someone in it."""
+        room = event.room
+        if event.hidden:
+            return render([said for said in room.history
+                           if name_key(said.nick) not in event.hidden])
+        block = room.history_cache.get(type(self))
+        if block is None:
+            block = room.history_cache[type(self)] = render(list(room.history))
+        return block
 
     def conn_send(self, data):
         """Send bytes the dialect made itself, in order with the rest of the turn."""
@@ -2433,13 +2467,8 @@ class LineDialect(Dialect):
         return line_bytes("no_topic", room=event.room)
 
     def _history(self, event):
-        """The room's last lines, rendered once per change of its history."""
-        room = event.room
-        block = room.history_cache.get(LineDialect)
-        if block is None:
-            block = room.history_cache[LineDialect] = "".join(
-                line + "\n" for line in history_lines(room)).encode()
-        return block
+        return self.history_block(event, lambda history: "".join(
+            line + "\n" for line in history_lines(event.room, history)).encode())
 
     def _who(self, event):
         """The member list, built once per change of the room and shared: in a big room it
@@ -2995,14 +3024,10 @@ class IrcDialect(Dialect):
 
     def _history(self, event):
         """The room's last lines, as NOTICEs from the server between two markers: clearly
-        not said now. Rendered once per change of the history."""
-        room = event.room
-        block = room.history_cache.get(IrcDialect)
-        if block is None:
-            head = ":%s NOTICE %s :" % (self.server_name, room.name)
-            block = room.history_cache[IrcDialect] = b"".join(
-                irc_split(head, line[len("*** "):]) for line in history_lines(room))
-        return block
+        not said now."""
+        head = ":%s NOTICE %s :" % (self.server_name, event.room.name)
+        return self.history_block(event, lambda history: b"".join(
+            irc_split(head, line[len("*** "):]) for line in history_lines(event.room, history)))
 
     def _private(self, event):
         if event.sent:
@@ -3513,13 +3538,9 @@ class WebSocketDialect(LineDialect):
         return data + ws_close(close, text) if close else data
 
     def _history(self, event):
-        room = event.room
-        block = room.history_cache.get(WebSocketDialect)
-        if block is None:
-            block = room.history_cache[WebSocketDialect] = self.frame({
-                "type": "history", "room": room.name,
-                "lines": [self.event_json(said) for said in room.history]})
-        return block
+        return self.history_block(event, lambda history: self.frame({
+            "type": "history", "room": event.room.name,
+            "lines": [self.event_json(said) for said in history]}))
 
     def _who(self, event):
         """The member list, built once per change of the room and shared, as for nc."""
@@ -4558,6 +4579,8 @@ class ChatServer:
             self._open(conn)
 
     def _refusal_for(self, peer):
+        if self.hub.ban_for(peer_ip(peer)):
+            return "banned"
         if len(self._conns) >= self.options.max_clients:
             return "server_full"
         if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
@@ -4569,8 +4592,10 @@ class ChatServer:
         try:
             sock.setblocking(False)
             sock.send(line_bytes(refusal))
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        drain(sock)   # what it sent already would turn the close into a reset
         sock.close()
 
     # Opening: TLS, then the first line picks the dialect, which registers
