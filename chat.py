@@ -4571,6 +4571,9 @@ class ChatServer:
         self._conns[conn] = None
         self._per_ip[conn.ip] += 1
         log.info("%r connected", conn)
+        if self.hub.ban_for(conn.ip):
+            self._refuse_banned(conn)
+            return
         self.call_later(self.options.register_timeout, self._expire_registration, conn)
         if self.options.tls_context:
             conn.stage = HANDSHAKE
@@ -4579,23 +4582,29 @@ class ChatServer:
             self._open(conn)
 
     def _refusal_for(self, peer):
-        if self.hub.ban_for(peer_ip(peer)):
-            return "banned"
         if len(self._conns) >= self.options.max_clients:
             return "server_full"
         if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
             return "too_many_from_address"
         return None
 
+    def _refuse_banned(self, conn):
+        """A banned address gets one plain line before any dialect (over TLS, not even
+        that) and is let go politely: its first bytes do not turn the close into a reset
+        that would eat the line."""
+        log.warning("refused %r: banned", conn)
+        if self.options.tls_context:
+            self._drop(conn, "banned")
+        else:
+            self.disconnect(conn, "banned", notice("banned"))
+
     def _refuse(self, sock, peer, refusal):
         log.warning("refused %s: %s", format_address(*peer[:2]), refusal.replace("_", " "))
         try:
             sock.setblocking(False)
             sock.send(line_bytes(refusal))
-            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        drain(sock)   # what it sent already would turn the close into a reset
         sock.close()
 
     # Opening: TLS, then the first line picks the dialect, which registers

@@ -1613,6 +1613,38 @@ class ModerationTest(ServerTestCase):
         self.assertRegex(alice.next_line(), r"\*\*\* error: usage: /ban .*")
         self.assertRegex(alice.next_line(), r"\*\*\* error: nowhere is neither .*")
 
+    def test_unban_by_any_name_and_ban_after_a_kick(self):
+        alice = self.operator()
+        bob = self.connect_from("127.0.0.2", "Bob")
+        alice.say("/kick bob enough", "/ban bob", "/unban 127.0.0.2", "/ban BOB 1h",
+                  "/unban bob", "/ban ::ffff:127.0.0.0/104", "/unban 127.0.0.0/8")
+        bob.expect_closed()
+        self.assertEqual(alice.expect(r"\*\*\* banned .*"),
+                         "*** banned bob (127.0.0.2/32) for good: no reason given")
+        self.assertEqual(alice.next_line(), "*** unbanned 127.0.0.2")
+        self.assertEqual(alice.next_line(), "*** banned BOB (127.0.0.2/32) for 1h: no reason given")
+        self.assertEqual(alice.next_line(), "*** unbanned bob")
+        self.assertEqual(alice.next_line(), "*** banned ::ffff:127.0.0.0/104 (127.0.0.0/8) for "
+                                            "good: no reason given")
+        alice.expect(r"\*\*\* note: the ban covers your own address.*")
+        self.assertEqual(alice.next_line(), "*** unbanned 127.0.0.0/8")
+
+    def test_service_and_server_names_cannot_be_taken(self):
+        peer = self.connect("bob")
+        peer.say("/nick NickServ", "/nick chanserv", "/nick ＮｉｃｋＳｅｒｖ", "/nick testroom")
+        self.assertEqual(peer.next_line(), "*** error: nick NickServ is kept for the server and "
+                                           "its services")
+        for _ in range(3):
+            self.assertRegex(peer.next_line(), r"\*\*\* error: nick \S+ is kept for .*")
+
+    def test_the_ignored_are_left_out_of_replayed_history(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.say("/join #dev", "spam", "more spam")
+        alice.say("/join #dev", "hello", "/ignore bob", "/part", "/join #dev")
+        history_of(alice)
+        alice.expect(r"\*\*\* ignoring bob .*")
+        self.assertEqual(history_of(alice), ["<alice> hello"])
+
     def test_mute(self):
         alice, carol = self.operator(), self.connect("carol")
         bob = self.connect_from("127.0.0.2", "bob")
@@ -1700,6 +1732,22 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(alice.numeric("368"), ":testroom 368 alice #lobby :End of channel ban list")
         self.assertEqual(alice.expect(r".* KICK .*"), ":alice!alice@chat KICK #lobby bob :go")
         self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (go)")
+
+    def test_ban_lists_and_changes_as_clients_record_them(self):
+        alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        carol = self.connect("carol")
+        alice.irc("MODE #lobby -b", "OPER alice :op secret")
+        self.assertEqual(alice.numeric("461"), ":testroom 461 alice MODE :Not enough parameters")
+        self.assertEqual(carol.expect(r"\*\*\* alice is .*"), "*** alice is now an operator")
+        alice.irc("MODE #lobby +b *!*@10.1.2.3", "MODE #lobby +b", "MODE #lobby -b *!*@10.1.2.3")
+        self.assertEqual(alice.expect(r".* MODE .*"),
+                         ":alice!alice@chat MODE #lobby +b *!*@10.1.2.3/32")
+        since = int(alice.numeric("367").split()[-1])
+        self.assertLess(abs(since - time.time()), 60)   # the time it was set, not 0
+        self.assertEqual(alice.expect(r".* MODE .*"),
+                         ":alice!alice@chat MODE #lobby -b *!*@10.1.2.3/32")
 
     def test_chat_commands_irc_has_no_word_for(self):
         early = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
