@@ -1373,7 +1373,8 @@ class Hub(Moderation):
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
             return
-        if self.muted(member):
+        text = tidy_text(text)
+        if not text or self.muted(member):
             return
         self.announce(member)
         member.active = time.monotonic()
@@ -1392,7 +1393,8 @@ class Hub(Moderation):
         self.do_say(member, text.strip(), action=True)
 
     def do_msg(self, member, target_name, text, action=False):
-        if not target_name or not text.strip():
+        text = tidy_text(text)
+        if not target_name or not text:
             self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
             return
         self.announce(member)
@@ -2654,7 +2656,7 @@ class IrcDialect(Dialect):
             self._send(":%s CAP %s LIST :" % (self.server_name, self.nick))
         elif sub == "REQ":
             self._send(":%s CAP %s NAK :%s" % (self.server_name, self.nick,
-                                               params[1] if len(params) > 1 else ""))
+                                               irc_text(params[1]) if len(params) > 1 else ""))
         elif sub == "END":
             self.negotiating = False
             self._register()
@@ -2724,7 +2726,7 @@ class IrcDialect(Dialect):
     # Commands
 
     def _ping(self, params):
-        self._send(":%s PONG %s :%s" % (self.server_name, self.server_name, params[0]))
+        self._send(":%s PONG %s :%s" % (self.server_name, self.server_name, irc_text(params[0])))
 
     def _pong(self, params):
         pass   # heard: that is all a PONG is for
@@ -2945,7 +2947,7 @@ class IrcDialect(Dialect):
     # What goes out
 
     def _send(self, line):
-        self.conn_send((line + "\r\n").encode())
+        self.conn_send(self._line(line))
 
     def _numeric_bytes(self, number, text, receiver=None):
         return self._line(":%s %s %s %s" % (self.server_name, number, receiver or self.nick, text))
@@ -3078,6 +3080,8 @@ class IrcDialect(Dialect):
         data = b""
         if key in self._NUMERICS:
             number, text = self._NUMERICS[key]
+            if "name" in fields:   # a parameter of the numeric: one word
+                fields = dict(fields, name="_".join(fields["name"].split()) or "*")
             data = self._numeric_bytes(number, text.format(**fields))
         if key in FAREWELLS:
             text = WORDING.render(key, **fields)[len("*** error: " if is_error(key) else "*** "):]

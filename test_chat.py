@@ -785,7 +785,7 @@ class ChatTest(ServerTestCase):
         alice, bob = self.connect("alice"), self.connect("bob")
         bob.send(b"\xff\xfd\x03hi \x1b]0;pwned\x07\x1b[31mred\tx\xc3( \xe2\x80\xae end\r\n")
         bob.say("/me \x1b[2Jdances", "/msg alice \x1b[Hpsst", "/quit \x1b[31mgone\x07")
-        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> hi red x\ufffd(  end")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> hi red x\ufffd( end")
         self.assertEqual(alice.next_line(), "* bob dances")
         self.assertEqual(alice.next_line(), "*bob* psst")
         self.assertEqual(alice.next_line(), "*** bob left (quit: gone)")
@@ -816,9 +816,18 @@ class ChatTest(ServerTestCase):
                          ["<bob> first", "<bob> second", "<bob> no newline at the end"])
         self.assertEqual(bob.expect_closed(), [])
 
+    def test_a_line_cannot_forge_the_next_row_of_a_screen(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.expect(r"\*\*\* bob joined")
+        bob.say("hi" + " " * 78 + "*** bob is now an operator",
+                "x\u3000\u2800\u3164" * 20 + "y", "e" + "\u0301" * 40)
+        self.assertEqual(alice.next_line(), "<bob> hi *** bob is now an operator")
+        self.assertEqual(alice.next_line(), "<bob> " + "x " * 20 + "y")
+        self.assertEqual(alice.next_line(), "<bob> e" + "\u0301" * chat.MAX_MARKS)
+
     def test_many_lines_arrive_in_order(self):
         alice, bob = self.connect("alice"), self.connect("bob")
-        lines = ["line %d %s" % (i, "x" * (i % 50)) for i in range(2000)]
+        lines = ["line %d %s" % (i, "x" * (i % 50 + 1)) for i in range(2000)]
         bob.send("".join(line + "\n" for line in lines).encode())
         self.assertEqual(alice.lines_until(r"<bob> line 1999 .*")[-1999:],
                          ["<bob> " + line for line in lines[:1999]])
@@ -1958,19 +1967,19 @@ class PersistenceTest(ServerTestCase):
 
     @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "counts descriptors in /proc")
     def test_descriptors_and_topics_of_gone_rooms_are_bounded(self):
-        self.server.options.max_rooms = 400
+        self.server.options.max_rooms = 500
         before = len(os.listdir("/proc/self/fd"))
         with mock.patch.object(chat, "ROOM_CREATE_BURST", 1000):
             bob = self.connect("bob")
-            for i in range(300):
+            for i in range(400):
                 bob.say("/join #r%d" % i, "/topic topic %d" % i, "line")
             bob.sync()
-        self.assertLess(len(os.listdir("/proc/self/fd")) - before, 2 * chat.OPEN_LOGS + 8)
+        self.assertLess(len(os.listdir("/proc/self/fd")) - before, 2 * chat.OPEN_LOGS + 24)
         self.restart_server()   # the state is written when the server closes
         with open(os.path.join(self.options["data_dir"], "state.json")) as state:
             topics = json.load(state)["topics"]
         self.assertLessEqual(len(topics), chat.TOPICS_KEPT + 1)
-        self.assertIn("#r299", topics)
+        self.assertIn("#r399", topics)
 
     def test_a_data_directory_in_use_is_refused(self):
         with self.assertRaisesRegex(chat.StoreError, "in use by another server"):
@@ -2200,6 +2209,15 @@ class IrcTest(ServerTestCase):
         self.assertEqual(alice.numeric("401"), ":testroom 401 alice nobody :No such nick/channel")
         bob.say("/topic")
         self.assertEqual(bob.expect(r"\*\*\* no topic .*"), "*** no topic is set in #lobby")
+
+    def test_echoed_parameters_are_safe_and_fit_a_line(self):
+        irc = self.irc_peer("ircy")
+        irc.irc("CAP REQ :a\x00b\x07c", "PING :" + "p\x07" * 600, "NICK :two words!")
+        self.assertEqual(irc.expect(r".* CAP .*"), ":testroom CAP ircy NAK :abc")
+        pong = irc.expect(r".* PONG .*")
+        self.assertNotIn("\x07", pong)
+        self.assertLessEqual(len(pong.encode()) + 2, 512)
+        self.assertRegex(irc.numeric("432"), r":testroom 432 ircy two_words! :Erroneous .*")
 
     def test_a_member_of_several_rooms_hears_a_nick_change_once(self):
         alice, carol = self.irc_peer("alice"), self.irc_peer("carol")
