@@ -3123,7 +3123,8 @@ WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 304: "Not Modified",
                 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-                405: "Method Not Allowed", 414: "URI Too Long", 426: "Upgrade Required",
+                405: "Method Not Allowed", 414: "URI Too Long", 421: "Misdirected Request",
+                426: "Upgrade Required",
                 431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
 
 
@@ -3364,7 +3365,12 @@ class HttpDialect(Dialect):
                                "chat.py client")
             return
         log.info("%r: %s %s", self.conn, method, sanitize(path)[:60])
-        if method not in ("GET", "HEAD"):
+        host = headers.get("host", "")
+        if not self.server.web_host_ok(host):
+            log.warning("%r: refused the host name %s", self.conn, sanitize(host)[:80])
+            self._respond(421, "this chat does not answer to the name %s; its operator may "
+                          "allow it with --web-host" % sanitize(host)[:80])
+        elif method not in ("GET", "HEAD"):
             self._respond(405, "only GET and HEAD", {"Allow": "GET, HEAD"})
         elif path == "/":
             self._page(method, headers)
@@ -3561,7 +3567,7 @@ class WebSocketDialect(LineDialect):
     _JSON = {
         Notice: _notice,
         Private: lambda self, event: self.frame({
-            "type": "private", "from": event.sender, "to": event.target, "text": event.text,
+            "type": "private", "nick": event.sender, "to": event.target, "text": event.text,
             "action": event.action, "sent": event.sent, "time": json_time(event.time)}),
         Welcome: lambda self, event: self.frame({"type": "welcome", "server": event.server,
                                                  "nick": event.nick}),
@@ -3724,6 +3730,7 @@ class ServerOptions:
     max_per_ip: int = 0                # 0: no limit
     history: int = DEFAULT_HISTORY     # public lines replayed to newcomers, per room; 0: none
     web: bool = True                   # HTTP and WebSocket on the same port
+    web_hosts: tuple = ()              # more names the page may be reached by (see web_host_ok)
     op_password: Optional[str] = None  # set: /op PASSWORD makes an operator
     data_dir: Optional[str] = None     # set: history, topics and bans survive restarts
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
@@ -4200,6 +4207,9 @@ class ChatServer:
     def __init__(self, options=None):
         self.options = options or ServerOptions()
         self.name = self.options.name or socket.gethostname()
+        machine = socket.gethostname().lower()
+        self._web_names = {"localhost", machine, machine.partition(".")[0],
+                           self.name.lower()} | {name.lower() for name in self.options.web_hosts}
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes,
                                  self.options.history)   # first: a refusal leaks nothing
@@ -4442,6 +4452,24 @@ class ChatServer:
     def refuse_tls_handshake(self, conn):
         log.info("%r: a TLS handshake on the plaintext port", conn)
         self._drop(conn, "TLS on the plaintext port")
+
+    def web_host_ok(self, host):
+        """Whether a browser's Host header names this server: any IP address (a rebinding
+        site can only use a name), localhost, this machine's name, --name and the names
+        of --web-host. HTTP/1.0 may send none."""
+        name = host.lower()
+        if name.startswith("["):
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        name = name.rstrip(".")
+        if not host or name in self._web_names or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+            return True
+        except ValueError:
+            return False
 
     def call_later(self, delay, callback, *args):
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq),
@@ -6427,18 +6455,25 @@ const handlers = {
   said(ev) { if (ev.room === room) chatLine(ev, false); },
   acted(ev) { if (ev.room === room) chatLine(ev, false); },
   private(ev) {
-    const parts = ev.sent ? ["to ", {nick: ev.to}, ": " + ev.text] : ["from ", {nick: ev.from}, ": " + ev.text];
+    const parts = ev.sent ? ["to ", {nick: ev.to}, ": " + ev.text] : ["from ", {nick: ev.nick}, ": " + ev.text];
     show("private", parts, ev.time);
-    if (!ev.sent) attention("private from " + ev.from + ": " + ev.text);
+    if (!ev.sent) attention("private from " + ev.nick + ": " + ev.text);
   },
-  joined(ev) { if (ev.room !== room) return; members.push(ev.nick); listMembers(); if (!ev.quiet) show("notice", [{nick: ev.nick}, " joined"]); },
+  joined(ev) {
+    if (ev.room !== room) return;
+    if (!members.includes(ev.nick)) { members.push(ev.nick); listMembers(); }
+    if (!ev.quiet) show("notice", [{nick: ev.nick}, " joined"]);
+  },
+  opped(ev) { if (ev.room !== room) return; operators.add(ev.nick); listMembers(); show("notice", [{nick: ev.nick}, " is now an operator"]); },
   left(ev) { gone(ev, ev.to ? " left for " + ev.to : " left (" + ev.reason + ")"); },
   quit(ev) { gone(ev, " left (" + ev.reason + ")"); },
   kicked(ev) { gone(ev, " was kicked by " + ev.by + " (" + ev.reason + ")"); },
   whois(ev) { show("notice", [{nick: ev.nick}, ": " + ev.details]); },
   renamed(ev) {
     if (ev.room !== room) return;
-    members = members.map((n) => (n === ev.old ? ev.new : n)); listMembers();
+    members = members.map((n) => (n === ev.old ? ev.new : n));
+    if (operators.delete(ev.old)) operators.add(ev.new);
+    listMembers();
     if (ev.old === me) { me = ev.new; setRoom(room, $("topic").textContent); }
     if (!ev.quiet) show("notice", [{nick: ev.old}, " is now known as ", {nick: ev.new}]);
   },
@@ -6448,13 +6483,13 @@ const handlers = {
   rooms(ev) { rooms = ev.rooms; listRooms(); },
   help(ev) { for (const line of ev.lines) show("notice", [line]); },
   notice(ev) {
-    if (ev.code === "password_required") { askPassword(""); return; }
+    if (ev.code === "password_required") { if (password === null) askPassword(""); return; }
     if (ev.code === "kicked_you") leaving = ev.text + "; reload the page to come back";
     if (ev.code === "renamed_self") { me = ev.nick; localStorage.setItem("chat-nick", me); setRoom(room, $("topic").textContent); }
     if (ev.code !== "help_hint" && ev.code !== "pace") show("notice", [ev.text]);
   },
   error(ev) {
-    if (ev.code === "wrong_password" || ev.code === "guesses_throttled") { password = null; askPassword(ev.text); return; }
+    if (ev.code === "wrong_password" || ev.code === "guesses_throttled") { password = null; leaving = ev.text; askPassword(ev.text); return; }
     if (ev.code === "nick_taken" || ev.code === "nick_lookalike") { send("/nick " + ev.nick + "_"); }
     if (ev.code === "banned") leaving = "this address is banned from the chat";
     show("error", [ev.text]);
@@ -6462,7 +6497,7 @@ const handlers = {
 };
 function gone(ev, how) {
   if (ev.room !== room) return;
-  members = members.filter((n) => n !== ev.nick); listMembers();
+  members = members.filter((n) => n !== ev.nick); operators.delete(ev.nick); listMembers();
   if (!ev.quiet) show("notice", [{nick: ev.nick}, how]);
 }
 function state(text) { $("state").textContent = text; }
@@ -6493,7 +6528,6 @@ function askPassword(why) {
   $("password-row").classList.remove("hidden");
   $("login-error").textContent = why;
   $("password").focus();
-  if (ws) { leaving = "you left"; ws.close(); }
 }
 $("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -6503,7 +6537,10 @@ $("login-form").addEventListener("submit", (event) => {
   password = $("password").value || null;
   $("login").hidden = true;
   leaving = false;
-  connect();
+  if (ws && ws.readyState === WebSocket.OPEN && !me) {   // asked for a password: same socket
+    ws.send("/nick " + nick);
+    if (password) ws.send("/pass " + password);
+  } else if (!ws) connect();
   input.focus();
 });
 $("send").addEventListener("submit", (event) => {
@@ -6543,7 +6580,8 @@ input.addEventListener("keydown", (event) => {
 });
 document.addEventListener("visibilitychange", () => { if (!document.hidden) { unread = 0; document.title = title; } });
 $("notify").addEventListener("click", () => { if (window.Notification) Notification.requestPermission(); });
-$("people").addEventListener("click", () => $("side").classList.toggle("open"));
+$("people").addEventListener("click", () => { if ($("side").classList.toggle("open")) send("/rooms"); });
+setInterval(() => { if (!document.hidden && me) send("/rooms"); }, 30000);   // counts stay fresh
 $("nick").value = localStorage.getItem("chat-nick") || "";
 $("nick").focus();
 """.replace("@COMMAND_WORDS@", json.dumps(COMMAND_WORDS))
@@ -6635,6 +6673,11 @@ def add_server_parser(commands):
     server.add_argument("--no-web", dest="web", action="store_false",
                         help="do not serve the browser page and its WebSocket (by default "
                         "http://HOST:PORT/ is a chat page, on the same port)")
+    server.add_argument("--web-host", dest="web_hosts", action="append", default=[],
+                        metavar="NAME", help="a name browsers may reach the page by (repeat "
+                        "for several); by default any IP address, localhost, this machine's "
+                        "name and --name. Other names are refused, so a site that points its "
+                        "own name at this server (DNS rebinding) cannot talk in the chat")
     limits = server.add_argument_group("limits")
     limits.add_argument("--max-clients", type=positive_int, default=DEFAULT_MAX_CLIENTS,
                         metavar="N", help="connections accepted at once (default %(default)s" +
@@ -6882,7 +6925,7 @@ def server_options(args):
         op_password=read_password(args.op_password_file, "CHAT_OP_PASSWORD"),
         data_dir=args.data_dir, log_max_bytes=args.log_max_bytes,
         rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip, history=args.history,
-        web=args.web)
+        web=args.web, web_hosts=tuple(args.web_hosts))
     if args.tls_key and not args.tls_cert:
         raise ChatError("--tls-key needs --tls-cert")
     fingerprint = None

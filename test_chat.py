@@ -2590,6 +2590,31 @@ class HttpTest(ServerTestCase):
         self.assertEqual(http(self.address, b"GET / HTTP/1.1\r\n\r\n")[0], 400)   # no Host
         self.assertEqual(self.get(extra="X-Big: %s\r\n" % ("b" * 9000))[0], 431)
 
+    def test_only_known_host_names_are_served(self):
+        for host in ("127.0.0.1:%d" % self.address[1], "[::1]:80", "localhost", "LOCALHOST.",
+                     "app.localhost:8080", socket.gethostname()):
+            self.assertEqual(http(self.address, (
+                "GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())[0], 200, host)
+        for host in ("rebind.example", "rebind.example:%d" % self.address[1], "127.0.0.1.evil"):
+            status, _, body = http(self.address, ("GET / HTTP/1.1\r\nHost: %s\r\n\r\n"
+                                                  % host).encode())
+            self.assertEqual(status, 421, host)
+            self.assertIn(b"--web-host", body)
+            web = WsPeer(self.address, host=host)
+            self.addCleanup(web.close)
+            self.assertEqual(web.status, 421)
+
+
+class WebHostTest(ServerTestCase):
+
+    options = {"web_hosts": ("Chat.Example",)}
+
+    def test_names_given_with_web_host_are_served(self):
+        for host, status in (("chat.example", 200), ("chat.example:7777", 200),
+                             ("other.example", 421)):
+            self.assertEqual(http(self.address, ("GET / HTTP/1.1\r\nHost: %s\r\n\r\n"
+                                                 % host).encode())[0], status, host)
+
     def test_a_request_that_never_ends_is_cut_off_at_the_registration_timeout(self):
         self.server.options.register_timeout = 0.3
         with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
@@ -2673,7 +2698,7 @@ class DialectDecisionTest(ServerTestCase):
                         b"GET /x\r\n"):
             self.assertEqual(http(self.address, request)[0], 505, request)
         with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
-            for byte in b"GET / HTTP/1.1\r\nHost: x\r\n\r\n":   # a byte at a time
+            for byte in b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n":   # a byte at a time
                 sock.send(bytes((byte,)))
             self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200"))
         self.assert_room_heard_nothing(alice)
