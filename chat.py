@@ -5922,6 +5922,7 @@ class ChatClient:
         self._quitting = False
         self._interrupted = False
         self._history = None            # (room, entries) of a history block being received
+        self._passing = False           # in a room only on the way back to _return_to
         self._seen = collections.deque(maxlen=SEEN_LINES)   # public lines shown
 
     @property
@@ -6249,6 +6250,7 @@ class ChatClient:
                     continue
             if kind == "history_start":
                 self._history = (fields["room"], [])
+                self._passing = self._passing or self._return_to not in (None, fields["room"])
                 continue
             shown.append(line)
             self._follow(kind, fields, line)
@@ -6260,6 +6262,8 @@ class ChatClient:
         under a header that says what is shown; a block cut short shows what came."""
         room, entries = self._history
         self._history = None
+        if self._passing:   # the room a reconnect passes through on its way back: seen
+            return
         said = [inner for _, inner in entries]
         known = self._overlap(said)
         if known == len(entries):
@@ -6294,6 +6298,7 @@ class ChatClient:
         elif kind == "in_room":
             self.room = fields["room"]
             self.console.set_room(self.room)
+            self._passing = False
             self._go_back()
         elif kind == "pace":
             self._pacer = Pacer(float(fields["rate"]), int(fields["burst"]), self._sent)
@@ -6317,6 +6322,7 @@ class ChatClient:
         if self._ready and self._return_to and self.room:
             room, self._return_to = self._return_to, None
             if room != self.room:
+                self._passing = True
                 self._send_line("/join " + room, own=True)
 
     def _request_nick(self):

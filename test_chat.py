@@ -4266,6 +4266,25 @@ class ReconnectTest(ServerTestCase):
         alice.say("/who #dev")
         self.assertEqual(alice.expect(r"\*\*\* #dev: .*"), "*** #dev: 1 online: ci")
 
+    def test_the_room_passed_through_after_a_reconnect_shows_no_history(self):
+        alice = self.connect("alice")
+        cable = Cable(self, self.address)
+        client, console, thread, result = self.start_client(cable.address)
+        alice.say("said in the lobby")
+        console.wait(lambda: "<alice> said in the lobby" in console.lines, "the lobby line")
+        client.post("line", "/join #dev")
+        console.wait(lambda: console.room == "#dev", "the move")
+        bob = self.connect("bob")
+        bob.say("/join #dev", "said in dev")
+        console.wait(lambda: "<bob> said in dev" in console.lines, "the line in #dev")
+        cable.cut()
+        console.wait(lambda: console.lines.count("*** you are in #dev: 2 online: bob, ci") == 1,
+                     "the way back to #dev")
+        client.post("line", "/who")
+        console.wait(lambda: "*** 2 online: bob, ci" in console.lines, "the answer")
+        self.assertEqual([line for line in console.lines if "last" in line and "#lobby" in line],
+                         [], console.lines)
+
     def test_no_reconnect_fails_with_the_reason(self):
         client, console, thread, result = self.start_client(reconnect=False)
         self.server.shutdown()
