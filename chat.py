@@ -464,8 +464,8 @@ class Wording:
         ("unbanned", "*** unbanned {target}"),
         ("muted", "*** {nick} is muted {span}"),
         ("muted_you", "*** {by} muted you {span}; you may still /msg an operator"),
-        ("unmuted", "*** {target} may talk again"),
         ("unmuted_you", "*** you may talk again"),
+        ("unmuted", "*** {target} may talk again"),
         ("away_set", "*** you are away: {text}"),
         ("away_cleared", "*** you are back"),
         ("is_away", "*** {nick} is away: {text}"),
@@ -1081,6 +1081,18 @@ class Moderation:
             online.mute = mute
             self.sink.send(online, notice("muted_you", by=member.nick, span=span))
         self.sink.send(member, notice("muted", nick=mute.target, span=span))
+        if mute.until is not None:
+            self.sink.call_later(mute.until - self.clock() + 0.01, self._mute_ran_out, mute)
+
+    def _mute_ran_out(self, mute):
+        """Tell the members a mute silenced that they may talk again."""
+        if mute in self.mutes.items and self.mutes.expire(self.clock()):
+            self._save_state()
+        if mute not in self.mutes.items:
+            for member in list(self.members.values()):
+                if member.mute is mute:
+                    member.mute = None
+                    self.sink.send(member, notice("unmuted_you"))
 
     def _sanction(self, member, command, target, rest, ledger, usage):
         """A new ban or mute from an operator's command, entered in ledger; None (the
@@ -1305,6 +1317,9 @@ class Hub(Moderation):
         self._enter(member, self.default_room, greeting=True)
         if problem:
             self.sink.send(member, problem)
+        if member.mute is not None:   # its client must know before it speaks
+            self.sink.send(member, notice("muted_you", by=member.mute.by,
+                                          span=span_text(member.mute.until, self.clock())))
         if not nick:
             self.sink.call_later(self.options.join_delay, self.announce, member)
         return member
@@ -5923,6 +5938,7 @@ class ChatClient:
         self._interrupted = False
         self._history = None            # (room, entries) of a history block being received
         self._passing = False           # in a room only on the way back to _return_to
+        self._muted = False             # an operator muted us: what we say is refused
         self._seen = collections.deque(maxlen=SEEN_LINES)   # public lines shown
 
     @property
@@ -6195,7 +6211,7 @@ class ChatClient:
         elif text:
             self._send_line(text)
             echo = echo_of(text, self.nick)
-            if echo:
+            if echo and not self._muted:   # the server refuses it: it says so instead
                 self._seen.append(echo)
                 self.console.show_own(echo)
 
@@ -6304,6 +6320,8 @@ class ChatClient:
             self._pacer = Pacer(float(fields["rate"]), int(fields["burst"]), self._sent)
         elif kind in ("said", "acted"):
             self._seen.append(line)
+        elif kind in ("muted_you", "you_are_muted", "unmuted_you"):
+            self._muted = kind != "unmuted_you"
         elif kind == "kicked_you":
             self._kicked = line[len("*** "):]
 

@@ -1674,7 +1674,8 @@ class ModerationTest(ServerTestCase):
                          r"by alice, for (10m|9m \d+s): no reason given")
         bob.say("/quit my last words")
         self.assertEqual(carol.expect(r"\*\*\* bob left .*"), "*** bob left (quit)")
-        again = self.connect_from("127.0.0.2", "bob")   # the address stays muted
+        again = self.connect_from("127.0.0.2", "bob")   # the address stays muted, and is told
+        self.assertRegex(again.next_line(), r"\*\*\* alice muted you for (10m|9m \d+s); .*")
         again.say("back as I was")
         self.assertEqual(again.next_line(), muted)
         innocent = self.connect_from("127.0.0.3", "bobby")
@@ -4284,6 +4285,22 @@ class ReconnectTest(ServerTestCase):
         console.wait(lambda: "*** 2 online: bob, ci" in console.lines, "the answer")
         self.assertEqual([line for line in console.lines if "last" in line and "#lobby" in line],
                          [], console.lines)
+
+    def test_a_muted_client_does_not_show_lines_as_said_until_the_mute_runs_out(self):
+        self.server.options.op_password = "op"
+        alice = self.connect("alice")
+        alice.say("/op op")
+        alice.expect(r"\*\*\* you are an operator now")
+        client, console, thread, result = self.start_client()
+        alice.say("/mute ci 1s")
+        console.wait(lambda: any("muted you" in line for line in console.lines), "the mute")
+        client.post("line", "hush")
+        console.wait(lambda: any("you are muted" in line for line in console.lines), "refusal")
+        self.assertNotIn("<ci> hush", console.lines)
+        console.wait(lambda: "*** you may talk again" in console.lines, "the end of the mute")
+        client.post("line", "free")
+        self.assertEqual(alice.expect(r"<ci> .*"), "<ci> free")
+        self.assertIn("<ci> free", console.lines)
 
     def test_no_reconnect_fails_with_the_reason(self):
         client, console, thread, result = self.start_client(reconnect=False)
