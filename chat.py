@@ -2197,7 +2197,7 @@ MEMBERSHIP_EVENTS = (Joined, Parted, Quit, Renamed)
 # policy)
 FAREWELLS = {"bye": 1000, "shutting_down": 1001, "excess_flood": 1008, "ping_timeout": 1008,
              "registration_timeout": 1008, "guesses_throttled": 1008, "wrong_password": 1008,
-             "kicked_you": 1008, "banned": 1008}
+             "kicked_you": 1008, "banned": 1008, "speaks_tls": 1002}
 
 
 def whois_details(event):
@@ -3477,6 +3477,10 @@ class HttpDialect(Dialect):
         self.conn_send(self._head(status, headers) + body)
         self.server.disconnect(self.conn, "http %d" % status)
 
+    def refuse_plaintext(self):
+        """Plain HTTP on the TLS port."""
+        self._respond(400, "this server speaks HTTPS: use https:// in the address")
+
     def render(self, event):
         return b""   # no chat before the upgrade; refusals come as HTTP statuses
 
@@ -4680,9 +4684,10 @@ class ChatServer:
         self._update_interest(conn)
 
     def _wrap_tls(self, conn):
-        """Start TLS once the first byte shows a TLS record; else answer in plaintext."""
+        """Start TLS once the first byte shows a TLS record; else answer in plaintext, in
+        the words of the dialect the client speaks."""
         try:
-            first = conn.sock.recv(1, socket.MSG_PEEK)
+            first = conn.sock.recv(SNIFF_LIMIT, socket.MSG_PEEK)
         except WOULD_BLOCK:
             return False
         except OSError as exc:
@@ -4691,10 +4696,16 @@ class ChatServer:
         if not first:
             self._drop(conn, "connection closed")
             return False
-        if first != b"\x16":   # not a TLS handshake record: a plaintext client
+        if first[:1] != b"\x16":   # not a TLS handshake record: a plaintext client
             log.info("%r: plaintext client on the TLS port", conn)
             conn.stage = OPENING
-            self.disconnect(conn, "no TLS", notice("speaks_tls"))
+            line, ended = first.partition(b"\n")[0] + b"\n", b"\n" in first
+            dialect = dialect_for(line if ended else first, ended)
+            if dialect is HttpDialect:
+                HttpDialect(self, conn).refuse_plaintext()
+            else:
+                conn.dialect = dialect(self, conn) if dialect is IrcDialect else None
+                self.disconnect(conn, "no TLS", notice("speaks_tls"))
             return False
         self._selector.unregister(conn.sock)
         conn.events = 0

@@ -1251,6 +1251,14 @@ class TLSTest(TLSServerMixin, ServerTestCase):
         bob.say("still here")
         self.assertEqual(alice.expect(r"<bob> .*"), "<bob> still here")
 
+    def test_plaintext_irc_and_http_on_the_tls_port_are_told_in_their_words(self):
+        got = raw_exchange(self.address, b"NICK bob\r\nUSER bob 0 * :Bob\r\n")
+        self.assertEqual(got, b"ERROR :Closing link: this server speaks TLS: connect with "
+                              b"'chat.py client --tls' or 'openssl s_client'\r\n")
+        status, _, body = http(self.address, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertEqual(status, 400)
+        self.assertIn(b"https://", body)
+
     def test_stalled_handshakes_do_not_delay_others(self):
         stalled = socket.create_connection(self.address, timeout=TIMEOUT)
         self.addCleanup(stalled.close)
