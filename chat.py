@@ -6844,6 +6844,8 @@ def split_host(host, port):
     "box:8000" carries its port; a bare IPv6 address has more than one colon."""
     found = re.fullmatch(r"\[([^\]]*)\](?::(\d+))?", host or "") or \
         re.fullmatch(r"([^:]+):(\d+)", host or "")
+    if not found and re.fullmatch(r"[^:\[\]]+:[^:]*|\[[^\]]*\]:.*", host or ""):
+        raise ChatError("--host %s: the part after the colon is not a port number" % host)
     if found:
         host, in_host = found.group(1), found.group(2)
         if in_host is not None:

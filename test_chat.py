@@ -3099,7 +3099,9 @@ class CommandLineTest(unittest.TestCase):
                  (("client", "--tls-ca", "/nonexistent.pem"), "cannot use --tls-ca"),
                  (("client", "--nick", "a b"), "invalid --nick"),
                  (("client", "--nick", ""), "invalid --nick: a nick is 1 to 20 characters"),
-                 (("client", "--host", "box:80", "--port", "81"), "not the one --port says")]
+                 (("client", "--host", "box:80", "--port", "81"), "not the one --port says"),
+                 (("server", "--host", "127.0.0.1:notaport"), "is not a port number"),
+                 (("server", "--port", "0", "--data-dir", PKI["ca"]), "is not a directory")]
         for args, message in cases:
             with self.subTest(args=args):
                 result = run_cli(*args)
