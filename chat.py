@@ -117,6 +117,7 @@ NICK_RUN = 250                       # bytes of nicks in one line of a member li
 HTTP_HEAD_LIMIT = 8 * 1024           # bytes of an HTTP request's line and headers
 WEB_MEMBERS = 1000                   # names a browser gets when it enters a room
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
+HISTORY_MEMORY = 32 << 20            # bytes of text all rooms' histories hold at most
 DEFAULT_LOG_MAX_BYTES = 1 << 20      # a room's log is rotated past this (--data-dir)
 SYNC_INTERVAL = 1.0                  # seconds between fsyncs of the logs, at most
 ACCEPT_PAUSE = 0.5                   # seconds to stop accepting when out of file descriptors
@@ -843,8 +844,50 @@ class Room:
             runs.append([nick, size])
 
     def remember(self, event):
+        """Keep a public line; the bytes of text it adds (less those of one it pushes out)."""
+        pushed_out = self.history[0] if len(self.history) == self.history.maxlen else None
         self.history.append(event)
         self.history_cache.clear()
+        return HistoryBudget.cost(event) - (HistoryBudget.cost(pushed_out) if pushed_out else 0)
+
+    def forget_oldest(self):
+        """Drop the oldest public line kept; the bytes it held."""
+        self.history_cache.clear()
+        return HistoryBudget.cost(self.history.popleft())
+
+
+class HistoryBudget:
+    """The memory all rooms' histories may take: past it, the rooms that spoke least
+    recently lose their oldest lines first. What is rendered from a history (one block
+    per dialect) is cleared when it changes, so the whole stays within a few times this."""
+
+    LINE = 120                          # bytes a kept line costs besides its text
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.rooms = collections.OrderedDict()   # Room -> None, least recently spoken first
+
+    @classmethod
+    def cost(cls, event):
+        return cls.LINE + len(event.text) + len(event.nick)
+
+    def remember(self, room, event):
+        if not room.history.maxlen:
+            return
+        self.used += room.remember(event)
+        self.rooms[room] = None
+        self.rooms.move_to_end(room)
+        while self.used > self.limit and self.rooms:
+            oldest = next(iter(self.rooms))
+            self.used -= oldest.forget_oldest()
+            if not oldest.history:
+                del self.rooms[oldest]
+
+    def forget(self, room):
+        """A room that is gone gives its history's memory back."""
+        if self.rooms.pop(room, 0) is None:
+            self.used -= sum(map(self.cost, room.history))
 
 
 class GuessThrottle:
@@ -1255,6 +1298,7 @@ class Hub(Moderation):
         self.bans = Sanctions("ban", state.get("bans"))
         self.mutes = Sanctions("mute", state.get("mutes"))
         self.recent = collections.OrderedDict()   # nick key -> address, of departed members
+        self.history_budget = HistoryBudget(options.history_memory)
         self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
         self._guests = itertools.count(1)
         self._uids = itertools.count(1)
@@ -1398,8 +1442,7 @@ class Hub(Moderation):
         self.sink.publish(room, event, (member,) + tuple(
             other for other in ignorers if room in other.rooms))
         self.store.append(room.name, event)
-        if room.history.maxlen:
-            room.remember(event)
+        self.history_budget.remember(room, event)
 
     def do_me(self, member, text):
         if not text.strip():
@@ -1612,7 +1655,7 @@ class Hub(Moderation):
         room = Room(name, self.options.history)
         room.topic = self.topics.get(room.key)
         for event in self.store.history(name, self.options.history):
-            room.remember(event)
+            self.history_budget.remember(room, event)
         self.rooms[room.key] = room
         return room
 
@@ -1693,6 +1736,7 @@ class Hub(Moderation):
         """An empty room goes; its topic is kept for its return, but only the newest
         TOPICS_KEPT topics of rooms that are gone are."""
         del self.rooms[room.key]
+        self.history_budget.forget(room)
         self.store.forget(room.name)
         gone = [key for key in self.topics if key not in self.rooms]
         for key in gone[:max(0, len(gone) - TOPICS_KEPT)]:
@@ -3748,6 +3792,7 @@ class ServerOptions:
     flood_lag: float = FLOOD_LAG       # seconds of lines a client may be ahead of --rate
     max_per_ip: int = 0                # 0: no limit
     history: int = DEFAULT_HISTORY     # public lines replayed to newcomers, per room; 0: none
+    history_memory: int = HISTORY_MEMORY   # bytes all rooms' histories may hold together
     web: bool = True                   # HTTP and WebSocket on the same port
     web_hosts: tuple = ()              # more names the page may be reached by (see web_host_ok)
     op_password: Optional[str] = None  # set: /op PASSWORD makes an operator

@@ -4403,3 +4403,22 @@ class PipedClientTest(ServerTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class HistoryMemoryTest(ServerTestCase):
+    """All rooms' histories share one bound: the rooms quiet the longest give first."""
+
+    options = {"history": 10, "history_memory": 12 * (chat.HistoryBudget.LINE + 100 + 3)}
+
+    def test_the_quietest_rooms_lose_their_oldest_lines_first(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("/join #a")   # keeps it: an empty room goes, with its history
+        alice.expect(r"\*\*\* you are in #a: .*")
+        for room in ("#a", "#b"):
+            bob.say("/join " + room, *("%s %02d %s" % (room, i, "x" * 93) for i in range(10)))
+        bob.sync()
+        carol = self.connect("carol")
+        carol.say("/join #b")
+        self.assertEqual(len(history_of(carol)), 10)
+        carol.say("/join #a")
+        self.assertEqual([line[6:11] for line in history_of(carol)], ["#a 08", "#a 09"])
