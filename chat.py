@@ -722,6 +722,9 @@ def notice(key, **fields):
 # No sockets and no bytes: dialects call the hub's commands, and the hub tells
 # its sink what happens (events for rooms, replies for members, members to let go).
 
+NOBODY = frozenset()                 # a member's ignores until it has any: no set per member
+
+
 class Member:
     """Someone in the chat: a nick, the rooms it is in, and where its events go."""
 
@@ -738,12 +741,12 @@ class Member:
         self.operator = False
         self.away = None                # its away message
         self.mute = None                # the Sanction that silences it, while in force
-        self.ignoring = set()           # keys of the nicks it does not want to hear
+        self.ignoring = NOBODY          # keys of the nicks it does not want to hear
         self.active = time.monotonic()  # when it last said something
         self.nick = self.key = None
         self.lookalikes = ()
         self.rooms = {}                 # Room -> None, in join order
-        self.heralded = set()           # rooms whose members were told it joined
+        self.heralded = {}              # rooms whose members were told it joined (a dict: small)
         self.announced = False          # it chose a nick or spoke: its arrival is told
         self.room_tokens = float(ROOM_CREATE_BURST)
         self.room_refilled = time.monotonic()
@@ -1272,7 +1275,72 @@ class Moderation:
                                "mutes": self.mutes.records()})
 
 
-class Hub(Moderation):
+class Names:
+    """A part of the Hub: who is who. Nicks and their look-alikes, and finding members
+    and rooms by the names people type."""
+
+    # Inspection
+
+    def find_member(self, name):
+        return self.members.get(name_key(unicodedata.normalize("NFKC", name)))
+
+    def find_room(self, name):
+        key = name_key(unicodedata.normalize("NFKC", name if name.startswith("#") else "#" + name))
+        return self.rooms.get(key)
+
+    # Nicks
+
+    def _online(self, member, name, usage):
+        """The member called name, or None (the asker is told why)."""
+        if not name:
+            self.sink.send(member, notice("usage", usage=usage))
+            return None
+        target = self.find_member(name)
+        if target is None:
+            self.sink.send(member, notice("no_such_nick", nick=sanitize(name)[:40]))
+        return target
+
+    def _nick_key(self, member, name, usage):
+        """The key of a valid nick (online or not), or None (the asker is told why)."""
+        if not name:
+            self.sink.send(member, notice("usage", usage=usage))
+            return None
+        try:
+            return name_key(normalize_nick(name))
+        except ValueError as exc:
+            self.sink.send(member, notice("invalid_nick", name=sanitize(name)[:40], reason=str(exc)))
+            return None
+
+    def _follow_rename(self, old_key, new_key):
+        """Ignores follow a nick that changes."""
+        for other in self.ignored_by.pop(old_key, ()):
+            other.ignoring.discard(old_key)
+            other.ignoring.add(new_key)
+            self.ignored_by.setdefault(new_key, set()).add(other)
+
+    def _guest_nick(self):
+        while True:
+            nick = "guest%d" % next(self._guests)
+            if self.nick_problem(nick) is None:
+                return nick
+
+    def _register(self, member, nick):
+        self._unregister(member)
+        member.nick, member.key = nick, name_key(nick)
+        member.lookalikes = lookalike_keys(nick)
+        self.members[member.key] = member
+        for key in member.lookalikes:
+            self.lookalikes[key] = member
+
+    def _unregister(self, member):
+        if self.members.get(member.key) is member:
+            del self.members[member.key]
+        for key in member.lookalikes:
+            if self.lookalikes.get(key) is member:
+                del self.lookalikes[key]
+
+
+class Hub(Moderation, Names):
     """The chat: nicks, rooms and every command, for members of every dialect.
 
     sink receives what happens: publish(room, event, exclude) for room events,
@@ -1563,6 +1631,8 @@ class Hub(Moderation):
         key = self._nick_key(member, name, "/ignore NICK")
         if key is None or key == member.key:
             return
+        if member.ignoring is NOBODY:
+            member.ignoring = set()
         member.ignoring.add(key)
         self.ignored_by.setdefault(key, set()).add(member)
         self.sink.send(member, notice("ignoring", nick=sanitize(name)[:MAX_NICK]))
@@ -1574,7 +1644,8 @@ class Hub(Moderation):
             self.sink.send(member, notice("unignoring", nick=sanitize(name)[:MAX_NICK]))
 
     def _stop_ignoring(self, member, key):
-        member.ignoring.discard(key)
+        if key in member.ignoring:
+            member.ignoring.discard(key)
         ignorers = self.ignored_by.get(key)
         if ignorers is not None:
             ignorers.discard(member)
@@ -1588,66 +1659,6 @@ class Hub(Moderation):
                 target.nick, target.realname, tuple(room.name for room in target.rooms),
                 time.monotonic() - target.active, target.away, target.operator,
                 target.address if member.operator else None))
-
-    # Inspection
-
-    def find_member(self, name):
-        return self.members.get(name_key(unicodedata.normalize("NFKC", name)))
-
-    def find_room(self, name):
-        key = name_key(unicodedata.normalize("NFKC", name if name.startswith("#") else "#" + name))
-        return self.rooms.get(key)
-
-    # Nicks
-
-    def _online(self, member, name, usage):
-        """The member called name, or None (the asker is told why)."""
-        if not name:
-            self.sink.send(member, notice("usage", usage=usage))
-            return None
-        target = self.find_member(name)
-        if target is None:
-            self.sink.send(member, notice("no_such_nick", nick=sanitize(name)[:40]))
-        return target
-
-    def _nick_key(self, member, name, usage):
-        """The key of a valid nick (online or not), or None (the asker is told why)."""
-        if not name:
-            self.sink.send(member, notice("usage", usage=usage))
-            return None
-        try:
-            return name_key(normalize_nick(name))
-        except ValueError as exc:
-            self.sink.send(member, notice("invalid_nick", name=sanitize(name)[:40], reason=str(exc)))
-            return None
-
-    def _follow_rename(self, old_key, new_key):
-        """Ignores follow a nick that changes."""
-        for other in self.ignored_by.pop(old_key, ()):
-            other.ignoring.discard(old_key)
-            other.ignoring.add(new_key)
-            self.ignored_by.setdefault(new_key, set()).add(other)
-
-    def _guest_nick(self):
-        while True:
-            nick = "guest%d" % next(self._guests)
-            if self.nick_problem(nick) is None:
-                return nick
-
-    def _register(self, member, nick):
-        self._unregister(member)
-        member.nick, member.key = nick, name_key(nick)
-        member.lookalikes = lookalike_keys(nick)
-        self.members[member.key] = member
-        for key in member.lookalikes:
-            self.lookalikes[key] = member
-
-    def _unregister(self, member):
-        if self.members.get(member.key) is member:
-            del self.members[member.key]
-        for key in member.lookalikes:
-            if self.lookalikes.get(key) is member:
-                del self.lookalikes[key]
 
     # Rooms
 
@@ -1725,7 +1736,7 @@ class Hub(Moderation):
     def _remove(self, member, room, event):
         listed = room.remove(member)
         del member.rooms[room]
-        member.heralded.discard(room)
+        member.heralded.pop(room, None)
         self.sink.moved(member, room, False)
         if listed:
             self._publish_membership(room, event, ())
@@ -1758,7 +1769,7 @@ class Hub(Moderation):
             room.list(member)
         quiet = self._big(room)
         if not quiet:
-            member.heralded.add(room)
+            member.heralded[room] = None
         self._publish_membership(room, Joined(room.name, member.nick, quiet), (member,))
 
     def _big(self, room):
@@ -2291,6 +2302,8 @@ class Dialect:
     disconnect.
     """
 
+    __slots__ = ("server", "conn", "hub")
+
     multi_room = False      # its members may be in several rooms at once
     hears_quiet = False     # it keeps member lists: it needs joins and leaves in big rooms
 
@@ -2355,6 +2368,8 @@ class Dialect:
 class LineDialect(Dialect):
     """The line protocol: the shapes of the Wording table, one per line; nc and telnet
     speak it, and so does the bundled client."""
+
+    __slots__ = ("locked", "wanted_nick")
 
     def __init__(self, server, conn):
         super().__init__(server, conn)
@@ -2644,7 +2659,231 @@ def irc_source(nick):
     return "%s!%s@%s" % (nick, nick, IRC_HOST)
 
 
-class IrcDialect(Dialect):
+class IrcReplies:
+    """A part of IrcDialect: what goes out. Numerics, room events as IRC lines, and
+    replies about a room rendered once for everyone who asks."""
+
+    __slots__ = ()
+
+    # What goes out
+
+    def _names_reply(self, room):
+        """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
+        return self._for_me(room, "names", lambda: b"".join(
+            [self._numeric_bytes("353", "= %s :%s" % (room.name, run), RECEIVER)
+             for run, _ in room.nick_runs()]
+            + [self._numeric_bytes("366", "%s :End of /NAMES list" % room.name, RECEIVER)]))
+
+    def _for_me(self, room, what, render):
+        """A reply about a room, rendered once per change of the room for everyone (with a
+        stand-in for the receiver's nick) and made this receiver's by one replace: a
+        burst of WHO or NAMES in a big room costs little time and no memory per copy."""
+        key = (type(self), what)
+        shared = room.cache.get(key)
+        if shared is None:
+            shared = room.cache[key] = render()
+        return shared.replace(RECEIVER.encode(), self.nick.encode())
+
+    def _who_lines(self, room, members, mask=None):
+        lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
+            room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
+            self.server_name, m.nick, "H@" if m.operator else "H", m.realname or m.nick),
+            RECEIVER) for m in members]
+        lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
+            room.name if room else sanitize(mask)[:40]), RECEIVER))
+        return b"".join(lines)
+
+    def _whois_reply(self, event):
+        nick = event.nick
+        lines = [("311", "%s %s %s * :%s" % (nick, nick, IRC_HOST, event.realname or nick))]
+        if event.rooms:
+            prefix = "@" if event.operator else ""
+            lines.append(("319", "%s :%s" % (nick, " ".join(prefix + room for room in event.rooms))))
+        lines.append(("312", "%s %s :chat.py" % (nick, self.server_name)))
+        if event.operator:
+            lines.append(("313", "%s :is an IRC operator" % nick))
+        if event.away:
+            lines.append(("301", "%s :%s" % (nick, event.away)))
+        if event.address:
+            lines.append(("338", "%s %s :actually using host" % (nick, event.address)))
+        lines.append(("317", "%s %d :seconds idle" % (nick, event.idle)))
+        lines.append(("318", "%s :End of /WHOIS list" % nick))
+        return b"".join(self._numeric_bytes(number, text) for number, text in lines)
+
+
+    def _send(self, line):
+        self.conn_send(self._line(line))
+
+    def _numeric_bytes(self, number, text, receiver=None):
+        return self._line(":%s %s %s %s" % (self.server_name, number, receiver or self.nick, text))
+
+    @staticmethod
+    def _line(line):
+        """A line cut to 512 bytes with its CR LF, at a character boundary."""
+        data = line.encode()
+        return data[:utf8_boundary(data, IRC_LINE - 2)] + b"\r\n"
+
+    def _numeric(self, number, text):
+        self.conn_send(self._numeric_bytes(number, text))
+
+    def render(self, event):
+        renderer = self._RENDERERS.get(type(event))
+        if renderer is None:
+            return self.render_shared(event)
+        return renderer(self, event)
+
+    @classmethod
+    def render_shared(cls, event):
+        kind = type(event)
+        if kind is Said:
+            text = "\x01ACTION %s\x01" % event.text if event.action else event.text
+            return irc_split(":%s PRIVMSG %s :" % (irc_source(event.nick), event.room), text)
+        if kind is Joined:
+            return cls._line(":%s JOIN %s" % (irc_source(event.nick), event.room))
+        if kind is Parted:
+            reason = "left for %s" % event.to if event.to else event.reason
+            return cls._line(":%s PART %s :%s" % (irc_source(event.nick), event.room, reason))
+        if kind is Quit:
+            return cls._line(":%s QUIT :%s" % (irc_source(event.nick), event.reason))
+        if kind is Renamed:
+            return cls._line(":%s NICK :%s" % (irc_source(event.old), event.new))
+        if kind is TopicSet:
+            return cls._line(":%s TOPIC %s :%s" % (irc_source(event.nick), event.room, event.text))
+        if kind is Opped:
+            return cls._line(":%s MODE %s +o %s" % (irc_source(event.nick), event.room, event.nick))
+        if kind is Kicked:
+            return cls._line(":%s KICK %s %s :%s" % (irc_source(event.by), event.room, event.nick,
+                                                     event.reason))
+        raise TypeError("no IRC line for %r" % (event,))
+
+    def _welcome(self, event):
+        name, nick = self.server_name, event.nick
+        isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
+                    "PREFIX=(o)@ CHANMODES=b,,,n CHANLIMIT=#:%d MAXTARGETS=%d "
+                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:1,WHOIS:1 "
+                    "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
+                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_JOINED, MAX_TARGETS,
+                       re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
+        members, rooms = len(self.hub.members), len(self.hub.rooms)
+        lines = [
+            ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
+            ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
+            ("003", ":This server was started %s" % self.server.started),
+            ("004", "%s chat.py-%s i bn" % (name, __version__)),
+            ("005", "%s :are supported by this server" % isupport),
+            ("251", ":There are %d users and 0 invisible on 1 servers" % members),
+            ("254", "%d :channels formed" % rooms),
+            ("255", ":I have %d clients and 0 servers" % members),
+            ("375", ":- %s message of the day -" % name),
+            ("372", ":- People here talk from IRC, nc, the chat.py client and browsers."),
+            ("372", ":- /join #room makes or enters a room; /list shows them."),
+            ("376", ":End of /MOTD command"),
+        ]
+        return b"".join(self._line(":%s %s %s %s" % (name, number, nick, text))
+                        for number, text in lines)
+
+    def _room_state(self, event):
+        room = event.room
+        data = self._line(":%s JOIN %s" % (irc_source(self.nick), room.name))
+        if room.topic:
+            data += self._numeric_bytes("332", "%s :%s" % (room.name, room.topic))
+        return data + self._names_reply(room)
+
+    def _history(self, event):
+        """The room's last lines, as NOTICEs from the server between two markers: clearly
+        not said now."""
+        head = ":%s NOTICE %s :" % (self.server_name, event.room.name)
+        return self.history_block(event, lambda history: b"".join(
+            irc_split(head, line[len("*** "):]) for line in history_lines(event.room, history)))
+
+    def _private(self, event):
+        if event.sent:
+            return b""   # IRC clients show what they sent themselves
+        text = "\x01ACTION %s\x01" % event.text if event.action else event.text
+        return irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender), self.nick), text)
+
+    def _topic(self, event):
+        if event.text:
+            return self._numeric_bytes("332", "%s :%s" % (event.room, event.text))
+        return self._numeric_bytes("331", "%s :No topic is set" % event.room)
+
+    def _who_list(self, event):
+        return self._names_reply(event.room)
+
+    def _room_list(self, event):
+        return b"".join([self._numeric_bytes("322", "%s %d :" % room) for room in event.rooms]
+                        + [self._numeric_bytes("323", ":End of /LIST")])
+
+    _NUMERICS = {   # Wording shape -> (numeric, text after the receiver's nick)
+        "nick_taken": ("433", "{nick} :Nickname is already in use"),
+        "nick_lookalike": ("433", "{nick} :Nickname looks like {other}, who is online"),
+        "invalid_nick": ("432", "{name} :Erroneous nickname: {reason}"),
+        "no_such_nick": ("401", "{nick} :No such nick/channel"),
+        "no_such_room": ("403", "{room} :No such channel"),
+        "invalid_room": ("479", "{name} :Illegal channel name: {reason}"),
+        "room_lookalike": ("479", "{room} :Channel name looks like {other}"),
+        "too_many_rooms": ("405", "* :There are {count} channels, the most this server allows"),
+        "too_many_joined": ("405", "{room} :You have joined too many channels"),
+        "rooms_too_fast": ("263", "JOIN :You are creating channels too fast; try again in "
+                                  "{seconds} s"),
+        "line_too_long": ("417", ":Input line was too long"),
+        "password_needed": ("464", ":Password incorrect"),
+        "wrong_password": ("464", ":Password incorrect"),
+        "opped": ("381", ":You are now an IRC operator"),
+        "banned": ("465", ":You are banned from this server"),
+        "not_operator": ("481", ":Permission Denied- You're not an IRC operator"),
+        "wrong_op_password": ("464", ":Password incorrect"),
+        "op_guesses_throttled": ("464", ":Too many wrong passwords; try again in {seconds} s"),
+        "away_set": ("306", ":You have been marked as being away"),
+        "away_cleared": ("305", ":You are no longer marked as being away"),
+        "is_away": ("301", "{nick} :{text}"),
+    }
+    _SILENT = ("help_hint", "pace", "already_in_room")
+
+    def _notice(self, event):
+        key, fields = event.key, event.fields
+        data = b""
+        if key in self._NUMERICS:
+            number, text = self._NUMERICS[key]
+            if "name" in fields:   # a parameter of the numeric: one word
+                fields = dict(fields, name="_".join(fields["name"].split()) or "*")
+            data = self._numeric_bytes(number, text.format(**fields))
+        if key in FAREWELLS:
+            text = WORDING.render(key, **fields)[len("*** error: " if is_error(key) else "*** "):]
+            return data + self._line("ERROR :Closing link: %s" % text)
+        if key == "renamed_self":
+            return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
+                                                 fields["nick"]))
+        if data or key in self._SILENT:
+            return data
+        if key == "help":
+            return b"".join(irc_split(":%s NOTICE %s :" % (self.server_name, self.nick),
+                                      line.format(room=self.hub.default_room.name))
+                            for line in HELP_TEXT)
+        return irc_split(":%s NOTICE %s :" % (self.server_name, self.nick),
+                         WORDING.render(key, **fields)[len("*** "):])
+
+    _RENDERERS = {
+        Notice: _notice,
+        Private: _private,
+        Whois: _whois_reply,
+        Welcome: _welcome,
+        RoomState: _room_state,
+        TopicInfo: _topic,
+        History: _history,
+        WhoList: _who_list,
+        RoomList: _room_list,
+    }
+
+
+# HTTP and WebSocket: the browser page and its connection.
+
+# An HTTP request line of any version (HTTP/0.9's "GET /path" has none, HTTP/2's preface
+# is "PRI * HTTP/2.0"); a start that has not ended within SNIFF_LIMIT bytes (a long URL)
+# is HTTP too, so no part of a request ever becomes chat.
+
+
+class IrcDialect(IrcReplies, Dialect):
     """IRC as irssi, WeeChat, HexChat, bots and bridges speak it: registration with
     CAP (no capabilities), PASS, NICK and USER; rooms are channels and a member may
     be in several; enough commands and numerics for clients to track their state.
@@ -2652,6 +2891,9 @@ class IrcDialect(Dialect):
     Every line sent fits 512 bytes. IRC formatting is stripped, CTCP ACTION is /me
     both ways, other CTCP is not relayed.
     """
+
+    __slots__ = ("wanted_nick", "user", "realname", "password", "negotiating",
+                 "greeted_as", "heard", "pinged")
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
@@ -2857,23 +3099,6 @@ class IrcDialect(Dialect):
         if params and not all(rooms):
             self._numeric("366", "%s :End of /NAMES list" % sanitize(params[0])[:40])
 
-    def _names_reply(self, room):
-        """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
-        return self._for_me(room, "names", lambda: b"".join(
-            [self._numeric_bytes("353", "= %s :%s" % (room.name, run), RECEIVER)
-             for run, _ in room.nick_runs()]
-            + [self._numeric_bytes("366", "%s :End of /NAMES list" % room.name, RECEIVER)]))
-
-    def _for_me(self, room, what, render):
-        """A reply about a room, rendered once per change of the room for everyone (with a
-        stand-in for the receiver's nick) and made this receiver's by one replace: a
-        burst of WHO or NAMES in a big room costs little time and no memory per copy."""
-        key = (IrcDialect, what)
-        shared = room.cache.get(key)
-        if shared is None:
-            shared = room.cache[key] = render()
-        return shared.replace(RECEIVER.encode(), self.nick.encode())
-
     def _who(self, params):
         mask = params[0] if params else "*"
         room = self.hub.find_room(mask) if mask.startswith("#") else None
@@ -2884,34 +3109,8 @@ class IrcDialect(Dialect):
         self.conn_send(self._who_lines(None, [found] if found else [], mask).replace(
             RECEIVER.encode(), self.nick.encode()))
 
-    def _who_lines(self, room, members, mask=None):
-        lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
-            room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
-            self.server_name, m.nick, "H@" if m.operator else "H", m.realname or m.nick),
-            RECEIVER) for m in members]
-        lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
-            room.name if room else sanitize(mask)[:40]), RECEIVER))
-        return b"".join(lines)
-
     def _whois(self, params):
         self.hub.do_whois(self.conn.member, params[-1])
-
-    def _whois_reply(self, event):
-        nick = event.nick
-        lines = [("311", "%s %s %s * :%s" % (nick, nick, IRC_HOST, event.realname or nick))]
-        if event.rooms:
-            prefix = "@" if event.operator else ""
-            lines.append(("319", "%s :%s" % (nick, " ".join(prefix + room for room in event.rooms))))
-        lines.append(("312", "%s %s :chat.py" % (nick, self.server_name)))
-        if event.operator:
-            lines.append(("313", "%s :is an IRC operator" % nick))
-        if event.away:
-            lines.append(("301", "%s :%s" % (nick, event.away)))
-        if event.address:
-            lines.append(("338", "%s %s :actually using host" % (nick, event.address)))
-        lines.append(("317", "%s %d :seconds idle" % (nick, event.idle)))
-        lines.append(("318", "%s :End of /WHOIS list" % nick))
-        return b"".join(self._numeric_bytes(number, text) for number, text in lines)
 
     def _oper(self, params):
         self.hub.do_op(self.conn.member, params[1])
@@ -3003,178 +3202,6 @@ class IrcDialect(Dialect):
     CHAT_COMMANDS = frozenset(("MUTE", "UNMUTE", "MUTES", "BAN", "UNBAN", "BANS", "IGNORE",
                                "UNIGNORE", "ROOMS", "HELP"))
 
-    # What goes out
-
-    def _send(self, line):
-        self.conn_send(self._line(line))
-
-    def _numeric_bytes(self, number, text, receiver=None):
-        return self._line(":%s %s %s %s" % (self.server_name, number, receiver or self.nick, text))
-
-    @staticmethod
-    def _line(line):
-        """A line cut to 512 bytes with its CR LF, at a character boundary."""
-        data = line.encode()
-        return data[:utf8_boundary(data, IRC_LINE - 2)] + b"\r\n"
-
-    def _numeric(self, number, text):
-        self.conn_send(self._numeric_bytes(number, text))
-
-    def render(self, event):
-        renderer = self._RENDERERS.get(type(event))
-        if renderer is None:
-            return self.render_shared(event)
-        return renderer(self, event)
-
-    @classmethod
-    def render_shared(cls, event):
-        kind = type(event)
-        if kind is Said:
-            text = "\x01ACTION %s\x01" % event.text if event.action else event.text
-            return irc_split(":%s PRIVMSG %s :" % (irc_source(event.nick), event.room), text)
-        if kind is Joined:
-            return cls._line(":%s JOIN %s" % (irc_source(event.nick), event.room))
-        if kind is Parted:
-            reason = "left for %s" % event.to if event.to else event.reason
-            return cls._line(":%s PART %s :%s" % (irc_source(event.nick), event.room, reason))
-        if kind is Quit:
-            return cls._line(":%s QUIT :%s" % (irc_source(event.nick), event.reason))
-        if kind is Renamed:
-            return cls._line(":%s NICK :%s" % (irc_source(event.old), event.new))
-        if kind is TopicSet:
-            return cls._line(":%s TOPIC %s :%s" % (irc_source(event.nick), event.room, event.text))
-        if kind is Opped:
-            return cls._line(":%s MODE %s +o %s" % (irc_source(event.nick), event.room, event.nick))
-        if kind is Kicked:
-            return cls._line(":%s KICK %s %s :%s" % (irc_source(event.by), event.room, event.nick,
-                                                     event.reason))
-        raise TypeError("no IRC line for %r" % (event,))
-
-    def _welcome(self, event):
-        name, nick = self.server_name, event.nick
-        isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
-                    "PREFIX=(o)@ CHANMODES=b,,,n CHANLIMIT=#:%d MAXTARGETS=%d "
-                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:1,WHOIS:1 "
-                    "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
-                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_JOINED, MAX_TARGETS,
-                       re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
-        members, rooms = len(self.hub.members), len(self.hub.rooms)
-        lines = [
-            ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
-            ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
-            ("003", ":This server was started %s" % self.server.started),
-            ("004", "%s chat.py-%s i bn" % (name, __version__)),
-            ("005", "%s :are supported by this server" % isupport),
-            ("251", ":There are %d users and 0 invisible on 1 servers" % members),
-            ("254", "%d :channels formed" % rooms),
-            ("255", ":I have %d clients and 0 servers" % members),
-            ("375", ":- %s message of the day -" % name),
-            ("372", ":- People here talk from IRC, nc, the chat.py client and browsers."),
-            ("372", ":- /join #room makes or enters a room; /list shows them."),
-            ("376", ":End of /MOTD command"),
-        ]
-        return b"".join(self._line(":%s %s %s %s" % (name, number, nick, text))
-                        for number, text in lines)
-
-    def _room_state(self, event):
-        room = event.room
-        data = self._line(":%s JOIN %s" % (irc_source(self.nick), room.name))
-        if room.topic:
-            data += self._numeric_bytes("332", "%s :%s" % (room.name, room.topic))
-        return data + self._names_reply(room)
-
-    def _history(self, event):
-        """The room's last lines, as NOTICEs from the server between two markers: clearly
-        not said now."""
-        head = ":%s NOTICE %s :" % (self.server_name, event.room.name)
-        return self.history_block(event, lambda history: b"".join(
-            irc_split(head, line[len("*** "):]) for line in history_lines(event.room, history)))
-
-    def _private(self, event):
-        if event.sent:
-            return b""   # IRC clients show what they sent themselves
-        text = "\x01ACTION %s\x01" % event.text if event.action else event.text
-        return irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender), self.nick), text)
-
-    def _topic(self, event):
-        if event.text:
-            return self._numeric_bytes("332", "%s :%s" % (event.room, event.text))
-        return self._numeric_bytes("331", "%s :No topic is set" % event.room)
-
-    def _who_list(self, event):
-        return self._names_reply(event.room)
-
-    def _room_list(self, event):
-        return b"".join([self._numeric_bytes("322", "%s %d :" % room) for room in event.rooms]
-                        + [self._numeric_bytes("323", ":End of /LIST")])
-
-    _NUMERICS = {   # Wording shape -> (numeric, text after the receiver's nick)
-        "nick_taken": ("433", "{nick} :Nickname is already in use"),
-        "nick_lookalike": ("433", "{nick} :Nickname looks like {other}, who is online"),
-        "invalid_nick": ("432", "{name} :Erroneous nickname: {reason}"),
-        "no_such_nick": ("401", "{nick} :No such nick/channel"),
-        "no_such_room": ("403", "{room} :No such channel"),
-        "invalid_room": ("479", "{name} :Illegal channel name: {reason}"),
-        "room_lookalike": ("479", "{room} :Channel name looks like {other}"),
-        "too_many_rooms": ("405", "* :There are {count} channels, the most this server allows"),
-        "too_many_joined": ("405", "{room} :You have joined too many channels"),
-        "rooms_too_fast": ("263", "JOIN :You are creating channels too fast; try again in "
-                                  "{seconds} s"),
-        "line_too_long": ("417", ":Input line was too long"),
-        "password_needed": ("464", ":Password incorrect"),
-        "wrong_password": ("464", ":Password incorrect"),
-        "opped": ("381", ":You are now an IRC operator"),
-        "banned": ("465", ":You are banned from this server"),
-        "not_operator": ("481", ":Permission Denied- You're not an IRC operator"),
-        "wrong_op_password": ("464", ":Password incorrect"),
-        "op_guesses_throttled": ("464", ":Too many wrong passwords; try again in {seconds} s"),
-        "away_set": ("306", ":You have been marked as being away"),
-        "away_cleared": ("305", ":You are no longer marked as being away"),
-        "is_away": ("301", "{nick} :{text}"),
-    }
-    _SILENT = ("help_hint", "pace", "already_in_room")
-
-    def _notice(self, event):
-        key, fields = event.key, event.fields
-        data = b""
-        if key in self._NUMERICS:
-            number, text = self._NUMERICS[key]
-            if "name" in fields:   # a parameter of the numeric: one word
-                fields = dict(fields, name="_".join(fields["name"].split()) or "*")
-            data = self._numeric_bytes(number, text.format(**fields))
-        if key in FAREWELLS:
-            text = WORDING.render(key, **fields)[len("*** error: " if is_error(key) else "*** "):]
-            return data + self._line("ERROR :Closing link: %s" % text)
-        if key == "renamed_self":
-            return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
-                                                 fields["nick"]))
-        if data or key in self._SILENT:
-            return data
-        if key == "help":
-            return b"".join(irc_split(":%s NOTICE %s :" % (self.server_name, self.nick),
-                                      line.format(room=self.hub.default_room.name))
-                            for line in HELP_TEXT)
-        return irc_split(":%s NOTICE %s :" % (self.server_name, self.nick),
-                         WORDING.render(key, **fields)[len("*** "):])
-
-    _RENDERERS = {
-        Notice: _notice,
-        Private: _private,
-        Whois: _whois_reply,
-        Welcome: _welcome,
-        RoomState: _room_state,
-        TopicInfo: _topic,
-        History: _history,
-        WhoList: _who_list,
-        RoomList: _room_list,
-    }
-
-
-# HTTP and WebSocket: the browser page and its connection.
-
-# An HTTP request line of any version (HTTP/0.9's "GET /path" has none, HTTP/2's preface
-# is "PRI * HTTP/2.0"); a start that has not ended within SNIFF_LIMIT bytes (a long URL)
-# is HTTP too, so no part of a request ever becomes chat.
 _HTTP_REQUEST_LINE = re.compile(
     rb"[A-Z][A-Z_-]{1,19} [\x21-\x7e]+ HTTP/\d+(?:\.\d+)?\r?\n?|GET /[\x21-\x7e]*\r?\n?")
 _HTTP_REQUEST_START = re.compile(rb"[A-Z][A-Z_-]{1,19} (?:/|\*|https?://)")
@@ -3401,6 +3428,8 @@ class HttpDialect(Dialect):
     """HTTP/1.1 on the chat port: GET / is the page, GET /ws becomes a WebSocket that
     speaks the line protocol in and JSON events out. One request per connection."""
 
+    __slots__ = ()
+
     def framer(self, limit):
         return HeadReader()
 
@@ -3536,6 +3565,8 @@ def json_time(when):
 class WebSocketDialect(LineDialect):
     """The browser's connection: line-protocol commands in (one per text message, so
     every command works as for nc), JSON events out, one per text message."""
+
+    __slots__ = ()
 
     hears_quiet = True      # the page keeps member lists
 
@@ -3685,13 +3716,15 @@ class BufferedSocket:
 
     def __init__(self, sock):
         self.sock = sock
-        self.outbox = collections.deque()
+        self.outbox = ()                # a deque while output waits: most of the time none
         self.queued = 0                 # bytes in outbox, minus the sent head
         self.head = 0                   # bytes of outbox[0] already sent
         self.retry = None               # buffer to send again after a would-block
 
     def queue(self, data):
         if data:   # an empty buffer would never be consumed
+            if not self.outbox:
+                self.outbox = collections.deque()
             self.outbox.append(data)
             self.queued += len(data)
 
@@ -3739,6 +3772,8 @@ class BufferedSocket:
             sent -= left
             outbox.popleft()
             self.head = 0
+        if not outbox:
+            self.outbox = ()
 
 
 def drain(sock):
@@ -3853,7 +3888,7 @@ class Connection(BufferedSocket):
         self.framer = None              # turns received bytes into messages
         self.dialect = None             # known from the first line
         self.member = None              # in the chat
-        self.inbox = collections.deque()   # messages waiting for flood control
+        self.inbox = ()                 # messages waiting for flood control (a deque then)
         self.inbox_bytes = 0
         self.tokens = burst             # flood control: messages it may send right now
         self.refilled = time.monotonic()
@@ -4258,7 +4293,484 @@ class HubSink:
         self._server.call_later(delay, function, *args)
 
 
-class ChatServer:
+class Intake:
+    """A part of ChatServer: bytes in, from the accept on: refusals, TLS, the first line
+    that picks a dialect, reading, and flood control."""
+
+    # Accepting
+
+    def _start_accepting(self):
+        if not self._accepting:
+            for sock in self._listeners:
+                self._selector.register(sock, selectors.EVENT_READ)
+            self._accepting = True
+
+    def _stop_accepting(self):
+        if self._accepting:
+            for sock in self._listeners:
+                self._selector.unregister(sock)
+            self._accepting = False
+
+    def _accept_from(self, listener):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except WOULD_BLOCK:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept: %s; pausing new connections for %.1f s",
+                              exc.strerror, ACCEPT_PAUSE)
+                    self._stop_accepting()
+                    self.call_later(ACCEPT_PAUSE, self._start_accepting)
+                    return
+                log.debug("accept failed: %s", exc)
+                continue
+            self._accept(sock, peer)
+
+    def _accept(self, sock, peer):
+        refusal = self._refusal_for(peer)
+        if refusal:
+            self._refuse(sock, peer, refusal)
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            enable_keepalive(sock)
+        except OSError as exc:
+            log.debug("%s: setup failed: %s", format_address(*peer[:2]), exc)
+            sock.close()
+            return
+        conn = Connection(sock, peer, next(self._numbers), self.options.burst)
+        self._conns[conn] = None
+        self._per_ip[conn.ip] += 1
+        log.info("%r connected", conn)
+        if self.hub.ban_for(conn.ip):
+            self._refuse_banned(conn)
+            return
+        self.call_later(self.options.register_timeout, self._expire_registration, conn)
+        if self.options.tls_context:
+            conn.stage = HANDSHAKE
+            self._update_interest(conn)
+        else:
+            self._open(conn)
+
+    def _refusal_for(self, peer):
+        if len(self._conns) >= self.options.max_clients:
+            return "server_full"
+        if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
+            return "too_many_from_address"
+        return None
+
+    def _refuse_banned(self, conn):
+        """A banned address gets one plain line before any dialect (over TLS, not even
+        that) and is let go politely: its first bytes do not turn the close into a reset
+        that would eat the line."""
+        log.warning("refused %r: banned", conn)
+        if self.options.tls_context:
+            self._drop(conn, "banned")
+        else:
+            self.disconnect(conn, "banned", notice("banned"))
+
+    def _refuse(self, sock, peer, refusal):
+        log.warning("refused %s: %s", format_address(*peer[:2]), refusal.replace("_", " "))
+        try:
+            sock.setblocking(False)
+            sock.send(line_bytes(refusal))
+        except OSError:
+            pass
+        sock.close()
+
+    # Opening: TLS, then the first line picks the dialect, which registers
+
+    def _continue_handshake(self, conn):
+        """Advance a TLS handshake without blocking; a plaintext peer is told and dropped."""
+        if not conn.tls and not self._wrap_tls(conn):
+            return
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.want_write = False
+        except ssl.SSLWantWriteError:
+            conn.want_write = True
+        except OSError as exc:   # SSLError included
+            log.info("%r: TLS handshake failed: %s", conn, getattr(exc, "reason", None) or exc)
+            self._drop(conn, "TLS handshake failed")
+            return
+        else:
+            conn.want_write = False
+            log.debug("%r: TLS %s established", conn, conn.sock.version())
+            self._open(conn)
+            if conn.stage is not CLOSED:
+                self._handle_read(conn)   # the client may have written already
+            return
+        self._update_interest(conn)
+
+    def _wrap_tls(self, conn):
+        """Start TLS once the first byte shows a TLS record; else answer in plaintext, in
+        the words of the dialect the client speaks."""
+        try:
+            first = conn.sock.recv(SNIFF_LIMIT, socket.MSG_PEEK)
+        except WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            self._drop(conn, describe_error(exc))
+            return False
+        if not first:
+            self._drop(conn, "connection closed")
+            return False
+        if first[:1] != b"\x16":   # not a TLS handshake record: a plaintext client
+            log.info("%r: plaintext client on the TLS port", conn)
+            conn.stage = OPENING
+            line, ended = first.partition(b"\n")[0] + b"\n", b"\n" in first
+            dialect = dialect_for(line if ended else first, ended)
+            if dialect is HttpDialect:
+                HttpDialect(self, conn).refuse_plaintext()
+            else:
+                conn.dialect = dialect(self, conn) if dialect is IrcDialect else None
+                self.disconnect(conn, "no TLS", notice("speaks_tls"))
+            return False
+        self._selector.unregister(conn.sock)
+        conn.events = 0
+        conn.sock = self.options.tls_context.wrap_socket(
+            conn.sock, server_side=True, do_handshake_on_connect=False)
+        conn.tls = True
+        self._update_interest(conn)
+        return True
+
+    def _open(self, conn):
+        """Listen for the first line; a connection that stays silent speaks the line protocol
+        (nc users see the greeting at once, to the eye)."""
+        conn.stage = OPENING
+        conn.framer = Sniffer(self, conn)
+        self._update_interest(conn)
+        self.call_later(self.options.greet_delay, self._silence, conn)
+
+    def _silence(self, conn):
+        """Greet a connection that said nothing (nc): its first line may still show
+        another dialect (see choose_dialect)."""
+        if conn.stage is OPENING and conn.dialect is None:
+            conn.dialect = LineDialect(self, conn)
+            conn.dialect.start(spoke=False)
+
+    def _expire_registration(self, conn):
+        if conn.member is not None or conn.stage in (CLOSING, CLOSED, DENIED):
+            return
+        log.info("%r: registration timed out (%s)", conn, conn.stage)
+        if conn.dialect is None:
+            self._drop(conn, "registration timed out")
+        else:
+            self.disconnect(conn, "registration timed out", notice("registration_timeout"))
+
+    # Reading
+
+    def _handle_read(self, conn):
+        try:
+            data = conn.read(self._read_size)
+        except WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._drop(conn, describe_error(exc))
+            return
+        if conn.stage is CLOSING:
+            if not data:
+                self._closing_peer_done(conn)
+            return
+        if not data:
+            self._handle_eof(conn)
+            return
+        messages = conn.framer.feed(data)
+        if messages and conn.stage is not CLOSED:
+            self._take_in(conn, messages)
+
+    def _take_in(self, conn, messages):
+        if conn.inbox:
+            conn.inbox.extend(messages)
+        else:
+            conn.inbox = collections.deque(messages)
+        conn.inbox_bytes += sum(map(len, messages))
+        self._release(conn)
+
+    def _release(self, conn):
+        """Hand the dialect the messages the flood allowance lets through now; the rest
+        wait, and a timer brings them out at --rate. O(1) per message."""
+        conn.release_pending = False
+        inbox = conn.inbox
+        allowed = len(inbox)
+        if self.options.rate and inbox:
+            allowed = conn.take_tokens(allowed, self.options.rate, self.options.burst)
+        while allowed and inbox and (conn.stage is OPENING or conn.stage is CHAT):
+            if conn.queued + conn.owed > self.options.queue_limit:
+                self._hold_input(conn)
+                return
+            message = inbox.popleft()
+            conn.inbox_bytes -= len(message)
+            allowed -= 1
+            conn.dialect.handle(message)
+        if conn.stage is not OPENING and conn.stage is not CHAT:
+            return
+        if self.options.rate and (len(inbox) > self._flood_lines
+                                  or conn.inbox_bytes > self._flood_bytes):
+            self._excess_flood(conn)
+        elif inbox:
+            conn.release_pending = True
+            self.call_later(conn.seconds_to_next_token(self.options.rate), self._release, conn)
+            return
+        conn.inbox = ()
+        if conn.peer_done:
+            self.disconnect(conn, "connection closed")
+
+    def _hold_input(self, conn):
+        """Its replies are over the queue limit: what it asks next waits, unread, until
+        they are out, so requests from one that does not read cannot pile up."""
+        if not conn.held:
+            conn.held, conn.reading = True, False
+            self._update_interest(conn)
+            self.call_later(0, self._resume_input, conn)
+
+    def _resume_input(self, conn):
+        if conn.held and conn.stage is not CLOSED and conn.queued <= self.options.queue_limit:
+            conn.held, conn.reading = False, not conn.peer_done
+            self._update_interest(conn)
+            self._release(conn)
+
+    def _excess_flood(self, conn):
+        """A connection too far ahead of flood control is cut off, as IRC servers do:
+        a flooder that died with megabytes in flight stops at once instead of talking
+        on for an hour."""
+        log.warning("%r: excess flood, %d lines waiting", conn, len(conn.inbox))
+        self.disconnect(conn, "excess flood", notice(
+            "excess_flood", seconds=math.ceil(self.options.flood_lag)))
+
+    def _handle_eof(self, conn):
+        """The peer will send no more: what it sent before still counts, paced as usual."""
+        conn.peer_done = True
+        conn.reading = False
+        self._update_interest(conn)
+        if conn.stage is HANDSHAKE or conn.stage is DENIED:
+            self._drop(conn, "connection closed")
+            return
+        messages = conn.framer.finish()
+        if conn.stage is CLOSED:
+            return
+        if messages:
+            self._take_in(conn, messages)
+        elif not conn.inbox:
+            self.disconnect(conn, "connection closed")
+        # else: waiting lines come out at --rate, then the connection closes
+
+
+class Output:
+    """A part of ChatServer: bytes out, and connections let go: the delivery of a turn,
+    the backlog policy, selector interest, and polite or abrupt closes."""
+
+    # Output
+
+    def _flush_turn(self):
+        while self._batcher or self._failed:
+            if self._batcher:
+                self._store.flush()   # on disk before anyone is told: a crash loses nothing
+                self._batcher.flush(self._deliver, self._deliver_shared)
+                if self._store.unsynced and not self._sync_pending:
+                    self._sync_pending = True
+                    self.call_later(SYNC_INTERVAL, self._sync_store)
+            failed, self._failed = self._failed, []
+            for conn, reason in failed:
+                self._drop(conn, reason)
+
+    def _deliver_shared(self, conn, data):
+        """The hot path: a member's share of a turn, sent straight from the bytes every
+        receiver shares; only what the socket does not take is queued (as a view)."""
+        if conn.outbox:
+            self._deliver(conn, (data,))
+            return
+        try:
+            sent = conn.sock.send(data)
+        except WOULD_BLOCK:
+            conn.retry, sent = data, 0   # TLS must retry with this very buffer
+        except OSError as exc:
+            self._failed.append((conn, describe_error(exc)))
+            return
+        if sent < len(data):
+            conn.queue(memoryview(data)[sent:] if sent else data)
+            self._wait_until_writable(conn, took=bool(sent))
+
+    def _deliver(self, conn, pieces):
+        """Send conn its part of the turn, after what is queued for it already."""
+        for piece in pieces:
+            conn.queue(piece)
+        if conn.want_write:   # the socket is full: wait for it
+            self._check_backlog(conn, took=False)
+        else:
+            self._write(conn)
+
+    def _write(self, conn):
+        before = conn.queued
+        try:
+            done = conn.send_pending()
+        except OSError as exc:
+            self._failed.append((conn, describe_error(exc)))
+            return
+        if done:
+            conn.over_since = conn.stuck_since = None
+            if conn.stage is CLOSING:
+                self._half_close(conn)
+            elif conn.want_write:
+                conn.want_write = False
+                self._update_interest(conn)
+            self._resume_input(conn)
+            return
+        self._wait_until_writable(conn, took=conn.queued < before)
+
+    def _wait_until_writable(self, conn, took):
+        if not conn.want_write:
+            conn.want_write = True
+            self._update_interest(conn)
+        self._check_backlog(conn, took)
+
+    def _check_backlog(self, conn, took):
+        """A client with over queue_limit bytes waiting that takes none of them for
+        queue_grace seconds, or stays over the limit for SEND_QUEUE_LAG, is not keeping
+        up: it goes, and at once past SEND_QUEUE_HARD times the limit, whatever its
+        grace. A burst within that never costs a reader that keeps reading, and a
+        backlog is mostly views of bytes shared with every other receiver."""
+        if conn.queued <= self.options.queue_limit:
+            conn.over_since = conn.stuck_since = None
+            return
+        now = time.monotonic()
+        if conn.over_since is None:
+            conn.over_since = now
+        if took:
+            conn.stuck_since = None
+        elif conn.stuck_since is None:
+            conn.stuck_since = now   # look again then, even if no more output comes
+            self.call_later(self.options.queue_grace * 1.01, self._recheck_backlog, conn)
+        if (now - conn.over_since > SEND_QUEUE_LAG or conn.stuck_since is not None
+                and now - conn.stuck_since > self.options.queue_grace
+                or conn.queued > SEND_QUEUE_HARD * self.options.queue_limit):
+            self._failed.append((conn, "send queue exceeded"))
+
+    def _recheck_backlog(self, conn):
+        if conn.stage is not CLOSED and conn.stuck_since is not None:
+            self._check_backlog(conn, took=False)
+
+    def _update_interest(self, conn):
+        """Register what the connection waits for: the one place that calls the selector."""
+        events = ((selectors.EVENT_READ if conn.reading else 0)
+                  | (selectors.EVENT_WRITE if conn.want_write else 0))
+        if events == conn.events or conn.stage is CLOSED:
+            return
+        if not events:
+            self._selector.unregister(conn.sock)
+        elif not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    # Leaving
+
+    def disconnect(self, conn, reason, farewell=None):
+        """Let a connection go politely: leave notices, last words flushed, then FIN."""
+        if conn.stage is CLOSING or conn.stage is CLOSED:
+            return
+        log.info("%r disconnected: %s", conn, reason.split(":")[0])
+        if conn.member is not None:
+            self.hub.leave(conn.member, reason)
+        if farewell is not None:
+            self.send_event(conn, farewell)
+        conn.stage = CLOSING
+        conn.inbox = ()
+        conn.inbox_bytes = 0
+        if conn.peer_done and not conn.outbox and conn not in self._batcher.marks:
+            self._finish(conn)   # nothing to say and nothing to hear: the common hang-up
+            return
+        conn.reading = not conn.peer_done   # read, and discard, until the peer closes too
+        self._update_interest(conn)
+        self.call_later(self.options.close_linger, self._finish, conn)
+        self._batcher.touch(conn)   # delivered at the end of the turn, then FIN
+
+    def _half_close(self, conn):
+        """All output is out: end the stream (TLS close_notify, then FIN), and keep reading
+        until the peer closes too, so unread input does not turn our close into a reset
+        that eats the last lines."""
+        if conn.tls:
+            try:
+                conn.sock.unwrap()   # sends close_notify; the peer's is not waited for
+            except (OSError, ValueError):
+                pass
+        try:
+            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+        except OSError:
+            self._finish(conn)
+            return
+        if conn.peer_done:
+            self._finish(conn)
+            return
+        conn.want_write = False
+        self._update_interest(conn)
+
+    def _closing_peer_done(self, conn):
+        """A closing peer sent EOF: close now, or once its last output (queued, or still in
+        this turn) is out."""
+        if conn.outbox or conn in self._batcher.marks:
+            conn.peer_done = True
+            conn.reading = False
+            self._update_interest(conn)
+        else:
+            self._finish(conn)
+
+    def _drop(self, conn, reason):
+        """Close a connection at once (it failed, or cannot keep up)."""
+        if conn.stage is CLOSED:
+            return
+        if conn.stage is not CLOSING:
+            level = logging.WARNING if reason == "send queue exceeded" else logging.INFO
+            log.log(level, "%r disconnected: %s", conn, reason)
+            if conn.member is not None:
+                self.hub.leave(conn.member, reason)
+        self._finish(conn)
+
+    def _finish(self, conn):
+        if conn.stage is CLOSED:
+            return
+        if conn.member is not None:
+            self.hub.leave(conn.member, "closed")
+        conn.stage = CLOSED
+        del self._conns[conn]
+        self._per_ip[conn.ip] -= 1
+        if not self._per_ip[conn.ip]:
+            del self._per_ip[conn.ip]
+        if conn.events:
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.outbox = conn.inbox = ()
+
+    def _shut_down_clients(self):
+        """Tell everyone, flush for at most shutdown_timeout, close everything."""
+        log.info("shutting down, %d connected", len(self._conns))
+        self._stop_accepting()
+        for conn in list(self._conns):
+            if conn.dialect is not None and conn.stage in (OPENING, CHAT):
+                self.send_event(conn, notice("shutting_down"))
+                conn.stage = CLOSING
+                self._batcher.touch(conn)
+            elif conn.stage is not CLOSING:   # mid-handshake or denied: nothing to say
+                self._finish(conn)
+        self._flush_turn()
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        while any(conn.outbox for conn in self._conns):
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            self._poll(timeout)
+            self._flush_turn()
+        for conn in list(self._conns):
+            self._finish(conn)
+        log.info("stopped")
+
+
+class ChatServer(Intake, Output):
     """A single-threaded chat server on non-blocking sockets and one selector.
 
     The loop reads every ready socket, hands complete messages (as flood
@@ -4619,468 +5131,6 @@ class ChatServer:
                 if isinstance(culprit, Connection):
                     self._drop(culprit, "internal error")
 
-    # Accepting
-
-    def _start_accepting(self):
-        if not self._accepting:
-            for sock in self._listeners:
-                self._selector.register(sock, selectors.EVENT_READ)
-            self._accepting = True
-
-    def _stop_accepting(self):
-        if self._accepting:
-            for sock in self._listeners:
-                self._selector.unregister(sock)
-            self._accepting = False
-
-    def _accept_from(self, listener):
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = listener.accept()
-            except WOULD_BLOCK:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept: %s; pausing new connections for %.1f s",
-                              exc.strerror, ACCEPT_PAUSE)
-                    self._stop_accepting()
-                    self.call_later(ACCEPT_PAUSE, self._start_accepting)
-                    return
-                log.debug("accept failed: %s", exc)
-                continue
-            self._accept(sock, peer)
-
-    def _accept(self, sock, peer):
-        refusal = self._refusal_for(peer)
-        if refusal:
-            self._refuse(sock, peer, refusal)
-            return
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            enable_keepalive(sock)
-        except OSError as exc:
-            log.debug("%s: setup failed: %s", format_address(*peer[:2]), exc)
-            sock.close()
-            return
-        conn = Connection(sock, peer, next(self._numbers), self.options.burst)
-        self._conns[conn] = None
-        self._per_ip[conn.ip] += 1
-        log.info("%r connected", conn)
-        if self.hub.ban_for(conn.ip):
-            self._refuse_banned(conn)
-            return
-        self.call_later(self.options.register_timeout, self._expire_registration, conn)
-        if self.options.tls_context:
-            conn.stage = HANDSHAKE
-            self._update_interest(conn)
-        else:
-            self._open(conn)
-
-    def _refusal_for(self, peer):
-        if len(self._conns) >= self.options.max_clients:
-            return "server_full"
-        if self.options.max_per_ip and self._per_ip[peer_ip(peer)] >= self.options.max_per_ip:
-            return "too_many_from_address"
-        return None
-
-    def _refuse_banned(self, conn):
-        """A banned address gets one plain line before any dialect (over TLS, not even
-        that) and is let go politely: its first bytes do not turn the close into a reset
-        that would eat the line."""
-        log.warning("refused %r: banned", conn)
-        if self.options.tls_context:
-            self._drop(conn, "banned")
-        else:
-            self.disconnect(conn, "banned", notice("banned"))
-
-    def _refuse(self, sock, peer, refusal):
-        log.warning("refused %s: %s", format_address(*peer[:2]), refusal.replace("_", " "))
-        try:
-            sock.setblocking(False)
-            sock.send(line_bytes(refusal))
-        except OSError:
-            pass
-        sock.close()
-
-    # Opening: TLS, then the first line picks the dialect, which registers
-
-    def _continue_handshake(self, conn):
-        """Advance a TLS handshake without blocking; a plaintext peer is told and dropped."""
-        if not conn.tls and not self._wrap_tls(conn):
-            return
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            conn.want_write = False
-        except ssl.SSLWantWriteError:
-            conn.want_write = True
-        except OSError as exc:   # SSLError included
-            log.info("%r: TLS handshake failed: %s", conn, getattr(exc, "reason", None) or exc)
-            self._drop(conn, "TLS handshake failed")
-            return
-        else:
-            conn.want_write = False
-            log.debug("%r: TLS %s established", conn, conn.sock.version())
-            self._open(conn)
-            if conn.stage is not CLOSED:
-                self._handle_read(conn)   # the client may have written already
-            return
-        self._update_interest(conn)
-
-    def _wrap_tls(self, conn):
-        """Start TLS once the first byte shows a TLS record; else answer in plaintext, in
-        the words of the dialect the client speaks."""
-        try:
-            first = conn.sock.recv(SNIFF_LIMIT, socket.MSG_PEEK)
-        except WOULD_BLOCK:
-            return False
-        except OSError as exc:
-            self._drop(conn, describe_error(exc))
-            return False
-        if not first:
-            self._drop(conn, "connection closed")
-            return False
-        if first[:1] != b"\x16":   # not a TLS handshake record: a plaintext client
-            log.info("%r: plaintext client on the TLS port", conn)
-            conn.stage = OPENING
-            line, ended = first.partition(b"\n")[0] + b"\n", b"\n" in first
-            dialect = dialect_for(line if ended else first, ended)
-            if dialect is HttpDialect:
-                HttpDialect(self, conn).refuse_plaintext()
-            else:
-                conn.dialect = dialect(self, conn) if dialect is IrcDialect else None
-                self.disconnect(conn, "no TLS", notice("speaks_tls"))
-            return False
-        self._selector.unregister(conn.sock)
-        conn.events = 0
-        conn.sock = self.options.tls_context.wrap_socket(
-            conn.sock, server_side=True, do_handshake_on_connect=False)
-        conn.tls = True
-        self._update_interest(conn)
-        return True
-
-    def _open(self, conn):
-        """Listen for the first line; a connection that stays silent speaks the line protocol
-        (nc users see the greeting at once, to the eye)."""
-        conn.stage = OPENING
-        conn.framer = Sniffer(self, conn)
-        self._update_interest(conn)
-        self.call_later(self.options.greet_delay, self._silence, conn)
-
-    def _silence(self, conn):
-        """Greet a connection that said nothing (nc): its first line may still show
-        another dialect (see choose_dialect)."""
-        if conn.stage is OPENING and conn.dialect is None:
-            conn.dialect = LineDialect(self, conn)
-            conn.dialect.start(spoke=False)
-
-    def _expire_registration(self, conn):
-        if conn.member is not None or conn.stage in (CLOSING, CLOSED, DENIED):
-            return
-        log.info("%r: registration timed out (%s)", conn, conn.stage)
-        if conn.dialect is None:
-            self._drop(conn, "registration timed out")
-        else:
-            self.disconnect(conn, "registration timed out", notice("registration_timeout"))
-
-    # Reading
-
-    def _handle_read(self, conn):
-        try:
-            data = conn.read(self._read_size)
-        except WOULD_BLOCK:
-            return
-        except OSError as exc:
-            self._drop(conn, describe_error(exc))
-            return
-        if conn.stage is CLOSING:
-            if not data:
-                self._closing_peer_done(conn)
-            return
-        if not data:
-            self._handle_eof(conn)
-            return
-        messages = conn.framer.feed(data)
-        if messages and conn.stage is not CLOSED:
-            self._take_in(conn, messages)
-
-    def _take_in(self, conn, messages):
-        conn.inbox.extend(messages)
-        conn.inbox_bytes += sum(map(len, messages))
-        self._release(conn)
-
-    def _release(self, conn):
-        """Hand the dialect the messages the flood allowance lets through now; the rest
-        wait, and a timer brings them out at --rate. O(1) per message."""
-        conn.release_pending = False
-        inbox = conn.inbox
-        allowed = len(inbox)
-        if self.options.rate and inbox:
-            allowed = conn.take_tokens(allowed, self.options.rate, self.options.burst)
-        while allowed and inbox and (conn.stage is OPENING or conn.stage is CHAT):
-            if conn.queued + conn.owed > self.options.queue_limit:
-                self._hold_input(conn)
-                return
-            message = inbox.popleft()
-            conn.inbox_bytes -= len(message)
-            allowed -= 1
-            conn.dialect.handle(message)
-        if conn.stage is not OPENING and conn.stage is not CHAT:
-            return
-        if self.options.rate and (len(inbox) > self._flood_lines
-                                  or conn.inbox_bytes > self._flood_bytes):
-            self._excess_flood(conn)
-        elif inbox:
-            conn.release_pending = True
-            self.call_later(conn.seconds_to_next_token(self.options.rate), self._release, conn)
-        elif conn.peer_done:
-            self.disconnect(conn, "connection closed")
-
-    def _hold_input(self, conn):
-        """Its replies are over the queue limit: what it asks next waits, unread, until
-        they are out, so requests from one that does not read cannot pile up."""
-        if not conn.held:
-            conn.held, conn.reading = True, False
-            self._update_interest(conn)
-            self.call_later(0, self._resume_input, conn)
-
-    def _resume_input(self, conn):
-        if conn.held and conn.stage is not CLOSED and conn.queued <= self.options.queue_limit:
-            conn.held, conn.reading = False, not conn.peer_done
-            self._update_interest(conn)
-            self._release(conn)
-
-    def _excess_flood(self, conn):
-        """A connection too far ahead of flood control is cut off, as IRC servers do:
-        a flooder that died with megabytes in flight stops at once instead of talking
-        on for an hour."""
-        log.warning("%r: excess flood, %d lines waiting", conn, len(conn.inbox))
-        self.disconnect(conn, "excess flood", notice(
-            "excess_flood", seconds=math.ceil(self.options.flood_lag)))
-
-    def _handle_eof(self, conn):
-        """The peer will send no more: what it sent before still counts, paced as usual."""
-        conn.peer_done = True
-        conn.reading = False
-        self._update_interest(conn)
-        if conn.stage is HANDSHAKE or conn.stage is DENIED:
-            self._drop(conn, "connection closed")
-            return
-        messages = conn.framer.finish()
-        if conn.stage is CLOSED:
-            return
-        if messages:
-            self._take_in(conn, messages)
-        elif not conn.inbox:
-            self.disconnect(conn, "connection closed")
-        # else: waiting lines come out at --rate, then the connection closes
-
-    # Output
-
-    def _flush_turn(self):
-        while self._batcher or self._failed:
-            if self._batcher:
-                self._store.flush()   # on disk before anyone is told: a crash loses nothing
-                self._batcher.flush(self._deliver, self._deliver_shared)
-                if self._store.unsynced and not self._sync_pending:
-                    self._sync_pending = True
-                    self.call_later(SYNC_INTERVAL, self._sync_store)
-            failed, self._failed = self._failed, []
-            for conn, reason in failed:
-                self._drop(conn, reason)
-
-    def _deliver_shared(self, conn, data):
-        """The hot path: a member's share of a turn, sent straight from the bytes every
-        receiver shares; only what the socket does not take is queued (as a view)."""
-        if conn.outbox:
-            self._deliver(conn, (data,))
-            return
-        try:
-            sent = conn.sock.send(data)
-        except WOULD_BLOCK:
-            conn.retry, sent = data, 0   # TLS must retry with this very buffer
-        except OSError as exc:
-            self._failed.append((conn, describe_error(exc)))
-            return
-        if sent < len(data):
-            conn.queue(memoryview(data)[sent:] if sent else data)
-            self._wait_until_writable(conn, took=bool(sent))
-
-    def _deliver(self, conn, pieces):
-        """Send conn its part of the turn, after what is queued for it already."""
-        for piece in pieces:
-            conn.queue(piece)
-        if conn.want_write:   # the socket is full: wait for it
-            self._check_backlog(conn, took=False)
-        else:
-            self._write(conn)
-
-    def _write(self, conn):
-        before = conn.queued
-        try:
-            done = conn.send_pending()
-        except OSError as exc:
-            self._failed.append((conn, describe_error(exc)))
-            return
-        if done:
-            conn.over_since = conn.stuck_since = None
-            if conn.stage is CLOSING:
-                self._half_close(conn)
-            elif conn.want_write:
-                conn.want_write = False
-                self._update_interest(conn)
-            self._resume_input(conn)
-            return
-        self._wait_until_writable(conn, took=conn.queued < before)
-
-    def _wait_until_writable(self, conn, took):
-        if not conn.want_write:
-            conn.want_write = True
-            self._update_interest(conn)
-        self._check_backlog(conn, took)
-
-    def _check_backlog(self, conn, took):
-        """A client with over queue_limit bytes waiting that takes none of them for
-        queue_grace seconds, or stays over the limit for SEND_QUEUE_LAG, is not keeping
-        up: it goes, and at once past SEND_QUEUE_HARD times the limit, whatever its
-        grace. A burst within that never costs a reader that keeps reading, and a
-        backlog is mostly views of bytes shared with every other receiver."""
-        if conn.queued <= self.options.queue_limit:
-            conn.over_since = conn.stuck_since = None
-            return
-        now = time.monotonic()
-        if conn.over_since is None:
-            conn.over_since = now
-        if took:
-            conn.stuck_since = None
-        elif conn.stuck_since is None:
-            conn.stuck_since = now   # look again then, even if no more output comes
-            self.call_later(self.options.queue_grace * 1.01, self._recheck_backlog, conn)
-        if (now - conn.over_since > SEND_QUEUE_LAG or conn.stuck_since is not None
-                and now - conn.stuck_since > self.options.queue_grace
-                or conn.queued > SEND_QUEUE_HARD * self.options.queue_limit):
-            self._failed.append((conn, "send queue exceeded"))
-
-    def _recheck_backlog(self, conn):
-        if conn.stage is not CLOSED and conn.stuck_since is not None:
-            self._check_backlog(conn, took=False)
-
-    def _update_interest(self, conn):
-        """Register what the connection waits for: the one place that calls the selector."""
-        events = ((selectors.EVENT_READ if conn.reading else 0)
-                  | (selectors.EVENT_WRITE if conn.want_write else 0))
-        if events == conn.events or conn.stage is CLOSED:
-            return
-        if not events:
-            self._selector.unregister(conn.sock)
-        elif not conn.events:
-            self._selector.register(conn.sock, events, conn)
-        else:
-            self._selector.modify(conn.sock, events, conn)
-        conn.events = events
-
-    # Leaving
-
-    def disconnect(self, conn, reason, farewell=None):
-        """Let a connection go politely: leave notices, last words flushed, then FIN."""
-        if conn.stage is CLOSING or conn.stage is CLOSED:
-            return
-        log.info("%r disconnected: %s", conn, reason.split(":")[0])
-        if conn.member is not None:
-            self.hub.leave(conn.member, reason)
-        if farewell is not None:
-            self.send_event(conn, farewell)
-        conn.stage = CLOSING
-        conn.inbox.clear()
-        conn.inbox_bytes = 0
-        if conn.peer_done and not conn.outbox and conn not in self._batcher.marks:
-            self._finish(conn)   # nothing to say and nothing to hear: the common hang-up
-            return
-        conn.reading = not conn.peer_done   # read, and discard, until the peer closes too
-        self._update_interest(conn)
-        self.call_later(self.options.close_linger, self._finish, conn)
-        self._batcher.touch(conn)   # delivered at the end of the turn, then FIN
-
-    def _half_close(self, conn):
-        """All output is out: end the stream (TLS close_notify, then FIN), and keep reading
-        until the peer closes too, so unread input does not turn our close into a reset
-        that eats the last lines."""
-        if conn.tls:
-            try:
-                conn.sock.unwrap()   # sends close_notify; the peer's is not waited for
-            except (OSError, ValueError):
-                pass
-        try:
-            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
-        except OSError:
-            self._finish(conn)
-            return
-        if conn.peer_done:
-            self._finish(conn)
-            return
-        conn.want_write = False
-        self._update_interest(conn)
-
-    def _closing_peer_done(self, conn):
-        """A closing peer sent EOF: close now, or once its last output (queued, or still in
-        this turn) is out."""
-        if conn.outbox or conn in self._batcher.marks:
-            conn.peer_done = True
-            conn.reading = False
-            self._update_interest(conn)
-        else:
-            self._finish(conn)
-
-    def _drop(self, conn, reason):
-        """Close a connection at once (it failed, or cannot keep up)."""
-        if conn.stage is CLOSED:
-            return
-        if conn.stage is not CLOSING:
-            level = logging.WARNING if reason == "send queue exceeded" else logging.INFO
-            log.log(level, "%r disconnected: %s", conn, reason)
-            if conn.member is not None:
-                self.hub.leave(conn.member, reason)
-        self._finish(conn)
-
-    def _finish(self, conn):
-        if conn.stage is CLOSED:
-            return
-        if conn.member is not None:
-            self.hub.leave(conn.member, "closed")
-        conn.stage = CLOSED
-        del self._conns[conn]
-        self._per_ip[conn.ip] -= 1
-        if not self._per_ip[conn.ip]:
-            del self._per_ip[conn.ip]
-        if conn.events:
-            self._selector.unregister(conn.sock)
-        conn.sock.close()
-        conn.outbox.clear()
-        conn.inbox.clear()
-
-    def _shut_down_clients(self):
-        """Tell everyone, flush for at most shutdown_timeout, close everything."""
-        log.info("shutting down, %d connected", len(self._conns))
-        self._stop_accepting()
-        for conn in list(self._conns):
-            if conn.dialect is not None and conn.stage in (OPENING, CHAT):
-                self.send_event(conn, notice("shutting_down"))
-                conn.stage = CLOSING
-                self._batcher.touch(conn)
-            elif conn.stage is not CLOSING:   # mid-handshake or denied: nothing to say
-                self._finish(conn)
-        self._flush_turn()
-        deadline = time.monotonic() + self.options.shutdown_timeout
-        while any(conn.outbox for conn in self._conns):
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
-            self._poll(timeout)
-            self._flush_turn()
-        for conn in list(self._conns):
-            self._finish(conn)
-        log.info("stopped")
 
 
 # --- Client ---
@@ -5949,6 +5999,57 @@ def is_quit(text):
     return text is not None and text.split(" ", 1)[0].lower() == "/quit"
 
 
+class Replay:
+    """History blocks as the client shows them: only the part not shown before (after a
+    reconnect), under a header that says what is shown, and none at all for the room a
+    reconnect passes through on its way back to where it was."""
+
+    def __init__(self):
+        self.block = None               # (room, entries) of a block being received
+        self.passing = False            # in a room only on the way back
+        self.seen = collections.deque(maxlen=SEEN_LINES)   # public lines shown
+
+    def take(self, kind, fields, line, shown, return_to):
+        """Whether a received line belongs to a block (shown gets what is to be shown)."""
+        if self.block is not None:
+            if kind == "history_entry" and len(self.block[1]) < MAX_HISTORY_BLOCK:
+                self.block[1].append((line, fields["line"]))
+                return True
+            self._end(shown, kind == "history_end")
+            if kind == "history_end":
+                return True
+        if kind == "history_start":
+            self.block = (fields["room"], [])
+            self.passing = self.passing or return_to not in (None, fields["room"])
+            return True
+        return False
+
+    def _end(self, shown, ended):
+        room, entries = self.block
+        self.block = None
+        if self.passing:
+            return
+        said = [inner for _, inner in entries]
+        known = self._overlap(said)
+        if known == len(entries):
+            return
+        count = len(entries) - known
+        shown.append(WORDING.render("history_start", count=count, room=room,
+                                    noun="message" if count == 1 else "messages"))
+        shown.extend(line for line, _ in entries[known:])
+        if ended:   # a block cut short shows what came
+            shown.append(WORDING.render("history_end"))
+        self.seen.extend(said[known:])
+
+    def _overlap(self, said):
+        """How many lines at the start of said are the last lines already shown."""
+        seen = list(self.seen)
+        for count in range(min(len(said), len(seen)), 0, -1):
+            if said[:count] == seen[-count:]:
+                return count
+        return 0
+
+
 class ChatClient:
     """Connect to a server, send what the user types, show what the server sends.
 
@@ -5992,10 +6093,8 @@ class ChatClient:
         self._sent = 0                  # lines sent on this connection
         self._quitting = False
         self._interrupted = False
-        self._history = None            # (room, entries) of a history block being received
-        self._passing = False           # in a room only on the way back to _return_to
+        self._replay = Replay()         # history blocks, without what was shown before
         self._muted = False             # an operator muted us: what we say is refused
-        self._seen = collections.deque(maxlen=SEEN_LINES)   # public lines shown
 
     @property
     def where(self):
@@ -6101,7 +6200,7 @@ class ChatClient:
         self._received.clear()
         self._ready = False
         self._nick_attempt = 0
-        self._history = None
+        self._replay.block = None
         self._pacer = None
         self._sent = 1
         sock.sendall(("/nick %s\n" % self.wanted_nick if self.wanted_nick else "\n").encode())
@@ -6268,7 +6367,7 @@ class ChatClient:
             self._send_line(text)
             echo = echo_of(text, self.nick)
             if echo and not self._muted:   # the server refuses it: it says so instead
-                self._seen.append(echo)
+                self._replay.seen.append(echo)
                 self.console.show_own(echo)
 
     def _quit(self, command="/quit"):
@@ -6313,48 +6412,12 @@ class ChatClient:
                                     % CLIENT_MAX_LINE)
                 continue
             kind, fields = WORDING.parse(line)
-            if self._history is not None:
-                if kind == "history_entry" and len(self._history[1]) < MAX_HISTORY_BLOCK:
-                    self._history[1].append((line, fields["line"]))
-                    continue
-                self._end_history(shown, kind == "history_end")
-                if kind == "history_end":
-                    continue
-            if kind == "history_start":
-                self._history = (fields["room"], [])
-                self._passing = self._passing or self._return_to not in (None, fields["room"])
+            if self._replay.take(kind, fields, line, shown, self._return_to):
                 continue
             shown.append(line)
             self._follow(kind, fields, line)
         if shown:
             self.console.show(*shown)
-
-    def _end_history(self, shown, ended):
-        """Show a history block, only the part not shown before (after a reconnect),
-        under a header that says what is shown; a block cut short shows what came."""
-        room, entries = self._history
-        self._history = None
-        if self._passing:   # the room a reconnect passes through on its way back: seen
-            return
-        said = [inner for _, inner in entries]
-        known = self._overlap(said)
-        if known == len(entries):
-            return
-        count = len(entries) - known
-        shown.append(WORDING.render("history_start", count=count, room=room,
-                                    noun="message" if count == 1 else "messages"))
-        shown.extend(line for line, _ in entries[known:])
-        if ended:
-            shown.append(WORDING.render("history_end"))
-        self._seen.extend(said[known:])
-
-    def _overlap(self, said):
-        """How many lines at the start of said are the last lines we have already shown."""
-        seen = list(self._seen)
-        for count in range(min(len(said), len(seen)), 0, -1):
-            if said[:count] == seen[-count:]:
-                return count
-        return 0
 
     def _follow(self, kind, fields, line):
         """Keep track of our nick, our room, the pace, and the public lines shown."""
@@ -6370,12 +6433,12 @@ class ChatClient:
         elif kind == "in_room":
             self.room = fields["room"]
             self.console.set_room(self.room)
-            self._passing = False
+            self._replay.passing = False
             self._go_back()
         elif kind == "pace":
             self._pacer = Pacer(float(fields["rate"]), int(fields["burst"]), self._sent)
         elif kind in ("said", "acted"):
-            self._seen.append(line)
+            self._replay.seen.append(line)
         elif kind in ("muted_you", "you_are_muted", "unmuted_you"):
             self._muted = kind != "unmuted_you"
         elif kind == "kicked_you":
@@ -6396,7 +6459,7 @@ class ChatClient:
         if self._ready and self._return_to and self.room:
             room, self._return_to = self._return_to, None
             if room != self.room:
-                self._passing = True
+                self._replay.passing = True
                 self._send_line("/join " + room, own=True)
 
     def _request_nick(self):
