@@ -91,7 +91,7 @@ SEND_QUEUE_LIMIT = 1 << 20           # bytes of unsent output a client may have 
 SEND_QUEUE_GRACE = 1.0               # none for this many seconds, before it is dropped...
 SEND_QUEUE_LAG = 30.0                # ...or while it stays over the limit this long,
 SEND_QUEUE_HARD = 4                  # ...or at once past this many times the limit
-GREET_DELAY = 0.25                   # seconds of silence before the line protocol greets:
+GREET_DELAY = 1.0                    # seconds of silence before the line protocol greets:
                                      # IRC clients and browsers speak first, nc users wait
 JOIN_NOTICE_DELAY = 2.0              # seconds a newcomer has to pick a nick before "joined"
 SHUTDOWN_FLUSH_TIMEOUT = 2.0         # seconds to flush "server shutting down" to everyone
@@ -3426,9 +3426,18 @@ class WebSocketFramer:
 
 class HttpDialect(Dialect):
     """HTTP/1.1 on the chat port: GET / is the page, GET /ws becomes a WebSocket that
-    speaks the line protocol in and JSON events out. One request per connection."""
+    speaks the line protocol in and JSON events out.
 
-    __slots__ = ()
+    A connection stays open after a page or a 404 for the browser's next request
+    (until the registration timeout): a browser reuses a socket it has used before
+    and leaves alone the spare ones it opened ahead of time, which a silence may
+    have had greeted as nc. Errors close it."""
+
+    __slots__ = ("persistent",)
+
+    def __init__(self, server, conn):
+        super().__init__(server, conn)
+        self.persistent = False         # the client keeps the connection for more
 
     def framer(self, limit):
         return HeadReader()
@@ -3445,6 +3454,8 @@ class HttpDialect(Dialect):
             self._respond(400, "a malformed request")
             return
         method, path, version, headers = request
+        self.persistent = version == "HTTP/1.1" and "close" not in headers.get(
+            "connection", "").lower()
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             self._respond(505, "HTTP/1.0 and HTTP/1.1 only")
             return
@@ -3465,7 +3476,7 @@ class HttpDialect(Dialect):
         elif path == "/ws":
             self._upgrade(headers)
         else:
-            self._respond(404, "nothing here: the chat is at /")
+            self._respond(404, "nothing here: the chat is at /", keep=True)
 
     @staticmethod
     def _parse(head):
@@ -3489,7 +3500,7 @@ class HttpDialect(Dialect):
 
     def _page(self, method, headers):
         if headers.get("if-none-match") == PAGE_ETAG:
-            self._respond(304, "", {"ETag": PAGE_ETAG}, body=b"")
+            self._respond(304, "", {"ETag": PAGE_ETAG}, body=b"", keep=True)
             return
         host = headers.get("host", "")
         csp = PAGE_CSP
@@ -3499,7 +3510,8 @@ class HttpDialect(Dialect):
         self._respond(200, "", {"Content-Type": "text/html; charset=utf-8",
                                 "Content-Security-Policy": csp,
                                 "Cache-Control": "no-cache", "ETag": PAGE_ETAG},
-                      body=PAGE_BYTES if method == "GET" else b"", length=len(PAGE_BYTES))
+                      body=PAGE_BYTES if method == "GET" else b"", length=len(PAGE_BYTES),
+                      keep=True)
 
     def _upgrade(self, headers):
         """The WebSocket handshake: version 13, a key, and, from a browser, this page's
@@ -3538,17 +3550,22 @@ class HttpDialect(Dialect):
         lines += ["%s: %s" % item for item in headers.items()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
-    def _respond(self, status, why, headers=None, body=None, length=None):
-        """A whole response, then the connection closes."""
+    def _respond(self, status, why, headers=None, body=None, length=None, keep=False):
+        """A whole response; then the connection closes, or (keep) waits for the next
+        request when the client keeps it."""
         if body is None:
             body = ("%d %s: %s\n" % (status, HTTP_REASONS[status], why)).encode()
             headers = dict(headers or {}, **{"Content-Type": "text/plain; charset=utf-8"})
+        keep = keep and self.persistent
         headers = dict(headers or {})
         headers.update({"Content-Length": str(len(body) if length is None else length),
                         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                        "Connection": "close"})
+                        "Connection": "keep-alive" if keep else "close"})
         self.conn_send(self._head(status, headers) + body)
-        self.server.disconnect(self.conn, "http %d" % status)
+        if keep:
+            self.server.call_later(0, self.server.next_request, self.conn)
+        else:
+            self.server.disconnect(self.conn, "http %d" % status)
 
     def refuse_plaintext(self):
         """Plain HTTP on the TLS port."""
@@ -4997,6 +5014,13 @@ class ChatServer(Intake, Output):
         conn.dialect.start(True)
         if rest:
             self._take_in(conn, conn.framer.feed(rest))
+
+    def next_request(self, conn):
+        """An HTTP connection that was kept open reads its next request (what it sent
+        meanwhile, then more): a turn later, so requests sent at once are not handled
+        by a call in a call."""
+        if conn.stage is OPENING and isinstance(conn.dialect, HttpDialect):
+            self.change_dialect(conn, HttpDialect, conn.framer.rest)
 
     def admit(self, conn, nick=None, realname=""):
         """Let conn into the chat: the hub greets it under nick, or as a guest. False when

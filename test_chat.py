@@ -2544,20 +2544,25 @@ class WsPeer:
 
 
 def http(address, request):
-    """Send raw request bytes; return (status, headers, body) of the whole response."""
+    """Send raw request bytes; return (status, headers, body) of the first response: to
+    the end of its Content-Length, or of the stream."""
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
         sock.sendall(request)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in
-               (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split(" ")[1]), headers, body
+        return http_response(sock.makefile("rb"), request.partition(b" ")[0].decode("latin-1"))
+
+
+def http_response(reader, method="GET"):
+    """(status, headers, body) of the next response from a socket's file."""
+    status = reader.readline()
+    headers = {}
+    for line in iter(reader.readline, b"\r\n"):
+        if not line:
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.lower()] = value.strip()
+    length = int(headers.get("content-length", -1)) if method != "HEAD" else 0
+    body = reader.read(length) if length >= 0 else reader.read()
+    return int(status.split(b" ")[1]), headers, body
 
 
 class HttpTest(ServerTestCase):
@@ -3023,6 +3028,74 @@ class BrowserTest(ServerTestCase):
         browser.wait("document.getElementById('state').innerText.includes('reload the page')")
         self.assertEqual(browser.js("document.getElementById('state').innerText"),
                          "you were kicked by bob (that will do); reload the page to come back")
+
+
+@unittest.skipUnless(shutil.which("chromium") and shutil.which("bash"), "Chromium is not installed")
+class BrowserVisitsTest(ServerTestCase):
+    """Browsers open spare sockets and speak on them later: with the real greeting delay,
+    every load gets the page and nobody appears in a room."""
+
+    options = {"greet_delay": chat.GREET_DELAY, "password": "letmein"}
+
+    def submit_login(self, browser, nick, password):
+        browser.wait("!document.getElementById('login').hidden")
+        browser.js("document.getElementById('nick').value = %s;"
+                   "document.getElementById('password').value = %s;"
+                   "document.getElementById('login-form').requestSubmit()"
+                   % (json.dumps(nick), json.dumps(password)))
+
+    def test_reloads_a_preconnecting_page_and_a_password(self):
+        watcher = self.open_peer()
+        watcher.say("/pass letmein", "/nick watcher")
+        watcher.expect(r"\*\*\* type /help for commands")
+        preconnecting = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(preconnecting.close)
+        page = ('<link rel="preconnect" href="http://127.0.0.1:%d"><script>setTimeout(() => '
+                'location.href = "http://127.0.0.1:%d/", 300)</script>' % (
+                    self.address[1], self.address[1])).encode()
+        threading.Thread(target=self.serve_once, args=(preconnecting, page), daemon=True).start()
+        browser = Chromium(self)
+        browser.call("Page.navigate", browser.session,
+                     url="http://127.0.0.1:%d/" % preconnecting.getsockname()[1])
+        browser.wait("location.port == '%d' && !!document.getElementById('nick')"
+                     % self.address[1])
+        self.submit_login(browser, "webby", "wrong")
+        browser.wait("document.getElementById('login-error').innerText.includes('wrong password')")
+        self.submit_login(browser, "webby", "letmein")
+        self.assertEqual(watcher.expect(r"\*\*\* webby .*"), "*** webby joined")
+        for _ in range(20):
+            browser.call("Page.reload", browser.session)
+            browser.wait("document.readyState === 'complete' && !!document.getElementById('nick')"
+                         " && !!document.getElementById('log')")
+        watcher.say("/who")
+        self.assertRegex(watcher.expect(r"\*\*\* \d+ online: .*"),
+                         r"\*\*\* [12] online: (webby, )?watcher")
+
+    @staticmethod
+    def serve_once(listener, page):
+        sock, _ = listener.accept()
+        with sock:
+            sock.recv(65536)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(page), page))
+
+
+class HttpKeepAliveTest(ServerTestCase):
+
+    def test_a_connection_serves_requests_until_an_error(self):
+        with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
+            get = b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            sock.sendall(get % b"/" + get % b"/favicon.ico")   # two at once
+            reader = sock.makefile("rb")
+            status, headers, body = http_response(reader)
+            self.assertEqual((status, headers["connection"]), (200, "keep-alive"))
+            self.assertEqual(http_response(reader)[0], 404)
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            status, headers, _ = http_response(reader)
+            self.assertEqual((status, headers["connection"]), (405, "close"))
+            self.assertEqual(sock.recv(100), b"")
+        status, headers, _ = http(self.address, b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual((status, headers["connection"]), (200, "close"))
 
 
 # --- The programs, as processes ---
