@@ -3136,6 +3136,7 @@ class CommandLineTest(unittest.TestCase):
         sock = socket.create_connection((host, port), timeout=TIMEOUT)
         self.addCleanup(sock.close)
         peer = Peer(sock)
+        peer.say("")   # a blank first line: greeted at once, as a guest
         peer.expect(r"\*\*\* type /help for commands")
         return peer
 
