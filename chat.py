@@ -93,7 +93,6 @@ SEND_QUEUE_LAG = 30.0                # ...or while it stays over the limit this 
 SEND_QUEUE_HARD = 4                  # ...or at once past this many times the limit
 GREET_DELAY = 1.0                    # seconds of silence before the line protocol greets:
                                      # IRC clients and browsers speak first, nc users wait
-JOIN_NOTICE_DELAY = 2.0              # seconds a newcomer has to pick a nick before "joined"
 SHUTDOWN_FLUSH_TIMEOUT = 2.0         # seconds to flush "server shutting down" to everyone
 CLOSE_LINGER = 2.0                   # seconds a closing peer gets to read its last lines
 REGISTER_TIMEOUT = 30.0              # seconds to finish TLS and /pass before being dropped
@@ -1416,8 +1415,9 @@ class Hub(Moderation, Names):
     def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname="",
               address=""):
         """Greet a newcomer into the default room under nick, or as a guest (told why when
-        nick was refused). A guest's arrival is told once it picks a nick or speaks, or
-        after join_delay, so people appear once, under their name."""
+        nick was refused). A guest's arrival is told once it picks a nick, speaks or
+        asks for something, so people appear once, under their name, and a connection
+        that never says anything (a browser's spare socket) never appears."""
         member = Member(endpoint, multi_room, hears_quiet, realname, address)
         problem = None
         if nick is not None:
@@ -1432,8 +1432,6 @@ class Hub(Moderation, Names):
         if member.mute is not None:   # its client must know before it speaks
             self.sink.send(member, notice("muted_you", by=member.mute.by,
                                           span=span_text(member.mute.until, self.clock())))
-        if not nick:
-            self.sink.call_later(self.options.join_delay, self.announce, member)
         return member
 
     def announce(self, member):
@@ -3832,7 +3830,6 @@ class ServerOptions:
     queue_limit: int = SEND_QUEUE_LIMIT
     queue_grace: float = SEND_QUEUE_GRACE
     greet_delay: float = GREET_DELAY
-    join_delay: float = JOIN_NOTICE_DELAY
     shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT
     close_linger: float = CLOSE_LINGER
     tls_context: Optional["ssl.SSLContext"] = None   # set: clients must speak TLS
