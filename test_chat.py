@@ -2805,6 +2805,23 @@ class WebSocketTest(ServerTestCase):
         self.assertEqual(web.close_code(), 1000)
         self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby left (quit)")
 
+    def test_nobody_is_listed_twice(self):
+        guest = self.open_peer()
+        guest.say("")                  # a guest, not announced yet
+        guest.expect(r"\*\*\* type /help for commands")
+        web = self.ws("webby")
+        nc = self.connect("ncuser")
+        guest.say("now I speak")
+        events = []
+        while not events or events[-1].get("type") != "said":
+            events.append(web.event())
+        joined = [event["nick"] for event in events if event["type"] == "joined"]
+        self.assertEqual(sorted(joined), ["guest1", "ncuser"])
+        web.say("/who")
+        who = web.expect(type="who")
+        self.assertEqual(sorted(who["members"]), ["guest1", "ncuser", "webby"])
+        self.assertEqual(nc.lines_until(r"<guest1> now I speak"), ["*** guest1 joined"])
+
     def test_fragments_control_frames_and_partial_reads(self):
         bob = self.connect("bob")
         web = self.ws("webby")
@@ -3026,9 +3043,19 @@ class BrowserTest(ServerTestCase):
         browser.js("document.getElementById('line').value = '/whois bob';"
                    "document.getElementById('send').requestSubmit()")
         browser.wait("document.getElementById('log').innerText.includes('bob: in #lobby; idle')")
-        browser.js("document.getElementById('line').value = '/who';"
-                   "document.getElementById('send').requestSubmit()")
-        browser.wait("document.getElementById('members').innerText.includes('@bob')")
+        browser.wait("document.getElementById('members').innerText.includes('@bob')")   # told
+        bob.say("/nick bobby")
+        browser.wait("document.getElementById('members').innerText.includes('@bobby')")
+        carol = self.connect("carol")
+        carol.say("/join #dev")
+        browser.js("document.getElementById('people').click()")   # the list: counts refreshed
+        browser.wait("document.getElementById('rooms').innerText.includes('#dev (1)')")
+        bob.say("/nick bob")
+        browser.wait("document.getElementById('members').innerText.includes('@bob\\n')"
+                     " || document.getElementById('members').innerText.endsWith('@bob')")
+        carol.say("/part", "/nick bobby")   # the old nick, taken by someone else: no mark
+        browser.wait("document.getElementById('members').innerText.includes('bobby')")
+        self.assertNotIn("@bobby", browser.js("document.getElementById('members').innerText"))
         bob.say("/kick webby that will do")
         browser.wait("document.getElementById('state').innerText.includes('reload the page')")
         self.assertEqual(browser.js("document.getElementById('state').innerText"),
