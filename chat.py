@@ -1881,6 +1881,7 @@ class DiskWriter:
         self._healthy = healthy         # ...and healthy() after a state is written
         self._lock = threading.Condition()
         self._fds = []
+        self._held = 0                  # descriptors it holds: queued, or being synced
         self._state = None              # (path, bytes) to write next
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="chat-disk", daemon=True)
@@ -1889,7 +1890,7 @@ class DiskWriter:
     def sync(self, fds):
         """Sync these logs, which stay the loop's (the writer syncs copies)."""
         with self._lock:
-            room = OPEN_LOGS - len(self._fds)
+            room = OPEN_LOGS - self._held
         duplicates = []
         for fd in list(fds)[:max(room, 0)]:   # the rest: at the next sync
             try:
@@ -1902,7 +1903,7 @@ class DiskWriter:
         """Sync a log the loop is done with, then close it; at once, unsynced, when the
         writer is that far behind (so descriptors stay bounded)."""
         with self._lock:
-            behind = len(self._fds) >= OPEN_LOGS
+            behind = self._held >= OPEN_LOGS
         if behind:
             os.close(fd)
         else:
@@ -1911,6 +1912,7 @@ class DiskWriter:
     def _hand_over(self, fds):
         with self._lock:
             self._fds += fds
+            self._held += len(fds)
             self._lock.notify()
 
     def save(self, path, data):
@@ -1939,6 +1941,8 @@ class DiskWriter:
                     self._failed("cannot sync a log", exc)
                 finally:
                     os.close(fd)
+                    with self._lock:
+                        self._held -= 1
             if state:
                 self._write_state(*state)
             if closing and not fds and not state:
@@ -2355,8 +2359,15 @@ class Dialect:
             log.info("%r: password accepted", self.conn)
         return verdict == "ok"
 
+    _RENDERERS = {}         # event class -> how this dialect renders it for one receiver
+
     def render(self, event):
-        raise NotImplementedError
+        """The bytes of an event for this connection: its own renderer, or the shared
+        bytes of a room event."""
+        renderer = self._RENDERERS.get(type(event))
+        if renderer is None:
+            return self.render_shared(event)
+        return renderer(self, event)
 
     @classmethod
     def render_shared(cls, event):
@@ -2475,12 +2486,6 @@ class LineDialect(Dialect):
         getattr(hub, method)(member, *arguments(argument.strip()))
 
     # What goes out
-
-    def render(self, event):
-        renderer = self._RENDERERS.get(type(event))
-        if renderer is None:
-            return self.render_shared(event)
-        return renderer(self, event)
 
     @classmethod
     def render_shared(cls, event):
@@ -2723,12 +2728,6 @@ class IrcReplies:
 
     def _numeric(self, number, text):
         self.conn_send(self._numeric_bytes(number, text))
-
-    def render(self, event):
-        renderer = self._RENDERERS.get(type(event))
-        if renderer is None:
-            return self.render_shared(event)
-        return renderer(self, event)
 
     @classmethod
     def render_shared(cls, event):
@@ -3638,12 +3637,6 @@ class WebSocketDialect(LineDialect):
                     "reason": event.reason}
         raise TypeError("no JSON for %r" % (event,))
 
-    def render(self, event):
-        renderer = self._JSON.get(type(event))
-        if renderer is None:
-            return self.render_shared(event)
-        return renderer(self, event)
-
     def _notice(self, event):
         key, fields = event.key, event.fields
         if key == "help":
@@ -3673,7 +3666,7 @@ class WebSocketDialect(LineDialect):
                 "operators": [member.nick for member in room.operators]})
         return reply
 
-    _JSON = {
+    _RENDERERS = {
         Notice: _notice,
         Private: lambda self, event: self.frame({
             "type": "private", "nick": event.sender, "to": event.target, "text": event.text,

@@ -1988,7 +1988,7 @@ class PersistenceTest(ServerTestCase):
             for i in range(400):
                 bob.say("/join #r%d" % i, "/topic topic %d" % i, "line")
             bob.sync()
-        self.assertLess(len(os.listdir("/proc/self/fd")) - before, 2 * chat.OPEN_LOGS + 24)
+        self.assertLess(len(os.listdir("/proc/self/fd")) - before, 2 * chat.OPEN_LOGS + 16)
         self.restart_server()   # the state is written when the server closes
         with open(os.path.join(self.options["data_dir"], "state.json")) as state:
             topics = json.load(state)["topics"]
