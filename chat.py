@@ -1326,7 +1326,7 @@ class Names:
     def _register(self, member, nick):
         self._unregister(member)
         member.nick, member.key = nick, name_key(nick)
-        member.lookalikes = lookalike_keys(nick)
+        member.lookalikes = tuple(lookalike_keys(nick))   # smaller than the set
         self.members[member.key] = member
         for key in member.lookalikes:
             self.lookalikes[key] = member
@@ -4300,6 +4300,36 @@ class HubSink:
         self._server.call_later(delay, function, *args)
 
 
+class DelayLine:
+    """Timers that all wait one delay (a connection's registration deadline, its greeting
+    after a silence): in order of expiry as they are made, so a deque and one timer for
+    its head do the work of a timer each, for a few words a connection in a storm."""
+
+    __slots__ = ("server", "delay", "callback", "entries", "armed")
+
+    def __init__(self, server, delay, callback):
+        self.server = server
+        self.delay = delay              # the delay, read as each timer is made
+        self.callback = callback        # callback(conn)
+        self.entries = collections.deque()   # (when, conn), soonest first
+        self.armed = False
+
+    def add(self, conn):
+        self.entries.append((time.monotonic() + self.delay(), conn))
+        if not self.armed:
+            self.armed = True
+            self.server.call_later(self.delay(), self._fire)
+
+    def _fire(self):
+        self.armed = False
+        now, entries = time.monotonic(), self.entries
+        while entries and entries[0][0] <= now:
+            self.server.run_timer(self.callback, entries.popleft()[1])
+        if entries:
+            self.armed = True
+            self.server.call_later(entries[0][0] - now, self._fire)
+
+
 class Intake:
     """A part of ChatServer: bytes in, from the accept on: refusals, TLS, the first line
     that picks a dialect, reading, and flood control."""
@@ -4355,7 +4385,7 @@ class Intake:
         if self.hub.ban_for(conn.ip):
             self._refuse_banned(conn)
             return
-        self.call_later(self.options.register_timeout, self._expire_registration, conn)
+        self._registration_deadlines.add(conn)
         if self.options.tls_context:
             conn.stage = HANDSHAKE
             self._update_interest(conn)
@@ -4451,7 +4481,7 @@ class Intake:
         conn.stage = OPENING
         conn.framer = Sniffer(self, conn)
         self._update_interest(conn)
-        self.call_later(self.options.greet_delay, self._silence, conn)
+        self._silences.add(conn)
 
     def _silence(self, conn):
         """Greet a connection that said nothing (nc): its first line may still show
@@ -4807,6 +4837,9 @@ class ChatServer(Intake, Output):
         self._timer_seq = itertools.count()
         self._batcher = TurnBatcher()
         self._failed = []              # (connection, reason) to drop after the turn
+        self._registration_deadlines = DelayLine(
+            self, lambda: self.options.register_timeout, self._expire_registration)
+        self._silences = DelayLine(self, lambda: self.options.greet_delay, self._silence)
         self._sync_pending = False
         self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store)
         rate = self.options.rate
@@ -5135,15 +5168,19 @@ class ChatServer(Intake, Output):
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, callback, args = heapq.heappop(self._timers)
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("timer %r failed", callback)
-                culprit = args[0] if args else None
-                if isinstance(culprit, Member):
-                    culprit = culprit.endpoint
-                if isinstance(culprit, Connection):
-                    self._drop(culprit, "internal error")
+            self.run_timer(callback, *args)
+
+    def run_timer(self, callback, *args):
+        """Call a timer's callback; one that fails drops only the connection it was for."""
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("timer %r failed", callback)
+            culprit = args[0] if args else None
+            if isinstance(culprit, Member):
+                culprit = culprit.endpoint
+            if isinstance(culprit, Connection):
+                self._drop(culprit, "internal error")
 
 
 
