@@ -6146,6 +6146,7 @@ class ChatClient:
         self._interrupted = False
         self._replay = Replay()         # history blocks, without what was shown before
         self._muted = False             # an operator muted us: what we say is refused
+        self._max_line = None           # the server's line limit, once it refused a line
 
     @property
     def where(self):
@@ -6414,6 +6415,8 @@ class ChatClient:
     def _send_typed(self, text):
         if is_quit(text):
             self._quit(text)
+        elif self._max_line and len(text.encode("utf-8", "replace")) > self._max_line:
+            self.console.show(WORDING.render("line_too_long", limit=self._max_line))
         elif text:
             self._send_line(text)
             echo = echo_of(text, self.nick)
@@ -6492,6 +6495,8 @@ class ChatClient:
             self._replay.seen.append(line)
         elif kind in ("muted_you", "you_are_muted", "unmuted_you"):
             self._muted = kind != "unmuted_you"
+        elif kind == "line_too_long":   # from now on such lines are refused here, unsent
+            self._max_line = int(fields["limit"])
         elif kind == "kicked_you":
             self._kicked = line[len("*** "):]
 

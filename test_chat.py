@@ -4418,6 +4418,18 @@ class ReconnectTest(ServerTestCase):
         self.assertEqual(alice.expect(r"<ci> .*"), "<ci> free")
         console.wait(lambda: "<ci> free" in console.lines, "the line shown as said")
 
+    def test_a_line_over_the_limit_is_shown_refused_not_said(self):
+        self.server.options.max_line = 100
+        alice = self.connect("alice")
+        client, console, thread, result = self.start_client()
+        for _ in range(2):   # the server refuses the first; the client knows the next
+            client.post("line", "x" * 150)
+            console.wait(lambda: console.lines.count(
+                "*** error: line too long (over 100 bytes), not sent") == _ + 1, "the refusal")
+        self.assertNotIn("<ci> " + "x" * 150, console.lines[-1:])
+        client.post("line", "short")
+        self.assertEqual(alice.expect(r"<ci> .*"), "<ci> short")
+
     def test_no_reconnect_fails_with_the_reason(self):
         client, console, thread, result = self.start_client(reconnect=False)
         self.server.shutdown()
