@@ -247,26 +247,40 @@ def sanitize(text):
 # Characters that show as blanks but are not white space to str.split(): braille
 # blank, the Hangul fillers.
 _BLANK_LOOKALIKES = re.compile("[\u2800\u3164\uffa0\u115f\u1160]")
+# Invisible characters that text has no use for (zero-width space, word joiner,
+# invisible operators, soft hyphen...); the joiners and variation selectors that
+# emoji and some scripts need stay, but not next to a blank, where they only hide it.
+_NEEDLESS_INVISIBLES = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+                                  "\u200b\u200e\u200f\u202a-\u202e\u2060-\u206f\ufeff"
+                                  "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+_JOINERS_BY_BLANKS = re.compile(
+    r"(?<!\S)[\u200c\u200d\ufe00-\ufe0f]+|[\u200c\u200d]+(?!\S)|(?<=[\u200c\u200d])[\u200c\u200d]+")
 
 
 def tidy_text(text):
     """Relayed text (lines, topics, reasons) that cannot forge a row of a screen: runs of
     blanks become one space (a line padded to the terminal's width makes the next row
-    look like the server's), and a character keeps at most MAX_MARKS combining marks
-    (piled up, they spill over other rows)."""
+    look like the server's), invisible characters cannot hide blanks between them, and
+    a character keeps at most MAX_MARKS combining marks (piled up, they spill over
+    other rows)."""
     if not text.isascii():
-        text = _cap_marks(_BLANK_LOOKALIKES.sub(" ", text))
+        text = _NEEDLESS_INVISIBLES.sub("", _BLANK_LOOKALIKES.sub(" ", text))
+        text = _JOINERS_BY_BLANKS.sub("", _cap_marks(text))
     return " ".join(text.split())
 
 
 def _cap_marks(text):
+    """At most MAX_MARKS combining marks on a character; joiners between them do not
+    start a new count (a terminal piles marks on the last letter whatever comes
+    between)."""
     kept, run = [], 0
     for char in text:
-        if unicodedata.category(char) in ("Mn", "Me"):
+        category = unicodedata.category(char)
+        if category in ("Mn", "Me"):
             run += 1
             if run > MAX_MARKS:
                 continue
-        else:
+        elif category != "Cf":
             run = 0
         kept.append(char)
     return "".join(kept)
@@ -327,6 +341,8 @@ def normalize_name(name, limit, what="nick"):
         raise ValueError("a %s may not contain invisible characters" % what)
     if not all(_is_name_char(char, i) for i, char in enumerate(text)):
         raise ValueError("a %s may contain only letters, digits, _ and -" % what)
+    if _cap_marks(text) != text:
+        raise ValueError("a %s may have at most %d marks on a letter" % (what, MAX_MARKS))
     scripts = {unicodedata.name(char, "").split(" ")[0] for char in text if char.isalpha()}
     if len(scripts & _CONFUSABLE_SCRIPTS) > 1:
         raise ValueError("a %s may not mix Latin, Greek and Cyrillic letters" % what)
@@ -1121,10 +1137,10 @@ class Moderation:
         if mute is None:
             return
         span = span_text(mute.until, mute.since)
-        online = self.find_member(target)
-        if online is not None and not online.operator:
-            online.mute = mute
-            self.sink.send(online, notice("muted_you", by=member.nick, span=span))
+        for other in list(self.members.values()):   # everyone from there: no spare voice
+            if mute.covers(other.address) and not other.operator:
+                other.mute = mute
+                self.sink.send(other, notice("muted_you", by=member.nick, span=span))
         self.sink.send(member, notice("muted", nick=mute.target, span=span))
         if mute.until is not None:
             self.sink.call_later(mute.until - self.clock() + 0.01, self._mute_ran_out, mute)
@@ -1134,10 +1150,14 @@ class Moderation:
         if mute in self.mutes.items and self.mutes.expire(self.clock()):
             self._save_state()
         if mute not in self.mutes.items:
-            for member in list(self.members.values()):
-                if member.mute is mute:
-                    member.mute = None
-                    self.sink.send(member, notice("unmuted_you"))
+            self._tell_unmuted([mute])
+
+    def _tell_unmuted(self, mutes):
+        """The members that mutes silenced may talk again: tell them."""
+        for member in list(self.members.values()):
+            if member.mute is not None and member.mute in mutes:
+                member.mute = None
+                self.sink.send(member, notice("unmuted_you"))
 
     def _sanction(self, member, command, target, rest, ledger, usage):
         """A new ban or mute from an operator's command, entered in ledger; None (the
@@ -1184,10 +1204,8 @@ class Moderation:
         return self._lift(member, "unban", target, self.bans, "no_such_ban", "unbanned")
 
     def do_unmute(self, member, target):
-        if self._lift(member, "unmute", target, self.mutes, "no_such_mute", "unmuted"):
-            online = self.find_member(target)
-            if online is not None:
-                self.sink.send(online, notice("unmuted_you"))
+        self._tell_unmuted(self._lift(member, "unmute", target, self.mutes, "no_such_mute",
+                                      "unmuted"))
 
     def _lift(self, member, command, target, ledger, missing, done):
         if not self._operator(member, command):
@@ -1419,11 +1437,12 @@ class Hub(Moderation, Names):
         asks for something, so people appear once, under their name, and a connection
         that never says anything (a browser's spare socket) never appears."""
         member = Member(endpoint, multi_room, hears_quiet, realname, address)
-        problem = None
+        member.mute, problem = self.mute_for(address), None
+        if member.mute is not None:   # a chosen nick or realname would say something
+            nick, member.realname = None, ""
         if nick is not None:
             nick, problem = self.claim(nick)
         self._register(member, nick or self._guest_nick())
-        member.mute = self.mute_for(address)
         member.announced = bool(nick)   # entering, it is heralded at once
         self.sink.send(member, Welcome(self.name, member.nick))
         self._enter(member, self.default_room, greeting=True)
@@ -1694,6 +1713,8 @@ class Hub(Moderation, Names):
         if len(self.rooms) >= self.options.max_rooms:
             self.sink.send(member, notice("too_many_rooms", count=len(self.rooms)))
             return None
+        if self.muted(member):   # a new room's name is said in the old one
+            return None
         wait = self._creation_wait(member)
         if wait:
             self.sink.send(member, notice("rooms_too_fast", seconds=math.ceil(wait)))
@@ -1825,8 +1846,11 @@ class Store:
 # Opening a file never follows a link planted in the data directory: it fails (ELOOP)
 # instead of writing where the link points. Windows has no O_NOFOLLOW (and creating
 # links there needs privileges).
-PRIVATE_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC if hasattr(os, "O_NOFOLLOW") else 0
+# O_NONBLOCK: a FIFO planted there opens at once (and is refused) instead of stalling.
+PRIVATE_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK if hasattr(os, "O_NOFOLLOW") else 0
 TAIL_CHUNK = 64 * 1024                # bytes read at a time from a log's end
+RECORD_LIMIT = 64 * 1024              # bytes of one record read back; a longer one is skipped
+STATE_LIMIT = 8 << 20                 # bytes of state.json read back
 OPEN_LOGS = 64                        # logs kept open; the least used are closed past this
 TOPICS_KEPT = 200                     # topics of rooms that are gone, remembered for their return
 
@@ -1856,8 +1880,9 @@ def read_tail(fd, size, lines):
     """The last lines (at most lines of them) of the first size bytes of a file, read
     backwards a chunk at a time: a big log costs what is wanted, not its size."""
     chunks, newlines, end = [], 0, size
-    while end > 0 and newlines <= lines:
-        start = max(0, end - TAIL_CHUNK)
+    floor = max(0, size - (lines + 1) * RECORD_LIMIT)   # no newlines: not the whole file
+    while end > floor and newlines <= lines:
+        start = max(floor, end - TAIL_CHUNK)
         chunk = read_at(fd, end - start, start)
         chunks.append(chunk)
         newlines += chunk.count(b"\n")
@@ -1966,8 +1991,9 @@ class DiskWriter:
 
 class OpenLog:
     """A room's log, open for appending: its size, and how many records it holds, up to
-    the number a rotation must leave behind. A torn last record (a crash in mid-write)
-    is cut off, so the next record starts on a line of its own."""
+    the number a rotation must leave behind. After a torn last record (a crash in
+    mid-write) a newline is written, so the next record starts on a line of its own
+    and only the torn one is skipped when read."""
 
     __slots__ = ("path", "fd", "size", "records")
 
@@ -1977,24 +2003,12 @@ class OpenLog:
         try:
             self.size = os.fstat(self.fd).st_size
             if self.size and read_at(self.fd, 1, self.size - 1) != b"\n":
-                self._cut_torn_record()
+                log.warning("%s: ended a torn record at the end", self.path)
+                self.size += os.write(self.fd, b"\n")
             self.records = len(read_tail(self.fd, self.size, keep_records))
         except OSError:
             os.close(self.fd)
             raise
-
-    def _cut_torn_record(self):
-        end = self.size
-        while end > 0:
-            start = max(0, end - TAIL_CHUNK)
-            cut = read_at(self.fd, end - start, start).rfind(b"\n")
-            if cut >= 0:
-                end = start + cut + 1
-                break
-            end = start
-        log.warning("%s: cut a torn record at the end (%d bytes)", self.path, self.size - end)
-        os.ftruncate(self.fd, end)
-        self.size = end
 
     def append(self, data):
         view = memoryview(data)
@@ -2086,14 +2100,18 @@ class FileStore(Store):
         path = os.path.join(self.path, self.STATE)
         try:
             with open(open_private(path, os.O_RDONLY), "rb") as file:
-                state = json.loads(file.read())
+                data = file.read(STATE_LIMIT + 1)
+            if len(data) > STATE_LIMIT:
+                raise ValueError("over %d bytes" % STATE_LIMIT)
+            state = json.loads(data)
             if not isinstance(state, dict):
                 raise ValueError("not a JSON object")
             return state
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read %s (%s): starting without topics, bans and mutes", path, exc)
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("cannot read %s (%s): starting without topics, bans and mutes", path,
+                        str(exc)[:100])
             return {}
 
     def save_state(self, state):
@@ -2130,16 +2148,16 @@ class FileStore(Store):
     @staticmethod
     def _said(room, line):
         """The Said event of a record, or None when it is not one (torn, edited, hostile)."""
+        if len(line) > RECORD_LIMIT:
+            return None
         try:
             record = json.loads(line)
-            when, kind = record["time"], record["kind"]
-            if not (isinstance(when, (int, float)) and 0 <= when < 1e11
-                    and kind in ("said", "acted")):
+            when, kind = finite_time(record["time"]), record["kind"]
+            if when is None or kind not in ("said", "acted"):
                 return None
             return Said(room, normalize_nick(stored_text(record["nick"])),
-                        stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted",
-                        float(when))
-        except (ValueError, KeyError, TypeError, AttributeError):
+                        stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted", when)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def append(self, room, event):
@@ -2155,6 +2173,9 @@ class FileStore(Store):
                 self._write(room, b"".join(records))
                 self._healthy()
             except OSError as exc:
+                self._failed("cannot write the log of %s" % room, exc)
+            except Exception as exc:   # a bug must not stop the chat: it goes on from memory
+                log.exception("writing the log of %s failed", room)
                 self._failed("cannot write the log of %s" % room, exc)
 
     def _write(self, room, data):
@@ -3200,8 +3221,9 @@ class IrcDialect(IrcReplies, Dialect):
                                "UNIGNORE", "ROOMS", "HELP"))
 
 _HTTP_REQUEST_LINE = re.compile(
-    rb"[A-Z][A-Z_-]{1,19} [\x21-\x7e]+ HTTP/\d+(?:\.\d+)?\r?\n?|GET /[\x21-\x7e]*\r?\n?")
-_HTTP_REQUEST_START = re.compile(rb"[A-Z][A-Z_-]{1,19} (?:/|\*|https?://)")
+    rb"[A-Z][A-Z_-]{1,19}[ \t]+[^\x00-\x20\x7f]+[ \t]+HTTP/\d+(?:\.\d+)?[ \t]*\r?\n?"
+    rb"|GET[ \t]+/[^\x00-\x20\x7f]*\r?\n?")
+_HTTP_REQUEST_START = re.compile(rb"[A-Z][A-Z_-]{1,19}[ \t]+(?:/|\*|https?://)")
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 304: "Not Modified",
@@ -3288,12 +3310,13 @@ class WsPing(bytes):
     """A ping's payload, in the inbox like a message: pings pass flood control too."""
 
 
-class WsFragment(bytes):
-    """Stands in the inbox for a fragment of a message under way: fragments cost flood
-    allowance as messages do, so a stream of empty ones cannot spin the server."""
+class WsFrame(bytes):
+    """Stands in the inbox for a frame that carries no message (a fragment of one under
+    way, a pong): such frames cost flood allowance as messages do, so a stream of
+    empty ones cannot spin the server."""
 
 
-WS_FRAGMENT = WsFragment()
+WS_FRAME = WsFrame()
 WS_FRAME_COST = 6                    # bytes a fragment costs against the message limit
 
 
@@ -3372,7 +3395,7 @@ class WebSocketFramer:
         if opcode == WS_PING:
             return WsPing(payload)
         if opcode == WS_PONG:
-            return None
+            return WS_FRAME
         if opcode == WS_CLOSE:
             self._closed_by_peer(payload)
         elif opcode == WS_BINARY and self.parts is None:
@@ -3397,7 +3420,7 @@ class WebSocketFramer:
             self.parts.append(payload)
         if not fin:
             self.size += len(payload) + WS_FRAME_COST
-            return WS_FRAGMENT
+            return WS_FRAME
         message = b"".join(self.parts)
         self.parts, self.size = None, 0
         return message
@@ -3594,7 +3617,7 @@ class WebSocketDialect(LineDialect):
         kind = type(message)
         if kind is WsPing:
             self.conn_send(ws_frame(WS_PONG, message))
-        elif kind is not WsFragment:
+        elif kind is not WsFrame:
             super().handle(message)
 
     def close_socket(self, reason, frame):
@@ -4027,9 +4050,9 @@ class Sniffer:
         if self.data[:1] == b"\x16" and not self.conn.tls:
             self.server.refuse_tls_handshake(self.conn)
             return []
-        end = self.data.find(b"\n")
-        if end >= 0:
-            return self._decide(self.data[:end + 1], True)
+        end = re.search(b"\r\n?|\n", self.data)   # a lone CR ends a line too, for judging
+        if end:
+            return self._decide(self.data[:end.end()], True)
         if len(self.data) > SNIFF_LIMIT:
             return self._decide(self.data, False)
         return []
@@ -5082,7 +5105,9 @@ class ChatServer(Intake, Output):
         of --web-host. HTTP/1.0 may send none."""
         name = host.lower()
         if name.startswith("["):
-            name = name[1:].partition("]")[0]
+            name, _, port = name[1:].partition("]")
+            if port and not re.fullmatch(r":\d+", port):
+                return False
         elif name.count(":") == 1:
             name = name.partition(":")[0]
         name = name.rstrip(".")

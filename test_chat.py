@@ -820,10 +820,18 @@ class ChatTest(ServerTestCase):
         alice, bob = self.connect("alice"), self.connect("bob")
         alice.expect(r"\*\*\* bob joined")
         bob.say("hi" + " " * 78 + "*** bob is now an operator",
-                "x\u3000\u2800\u3164" * 20 + "y", "e" + "\u0301" * 40)
+                "x\u3000\u2800\u3164" * 20 + "y", "e" + "\u0301" * 40,
+                "hi" + " \u200b \u2060 \u200d" * 30 + " ***", "Z" + ("\u0489" * 4 + "\u200d") * 30,
+                "family \U0001f468\u200d\U0001f469\u200d\U0001f467 \u2764\ufe0f")
         self.assertEqual(alice.next_line(), "<bob> hi *** bob is now an operator")
         self.assertEqual(alice.next_line(), "<bob> " + "x " * 20 + "y")
         self.assertEqual(alice.next_line(), "<bob> e" + "\u0301" * chat.MAX_MARKS)
+        self.assertEqual(alice.next_line(), "<bob> hi ***")
+        self.assertEqual(alice.next_line(), "<bob> Z" + "\u0489" * chat.MAX_MARKS)
+        self.assertEqual(alice.next_line(), "<bob> family \U0001f468\u200d\U0001f469\u200d"
+                                            "\U0001f467 \u2764\ufe0f")   # emoji keep joiners
+        bob.say("/nick Z" + "\u0489" * 19)
+        self.assertRegex(bob.expect(r"\*\*\* error: .*"), r".*at most 4 marks on a letter")
 
     def test_many_lines_arrive_in_order(self):
         alice, bob = self.connect("alice"), self.connect("bob")
@@ -1672,24 +1680,27 @@ class ModerationTest(ServerTestCase):
     def test_mute(self):
         alice, carol = self.operator(), self.connect("carol")
         bob = self.connect_from("127.0.0.2", "bob")
+        spare = self.connect_from("127.0.0.2", "spare")   # a second voice at the same address
         alice.say("/mute bob 10m")
         self.assertEqual(alice.expect(r"\*\*\* bob is muted .*"), "*** bob is muted for 10m")
         self.assertEqual(bob.expect(r"\*\*\* alice muted .*"),
                          "*** alice muted you for 10m; you may still /msg an operator")
         muted = "*** error: you are muted; you may still /msg an operator"
+        spare.expect(r"\*\*\* alice muted you .*")
         bob.say("let me talk", "/msg carol psst", "/msg alice sorry", "/nick bobby",
-                "/topic free speech", "/away listen to me")
+                "/topic free speech", "/away listen to me", "/join #buy-cheap-stuff")
         self.assertEqual(bob.next_line(), muted)
         self.assertEqual(bob.next_line(), muted)
         self.assertEqual(bob.next_line(), "-> *alice* sorry")
-        self.assertEqual([bob.next_line() for _ in range(3)], [muted] * 3)   # no way around
+        self.assertEqual([bob.next_line() for _ in range(4)], [muted] * 4)   # no way around
         self.assertEqual(alice.expect(r"\*bob\* .*"), "*bob* sorry")
         alice.say("/mutes")
         self.assertRegex(alice.expect(r"\*\*\* mute .*"), r"\*\*\* mute bob \(127\.0\.0\.2/32\) "
                          r"by alice, for (10m|9m \d+s): no reason given")
         bob.say("/quit my last words")
         self.assertEqual(carol.expect(r"\*\*\* bob left .*"), "*** bob left (quit)")
-        again = self.connect_from("127.0.0.2", "bob")   # the address stays muted, and is told
+        again = self.connect_from("127.0.0.2", "I-am-back")   # still muted, a guest, and told
+        self.assertRegex(again.transcript[0], r"\*\*\* welcome to testroom, you are guest\d+")
         self.assertRegex(again.next_line(), r"\*\*\* alice muted you for (10m|9m \d+s); .*")
         again.say("back as I was")
         self.assertEqual(again.next_line(), muted)
@@ -1697,8 +1708,9 @@ class ModerationTest(ServerTestCase):
         innocent.say("hello")
         self.assertEqual(carol.expect(r"<bobby> .*"), "<bobby> hello")
         alice.say("/unmute bob")
-        self.assertEqual(again.expect(r"\*\*\* you may .*"), "*** you may talk again")
-        again.say("thanks")
+        for peer in (again, spare):
+            self.assertEqual(peer.expect(r"\*\*\* you may .*"), "*** you may talk again")
+        again.say("/nick bob", "thanks")
         self.assertEqual(carol.expect(r"<bob> .*"), "<bob> thanks")
 
     def test_away_ignore_and_whois(self):
@@ -1864,7 +1876,7 @@ class PersistenceTest(ServerTestCase):
             bob.say("third")
             bob.sync()
             self.restart_server()
-        self.assertIn("cut a torn record at the end (32 bytes)", "\n".join(logs.output))
+        self.assertIn("ended a torn record at the end", "\n".join(logs.output))
         carol = self.connect("carol")   # the line after the torn one was not lost with it
         self.assertEqual(history_of(carol), ["<alice> first", "<alice> second", "<bob> third"])
 
@@ -1905,7 +1917,8 @@ class PersistenceTest(ServerTestCase):
             dict(good, time="noon"), dict(good, time=1e20), '{"time": NaN, "nick": "a", '
             '"kind": "said", "text": "x"}', dict(good, nick="not a nick!"), [1, 2],
             dict(good, text="\x1b[2J\x07wiped\x1b]0;title\x07"), '{"time": 1, "nick": "alice",'
-            ' "kind": "said", "text": "lone \\ud800 surrogate"}', good])
+            ' "kind": "said", "text": "lone \\ud800 surrogate"}', dict(good, time=True),
+            "[" * 100000, dict(good, text="x" * 70000), good])
         with open(os.path.join(self.options["data_dir"], "state.json"), "w") as state:
             state.write('{"topics": {"#lobby": "\\u001b[31mred"}, "bans": [{"target": "x", '
                         '"network": "10.0.0.0/8", "until": Infinity, "reason": "r", "by": "b"}]}')
@@ -1918,6 +1931,25 @@ class PersistenceTest(ServerTestCase):
         self.assertEqual(bob.expect(r"\*\*\* topic .*"), "*** topic of #lobby: red")
         self.connect("carol").say("still here")   # a newcomer is not dropped by that room
         self.assertEqual(bob.expect(r"<carol> .*"), "<carol> still here")
+
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "needs FIFOs")
+    def test_a_fifo_planted_in_the_data_directory_stalls_nothing(self):
+        folder = self.stopped()
+        os.mkfifo(os.path.join(folder, "state.json"))
+        os.mkfifo(self.log_file("#dev"))
+        with self.assertLogs(chat.log, logging.WARNING):
+            self.restart_server()
+            bob = self.connect("bob")
+            bob.say("/join #dev", "said in dev")
+            self.assertEqual(bob.sync(), ["*** you are in #dev: 1 online: bob"])
+
+    def test_a_state_nested_too_deep_is_skipped(self):
+        folder = self.stopped()
+        with open(os.path.join(folder, "state.json"), "w") as state:
+            state.write('{"bans": ' + "[" * 200000)
+        with self.assertLogs(chat.log, logging.WARNING):
+            self.restart_server()
+        self.connect("bob")
 
     @unittest.skipUnless(hasattr(os, "symlink") and POSIX, "needs symbolic links")
     def test_links_planted_in_the_data_directory_are_not_followed(self):
@@ -1966,6 +1998,8 @@ class PersistenceTest(ServerTestCase):
 
     def test_a_huge_log_is_read_from_its_tail(self):
         self.stopped()
+        with open(self.log_file("#dev"), "wb") as log_file:
+            log_file.truncate(1 << 30)   # a sparse gigabyte without a single newline
         with open(self.log_file("#lobby"), "wb") as log_file:
             log_file.truncate(1 << 30)   # a sparse gigabyte of old lines, then the last ones
             log_file.seek(0, os.SEEK_END)
@@ -1978,6 +2012,10 @@ class PersistenceTest(ServerTestCase):
         self.restart_server()
         bob = self.connect("bob")
         self.assertEqual(history_of(bob), ["<alice> line %d" % i for i in range(5, 10)])
+        bob.say("/join #dev", "said in dev")
+        bob.expect(r"\*\*\* you are in #dev: .*")
+        bob.sync()
+        self.assertGreater(os.path.getsize(self.log_file("#dev")), 1 << 30)   # nothing cut
         self.assertLess(tracemalloc.get_traced_memory()[1], 32 << 20)
         self.assertLess(time.process_time() - started, 5)   # a whole read takes far more
 
@@ -2616,7 +2654,8 @@ class HttpTest(ServerTestCase):
                      "app.localhost:8080", socket.gethostname()):
             self.assertEqual(http(self.address, (
                 "GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())[0], 200, host)
-        for host in ("rebind.example", "rebind.example:%d" % self.address[1], "127.0.0.1.evil"):
+        for host in ("rebind.example", "rebind.example:%d" % self.address[1], "127.0.0.1.evil",
+                     "[::1].evil.example"):
             status, _, body = http(self.address, ("GET / HTTP/1.1\r\nHost: %s\r\n\r\n"
                                                   % host).encode())
             self.assertEqual(status, 421, host)
@@ -2718,6 +2757,9 @@ class DialectDecisionTest(ServerTestCase):
         for request in (b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
                         b"GET /x\r\n"):
             self.assertEqual(http(self.address, request)[0], 505, request)
+        for request, status in ((b"GET /\xc3\xa9 HTTP/1.1\r\nHost: localhost\r\n\r\n", 404),
+                                (b"GET\t/ HTTP/1.1\r\n\r\n", 400)):
+            self.assertEqual(http(self.address, request)[0], status, request)
         with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
             for byte in b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n":   # a byte at a time
                 sock.send(bytes((byte,)))
@@ -2888,7 +2930,8 @@ class WebFloodTest(ServerTestCase):
         self.assertEqual(web.close_code(), 1008)
 
     def test_pings_and_empty_fragments_count_as_messages_before_any_password(self):
-        for flood in (lambda w: w.frame(0x9, b"p"), lambda w: w.frame(0x0, b"", fin=False)):
+        for flood in (lambda w: w.frame(0x9, b"p"), lambda w: w.frame(0x0, b"", fin=False),
+                      lambda w: w.frame(0xA, b"")):
             web = WsPeer(self.address)
             self.addCleanup(web.close)
             web.send(web.frame(0x1, b"", fin=False) + flood(web) * 300)
