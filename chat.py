@@ -341,7 +341,7 @@ def normalize_name(name, limit, what="nick"):
         raise ValueError("a %s may not contain invisible characters" % what)
     if not all(_is_name_char(char, i) for i, char in enumerate(text)):
         raise ValueError("a %s may contain only letters, digits, _ and -" % what)
-    if _cap_marks(text) != text:
+    if not text.isascii() and _cap_marks(text) != text:
         raise ValueError("a %s may have at most %d marks on a letter" % (what, MAX_MARKS))
     scripts = {unicodedata.name(char, "").split(" ")[0] for char in text if char.isalpha()}
     if len(scripts & _CONFUSABLE_SCRIPTS) > 1:
@@ -785,7 +785,8 @@ class Room:
     that are listed are told exactly once."""
 
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
-                 "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs")
+                 "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
+                 "_first")
 
     def __init__(self, name, history):
         self.name = name
@@ -801,6 +802,7 @@ class Room:
         self.history_cache = {}         # rendered from the history
         self._names = None              # sorted nicks
         self._runs = None               # see nick_runs
+        self._first = None              # see first_names
 
     def add(self, member):
         self.members[member] = None
@@ -813,6 +815,8 @@ class Room:
             self.operators[member] = None
         self.cache.clear()
         self._names = None
+        if len(self.listed) <= GREETING_NAMES:
+            self._first = None
         if self._runs is not None:
             self._extend_runs(self.shown(member))
 
@@ -829,7 +833,7 @@ class Room:
     def changed(self):
         """Forget what was rendered from the member list."""
         self.cache.clear()
-        self._names = self._runs = None
+        self._names = self._runs = self._first = None
 
     @staticmethod
     def shown(member):
@@ -842,6 +846,14 @@ class Room:
             self._names = sorted((self.shown(member) for member in self.listed),
                                  key=lambda name: name_key(name.lstrip("@")))
         return self._names
+
+    def first_names(self):
+        """The first GREETING_NAMES listed members as lists show them: what a greeting
+        names, the same for every newcomer while they stay."""
+        if self._first is None:
+            self._first = [self.shown(member)
+                           for member in itertools.islice(self.listed, GREETING_NAMES)]
+        return self._first
 
     def nick_runs(self):
         """The listed members' nicks in join order, space-separated in runs of at most
@@ -1052,6 +1064,8 @@ class Sanctions:
 
     def expire(self, now):
         """Forget what ran out; True when anything was."""
+        if not self.items:
+            return False
         kept = [item for item in self.items if item.until is None or item.until > now]
         changed, self.items = len(kept) < len(self.items), kept
         return changed
@@ -1410,7 +1424,7 @@ class Hub(Moderation, Names):
     def nick_problem(self, nick, member=None):
         """The reply refusing nick (taken, a look-alike of a nick online, or of a name
         kept for services and the server), or None."""
-        if lookalike_keys(nick) & self.reserved:
+        if not self.reserved.isdisjoint(lookalike_keys(nick)):
             return notice("nick_reserved", nick=nick)
         holder = self.members.get(name_key(nick))
         if holder is not None and holder is not member:
@@ -2550,9 +2564,7 @@ class LineDialect(Dialect):
         the topic."""
         room = event.room
         shown = [event.unlisted] if event.unlisted else []   # a guest counts itself too
-        names = [room.shown(member) for member in itertools.islice(
-            room.listed, GREETING_NAMES)] + shown
-        names = names[:GREETING_NAMES]
+        names = (room.first_names() + shown)[:GREETING_NAMES]
         count = len(room.listed) + len(shown)
         more = count - len(names)
         state = line_bytes("in_room", room=room.name, count=count,
