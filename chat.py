@@ -326,6 +326,9 @@ def _is_name_char(char, position):
             or (category[0] == "M" and position > 0))
 
 
+_ASCII_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def normalize_name(name, limit, what="nick"):
     """The stored form of a nick or room name, or ValueError saying what is wrong.
 
@@ -334,6 +337,8 @@ def normalize_name(name, limit, what="nick"):
     Latin, Greek and Cyrillic letters may not be mixed: that is how look-alikes
     of other names are built.
     """
+    if _ASCII_NAME.fullmatch(name) and len(name) <= limit:
+        return name   # the common case, settled without a look at each character
     text = unicodedata.normalize("NFKC", name)
     if not 1 <= len(text) <= limit:
         raise ValueError("a %s is 1 to %d characters" % (what, limit))
