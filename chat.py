@@ -462,6 +462,11 @@ class Wording:
         ("help_hint", "*** type /help for commands"),
         ("pace", "*** flood control: {burst} lines at once, then {rate} a second"),
         ("renamed_self", "*** you are now known as {nick}"),
+        ("nick_collision", "*** {nick} was taken on another server at the same moment: you "
+                           "are {new} now"),
+        ("cluster_down", "*** the other servers of this chat are out of reach: until they "
+                         "are back you hear only the people on this one"),
+        ("cluster_up", "*** the other servers of this chat are back in reach"),
         ("renamed", "*** {nick} is now known as {new}"),
         ("moved", "*** {nick} left for {room}"),
         ("left", "*** {nick} left ({reason})"),
@@ -599,6 +604,7 @@ class Said:
     text: str
     action: bool = False
     time: float = 0.0
+    seq: int = 0            # its number in the room, the same on every node (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -750,7 +756,7 @@ class Member:
 
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
-                 "operator", "away", "mute", "ignoring", "active")
+                 "operator", "away", "mute", "ignoring", "active", "remote", "cid")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -770,9 +776,12 @@ class Member:
         self.announced = False          # it chose a nick or spoke: its arrival is told
         self.room_tokens = float(ROOM_CREATE_BURST)
         self.room_refilled = time.monotonic()
+        self.remote = None              # the node it is on, when that is another one
+        self.cid = None                 # its name across nodes (see Directory)
 
     def __repr__(self):
-        return repr(self.endpoint)
+        return repr(self.endpoint) if self.remote is None else "<%s on %s>" % (
+            self.nick, self.remote)
 
     @property
     def room(self):
@@ -787,11 +796,12 @@ class Room:
     Every member hears the room; only the announced ones (they picked a nick or spoke)
     are listed and counted, so a connection that has not shown itself yet (a silent
     nc, a browser's spare socket greeted before it spoke) is in no list, and joins
-    that are listed are told exactly once."""
+    that are listed are told exactly once. Members on other nodes are listed, never
+    hearers: their own node tells them."""
 
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
                  "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
-                 "_first")
+                 "_first", "seq")
 
     def __init__(self, name, history):
         self.name = name
@@ -808,6 +818,11 @@ class Room:
         self._names = None              # sorted nicks
         self._runs = None               # see nick_runs
         self._first = None              # see first_names
+        self.seq = 0                    # the number of the last line heard (0: none known)
+
+    @property
+    def empty(self):
+        return not self.members and not self.listed
 
     def add(self, member):
         self.members[member] = None
@@ -827,8 +842,8 @@ class Room:
 
     def remove(self, member):
         """Take a member out; True when it was listed (its leaving is news)."""
-        del self.members[member]
-        self.hearing_quiet -= member.hears_quiet
+        if self.members.pop(member, 0) is None:
+            self.hearing_quiet -= member.hears_quiet
         if self.listed.pop(member, 0) is None:
             self.operators.pop(member, None)
             self.changed()
@@ -1093,6 +1108,51 @@ class Sanctions:
         return [item.as_record() for item in self.items]
 
 
+class Broker:
+    """Where a room's lines and events go. With one node, straight to the members here,
+    each line numbered in its room; RedisBroker carries them through Redis to every
+    node, which gives every member one order."""
+
+    hub = None
+
+    def attach(self, hub):
+        self.hub = hub
+
+    def line(self, room, speaker, text, action):
+        room.seq += 1
+        self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
+                                         self.hub.clock(), room.seq), speaker)
+
+    def publish(self, room, event, excluded, subject=None):
+        """A room event (subject: the member it is about, or None)."""
+        self.hub.publish_here(room, event, excluded)
+
+    def forward(self, member, event):
+        """Tell a member on another node: with one node there is none."""
+        raise AssertionError("no member is on another node")
+
+    expel = forward
+
+
+class Directory:
+    """Who holds which nick, and who is online on other nodes. With one node the hub's
+    own tables say it all; RedisDirectory shares them through Redis."""
+
+    hub = None
+
+    def attach(self, hub):
+        self.hub = hub
+
+    def claimed(self, member, old_keys):
+        """member took a nick (and let go of old_keys)."""
+
+    def changed(self, member):
+        """What others see of an announced member changed (nick, rooms, away, ...)."""
+
+    def gone(self, member):
+        """member left the chat."""
+
+
 class Moderation:
     """Operators' powers, a part of the Hub: kick, ban and mute, and the ledgers of
     bans and mutes. Bans and mutes are on addresses (a nick is only a way to name
@@ -1121,7 +1181,8 @@ class Moderation:
             for room in member.rooms:
                 room.operators[member] = None
                 room.changed()
-                self.sink.publish(room, Opped(room.name, member.nick), (member,))
+                self._publish_membership(room, Opped(room.name, member.nick), (member,), member)
+            self.directory.changed(member)
 
     def do_kick(self, member, name, reason=""):
         if not self._operator(member, "kick"):
@@ -1143,7 +1204,7 @@ class Moderation:
                                       span=span_text(ban.until, ban.since), reason=ban.reason))
         if ban.covers(member.address):
             self.sink.send(member, notice("ban_covers_you"))
-        for other in list(self.members.values()):
+        for other in self.local_members():   # other nodes see the ban in the store
             if ban.covers(other.address) and not other.operator:
                 self._expel(other, member.nick, "banned: " + ban.reason)
         return ban
@@ -1156,7 +1217,7 @@ class Moderation:
         if mute is None:
             return
         span = span_text(mute.until, mute.since)
-        for other in list(self.members.values()):   # everyone from there: no spare voice
+        for other in self.local_members():   # everyone from there: no spare voice
             if mute.covers(other.address) and not other.operator:
                 other.mute = mute
                 self.sink.send(other, notice("muted_you", by=member.nick, span=span))
@@ -1173,7 +1234,7 @@ class Moderation:
 
     def _tell_unmuted(self, mutes):
         """The members that mutes silenced may talk again: tell them."""
-        for member in list(self.members.values()):
+        for member in self.local_members():
             if member.mute is not None and member.mute in mutes:
                 member.mute = None
                 self.sink.send(member, notice("unmuted_you"))
@@ -1296,7 +1357,11 @@ class Moderation:
         return member.operator
 
     def _expel(self, target, by, reason):
-        """Put a member out: its rooms are told who did it and why, then it goes."""
+        """Put a member out: its rooms are told who did it and why, then it goes (one on
+        another node, by that node)."""
+        if target.remote is not None:
+            self.broker.expel(target, by, reason)
+            return
         self._depart(target, lambda room, uid: Kicked(room.name, target.nick, by, reason, uid))
         self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
 
@@ -1309,6 +1374,37 @@ class Moderation:
     def _save_state(self):
         self.store.save_state({"topics": self.topics, "bans": self.bans.records(),
                                "mutes": self.mutes.records()})
+
+    def adopt_state(self, state):
+        """Topics, bans and mutes as another node left them (read back from the store):
+        a new ban or mute is enforced on the members here, as the operator's own node
+        does on its members."""
+        self.topics = self._readable_topics(state.get("topics"))
+        for room in self.rooms.values():
+            room.topic = self.topics.get(room.key)
+        old_bans, old_mutes = self.bans.items, self.mutes.items
+        self.bans = Sanctions("ban", state.get("bans"))
+        self.mutes = Sanctions("mute", state.get("mutes"))
+        now = self.clock()
+        self.bans.expire(now)
+        self.mutes.expire(now)
+        for mute in self.mutes.items:
+            if mute.until is not None and mute not in old_mutes:
+                self.sink.call_later(mute.until - now + 0.01, self._mute_ran_out, mute)
+        for member in self.local_members():
+            if member.operator:
+                continue
+            ban = self.bans.covering(member.address)
+            if ban is not None and ban not in old_bans:
+                self._expel(member, ban.by, "banned: " + ban.reason)
+                continue
+            mute = self.mutes.covering(member.address)
+            if mute is not None and member.mute is None:
+                self.sink.send(member, notice("muted_you", by=mute.by,
+                                              span=span_text(mute.until, now)))
+            elif mute is None and member.mute is not None:
+                self.sink.send(member, notice("unmuted_you"))
+            member.mute = mute
 
 
 class Names:
@@ -1361,12 +1457,24 @@ class Names:
                 return nick
 
     def _register(self, member, nick):
+        """member goes by nick: here at once, and across nodes unless another node's
+        member took it first (then the directory calls nick_lost)."""
+        old = (member.key,) + member.lookalikes if member.key else ()
+        self.enter_directory(member, nick)
+        self.directory.claimed(member, old)
+
+    def enter_directory(self, member, nick):
         self._unregister(member)
         member.nick, member.key = nick, name_key(nick)
         member.lookalikes = tuple(lookalike_keys(nick))   # smaller than the set
-        self.members[member.key] = member
+        if self.members.setdefault(member.key, member) is not member:
+            return   # another node's member holds it until the directory settles it
         for key in member.lookalikes:
-            self.lookalikes[key] = member
+            self.lookalikes.setdefault(key, member)
+
+    def local_members(self):
+        """The members on this node (a list: the caller may change who is online)."""
+        return [member for member in self.members.values() if member.remote is None]
 
     def _unregister(self, member):
         if self.members.get(member.key) is member:
@@ -1376,213 +1484,9 @@ class Names:
                 del self.lookalikes[key]
 
 
-class Hub(Moderation, Names):
-    """The chat: nicks, rooms and every command, for members of every dialect.
-
-    sink receives what happens: publish(room, event, exclude) for room events,
-    send(member, event) for replies, moved(member, room, entered) when a
-    member's rooms change, close(member, reason, farewell) to let one go, and
-    call_later(delay, function, *args).
-    """
-
-    def __init__(self, options, sink, name, clock=time.time, store=None):
-        self.options = options
-        self.sink = sink
-        self.name = name
-        self.clock = clock
-        self.store = store or Store()   # what survives a restart: history, topics, bans
-        self.members = {}               # nick key -> Member
-        self.lookalikes = {}            # skeleton -> Member
-        self.rooms = {}                 # room key -> Room
-        self.guesses = GuessThrottle()
-        self.op_guesses = GuessThrottle()
-        self.ignored_by = {}            # nick key -> members that ignore that nick
-        state = self.store.load_state()
-        self.topics = self._readable_topics(state.get("topics"))   # room key -> topic
-        self.bans = Sanctions("ban", state.get("bans"))
-        self.mutes = Sanctions("mute", state.get("mutes"))
-        self.recent = collections.OrderedDict()   # nick key -> address, of departed members
-        self.history_budget = HistoryBudget(options.history_memory)
-        self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
-        self._guests = itertools.count(1)
-        self._uids = itertools.count(1)
-        self.default_room = self._add_room(normalize_room(options.room))
-
-    # Arriving and leaving
-
-    def check_password(self, ip, password):
-        """("ok", 0), ("wrong", 0), or ("wait", seconds) when ip guessed wrong too often."""
-        return self._guess(self.guesses, ip, password, self.options.password, "passwords")
-
-    @staticmethod
-    def _guess(throttle, ip, password, right, what):
-        wait = throttle.wait(ip)
-        if wait:
-            return "wait", wait
-        if hmac.compare_digest(password.encode(), right.encode()):
-            return "ok", 0
-        if throttle.failed(ip):
-            log.warning("%s: %d wrong %s within %.0f s; its next attempts wait",
-                        ip, throttle.limit, what, throttle.window)
-        return "wrong", 0
-
-    def nick_problem(self, nick, member=None):
-        """The reply refusing nick (taken, a look-alike of a nick online, or of a name
-        kept for services and the server), or None."""
-        if not self.reserved.isdisjoint(lookalike_keys(nick)):
-            return notice("nick_reserved", nick=nick)
-        holder = self.members.get(name_key(nick))
-        if holder is not None and holder is not member:
-            return notice("nick_taken", nick=nick)
-        for key in lookalike_keys(nick):
-            holder = self.lookalikes.get(key)
-            if holder is not None and holder is not member:
-                return notice("nick_lookalike", nick=nick, other=holder.nick)
-        return None
-
-    def claim(self, name, member=None):
-        """(nick, None) when name is a free valid nick; (None, the reply why not)."""
-        try:
-            nick = normalize_nick(name)
-        except ValueError as exc:
-            return None, notice("invalid_nick", name=sanitize(name)[:40], reason=str(exc))
-        problem = self.nick_problem(nick, member)
-        return (None, problem) if problem else (nick, None)
-
-    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname="",
-              address=""):
-        """Greet a newcomer into the default room under nick, or as a guest (told why when
-        nick was refused). A guest's arrival is told once it picks a nick, speaks or
-        asks for something, so people appear once, under their name, and a connection
-        that never says anything (a browser's spare socket) never appears."""
-        member = Member(endpoint, multi_room, hears_quiet, realname, address)
-        member.mute, problem = self.mute_for(address), None
-        if member.mute is not None:   # a chosen nick or realname would say something
-            nick, member.realname = None, ""
-        if nick is not None:
-            nick, problem = self.claim(nick)
-        self._register(member, nick or self._guest_nick())
-        member.announced = bool(nick)   # entering, it is heralded at once
-        self.sink.send(member, Welcome(self.name, member.nick))
-        self._enter(member, self.default_room, greeting=True)
-        if problem:
-            self.sink.send(member, problem)
-        if member.mute is not None:   # its client must know before it speaks
-            self.sink.send(member, notice("muted_you", by=member.mute.by,
-                                          span=span_text(member.mute.until, self.clock())))
-        return member
-
-    def announce(self, member):
-        """Tell member's rooms that it has arrived, under the nick it has by now."""
-        if member.announced or self.members.get(member.key) is not member:
-            return
-        member.announced = True
-        for room in member.rooms:
-            self._herald(member, room)
-
-    def leave(self, member, reason):
-        """member leaves the chat (its connection is closing): every room is told (of a
-        muted member, not its own words)."""
-        if self.members.get(member.key) is not member:
-            return
-        if member.mute is not None and self.muted(member, told=False):
-            reason = reason.partition(":")[0]
-        self._depart(member, lambda room, uid: Quit(
-            room.name, member.nick, reason, room not in member.heralded or self._big(room), uid))
-
-    def _depart(self, member, event_for):
-        """member is gone from the chat: each of its rooms gets event_for(room, uid) (one
-        uid, so a member of several hears it once), and its nick and ignores are let go."""
-        uid = next(self._uids)
-        for room in list(member.rooms):
-            self._remove(member, room, event_for(room, uid))
-        self._unregister(member)
-        self._remember_departure(member)
-        for key in list(member.ignoring):
-            self._stop_ignoring(member, key)
-
-    # Commands
-
-    def do_nick(self, member, name):
-        if not name:
-            self.sink.send(member, notice("usage", usage="/nick NAME (you are %s)" % member.nick))
-            return
-        nick, problem = self.claim(name, member)
-        if problem:
-            self.sink.send(member, problem)
-            return
-        if nick != member.nick and self.muted(member):   # a new nick says something too
-            return
-        old, old_key = member.nick, member.key
-        self._register(member, nick)
-        self._follow_rename(old_key, member.key)
-        log.info("%r was %s", member, old)
-        self.sink.send(member, notice("renamed_self", nick=nick, old=old))
-        if old != nick:
-            uid = next(self._uids)
-            for room in member.rooms:
-                if member not in room.listed:
-                    continue
-                room.changed()
-                quiet = room not in member.heralded or self._big(room)
-                self._publish_membership(room, Renamed(room.name, old, nick, quiet, uid), (member,))
-        self.announce(member)
-
-    def do_say(self, member, text, action=False, room=None):
-        """A public line in room (by default the member's room): not for those who ignore
-        its speaker."""
-        room = room or member.room
-        if room is None or member not in room.members:
-            self.sink.send(member, notice("error", text="you are not in %s" % (
-                room.name if room else "a room")))
-            return
-        text = tidy_text(text)
-        if not text or self.muted(member):
-            return
-        self.announce(member)
-        member.active = time.monotonic()
-        event = Said(room.name, member.nick, text, action, self.clock())
-        ignorers = self.ignored_by.get(member.key, ())
-        self.sink.publish(room, event, (member,) + tuple(
-            other for other in ignorers if room in other.rooms))
-        self.store.append(room.name, event)
-        self.history_budget.remember(room, event)
-
-    def do_me(self, member, text):
-        if not text.strip():
-            self.sink.send(member, notice("usage", usage="/me ACTION"))
-            return
-        self.do_say(member, text.strip(), action=True)
-
-    def do_msg(self, member, target_name, text, action=False):
-        text = tidy_text(text)
-        if not target_name or not text:
-            self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
-            return
-        self.announce(member)
-        target = self.find_member(target_name)
-        if target is None:
-            self.sink.send(member, notice("no_such_nick", nick=sanitize(target_name)[:40]))
-            return
-        if not target.operator and self.muted(member):
-            return
-        member.active = time.monotonic()
-        now = self.clock()
-        if member.key not in target.ignoring:   # the ignored are not told
-            self.sink.send(target, Private(member.nick, target.nick, text, action, False, now))
-        self.sink.send(member, Private(member.nick, target.nick, text, action, True, now))
-        if target.away:
-            self.sink.send(member, notice("is_away", nick=target.nick, text=target.away))
-
-    def do_who(self, member, room_name=None):
-        self.announce(member)
-        room = self._named_room(member, room_name) if room_name else member.room
-        if room is not None:
-            self.sink.send(member, WhoList(room, room in member.rooms))
-
-    def do_help(self, member):
-        self.announce(member)
-        self.sink.send(member, notice("help"))
+class Rooms:
+    """A part of the Hub: rooms made, entered, left and forgotten, and the news of
+    who is in them."""
 
     def do_join(self, member, room_name):
         """Enter a room, creating it if need be; a member in one room at a time moves."""
@@ -1650,59 +1554,14 @@ class Hub(Moderation, Names):
         if room.topic:
             self.topics[room.key] = room.topic
         self._save_state()
-        self.sink.publish(room, TopicSet(room.name, member.nick, room.topic or ""), ())
-
-    def do_quit(self, member, reason=""):
-        reason = tidy_text(reason)[:MAX_REASON]
-        self.sink.close(member, "quit: " + reason if reason else "quit", notice("bye"))
-
-    def do_away(self, member, text=""):
-        if text.strip() and self.muted(member):
-            return
-        member.away = tidy_text(text)[:MAX_REASON] or None
-        self.sink.send(member, notice("away_set", text=member.away) if member.away
-                       else notice("away_cleared"))
-
-    def do_ignore(self, member, name):
-        key = self._nick_key(member, name, "/ignore NICK")
-        if key is None or key == member.key:
-            return
-        if member.ignoring is NOBODY:
-            member.ignoring = set()
-        member.ignoring.add(key)
-        self.ignored_by.setdefault(key, set()).add(member)
-        self.sink.send(member, notice("ignoring", nick=sanitize(name)[:MAX_NICK]))
-
-    def do_unignore(self, member, name):
-        key = self._nick_key(member, name, "/unignore NICK")
-        if key is not None:
-            self._stop_ignoring(member, key)
-            self.sink.send(member, notice("unignoring", nick=sanitize(name)[:MAX_NICK]))
-
-    def _stop_ignoring(self, member, key):
-        if key in member.ignoring:
-            member.ignoring.discard(key)
-        ignorers = self.ignored_by.get(key)
-        if ignorers is not None:
-            ignorers.discard(member)
-            if not ignorers:
-                del self.ignored_by[key]
-
-    def do_whois(self, member, name):
-        target = self._online(member, name, "/whois NICK")
-        if target is not None:
-            self.sink.send(member, Whois(
-                target.nick, target.realname, tuple(room.name for room in target.rooms),
-                time.monotonic() - target.active, target.away, target.operator,
-                target.address if member.operator else None))
-
-    # Rooms
+        self._publish_membership(room, TopicSet(room.name, member.nick, room.topic or ""), ())
 
     def _add_room(self, name):
         room = Room(name, self.options.history)
         room.topic = self.topics.get(room.key)
         for event in self.store.history(name, self.options.history):
             self.history_budget.remember(room, event)
+            room.seq = max(room.seq, event.seq)
         self.rooms[room.key] = room
         return room
 
@@ -1777,8 +1636,8 @@ class Hub(Moderation, Names):
         member.heralded.pop(room, None)
         self.sink.moved(member, room, False)
         if listed:
-            self._publish_membership(room, event, ())
-        if not room.members and room is not self.default_room:
+            self._publish_membership(room, event, (), member)
+        if room.empty and room is not self.default_room:
             self._forget_room(room)
 
     def _forget_room(self, room):
@@ -1808,15 +1667,453 @@ class Hub(Moderation, Names):
         quiet = self._big(room)
         if not quiet:
             member.heralded[room] = None
-        self._publish_membership(room, Joined(room.name, member.nick, quiet), (member,))
+        self._publish_membership(room, Joined(room.name, member.nick, quiet), (member,), member)
 
     def _big(self, room):
         return len(room.listed) > self.options.announce_limit
 
-    def _publish_membership(self, room, event, excluded):
-        """Joins, leaves and renames: quiet ones only where a member wants them."""
-        if not event.quiet or room.hearing_quiet:
+    def _publish_membership(self, room, event, excluded, subject=None):
+        """Joins, leaves, renames, topics: through the broker, with the member they are
+        about (its state goes with them to other nodes)."""
+        self.broker.publish(room, event, excluded, subject)
+
+    def publish_here(self, room, event, excluded=()):
+        """A room event to this node's members: quiet ones only where one wants them."""
+        if not getattr(event, "quiet", False) or room.hearing_quiet:
             self.sink.publish(room, event, excluded)
+
+
+class Hub(Moderation, Names, Rooms):
+    """The chat: nicks, rooms and every command, for members of every dialect.
+
+    sink receives what happens: publish(room, event, exclude) for room events,
+    send(member, event) for replies, moved(member, room, entered) when a
+    member's rooms change, close(member, reason, farewell) to let one go, and
+    call_later(delay, function, *args).
+    """
+
+    def __init__(self, options, sink, name, clock=time.time, store=None, broker=None,
+                 directory=None):
+        self.options = options
+        self.sink = sink
+        self.name = name
+        self.clock = clock
+        self.store = store or Store()   # what survives a restart: history, topics, bans
+        self.broker = broker or Broker()            # where room lines and events go
+        self.directory = directory or Directory()   # who is online on other nodes
+        self.members = {}               # nick key -> Member
+        self.lookalikes = {}            # skeleton -> Member
+        self.rooms = {}                 # room key -> Room
+        self.guesses = GuessThrottle()
+        self.op_guesses = GuessThrottle()
+        self.ignored_by = {}            # nick key -> members that ignore that nick
+        state = self.store.load_state()
+        self.topics = self._readable_topics(state.get("topics"))   # room key -> topic
+        self.bans = Sanctions("ban", state.get("bans"))
+        self.mutes = Sanctions("mute", state.get("mutes"))
+        self.recent = collections.OrderedDict()   # nick key -> address, of departed members
+        self.history_budget = HistoryBudget(options.history_memory)
+        self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
+        self._guests = itertools.count(1)
+        self._uids = itertools.count(1)
+        self.broker.attach(self)
+        self.directory.attach(self)
+        self.default_room = self._add_room(normalize_room(options.room))
+
+    # Arriving and leaving
+
+    def check_password(self, ip, password):
+        """("ok", 0), ("wrong", 0), or ("wait", seconds) when ip guessed wrong too often."""
+        return self._guess(self.guesses, ip, password, self.options.password, "passwords")
+
+    @staticmethod
+    def _guess(throttle, ip, password, right, what):
+        wait = throttle.wait(ip)
+        if wait:
+            return "wait", wait
+        if hmac.compare_digest(password.encode(), right.encode()):
+            return "ok", 0
+        if throttle.failed(ip):
+            log.warning("%s: %d wrong %s within %.0f s; its next attempts wait",
+                        ip, throttle.limit, what, throttle.window)
+        return "wrong", 0
+
+    def nick_problem(self, nick, member=None):
+        """The reply refusing nick (taken, a look-alike of a nick online, or of a name
+        kept for services and the server), or None."""
+        if not self.reserved.isdisjoint(lookalike_keys(nick)):
+            return notice("nick_reserved", nick=nick)
+        holder = self.members.get(name_key(nick))
+        if holder is not None and holder is not member:
+            return notice("nick_taken", nick=nick)
+        for key in lookalike_keys(nick):
+            holder = self.lookalikes.get(key)
+            if holder is not None and holder is not member:
+                return notice("nick_lookalike", nick=nick, other=holder.nick)
+        return None
+
+    def claim(self, name, member=None):
+        """(nick, None) when name is a free valid nick; (None, the reply why not)."""
+        try:
+            nick = normalize_nick(name)
+        except ValueError as exc:
+            return None, notice("invalid_nick", name=sanitize(name)[:40], reason=str(exc))
+        problem = self.nick_problem(nick, member)
+        return (None, problem) if problem else (nick, None)
+
+    def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname="",
+              address=""):
+        """Greet a newcomer into the default room under nick, or as a guest (told why when
+        nick was refused). A guest's arrival is told once it picks a nick, speaks or
+        asks for something, so people appear once, under their name, and a connection
+        that never says anything (a browser's spare socket) never appears."""
+        member = Member(endpoint, multi_room, hears_quiet, realname, address)
+        member.mute, problem = self.mute_for(address), None
+        if member.mute is not None:   # a chosen nick or realname would say something
+            nick, member.realname = None, ""
+        if nick is not None:
+            nick, problem = self.claim(nick)
+        self._register(member, nick or self._guest_nick())
+        member.announced = bool(nick)   # entering, it is heralded at once
+        self.sink.send(member, Welcome(self.name, member.nick))
+        self._enter(member, self.default_room, greeting=True)
+        if problem:
+            self.sink.send(member, problem)
+        if member.mute is not None:   # its client must know before it speaks
+            self.sink.send(member, notice("muted_you", by=member.mute.by,
+                                          span=span_text(member.mute.until, self.clock())))
+        return member
+
+    def announce(self, member):
+        """Tell member's rooms that it has arrived, under the nick it has by now."""
+        if member.announced or self.members.get(member.key) is not member:
+            return
+        member.announced = True
+        for room in member.rooms:
+            self._herald(member, room)
+        if not member.rooms:
+            self.directory.changed(member)
+
+    def leave(self, member, reason):
+        """member leaves the chat (its connection is closing): every room is told (of a
+        muted member, not its own words)."""
+        if self.members.get(member.key) is not member:
+            return
+        if member.mute is not None and self.muted(member, told=False):
+            reason = reason.partition(":")[0]
+        self._depart(member, lambda room, uid: Quit(
+            room.name, member.nick, reason, room not in member.heralded or self._big(room), uid))
+
+    def _depart(self, member, event_for):
+        """member is gone from the chat: each of its rooms gets event_for(room, uid) (one
+        uid, so a member of several hears it once), and its nick and ignores are let go."""
+        uid = next(self._uids)
+        for room in list(member.rooms):
+            self._remove(member, room, event_for(room, uid))
+        self._unregister(member)
+        self.directory.gone(member)
+        self._remember_departure(member)
+        for key in list(member.ignoring):
+            self._stop_ignoring(member, key)
+
+    # Commands
+
+    def do_nick(self, member, name):
+        if not name:
+            self.sink.send(member, notice("usage", usage="/nick NAME (you are %s)" % member.nick))
+            return
+        nick, problem = self.claim(name, member)
+        if problem:
+            self.sink.send(member, problem)
+            return
+        if nick != member.nick and self.muted(member):   # a new nick says something too
+            return
+        self.rename(member, nick, notice("renamed_self", nick=nick, old=member.nick))
+        self.announce(member)
+
+    def nick_lost(self, member):
+        """Another node's member took member's nick first: member becomes a guest."""
+        if self.members.get(member.key) is member:
+            guest = self._guest_nick()
+            self.rename(member, guest, notice("nick_collision", nick=member.nick, new=guest))
+
+    def rename(self, member, nick, told):
+        old, old_key = member.nick, member.key
+        self._register(member, nick)
+        self._follow_rename(old_key, member.key)
+        log.info("%r was %s", member, old)
+        self.sink.send(member, told)
+        if old != nick:
+            uid = next(self._uids)
+            for room in member.rooms:
+                if member not in room.listed:
+                    continue
+                room.changed()
+                quiet = room not in member.heralded or self._big(room)
+                self._publish_membership(room, Renamed(room.name, old, nick, quiet, uid),
+                                         (member,), member)
+        if member.announced:
+            self.directory.changed(member)
+
+    def do_say(self, member, text, action=False, room=None):
+        """A public line in room (by default the member's room): not for those who ignore
+        its speaker."""
+        room = room or member.room
+        if room is None or member not in room.members:
+            self.sink.send(member, notice("error", text="you are not in %s" % (
+                room.name if room else "a room")))
+            return
+        text = tidy_text(text)
+        if not text or self.muted(member):
+            return
+        self.announce(member)
+        member.active = time.monotonic()
+        self.broker.line(room, member, text, action)
+
+    def deliver_line(self, room, event, speaker=None):
+        """A room's line, numbered, to its members here: not to its speaker (when here),
+        nor to who ignores it; kept in its history."""
+        excluded = (speaker,) if speaker is not None and speaker in room.members else ()
+        ignorers = self.ignored_by.get(speaker.key if speaker is not None
+                                       else name_key(event.nick))
+        if ignorers:
+            excluded += tuple(other for other in ignorers if room in other.rooms)
+        self.sink.publish(room, event, excluded)
+        room.seq = max(room.seq, event.seq)
+        self.store.append(room.name, event)
+        self.history_budget.remember(room, event)
+
+    def do_me(self, member, text):
+        if not text.strip():
+            self.sink.send(member, notice("usage", usage="/me ACTION"))
+            return
+        self.do_say(member, text.strip(), action=True)
+
+    def do_msg(self, member, target_name, text, action=False):
+        text = tidy_text(text)
+        if not target_name or not text:
+            self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
+            return
+        self.announce(member)
+        target = self.find_member(target_name)
+        if target is None:
+            self.sink.send(member, notice("no_such_nick", nick=sanitize(target_name)[:40]))
+            return
+        if not target.operator and self.muted(member):
+            return
+        member.active = time.monotonic()
+        now = self.clock()
+        said = Private(member.nick, target.nick, text, action, False, now)
+        if target.remote is not None:   # its node knows whom it ignores
+            self.broker.forward(target, said)
+        elif member.key not in target.ignoring:   # the ignored are not told
+            self.sink.send(target, said)
+        self.sink.send(member, Private(member.nick, target.nick, text, action, True, now))
+        if target.away:
+            self.sink.send(member, notice("is_away", nick=target.nick, text=target.away))
+
+    def do_who(self, member, room_name=None):
+        self.announce(member)
+        room = self._named_room(member, room_name) if room_name else member.room
+        if room is not None:
+            self.sink.send(member, WhoList(room, room in member.rooms))
+
+    def do_help(self, member):
+        self.announce(member)
+        self.sink.send(member, notice("help"))
+
+    def do_quit(self, member, reason=""):
+        reason = tidy_text(reason)[:MAX_REASON]
+        self.sink.close(member, "quit: " + reason if reason else "quit", notice("bye"))
+
+    def do_away(self, member, text=""):
+        if text.strip() and self.muted(member):
+            return
+        member.away = tidy_text(text)[:MAX_REASON] or None
+        self.sink.send(member, notice("away_set", text=member.away) if member.away
+                       else notice("away_cleared"))
+        self.directory.changed(member)
+
+    def do_ignore(self, member, name):
+        key = self._nick_key(member, name, "/ignore NICK")
+        if key is None or key == member.key:
+            return
+        if member.ignoring is NOBODY:
+            member.ignoring = set()
+        member.ignoring.add(key)
+        self.ignored_by.setdefault(key, set()).add(member)
+        self.sink.send(member, notice("ignoring", nick=sanitize(name)[:MAX_NICK]))
+
+    def do_unignore(self, member, name):
+        key = self._nick_key(member, name, "/unignore NICK")
+        if key is not None:
+            self._stop_ignoring(member, key)
+            self.sink.send(member, notice("unignoring", nick=sanitize(name)[:MAX_NICK]))
+
+    def _stop_ignoring(self, member, key):
+        if key in member.ignoring:
+            member.ignoring.discard(key)
+        ignorers = self.ignored_by.get(key)
+        if ignorers is not None:
+            ignorers.discard(member)
+            if not ignorers:
+                del self.ignored_by[key]
+
+    def do_whois(self, member, name):
+        target = self._online(member, name, "/whois NICK")
+        if target is not None:
+            self.sink.send(member, Whois(
+                target.nick, target.realname, tuple(room.name for room in target.rooms),
+                time.monotonic() - target.active, target.away, target.operator,
+                target.address if member.operator else None))
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """What a node tells of one of its announced members, checked: see ClusterView."""
+    cid: str
+    node: str
+    nick: str
+    rooms: tuple
+    operator: bool = False
+    away: Optional[str] = None
+    realname: str = ""
+    address: str = ""
+
+
+class ClusterView:
+    """The members on other nodes, as their nodes tell of them: each a Member without
+    a connection, listed in rooms and found by nick, never a hearer (its own node
+    tells it). A broker and a directory feed this with facts already checked, and it
+    keeps the hub's lists and tells the members here what happened. It knows nothing
+    of how facts travel."""
+
+    UIDS = 4096                 # other nodes' event uids remembered, as this hub's own
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.remote = {}        # cid -> Member on another node
+        self._uids = collections.OrderedDict()   # (node, uid) -> uid here
+
+    def local_uid(self, node, uid):
+        """The uid here of another node's event uid: one member's quit, told in several
+        rooms, is heard once here too."""
+        if not uid:
+            return 0
+        key = (node, uid)
+        mine = self._uids.get(key)
+        if mine is None:
+            mine = self._uids[key] = next(self.hub._uids)
+            while len(self._uids) > self.UIDS:
+                self._uids.popitem(last=False)
+        return mine
+
+    def upsert(self, state, event=None, told=False):
+        """A member elsewhere is as state says. event (for the rooms here) is what
+        changed it; without one, changes are told as joins, leaves and renames when
+        told (after the nodes were apart)."""
+        member = self.remote.get(state.cid)
+        if member is None:
+            member = self.remote[state.cid] = Member(None, multi_room=True)
+            member.remote, member.cid, member.announced = state.node, state.cid, True
+        member.realname, member.address, member.away = state.realname, state.address, state.away
+        if member.nick != state.nick:
+            self._rename(member, state.nick, told and event is None)
+        if member.operator != state.operator:
+            self._set_operator(member, state.operator)
+        wanted = {name_key(name): name for name in state.rooms}
+        for room in list(member.rooms):
+            if room.key not in wanted:
+                self._leave(member, room, Parted(room.name, member.nick, quiet=self.hub._big(
+                    room)) if told and event is None else None)
+        for key, name in wanted.items():
+            room = self.hub.rooms.get(key) or self.hub._add_room(name)
+            if room not in member.rooms:
+                member.rooms[room] = None
+                room.list(member)
+                if told and event is None:
+                    self.hub.publish_here(room, Joined(room.name, member.nick, self.hub._big(room)))
+        if event is not None:
+            self.tell(event)
+
+    def tell(self, event):
+        """Another node's room event, to the members here."""
+        room = self.hub.rooms.get(name_key(event.room))
+        if room is None:
+            return
+        if isinstance(event, TopicSet):
+            room.topic = event.text or None
+            self.hub.topics.pop(room.key, None)
+            if room.topic:
+                self.hub.topics[room.key] = room.topic
+        self.hub.publish_here(room, event)
+
+    def gone(self, cid, reason="left"):
+        """A member elsewhere left the chat; rooms it was still listed in are told."""
+        member = self.remote.pop(cid, None)
+        if member is None:
+            return
+        uid = next(self.hub._uids)
+        for room in list(member.rooms):
+            self._leave(member, room, Quit(room.name, member.nick, reason, self.hub._big(room),
+                                           uid))
+        self.hub._unregister(member)
+        self.hub._remember_departure(member)
+
+    def node_lost(self, node):
+        """A node stopped answering: its members are gone."""
+        lost = [cid for cid, member in self.remote.items() if member.remote == node]
+        for cid in lost:
+            self.gone(cid, "server lost")
+        return len(lost)
+
+    def resync(self, states, told=True):
+        """After the nodes were apart: the members elsewhere are exactly states."""
+        known = {state.cid for state in states}
+        for cid in [cid for cid in self.remote if cid not in known]:
+            self.gone(cid)
+        for state in states:
+            self.upsert(state, told=told)
+
+    def tell_here(self, event):
+        """A reply for every member of this node (the link to the others changed)."""
+        for member in self.hub.local_members():
+            self.hub.sink.send(member, event)
+
+    def private(self, member, event):
+        """Another node's member said something to one here."""
+        if name_key(event.sender) not in member.ignoring:
+            self.hub.sink.send(member, event)
+
+    def _rename(self, member, nick, told):
+        old = member.nick
+        self.hub.enter_directory(member, nick)
+        if old and told:
+            uid = next(self.hub._uids)
+            for room in member.rooms:
+                room.changed()
+                self.hub.publish_here(room, Renamed(room.name, old, nick, self.hub._big(room),
+                                                    uid))
+        for room in member.rooms:
+            room.changed()
+
+    @staticmethod
+    def _set_operator(member, operator):
+        member.operator = operator
+        for room in member.rooms:
+            if operator:
+                room.operators[member] = None
+            else:
+                room.operators.pop(member, None)
+            room.changed()
+
+    def _leave(self, member, room, event):
+        room.remove(member)
+        del member.rooms[room]
+        if event is not None:
+            self.hub.publish_here(room, event)
+        if room.empty and room is not self.hub.default_room:
+            self.hub._forget_room(room)
 
 
 # --- Persistence ---
@@ -2174,14 +2471,18 @@ class FileStore(Store):
             when, kind = finite_time(record["time"]), record["kind"]
             if when is None or kind not in ("said", "acted"):
                 return None
+            seq = record.get("seq", 0)
+            if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 1 << 53:
+                seq = 0
             return Said(room, normalize_nick(stored_text(record["nick"])),
-                        stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted", when)
+                        stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted", when,
+                        seq)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def append(self, room, event):
-        record = {"time": event.time, "nick": event.nick, "kind": "acted" if event.action
-                  else "said", "text": event.text}
+        record = {"time": event.time, "seq": event.seq, "nick": event.nick,
+                  "kind": "acted" if event.action else "said", "text": event.text}
         self._pending.setdefault(room, []).append(
             json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
@@ -2889,6 +3190,8 @@ class IrcReplies:
         if key == "renamed_self":
             return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
                                                  fields["nick"]))
+        if key == "nick_collision":
+            data = self._line(":%s NICK :%s" % (irc_source(fields["nick"]), fields["new"]))
         if data or key in self._SILENT:
             return data
         if key == "help":
