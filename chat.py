@@ -32,6 +32,7 @@ import bisect
 import codecs
 import collections
 import contextlib
+import dataclasses
 import errno
 import functools
 import getpass
@@ -51,6 +52,7 @@ import selectors
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -1870,6 +1872,18 @@ class Hub(Moderation, Names, Rooms):
         member.active = time.monotonic()
         self.broker.line(room, member, text, action)
 
+    def backfill(self, room, events):
+        """Older lines of a room, read late (from another node's time): put before the
+        ones heard since, none twice."""
+        heard = {said.seq for said in room.history}
+        merged = sorted([said for said in events if said.seq not in heard] + list(room.history),
+                        key=lambda said: said.seq)
+        self.history_budget.forget(room)
+        room.history.clear()
+        for said in merged[-room.history.maxlen:] if room.history.maxlen else ():
+            self.history_budget.remember(room, said)
+        room.seq = max([room.seq] + [said.seq for said in merged])
+
     def deliver_line(self, room, event, speaker=None):
         """A room's line, numbered, to its members here: not to its speaker (when here),
         nor to who ignores it; kept in its history."""
@@ -2556,6 +2570,1169 @@ class FileStore(Store):
         if self._failing:
             log.warning("the data directory %s works again", self.path)
         self._failing = False
+
+
+# --- Redis: nodes that share one chat ---
+# Nodes share one chat through Redis (or Valkey): one pub/sub channel carries
+# every event; a Lua script numbers each room's lines, keeps them in a capped
+# Stream and publishes them; hashes hold nicks and members; a sorted set holds
+# the nodes that are alive. The client is our own (RESP2, non-blocking, in the
+# server's selector), and what Redis sends is checked like any client's input.
+
+REDIS_PREFIX = "chat:"
+REDIS_CONNECT_TIMEOUT = 5.0       # seconds to reach Redis and be let in
+REDIS_REPLY_TIMEOUT = 2.0         # a reply later than this: Redis is out of reach
+REDIS_BACKOFF = (0.5, 10.0)       # seconds between tries to reach it again: first, most
+REDIS_QUEUE_LIMIT = 16 << 20      # bytes waiting to go to Redis; past it, the link is dropped
+REDIS_REPLY_LIMIT = 64 << 20      # bytes of one reply
+REDIS_NESTING = 8                 # arrays in arrays in a reply
+REDIS_MIN_VERSION = (5, 0)        # Streams
+NODE_TIMEOUT = 10.0               # a node silent this long is lost; it beats five times as often
+OUTAGE_LINES = 10000              # lines said while apart, held to be sent when back
+STREAM_KEPT = 1000                # lines of each room kept in its Stream, at least
+CLUSTER_ID = re.compile(r"[\w.:\[\]~/-]{1,200}", re.ASCII)   # node and member ids
+
+# KEYS and ARGV as RedisBroker, RedisDirectory and RedisCluster pass them.
+SCRIPTS = {
+    # A room's line: numbered, kept, published; once per (node, id), whatever resends.
+    "line": """
+local last = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local seq = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', ARGV[4])
+redis.call('PUBLISH', ARGV[5], 'L' .. seq .. ' ' .. ARGV[4])
+return seq""",
+    # A member's state (ARGV[2], or '' for none) kept, and a message published.
+    "event": """
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1""",
+    # A nick and its look-alikes (ARGV[3..2+n]) taken by ARGV[1] unless another holds
+    # one; the old ones (after) let go. 'ok', or the holder.
+    "claim": """
+local n = tonumber(ARGV[2])
+for i = 3, 2 + n do
+  local holder = redis.call('HGET', KEYS[1], ARGV[i])
+  if holder and holder ~= ARGV[1] then return holder end
+end
+for i = 3 + n, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+for i = 3, 2 + n do redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
+return 'ok'""",
+    # A member gone: its state and the nicks it holds (ARGV[3..]) let go, and told.
+    "gone": """
+redis.call('HDEL', KEYS[1], ARGV[1])
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
+end
+redis.call('PUBLISH', ARGV[2], 'G' .. cjson.encode({id = ARGV[1]}))
+return 1""",
+    # A node's heartbeat: it is alive (1 if it was not listed: others took it for lost);
+    # nodes silent for ARGV[2] ms are lost: their members and nicks go, and it is told.
+    "beat": """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fresh = redis.call('ZADD', KEYS[1], now, ARGV[1])
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))) do
+  redis.call('ZREM', KEYS[1], node)
+  local prefix = node .. '/'
+  local members = redis.call('HKEYS', KEYS[2])
+  for _, id in ipairs(members) do
+    if string.sub(id, 1, #prefix) == prefix then redis.call('HDEL', KEYS[2], id) end
+  end
+  local nicks = redis.call('HGETALL', KEYS[3])
+  for i = 1, #nicks, 2 do
+    if string.sub(nicks[i + 1], 1, #prefix) == prefix then redis.call('HDEL', KEYS[3], nicks[i]) end
+  end
+  redis.call('PUBLISH', ARGV[3], 'X' .. cjson.encode({node = node}))
+end
+return fresh""",
+}
+
+
+class RedisError(Exception):
+    """Redis cannot be used: the words say why."""
+
+
+class ReplyError(str):
+    """An error reply of Redis (its text)."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is and how to be let in: from a redis://, rediss:// or unix:// URL."""
+    family: int
+    address: object             # (host, port), or a socket's path
+    tls: bool
+    username: Optional[str]
+    password: Optional[str]
+    db: int
+    shown: str                  # the URL without its password, for logs
+
+    @classmethod
+    def parse(cls, url):
+        """The target of url; ValueError in plain words."""
+        parts = urllib.parse.urlsplit(url.strip())
+        scheme, query = parts.scheme.lower(), urllib.parse.parse_qs(parts.query)
+        user = urllib.parse.unquote(parts.username) if parts.username else None
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else \
+            query.get("password", [None])[0]
+        if scheme in ("redis", "rediss"):
+            try:
+                port = parts.port or 6379
+            except ValueError:
+                raise ValueError("the port in %s is not a number from 1 to 65535" % url)
+            family, address = socket.AF_UNSPEC, (parts.hostname or "localhost", port)
+            db = parts.path.strip("/") or query.get("db", ["0"])[0]
+        elif scheme == "unix":
+            if not hasattr(socket, "AF_UNIX"):
+                raise ValueError("this platform has no unix sockets: use redis://HOST:PORT")
+            if not parts.path:
+                raise ValueError("unix:// needs the socket's path: unix:///path/to/redis.sock")
+            family, address, db = socket.AF_UNIX, parts.path, query.get("db", ["0"])[0]
+        else:
+            raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
+        if not db.isdigit() or len(db) > 5:
+            raise ValueError("the database in the Redis URL must be a number, not %r" % db)
+        shown = url if password is None else url.replace(password, "***", 1)
+        return cls(family, address, scheme == "rediss", user, password, int(db), shown)
+
+
+class RespReader:
+    """RESP2 replies parsed from the bytes as they come, checked: a reply too big, too
+    deep or not RESP at all is a RedisError, never a crash or a bloat."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def feed(self, data):
+        """The replies complete with data."""
+        self.buffer += data
+        replies, pos = [], 0
+        while pos < len(self.buffer):
+            got = self._parse(pos, 0)
+            if got is None:
+                break
+            reply, pos = got
+            replies.append(reply)
+        del self.buffer[:pos]
+        if len(self.buffer) > REDIS_REPLY_LIMIT:
+            raise RedisError("a reply of over %d bytes" % REDIS_REPLY_LIMIT)
+        return replies
+
+    def _parse(self, pos, depth):
+        """(reply, end) of the reply at pos, or None when it is not all here yet."""
+        buf = self.buffer
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            if len(buf) - pos > 64 * 1024:
+                raise RedisError("not a Redis reply: a line of over 64 KB")
+            return None
+        kind, line = buf[pos], bytes(buf[pos + 1:end])
+        pos = end + 2
+        if kind == 43:                                  # +
+            return line.decode("utf-8", "replace"), pos
+        if kind == 45:                                  # -
+            return ReplyError(line.decode("utf-8", "replace")), pos
+        try:
+            number = int(line)
+        except ValueError:
+            raise RedisError("not a Redis reply: %.40r" % bytes(buf[pos - len(line) - 3:end]))
+        if kind == 58:                                  # :
+            return number, pos
+        if kind == 36:                                  # $
+            if number < 0:
+                return None, pos
+            if number > REDIS_REPLY_LIMIT:
+                raise RedisError("a reply of over %d bytes" % REDIS_REPLY_LIMIT)
+            if len(buf) < pos + number + 2:
+                return None
+            return bytes(buf[pos:pos + number]), pos + number + 2
+        if kind == 42:                                  # *
+            if number < 0:
+                return None, pos
+            if depth >= REDIS_NESTING or number > REDIS_REPLY_LIMIT // 4:
+                raise RedisError("a reply nested or long beyond reason")
+            items = []
+            for _ in range(number):
+                got = self._parse(pos, depth + 1)
+                if got is None:
+                    return None
+                items.append(got[0])
+                pos = got[1]
+            return items, pos
+        raise RedisError("not a Redis reply: %.40r" % bytes(buf[pos - len(line) - 3:end]))
+
+
+def resp_command(args):
+    """A command as RESP2 bytes."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class RespConnection:
+    """One connection to Redis: commands out, replies in, in order. Opened and let in
+    with blocking calls (at start, or in a thread while reconnecting), then run
+    without blocking in the server's loop."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = RespReader()
+        self.out = bytearray()
+        self.waiting = collections.deque()   # (callback, when sent), one per reply due
+        self.ready = collections.deque()     # replies read and not handed out (blocking use)
+
+    @classmethod
+    def open(cls, target, timeout):
+        """A connection to target, let in (AUTH, SELECT); RedisError in plain words."""
+        sock = None
+        try:
+            if target.family == socket.AF_UNSPEC:
+                sock = socket.create_connection(target.address, timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(target.family, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                sock.connect(target.address)
+            if target.tls:
+                if ssl is None:
+                    raise RedisError("this Python has no ssl module, so rediss:// is not available")
+                sock = ssl.create_default_context().wrap_socket(
+                    sock, server_hostname=target.address[0])
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise RedisError("cannot reach Redis at %s: %s" % (target.shown, exc.strerror or exc))
+        conn = cls(sock)
+        try:
+            if target.password is not None:
+                conn.call("AUTH", *((target.username,) if target.username else ()),
+                          target.password, refusal="Redis refused the password")
+            elif target.username:
+                raise RedisError("the Redis URL names a user without a password")
+            if target.db:
+                conn.call("SELECT", target.db, refusal="Redis refused database %d" % target.db)
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    def call(self, *args, refusal="Redis refused %s"):
+        """Blocking: a command's reply; RedisError for an error reply."""
+        try:
+            self.sock.sendall(resp_command(args))
+        except OSError as exc:
+            raise RedisError("lost Redis: %s" % (exc.strerror or exc))
+        reply = self.next_reply()
+        if isinstance(reply, ReplyError):
+            raise RedisError("%s: %s" % (refusal.replace("%s", str(args[0])), reply))
+        return reply
+
+    def next_reply(self):
+        while not self.ready:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise RedisError("Redis did not answer within %g s (is it Redis?)"
+                                 % self.sock.gettimeout())
+            except OSError as exc:
+                raise RedisError("lost Redis: %s" % (exc.strerror or exc))
+            if not data:
+                raise RedisError("Redis closed the connection (is it Redis? is the URL's "
+                                 "scheme right?)")
+            self.ready.extend(self.reader.feed(data))
+        return self.ready.popleft()
+
+    def start(self):
+        """From now on, the loop's: no call blocks."""
+        self.sock.setblocking(False)
+
+    def send(self, args, callback):
+        self.out += resp_command(args)
+        self.waiting.append((callback, time.monotonic()))
+
+    def flush(self):
+        """Send what waits, as much as the socket takes; True when all went."""
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except WOULD_BLOCK:
+                return False
+            del self.out[:sent]
+        return True
+
+    def receive(self):
+        """The replies that arrived; ConnectionError when Redis closed."""
+        replies = list(self.ready)
+        self.ready.clear()
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except WOULD_BLOCK:
+                return replies
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            replies += self.reader.feed(data)
+            if len(data) < RECV_SIZE and not (ssl and isinstance(self.sock, ssl.SSLSocket)
+                                              and self.sock.pending()):
+                return replies
+
+    def close(self):
+        self.sock.close()
+
+
+def redis_version(info):
+    """(major, minor) of INFO server's reply; RedisError when it is not Redis's."""
+    found = re.search(rb"(?m)^redis_version:(\d+)\.(\d+)", info if isinstance(info, bytes) else b"")
+    if not found:
+        raise RedisError("the server at the Redis URL does not say it is Redis")
+    return int(found.group(1)), int(found.group(2))
+
+
+class RedisLink:
+    """A node's link to Redis: one connection for commands, one for pub/sub.
+
+    A watchdog takes the link for down when a reply is late or too much waits
+    to be sent; it comes back with jittered backoff, connecting in a thread so
+    the loop never blocks. Its owner (RedisCluster) hears linked(renewed),
+    unlinked(why), message(payload) and beat()."""
+
+    def __init__(self, server, target, prefix, owner, reply_timeout, beat_interval):
+        self.server, self.target, self.owner = server, target, owner
+        self.prefix, self.channel = prefix, prefix + "events"
+        self.reply_timeout, self.beat_interval = reply_timeout, beat_interval
+        self.cmd = self.sub = None
+        self.up = self.closed = False
+        self.epoch = None               # changes when Redis lost what it held
+        self.reason = "not linked yet"  # why the link is down
+        self.reconnects = 0
+        self.rtt = 0.0                  # seconds of the last heartbeat's round trip
+        self.shas = {name: hashlib.sha1(body.encode()).hexdigest()
+                     for name, body in SCRIPTS.items()}
+        self._backoff = REDIS_BACKOFF[0]
+        self._next_beat = 0.0
+
+    # Connecting
+
+    def connect(self):
+        """Blocking: both connections, checked, the scripts loaded; RedisError else."""
+        cmd = RespConnection.open(self.target, REDIS_CONNECT_TIMEOUT)
+        sub = None
+        try:
+            version = redis_version(cmd.call("INFO", "server"))
+            if version < REDIS_MIN_VERSION:
+                raise RedisError("Redis %d.%d is too old: chat.py needs %d.%d or later "
+                                 "(Streams)" % (version + REDIS_MIN_VERSION))
+            for name, body in SCRIPTS.items():
+                cmd.call("SCRIPT", "LOAD", body)
+            cmd.call("SET", self.prefix + "epoch", os.urandom(8).hex(), "NX")
+            epoch = cmd.call("GET", self.prefix + "epoch")
+            sub = RespConnection.open(self.target, REDIS_CONNECT_TIMEOUT)
+            sub.call("SUBSCRIBE", self.channel)
+        except BaseException:
+            for conn in (cmd, sub):
+                if conn is not None:
+                    conn.close()
+            raise
+        return cmd, sub, epoch
+
+    def attach(self, cmd, sub, epoch):
+        """The loop takes over connections made by connect()."""
+        if self.closed:
+            cmd.close()
+            sub.close()
+            return
+        self.cmd, self.sub, self.up, self.reason = cmd, sub, True, None
+        for conn in (cmd, sub):
+            conn.start()
+            self.server.watch(conn.sock, functools.partial(self._ready, conn))
+        renewed = self.epoch is not None and epoch != self.epoch
+        self.epoch = epoch
+        self._backoff = REDIS_BACKOFF[0]
+        self._next_beat = 0.0
+        self.owner.linked(renewed)
+        self.flush()
+
+    def start_watchdog(self):
+        self.server.call_later(min(0.25, self.reply_timeout / 4), self._watch)
+
+    def lost(self, why):
+        """The link is down: serve alone, and try again later."""
+        if not self.up:
+            return
+        log.warning("lost Redis at %s: %s", self.target.shown, why)
+        self.up, self.reason = False, why
+        for conn in (self.cmd, self.sub):
+            self.server.unwatch(conn.sock)
+            conn.close()
+        self.cmd = self.sub = None
+        self.owner.unlinked(why)
+        self._retry_later()
+
+    def _retry_later(self):
+        if self.closed:
+            return
+        delay = self._backoff * random.uniform(0.5, 1.0)   # nodes do not all come at once
+        self._backoff = min(self._backoff * 2, REDIS_BACKOFF[1])
+        self.server.call_later(delay, self._reconnect)
+
+    def _reconnect(self):
+        if not self.closed:
+            threading.Thread(target=self._connect_in_thread, name="redis-connect",
+                             daemon=True).start()
+
+    def _connect_in_thread(self):
+        try:
+            got = self.connect()
+        except (RedisError, OSError) as exc:
+            self.server.call_soon(self._failed, str(exc))
+            return
+        self.server.call_soon(self._back, *got)
+
+    def _failed(self, why):
+        log.info("Redis at %s is still out of reach: %s", self.target.shown, why)
+        self.reason = why
+        self._retry_later()
+
+    def _back(self, cmd, sub, epoch):
+        self.reconnects += 1
+        log.warning("Redis at %s is back", self.target.shown)
+        self.attach(cmd, sub, epoch)
+
+    def close(self):
+        """Send what waits (briefly), then let go."""
+        self.closed = True
+        if not self.up:
+            return
+        self.up = False
+        for conn in (self.cmd, self.sub):
+            self.server.unwatch(conn.sock)
+            try:
+                conn.sock.settimeout(1.0)
+                conn.sock.sendall(conn.out)
+            except OSError:
+                pass
+            conn.close()
+
+    # Commands
+
+    def call(self, callback, *args):
+        """Send a command (pipelined, at the end of the turn); callback(reply) when its
+        reply comes. False, with nothing sent, while the link is down."""
+        if not self.up:
+            return False
+        self.cmd.send(args, callback)
+        return True
+
+    def script(self, callback, name, keys, args):
+        """Run one of SCRIPTS by its hash, or whole if Redis has forgotten it."""
+        def answer(reply):
+            if isinstance(reply, ReplyError) and reply.startswith("NOSCRIPT"):
+                self.call(callback, "EVAL", SCRIPTS[name], len(keys), *keys, *args)
+            elif callback is not None:
+                callback(reply)
+        return self.call(answer, "EVALSHA", self.shas[name], len(keys), *keys, *args)
+
+    def publish(self, message):
+        return self.call(None, "PUBLISH", self.channel, message)
+
+    def flush(self):
+        """Send what the turn queued; watch for room in the sockets when it did not fit."""
+        if not self.up:
+            return
+        for conn in (self.cmd, self.sub):
+            try:
+                done = conn.flush()
+            except OSError as exc:
+                self.lost("cannot write to Redis: %s" % (exc.strerror or exc))
+                return
+            if len(conn.out) > REDIS_QUEUE_LIMIT:
+                self.lost("over %d MB waits to go to Redis" % (REDIS_QUEUE_LIMIT >> 20))
+                return
+            self.server.watch(conn.sock, functools.partial(self._ready, conn), not done)
+
+    def _ready(self, conn, mask):
+        if not self.up or conn not in (self.cmd, self.sub):
+            return
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self.flush()
+            if mask & selectors.EVENT_READ and self.up:
+                for reply in conn.receive():
+                    self._dispatch(conn, reply)
+                    if not self.up:
+                        return
+        except (OSError, RedisError) as exc:
+            self.lost(str(exc) or type(exc).__name__)
+
+    def _dispatch(self, conn, reply):
+        callback = None
+        if conn is self.sub:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                callback, reply = self.owner.message, reply[2]
+            elif isinstance(reply, list) and reply[:1] == [b"pong"] and conn.waiting:
+                conn.waiting.popleft()
+        elif not conn.waiting:
+            raise RedisError("Redis answered what was not asked")
+        else:
+            callback = conn.waiting.popleft()[0]
+        try:
+            if callback is not None:
+                callback(reply)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
+            log.warning("skipped what Redis sent that cannot be used: %.200r", reply)
+        except Exception:   # a bug must not stop the chat
+            log.exception("handling what Redis sent failed: %.200r", reply)
+
+    def _watch(self):
+        """Every quarter of the reply timeout: late replies, and the heartbeat."""
+        if self.closed:
+            return
+        self.start_watchdog()
+        if not self.up:
+            return
+        now = time.monotonic()
+        for conn in (self.cmd, self.sub):
+            if conn.waiting and now - conn.waiting[0][1] > self.reply_timeout:
+                self.lost("Redis did not answer for %g s" % self.reply_timeout)
+                return
+        if now >= self._next_beat:
+            self._next_beat = now + self.beat_interval
+            self.sub.send(("PING",), None)
+            self.owner.beat()
+            self.call(functools.partial(self._timed, now), "PING")
+            self.flush()
+
+    def _timed(self, sent, reply):
+        self.rtt = time.monotonic() - sent
+
+
+CLUSTER_EVENTS = {kind.__name__: kind for kind in (Joined, Parted, Quit, Renamed, Kicked,
+                                                     Opped, TopicSet)}
+
+
+class ClusterCodec:
+    """What nodes tell each other through Redis, as JSON behind one letter, and back.
+    Everything read is checked and made as safe as a client's input: what is not
+    right raises ValueError (or TypeError, KeyError), and is skipped."""
+
+    def __init__(self, view):
+        self.view = view
+
+    @staticmethod
+    def dumps(kind, record):
+        return kind + json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    @staticmethod
+    def loads(data):
+        record = json.loads(data.decode("utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+
+    @staticmethod
+    def ident(value):
+        if not isinstance(value, str) or not CLUSTER_ID.fullmatch(value):
+            raise ValueError("not a node or member id: %.40r" % (value,))
+        return value
+
+    @staticmethod
+    def flag(value):
+        if not isinstance(value, bool):
+            raise TypeError("not true or false")
+        return value
+
+    @staticmethod
+    def nick(value):
+        return normalize_nick(stored_text(value))
+
+    @staticmethod
+    def room(value):
+        return normalize_room(stored_text(value))
+
+    # Room events
+
+    @staticmethod
+    def event_record(event):
+        record = {item.name: getattr(event, item.name) for item in dataclasses.fields(event)}
+        record["k"] = type(event).__name__
+        return record
+
+    def event(self, record, node):
+        """The room event of a record from node (its uid made this node's)."""
+        kind = CLUSTER_EVENTS[record["k"]]
+        values = {}
+        for item in dataclasses.fields(kind):
+            value = record[item.name] if item.default is dataclasses.MISSING else \
+                record.get(item.name, item.default)
+            if item.name == "room" or (item.name == "to" and value is not None):
+                value = self.room(value)
+            elif item.name in ("nick", "old", "new", "by"):
+                value = self.nick(value)
+            elif item.name == "quiet":
+                value = self.flag(value)
+            elif item.name == "uid":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError("not a number")
+                value = self.view.local_uid(node, value)
+            elif value is not None:
+                value = stored_text(value)[:MAX_TOPIC]
+            values[item.name] = value
+        return kind(**values)
+
+    # Members
+
+    @staticmethod
+    def state_record(member, node):
+        return {"id": member.cid, "node": node, "nick": member.nick, "op": member.operator,
+                "rooms": [room.name for room in member.rooms if member in room.listed],
+                "away": member.away, "real": member.realname, "addr": member.address}
+
+    def state(self, record):
+        rooms = record["rooms"]
+        if not isinstance(rooms, list) or len(rooms) > MAX_JOINED:
+            raise ValueError("not a list of at most %d rooms" % MAX_JOINED)
+        away, address = record.get("away"), record.get("addr") or ""
+        if address and ip_address(stored_text(address)) is None:
+            raise ValueError("not an address: %.40r" % address)
+        node, cid = self.ident(record["node"]), self.ident(record["id"])
+        if not cid.startswith(node + "/"):
+            raise ValueError("a member id of another node")
+        return MemberState(cid, node, self.nick(record["nick"]),
+                           tuple(dict.fromkeys(map(self.room, rooms))), self.flag(record["op"]),
+                           None if away is None else stored_text(away)[:MAX_REASON] or None,
+                           stored_text(record.get("real") or "")[:MAX_REASON], address)
+
+    # Lines
+
+    @staticmethod
+    def line_record(node, number, room, speaker, text, action, when):
+        return {"n": node, "i": number, "r": room.name, "k": speaker.nick, "x": text,
+                "a": action, "w": when}
+
+    def line(self, seq, record):
+        """(node, its number for the line, the Said event)."""
+        number = record["i"]
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 < number < 1 << 53:
+            raise ValueError("not a line number")
+        when = finite_time(record["w"])
+        if when is None:
+            raise ValueError("a line without a time")
+        return self.ident(record["n"]), number, Said(
+            self.room(record["r"]), self.nick(record["k"]),
+            stored_text(record["x"])[:MAX_STORED_TEXT], self.flag(record["a"]), when, seq)
+
+    def private(self, record):
+        said = record["e"]
+        return Private(self.nick(said["sender"]), self.nick(said["target"]),
+                       stored_text(said["text"])[:MAX_STORED_TEXT], self.flag(said["action"]),
+                       False, finite_time(said["time"]) or 0.0)
+
+
+class RedisBroker(Broker):
+    """Room lines and events through Redis.
+
+    A line goes to Redis first (a script numbers it, keeps it in the room's
+    Stream and publishes it) and is told here when it comes back, so every node
+    tells every room's lines in the one order Redis gave them, once: a number
+    at or below the room's last is a repeat. While Redis is out of reach, lines
+    are told here at once and held; once back, the rooms' Streams are read for
+    what the others said meanwhile, and then the held lines go out (they are not
+    told here again)."""
+
+    def __init__(self, cluster):
+        self.cluster, self.link, self.codec = cluster, cluster.link, cluster.codec
+        self._numbers = itertools.count(1)
+        self.in_flight = {}     # number -> (room key, speaker, message): sent, not back yet
+        self.held = collections.deque()   # (number, room key, message): told, to be sent
+        self.resent = {}        # number -> (room key, message): held ones sent, unanswered
+        self.told = set()       # numbers told here before Redis numbered them
+        self.filling = {}       # room key -> [(seq, record)] that came while its Stream is read
+        self.lost_lines = 0
+
+    def line(self, room, speaker, text, action):
+        number = next(self._numbers)
+        message = json.dumps(self.codec.line_record(self.cluster.node, number, room, speaker,
+                                                    text, action, self.hub.clock()),
+                             ensure_ascii=False, separators=(",", ":"))
+        if self.link.up:
+            self.in_flight[number] = (room.key, speaker, message)
+            self._send(number, room.key, message)
+        else:
+            self._hold(number, room.key, message)
+            self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
+                                             self.hub.clock()), speaker)
+
+    def publish(self, room, event, excluded, subject=None):
+        self.hub.publish_here(room, event, excluded)
+        self.cluster.directory.tell(self.codec.event_record(event), subject)
+
+    def forward(self, member, event):
+        self.link.publish(self.codec.dumps("P", {"to": member.cid, "e": {
+            "sender": event.sender, "target": event.target, "text": event.text,
+            "action": event.action, "time": event.time}}))
+
+    def expel(self, member, by, reason):
+        self.link.publish(self.codec.dumps("K", {"to": member.cid, "by": by, "reason": reason}))
+
+    def _send(self, number, key, message):
+        prefix = self.cluster.prefix
+        self.link.script(functools.partial(self._numbered, number), "line",
+                         (prefix + "seq:" + key, prefix + "log:" + key, prefix + "seen:" + key),
+                         (self.cluster.node, number, self.cluster.stream_kept, message,
+                          self.link.channel))
+
+    def _hold(self, number, key, message):
+        self.told.add(number)
+        self.held.append((number, key, message))
+        if len(self.held) > OUTAGE_LINES:
+            self.told.discard(self.held.popleft()[0])
+            self.lost_lines += 1
+            if self.lost_lines == 1:
+                log.warning("Redis has been out of reach for over %d lines: the oldest are "
+                            "told only here", OUTAGE_LINES)
+
+    def _numbered(self, number, reply):
+        """Redis's answer to a line: its number, 0 for a line it had, or an error."""
+        self.resent.pop(number, None)
+        if isinstance(reply, ReplyError):
+            log.warning("Redis refused a line: %s", reply)
+            entry = self.in_flight.pop(number, None)
+            room = entry and self.hub.rooms.get(entry[0])
+            if room is not None:   # told here at least
+                self._tell_held(room, entry[1], entry[2])
+        elif reply == 0:
+            self.told.discard(number)
+
+    # Lines coming in
+
+    def heard(self, seq, record, gap_ok=False):
+        """A numbered line from Redis (pub/sub, or a Stream): told here once, in order."""
+        node, number, event = self.codec.line(seq, record)
+        key = name_key(event.room)
+        waiting = self.filling.get(key)
+        if waiting is not None and not gap_ok:
+            waiting.append((seq, record))
+            return
+        room = self.hub.rooms.get(key)
+        if room is None:
+            return
+        if room.seq and seq <= room.seq:
+            return   # told already
+        if room.seq and seq > room.seq + 1 and not gap_ok and self.link.up:
+            self.fill(room, since=None, first=(seq, record))   # a gap: read the Stream
+            return
+        own = node == self.cluster.node
+        if own and number in self.told:
+            self.told.discard(number)
+            room.seq = max(room.seq, seq)
+            return
+        entry = self.in_flight.pop(number, None) if own else None
+        self.hub.deliver_line(room, event, entry[1] if entry else None)
+
+    def fill(self, room, since=None, first=None):
+        """Read room's Stream after its last line told here (or, when that is unknown,
+        the lines said since a time) and tell what is missing; lines coming meanwhile
+        wait for it."""
+        key = room.key
+        self.filling[key] = [first] if first else []
+        start = "%d-0" % (room.seq + 1) if room.seq or since is None else "-"
+        self.link.call(functools.partial(self._filled, key, since),
+                       "XRANGE", self.cluster.prefix + "log:" + key, start, "+",
+                       "COUNT", self.cluster.stream_kept)
+
+    def _filled(self, key, since, reply):
+        waiting = self.filling.pop(key, [])
+        entries = reply if isinstance(reply, list) else []
+        for entry in entries:
+            seq, record = self.cluster.stream_entry(entry)
+            if since is None or record.get("w", 0) >= since:
+                self._quietly(self.heard, seq, record, True)
+        for seq, record in waiting:
+            self._quietly(self.heard, seq, record, True)
+
+    @staticmethod
+    def _quietly(function, *args):
+        try:
+            function(*args)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            log.warning("skipped a line from Redis that cannot be read: %.200r", args)
+
+    # The link
+
+    def linked(self, renewed, down_since):
+        """Back (or first) in reach: read what was missed, then send what was held."""
+        for room in list(self.hub.rooms.values()):
+            if renewed:
+                room.seq = 0
+            if down_since is not None:
+                self.fill(room, None if renewed or room.seq else down_since)
+        held, self.held = self.held, collections.deque()
+        for number, key, message in held:
+            self.resent[number] = (key, message)
+            self._send(number, key, message)
+
+    def unlinked(self):
+        """Out of reach: lines on their way are told here now, and held to be sent."""
+        for key, waiting in list(self.filling.items()):
+            del self.filling[key]
+            for seq, record in waiting:
+                self._quietly(self.heard, seq, record, True)
+        lines = sorted([(number, key, message) for number, (key, message) in self.resent.items()]
+                       + [(number, key, message)
+                          for number, (key, _, message) in self.in_flight.items()])
+        in_flight, self.in_flight, self.resent = self.in_flight, {}, {}
+        for number, key, message in lines:
+            room = self.hub.rooms.get(key)
+            if number in in_flight and room is not None:
+                self._quietly(self._tell_held, room, in_flight[number][1], message)
+            self._hold(number, key, message)
+        self.held = collections.deque(sorted(self.held))
+
+    def _tell_held(self, room, speaker, message):
+        event = self.codec.line(0, self.codec.loads(message.encode()))[2]
+        self.hub.deliver_line(room, event, speaker)
+
+
+class RedisDirectory(Directory):
+    """Nicks and members shared through Redis.
+
+    A nick is taken here at once (this node's tables include the members of
+    every other) and claimed in Redis, which settles the rare race of two nodes
+    giving one nick at the same moment: the later claim loses, and its member
+    becomes a guest. Each announced member's state is kept in a hash and
+    published with what it does, so other nodes list it; a node that stops
+    beating is lost, and its members with it."""
+
+    def __init__(self, cluster):
+        self.cluster, self.link, self.codec = cluster, cluster.link, cluster.codec
+        self.local = {}         # cid -> Member of this node
+        self.collisions = {}    # cid -> nicks it lost in a row
+        self._numbers = itertools.count(1)
+
+    def claimed(self, member, old_keys):
+        if member.cid is None:
+            member.cid = "%s/%d" % (self.cluster.node, next(self._numbers))
+            self.local[member.cid] = member
+        self._claim(member, old_keys)
+
+    def _claim(self, member, old_keys=()):
+        keys = self._keys(member)
+        old = [key for key in self._keys(member, old_keys) if key not in keys]
+        self.link.script(functools.partial(self._answer, member, member.nick), "claim",
+                         (self.cluster.prefix + "nicks",),
+                         (member.cid, len(keys)) + tuple(keys) + tuple(old))
+
+    @staticmethod
+    def _keys(member, keys=None):
+        """The nicks hash's fields for a member's nick and look-alikes (or for keys)."""
+        keys = (member.key,) + member.lookalikes if keys is None else keys
+        return ["~" + key if index else "=" + key for index, key in enumerate(keys)]
+
+    def _answer(self, member, nick, reply):
+        """A claim's answer: b"ok", or who holds the nick (then member loses it, unless
+        that is its own cid: a claim resent after a time apart)."""
+        if reply == b"ok":
+            self.collisions.pop(member.cid, None)
+        if reply == b"ok" or isinstance(reply, ReplyError) or reply == member.cid.encode() or \
+                member.nick != nick or self.local.get(member.cid) is not member:
+            return
+        self.collisions[member.cid] = self.collisions.get(member.cid, 0) + 1
+        if self.collisions[member.cid] > 3:   # a Redis that lies cannot make it spin
+            log.warning("%r: Redis refuses every nick; keeping %s", member, nick)
+            return
+        log.info("%r lost the nick %s to another node", member, nick)
+        self.hub.nick_lost(member)
+
+    def changed(self, member, told=False):
+        if member.announced:
+            self.tell(None, member, told)
+
+    def tell(self, event_record, member, told=False):
+        """Publish a room event (or None) with the state of the member it is about;
+        told: the others tell their members what changed (after a time apart)."""
+        state = self.codec.state_record(member, self.cluster.node) if member else None
+        message = {"n": self.cluster.node, "e": event_record, "s": state, "t": told}
+        self.link.script(None, "event", (self.cluster.prefix + "members",),
+                         (member.cid if member else "", json.dumps(state) if state else "",
+                          self.link.channel, self.codec.dumps("E", message)))
+
+    def gone(self, member):
+        self.local.pop(member.cid, None)
+        self.collisions.pop(member.cid, None)
+        self.link.script(None, "gone", (self.cluster.prefix + "members",
+                                        self.cluster.prefix + "nicks"),
+                         (member.cid, self.link.channel) + tuple(self._keys(member)))
+
+    # From other nodes
+
+    def heard(self, kind, record):
+        view, node = self.cluster.view, record.get("n")
+        if node == self.cluster.node:
+            return   # told here already
+        if kind == "E":
+            event = record["e"] and self.codec.event(record["e"], self.codec.ident(node))
+            if record["s"] is not None:
+                view.upsert(self.codec.state(record["s"]), event, record.get("t") is True)
+            elif event is not None:
+                view.tell(event)
+        elif kind == "G":
+            view.gone(self.codec.ident(record["id"]))
+        elif kind == "X":
+            lost = view.node_lost(self.codec.ident(record["node"]))
+            log.warning("node %s stopped answering: %d of its members gone", record["node"], lost)
+        elif kind in "PK":
+            member = self.local.get(record["to"])
+            if member is not None and kind == "P":
+                view.private(member, self.codec.private(record))
+            elif member is not None:
+                self.hub._expel(member, self.codec.nick(record["by"]),
+                                stored_text(record["reason"])[:MAX_REASON])
+
+    # The link
+
+    def linked(self):
+        """Back (or first) in reach: claim this node's nicks again, tell its members'
+        states, and learn the others' (told as changes, after a time apart)."""
+        for member in list(self.local.values()):
+            self._claim(member)
+            self.changed(member, told=True)
+        self.link.call(self._members, "HGETALL", self.cluster.prefix + "members")
+
+    def _members(self, reply):
+        states = []
+        for cid, data in zip(reply[::2], reply[1::2]) if isinstance(reply, list) else ():
+            try:
+                state = self.codec.state(self.codec.loads(data))
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                log.warning("skipped a member in Redis that cannot be read: %.100r", cid)
+                continue
+            if state.node != self.cluster.node:
+                states.append(state)
+        self.cluster.view.resync(states, told=self.cluster.started)
+
+
+class RedisStore(Store):
+    """Topics, bans and mutes in Redis hashes (each node enforces what another adds),
+    history in the rooms' Streams. Read with blocking calls only at start."""
+
+    PARTS = ("topics", "bans", "mutes")
+
+    def __init__(self, cluster):
+        self.cluster, self.link = cluster, cluster.link
+        self._saved = {"topics": {}, "bans": {}, "mutes": {}}   # as Redis has it
+        self._unsaved = False   # changed while Redis was out of reach
+
+    @staticmethod
+    def _fields(state):
+        """Each part of a state as hash fields: topics by room, sanctions by network."""
+        fields = {"topics": dict(state.get("topics") or {})}
+        for part in ("bans", "mutes"):
+            fields[part] = {str(record.get("network")): json.dumps(record)
+                            for record in state.get(part) or ()}
+        return fields
+
+    @staticmethod
+    def _state(fields):
+        state = {"topics": fields["topics"]}
+        for part in ("bans", "mutes"):
+            state[part] = []
+            for data in fields[part].values():
+                try:
+                    state[part].append(json.loads(data))
+                except (ValueError, RecursionError):
+                    log.warning("skipped a kept %s that cannot be read", part[:-1])
+        return state
+
+    def load_state(self):
+        fields = {}
+        for part in self.PARTS:
+            reply = self.cluster.blocking.call("HGETALL", self.cluster.prefix + part)
+            fields[part] = self._decoded(reply)
+        self._saved = fields
+        return self._state(fields)
+
+    @staticmethod
+    def _decoded(reply):
+        items = reply if isinstance(reply, list) else []
+        return {key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
+                for key, value in zip(items[::2], items[1::2])
+                if isinstance(key, bytes) and isinstance(value, bytes)}
+
+    def save_state(self, state):
+        fields = self._fields(state)
+        if not self.link.up:
+            self._unsaved = True
+            return
+        changed = False
+        for part in self.PARTS:
+            new, old = fields[part], self._saved[part]
+            gone = [key for key in old if key not in new]
+            if gone:
+                self.link.call(None, "HDEL", self.cluster.prefix + part, *gone)
+            for key, value in new.items():
+                if old.get(key) != value:
+                    self.link.call(None, "HSET", self.cluster.prefix + part, key, value)
+                    changed = True
+            changed = changed or bool(gone)
+        self._saved = fields
+        if changed:
+            self.link.publish(ClusterCodec.dumps("S", {"n": self.cluster.node}))
+
+    def reload(self):
+        """Another node changed topics, bans or mutes: read them all back."""
+        got = {}
+
+        def part_read(part, reply):
+            got[part] = self._decoded(reply)
+            if len(got) == len(self.PARTS):
+                self._saved = got
+                self.cluster.hub.adopt_state(self._state(got))
+        for part in self.PARTS:
+            self.link.call(functools.partial(part_read, part), "HGETALL",
+                           self.cluster.prefix + part)
+
+    def linked(self):
+        if self._unsaved:
+            self._unsaved = False
+            hub = self.cluster.hub
+            self.save_state({"topics": hub.topics, "bans": hub.bans.records(),
+                             "mutes": hub.mutes.records()})
+        self.reload()
+
+    def history(self, room, count):
+        """A room's last lines: read at once while the node starts, later in the
+        background (a room made here that others had)."""
+        key = self.cluster.prefix + "log:" + name_key(room)
+        if not count:
+            return []
+        if self.cluster.blocking is not None:
+            return self._said(self.cluster.blocking.call("XREVRANGE", key, "+", "-",
+                                                         "COUNT", count))
+        self.link.call(functools.partial(self._backfill, room), "XREVRANGE", key, "+", "-",
+                       "COUNT", count)
+        return []
+
+    def _said(self, reply):
+        events = []
+        for entry in reversed(reply) if isinstance(reply, list) else ():
+            try:
+                seq, record = self.cluster.stream_entry(entry)
+                events.append(self.cluster.codec.line(seq, record)[2])
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                log.warning("skipped a line in Redis that cannot be read")
+        return events
+
+    def _backfill(self, name, reply):
+        room = self.cluster.hub.rooms.get(name_key(name))
+        if room is not None:
+            self.cluster.hub.backfill(room, self._said(reply))
+
+
+class RedisCluster:
+    """This node's part in a chat of several nodes: the link to Redis, and the broker,
+    directory and store the hub is given. It hears the link's news, sorts what the
+    other nodes say, beats for this node, and says how the link is."""
+
+    def __init__(self, server, options):
+        self.server, self.options = server, options
+        self.prefix = options.redis_prefix
+        self.name = options.node or "%s:%d" % (socket.gethostname(), options.port)
+        self.node = "%s~%s" % (re.sub(r"[^\w.:\[\]-]", "_", self.name)[:100], os.urandom(4).hex())
+        self.stream_kept = max(options.history, STREAM_KEPT)
+        self.hub = self.view = None
+        self.codec = ClusterCodec(None)
+        self.link = RedisLink(server, RedisTarget.parse(options.redis), self.prefix, self,
+                              options.redis_timeout, options.node_timeout / 5)
+        cmd, sub, epoch = self.link.connect()   # RedisError: the server says why
+        self.blocking = cmd     # while the node starts: calls that wait
+        self._first = (cmd, sub, epoch)
+        self.broker, self.directory, self.store = \
+            RedisBroker(self), RedisDirectory(self), RedisStore(self)
+        self.started = False
+        self.down_since = None  # the time the link went down, while it is
+        self._beats = 0
+
+    def start(self, hub):
+        """The hub exists: learn the other nodes' members, then run in the loop."""
+        self.hub = hub
+        self.view = self.codec.view = ClusterView(hub)
+        self.directory._members(self.blocking.call("HGETALL", self.prefix + "members"))
+        self.blocking = None
+        self.link.attach(*self._first)
+        self.started = True
+        self.link.start_watchdog()
+
+    def close(self):
+        if self.link.up:
+            self.link.call(None, "ZREM", self.prefix + "nodes", self.node)
+        self.link.close()
+
+    def healthy(self):
+        """None when this node serves linked to the others; else why not."""
+        return None if self.link.up else "Redis is out of reach: %s" % self.link.reason
+
+    # The link's news
+
+    def linked(self, renewed):
+        self.beat()
+        if self.started:
+            log.warning("linked to the other nodes again%s", " (Redis lost what it held)"
+                        if renewed else "")
+            self.directory.linked()
+            self.broker.linked(renewed, self.down_since)
+            self.store.linked()
+            self.view.tell_here(notice("cluster_up"))
+        self.down_since = None
+
+    def unlinked(self, why):
+        self.down_since = self.hub.clock()
+        self._beats = 0
+        self.broker.unlinked()
+        self.view.tell_here(notice("cluster_down"))
+
+    def beat(self):
+        self.link.script(self._beaten, "beat", tuple(self.prefix + key for key in (
+            "nodes", "members", "nicks")), (self.node, int(self.options.node_timeout * 1000),
+                                             self.link.channel))
+
+    def _beaten(self, reply):
+        """A beat's answer: 1 when this node was not listed: taken for lost meanwhile,
+        its members must be told again."""
+        self._beats += 1
+        if reply == 1 and self._beats > 1:
+            log.warning("the other nodes took this one for lost: telling them its members")
+            self.directory.linked()
+
+    def message(self, payload):
+        """One message of the channel, from any node (this one too)."""
+        kind = payload[:1]
+        if kind == b"L":
+            head, _, body = payload.partition(b" ")
+            seq = int(head[1:])
+            if seq <= 0:
+                raise ValueError("not a line's number")
+            self.broker.heard(seq, self.codec.loads(body))
+        elif kind in (b"E", b"G", b"X", b"P", b"K"):
+            self.directory.heard(kind.decode(), self.codec.loads(payload[1:]))
+        elif kind == b"S":
+            if self.codec.loads(payload[1:]).get("n") != self.node:
+                self.store.reload()
+        else:
+            raise ValueError("an unknown message")
+
+    def stream_entry(self, entry):
+        """(seq, record) of an entry of a room's Stream."""
+        ident, fields = entry
+        seq = int(ident.split(b"-")[0])
+        data = dict(zip(fields[::2], fields[1::2]))[b"e"]
+        return seq, self.codec.loads(data)
 
 
 # --- Dialects ---
@@ -4185,6 +5362,14 @@ class ServerOptions:
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     irc_ping_interval: float = IRC_PING_INTERVAL
     irc_ping_timeout: float = IRC_PING_TIMEOUT
+    redis: Optional[str] = None        # set: a node of a chat shared through this Redis URL
+    redis_prefix: str = REDIS_PREFIX
+    node: Optional[str] = None         # this node's name (default: host:port)
+    node_timeout: float = NODE_TIMEOUT
+    redis_timeout: float = REDIS_REPLY_TIMEOUT
+    health: bool = True                # GET /healthz and /metrics
+    reuse_port: bool = False           # other processes listen on the port too (--workers)
+    metrics_allow: tuple = ("127.0.0.0/8", "::1/128")   # who may read /metrics
 
 
 @dataclass(frozen=True)
@@ -4957,6 +6142,8 @@ class Output:
             failed, self._failed = self._failed, []
             for conn, reason in failed:
                 self._drop(conn, reason)
+        if self.cluster:
+            self.cluster.link.flush()
 
     def _deliver_shared(self, conn, data):
         """The hot path: a member's share of a turn, sent straight from the bytes every
@@ -5167,9 +6354,11 @@ class ChatServer(Intake, Output):
         self._web_names = {"localhost", machine, machine.partition(".")[0],
                            self.name.lower()} | {name.lower() for name in self.options.web_hosts}
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.cluster = RedisCluster(self, self.options) if self.options.redis else None
         self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes,
                                  self.options.history)   # first: a refusal leaks nothing
-                       if self.options.data_dir else Store())
+                       if self.options.data_dir else
+                       self.cluster.store if self.cluster else Store())
         self._selector = selectors.DefaultSelector()
         self._listeners = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -5184,7 +6373,11 @@ class ChatServer(Intake, Output):
             self, lambda: self.options.register_timeout, self._expire_registration)
         self._silences = DelayLine(self, lambda: self.options.greet_delay, self._silence)
         self._sync_pending = False
-        self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store)
+        self._services = {}            # socket -> handler(mask), for sockets not clients'
+        self.counters = collections.Counter()   # for /metrics
+        self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store,
+                       broker=self.cluster and self.cluster.broker,
+                       directory=self.cluster and self.cluster.directory)
         rate = self.options.rate
         self._read_size = PACED_RECV_SIZE if rate else RECV_SIZE
         self._flood_lines = math.ceil(rate * self.options.flood_lag)
@@ -5197,6 +6390,8 @@ class ChatServer(Intake, Output):
         self._calls_lock = threading.Lock()
         self._loop_thread = None           # the thread in serve_forever(), while it runs
         try:
+            if self.cluster:
+                self.cluster.start(self.hub)
             self._bind()
             for sock in (self._wake_r, self._wake_w):
                 sock.setblocking(False)
@@ -5256,6 +6451,8 @@ class ChatServer(Intake, Output):
         for sock in self._listeners + [self._wake_r, self._wake_w]:
             sock.close()
         self._listeners = []
+        if self.cluster:
+            self.cluster.close()
         self._selector.close()
         if self._store is not None:
             self._store.close()
@@ -5289,7 +6486,7 @@ class ChatServer(Intake, Output):
     def members(self):
         """A ConnectionInfo for every member of the chat, in the order they were greeted."""
         return self.run_in_loop(lambda: [member.endpoint.info()
-                                         for member in self.hub.members.values()])
+                                         for member in self.hub.local_members()])
 
     def rooms(self):
         """A RoomInfo for every room, the default room first."""
@@ -5329,7 +6526,7 @@ class ChatServer(Intake, Output):
         if not opts.host and opts.family is None and socket.has_dualstack_ipv6():
             self._listeners.append(socket.create_server(
                 ("", opts.port), family=socket.AF_INET6, dualstack_ipv6=True,
-                backlog=LISTEN_BACKLOG))
+                backlog=LISTEN_BACKLOG, reuse_port=opts.reuse_port))
         else:
             host = opts.host or ("::" if opts.family == socket.AF_INET6 else "0.0.0.0")
             infos = socket.getaddrinfo(host, opts.port, opts.family or socket.AF_UNSPEC,
@@ -5337,7 +6534,8 @@ class ChatServer(Intake, Output):
             port = opts.port
             for family, _, _, _, address in dict.fromkeys(infos):
                 address = (address[0], port) + tuple(address[2:])
-                sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+                sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG,
+                                            reuse_port=opts.reuse_port)
                 self._listeners.append(sock)
                 port = sock.getsockname()[1]   # with --port 0, every listener shares the first port
         for sock in self._listeners:
@@ -5439,6 +6637,26 @@ class ChatServer(Intake, Output):
         except ValueError:
             return False
 
+    def call_soon(self, function, *args):
+        """Call function(*args) in the loop, soon; safe from any thread."""
+        with self._calls_lock:
+            self._calls.append((functools.partial(function, *args), [], threading.Event()))
+        self._wake()
+
+    def watch(self, sock, handler, writing=False):
+        """Have handler(mask) called when sock (not a client's) is ready."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        if sock in self._services:
+            if self._selector.get_key(sock).events != events:
+                self._selector.modify(sock, events)
+        else:
+            self._selector.register(sock, events)
+        self._services[sock] = handler
+
+    def unwatch(self, sock):
+        if self._services.pop(sock, None) is not None:
+            self._selector.unregister(sock)
+
     def call_later(self, delay, callback, *args):
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq),
                                       callback, args))
@@ -5471,7 +6689,7 @@ class ChatServer(Intake, Output):
         """Handle every socket that is ready within timeout."""
         for key, mask in self._selector.select(timeout):
             if key.data is None:
-                self._handle_service_socket(key.fileobj)
+                self._handle_service_socket(key.fileobj, mask)
             else:
                 self._handle_events(key.data, mask)
 
@@ -5483,10 +6701,12 @@ class ChatServer(Intake, Output):
             timeout = 0.5 if timeout is None else min(timeout, 0.5)
         return timeout
 
-    def _handle_service_socket(self, sock):
+    def _handle_service_socket(self, sock, mask):
         if sock is self._wake_r:
             drain(sock)
             self._run_calls()
+        elif sock in self._services:
+            self._services[sock](mask)
         else:
             self._accept_from(sock)
 
@@ -7263,6 +8483,31 @@ def add_server_parser(commands):
     storage.add_argument("--log-max-bytes", type=positive_int, default=DEFAULT_LOG_MAX_BYTES,
                          metavar="BYTES", help="rotate a room's log past this size, once it holds "
                          "the --history lines; one older log is kept (default %(default)s)")
+    cluster = server.add_argument_group(
+        "several nodes", "nodes started with the same --redis form one chat: rooms, nicks, "
+        "history, bans and private messages span them all")
+    cluster.add_argument("--redis", metavar="URL", default=os.environ.get("CHAT_REDIS_URL"),
+                         help="redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... (TLS) or "
+                         "unix:///PATH; the environment variable CHAT_REDIS_URL keeps a "
+                         "password out of ps (default: one node, no Redis)")
+    cluster.add_argument("--redis-prefix", default=REDIS_PREFIX, metavar="PREFIX",
+                         help="start of every Redis key, so chats can share one Redis "
+                         "(default %(default)s)")
+    cluster.add_argument("--node", metavar="NAME", help="this node's name in logs (default: "
+                         "HOST:PORT)")
+    cluster.add_argument("--node-timeout", type=positive_float, default=NODE_TIMEOUT,
+                         metavar="SECONDS", help="a node silent this long is taken for lost and "
+                         "its members leave (default %(default)s; at most 1.2 times it passes "
+                         "before the others notice)")
+    cluster.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                         help="N processes on this machine share the port, linked through "
+                         "--redis, so N cores serve (needs SO_REUSEPORT: Linux, BSD, macOS)")
+    operating = server.add_argument_group("operating")
+    operating.add_argument("--no-health", dest="health", action="store_false",
+                           help="do not answer GET /healthz and /metrics")
+    operating.add_argument("--metrics-allow", metavar="CIDR", action="append", default=[],
+                           type=network_name, help="may read /metrics (repeatable; default: "
+                           "this machine only)")
     verbosity = server.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log errors only")
@@ -7388,6 +8633,14 @@ def non_negative_float(text):
     return value
 
 
+def network_name(text):
+    """A network (an address is a network of one) for --metrics-allow."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an address or a network (CIDR)" % text)
+
+
 def positive_float(text):
     value = non_negative_float(text)
     if not value:
@@ -7471,7 +8724,21 @@ def server_options(args):
         op_password=read_password(args.op_password_file, "CHAT_OP_PASSWORD"),
         data_dir=args.data_dir, log_max_bytes=args.log_max_bytes,
         rate=args.rate, burst=args.burst, max_per_ip=args.max_per_ip, history=args.history,
-        web=args.web, web_hosts=tuple(args.web_hosts))
+        web=args.web, web_hosts=tuple(args.web_hosts), redis=args.redis,
+        redis_prefix=args.redis_prefix, node=args.node, node_timeout=args.node_timeout,
+        health=args.health, metrics_allow=tuple(args.metrics_allow) or ServerOptions.metrics_allow)
+    if args.redis:
+        if args.data_dir:
+            raise ChatError("--data-dir and --redis do not go together: with --redis, Redis "
+                            "keeps the history, topics and bans (give it persistence)")
+        try:
+            RedisTarget.parse(args.redis)
+        except ValueError as exc:
+            raise ChatError("invalid --redis: %s" % exc)
+        if not CLUSTER_ID.fullmatch(args.redis_prefix.replace(" ", "_")):
+            raise ChatError("invalid --redis-prefix: use letters, digits and .:-_ only")
+    if args.workers > 1 and not args.redis:
+        raise ChatError("--workers needs --redis: the workers share the chat through it")
     if args.tls_key and not args.tls_cert:
         raise ChatError("--tls-key needs --tls-cert")
     fingerprint = None
@@ -7501,11 +8768,49 @@ def log_start_notes(args, options, fingerprint):
     raise_open_file_limit(options.max_clients + RESERVED_FDS)
 
 
+WORKER_VARIABLE = "CHAT_WORKER"       # set in the processes --workers starts
+
+
+def run_workers(args):
+    """--workers N: N processes of this very command share the port (SO_REUSEPORT: the
+    kernel spreads connections over them) and one chat through --redis. When one
+    stops, the others are stopped too."""
+    if not hasattr(socket, "SO_REUSEPORT") or WINDOWS:
+        raise ChatError("--workers needs SO_REUSEPORT, which this platform lacks: run one "
+                        "node per port instead, behind a load balancer")
+    if not args.port:
+        raise ChatError("--workers needs a --port other than 0: the workers must share one")
+    workers = []
+    for number in range(1, args.workers + 1):
+        env = dict(os.environ, **{WORKER_VARIABLE: str(number)})
+        workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)]
+                                        + sys.argv[1:], env=env))
+    stop = threading.Event()
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
+    while not stop.is_set() and all(worker.poll() is None for worker in workers):
+        stop.wait(0.2)
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    return max(worker.wait() for worker in workers)
+
+
 def run_server(args):
     configure_logging(args)
+    worker = os.environ.get(WORKER_VARIABLE)
+    if args.workers > 1 and not worker:
+        server_options(args)   # errors before any worker starts
+        return run_workers(args)
     options, fingerprint = server_options(args)
+    if args.workers > 1:
+        options.reuse_port = True
+        options.node = "%s-w%s" % (options.node or "%s:%d" % (socket.gethostname(),
+                                                              options.port), worker)
     try:
         server = ChatServer(options)
+    except RedisError as exc:
+        raise ChatError(str(exc))
     except StoreError as exc:
         raise ChatError(exc.strerror)
     except OSError as exc:
