@@ -4976,6 +4976,9 @@ class HttpDialect(Dialect):
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             self._respond(505, "HTTP/1.0 and HTTP/1.1 only")
             return
+        if path in ("/healthz", "/metrics") and self.server.options.health:
+            self._operating(method, path)   # for load balancers: any Host, --no-web too
+            return
         if not self.server.options.web:
             self._respond(404, "this chat server has no web page: connect with nc, IRC or "
                                "chat.py client")
@@ -5014,6 +5017,22 @@ class HttpDialect(Dialect):
         if parts[2] == "HTTP/1.1" and "host" not in headers:
             return None
         return parts[0], parts[1].split("?", 1)[0], parts[2], headers
+
+    def _operating(self, method, path):
+        if method not in ("GET", "HEAD"):
+            self._respond(405, "only GET and HEAD", {"Allow": "GET, HEAD"})
+        elif path == "/healthz":
+            why = self.server.health()
+            self._respond(200 if why is None else 503, why or "", {
+                "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"},
+                body=b"" if method == "HEAD" else ("%s\n" % (why or "ok")).encode(), keep=True)
+        elif not self.server.metrics_allowed(self.conn.ip):
+            self._respond(403, "metrics are only for the addresses of --metrics-allow")
+        else:
+            body = self.server.metrics_text().encode()
+            self._respond(200, "", {"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                                    "Cache-Control": "no-store"},
+                          body=b"" if method == "HEAD" else body, length=len(body), keep=True)
 
     def _page(self, method, headers):
         if headers.get("if-none-match") == PAGE_ETAG:
@@ -5612,6 +5631,7 @@ class TurnBatcher:
         self.marks = {}         # Connection -> [(seq, DATA/SKIP/ENTER/LEAVE, value)]
         self.seq = 0
         self.volume = 0         # bytes of chat text in the turn, roughly
+        self.deliveries = 0     # connections handed a turn's output, ever (roughly: /metrics)
 
     def __bool__(self):
         return bool(self.rooms or self.marks)
@@ -5659,6 +5679,7 @@ class TurnBatcher:
         turn, and deliver_shared(conn, data) for each that gets only a room's bytes."""
         rooms, marks = self.rooms, self.marks
         self.rooms, self.marks, self.volume = {}, {}, 0
+        self.deliveries += len(marks) + sum(len(room.members) for room in rooms)
         for conn, conn_marks in marks.items():
             conn.owed = 0
             if conn.stage is not CLOSED:
@@ -5812,6 +5833,8 @@ class HubSink:
         self._server, self._batcher = server, batcher
 
     def publish(self, room, event, excluded):
+        if type(event) is Said:
+            self._server.counters["room_lines"] += 1
         self._batcher.publish(room, event, tuple(member.endpoint for member in excluded))
 
     def send(self, member, event):
@@ -6054,6 +6077,7 @@ class Intake:
         else:
             conn.inbox = collections.deque(messages)
         conn.inbox_bytes += sum(map(len, messages))
+        self.counters["messages_received"] += len(messages)
         self._release(conn)
 
     def _release(self, conn):
@@ -6078,6 +6102,7 @@ class Intake:
                                   or conn.inbox_bytes > self._flood_bytes):
             self._excess_flood(conn)
         elif inbox:
+            self.counters["flood_delayed"] += 1
             conn.release_pending = True
             self.call_later(conn.seconds_to_next_token(self.options.rate), self._release, conn)
             return
@@ -6104,6 +6129,7 @@ class Intake:
         a flooder that died with megabytes in flight stops at once instead of talking
         on for an hour."""
         log.warning("%r: excess flood, %d lines waiting", conn, len(conn.inbox))
+        self.counters["excess_flood"] += 1
         self.disconnect(conn, "excess flood", notice(
             "excess_flood", seconds=math.ceil(self.options.flood_lag)))
 
@@ -6216,6 +6242,7 @@ class Output:
                 and now - conn.stuck_since > self.options.queue_grace
                 or conn.queued > SEND_QUEUE_HARD * self.options.queue_limit):
             self._failed.append((conn, "send queue exceeded"))
+            self.counters["slow_readers_dropped"] += 1
 
     def _recheck_backlog(self, conn):
         if conn.stage is not CLOSED and conn.stuck_since is not None:
@@ -6337,7 +6364,62 @@ class Output:
         log.info("stopped")
 
 
-class ChatServer(Intake, Output):
+class Operating:
+    """A part of ChatServer: what a load balancer and a monitoring system ask, by HTTP
+    on the chat's port (GET /healthz, GET /metrics in the Prometheus text format)."""
+
+    DIALECTS = {"LineDialect": "line", "IrcDialect": "irc", "WebSocketDialect": "websocket",
+                "HttpDialect": "http", "NoneType": "undecided"}
+
+    def health(self):
+        """None when this server serves (and, in a cluster, is linked); else why not."""
+        if self._stop_requested:
+            return "shutting down"
+        return self.cluster.healthy() if self.cluster else None
+
+    def metrics_allowed(self, ip):
+        address = ip_address(ip)
+        return address is not None and any(
+            address in ipaddress.ip_network(network) for network in self.options.metrics_allow
+            if ipaddress.ip_network(network).version == address.version)
+
+    def metrics_text(self):
+        dialects = collections.Counter(self.DIALECTS.get(type(conn.dialect).__name__, "other")
+                                       for conn in self._conns)
+        counts, hub = self.counters, self.hub
+        counts["deliveries"] = self._batcher.deliveries
+        lines = []
+
+        def metric(name, kind, text, samples):
+            lines.extend(("# HELP chat_%s %s" % (name, text), "# TYPE chat_%s %s" % (name, kind)))
+            lines.extend("chat_%s%s %s" % (name, labels, value) for labels, value in samples)
+        metric("connections", "gauge", "Open connections, by dialect.",
+               [('{dialect="%s"}' % name, dialects[name])
+                for name in sorted(set(self.DIALECTS.values()))])
+        metric("members", "gauge", "Members in the chat (on every node).",
+               [("", len(hub.members))])
+        metric("local_members", "gauge", "Members on this node.",
+               [("", sum(1 for conn in self._conns if conn.member is not None))])
+        metric("rooms", "gauge", "Rooms.", [("", len(hub.rooms))])
+        for name, text in (("messages_received", "Lines and messages received from clients."),
+                           ("room_lines", "Room lines told here (said on any node)."),
+                           ("deliveries", "Sends of a turn's output to one connection."),
+                           ("slow_readers_dropped", "Connections dropped for not reading."),
+                           ("flood_delayed", "Times flood control held a client's lines."),
+                           ("excess_flood", "Connections dropped for excess flood."),
+                           ("refused_passwords", "Wrong server passwords.")):
+            metric(name + "_total", "counter", text, [("", counts[name])])
+        if self.cluster:
+            link = self.cluster.link
+            metric("redis_up", "gauge", "1 while linked to Redis.", [("", int(link.up))])
+            metric("redis_rtt_seconds", "gauge", "Round trip of the last heartbeat.",
+                   [("", "%.6f" % link.rtt)])
+            metric("redis_reconnects_total", "counter", "Times the link to Redis came back.",
+                   [("", link.reconnects)])
+        return "\n".join(lines) + "\n"
+
+
+class ChatServer(Intake, Output, Operating):
     """A single-threaded chat server on non-blocking sockets and one selector.
 
     The loop reads every ready socket, hands complete messages (as flood
@@ -6607,6 +6689,7 @@ class ChatServer(Intake, Output):
     def refuse_password(self, conn, answer):
         """A wrong password: the answer, and the close, only after a pause, so guessing
         is slow even for one who hangs up; its input is not read meanwhile."""
+        self.counters["refused_passwords"] += 1
         conn.stage = DENIED
         conn.reading = False
         self._update_interest(conn)
