@@ -4585,3 +4585,240 @@ class HistoryMemoryTest(ServerTestCase):
         self.assertEqual(len(history_of(carol)), 10)
         carol.say("/join #a")
         self.assertEqual([line[6:11] for line in history_of(carol)], ["#a 08", "#a 09"])
+
+
+# --- Several nodes through Redis ---
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A real redis-server on a unix socket in a temporary folder, stopped at the end."""
+
+    def __init__(self, test, *options):
+        self.folder = tempfile.mkdtemp(prefix="chat-redis-")
+        test.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "redis.sock")
+        self.url = "unix://" + self.path
+        self.options = list(options)
+        self.proc = None
+        self.start()
+        test.addCleanup(self.stop)
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", "0", "--unixsocket", self.path, "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", self.folder] + self.options,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, message="redis-server to start")
+
+    def _answers(self):
+        try:
+            return self.call("PING") == "PONG"
+        except chat.RedisError:
+            return False
+
+    def call(self, *args):
+        conn = chat.RespConnection.open(chat.RedisTarget.parse(self.url), TIMEOUT)
+        try:
+            if self.options[:1] == ["--requirepass"]:
+                conn.call("AUTH", self.options[1])
+            return conn.call(*args)
+        finally:
+            conn.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+
+    def pause(self, test):
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        test.addCleanup(self.resume)
+
+    def resume(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+
+@unittest.skipUnless(REDIS_SERVER and POSIX, "needs redis-server")
+class ClusterTestCase(unittest.TestCase):
+    """Nodes of one chat, real ChatServers in threads, linked by a real redis-server."""
+
+    NODES = 3
+    DEFAULTS = dict(host="127.0.0.1", name="testroom", rate=0, greet_delay=5.0,
+                    close_linger=0.5, shutdown_timeout=1.0, node_timeout=1.0,
+                    redis_timeout=1.0, op_password="op secret")
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+        self.nodes = [self.start_node(letter) for letter in "ABC"[:self.NODES]]
+
+    def start_node(self, name, **options):
+        settings = dict(self.DEFAULTS, port=0, redis=self.redis.url, node=name)
+        settings.update(options)
+        server = chat.ChatServer(chat.ServerOptions(**settings))
+        self.addCleanup(server.server_close)
+        thread = threading.Thread(target=server.serve_forever, name="node-" + name, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(server.shutdown)
+        return server
+
+    def peer(self, node, source="127.0.0.1"):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.bind((source, 0))
+        sock.connect(self.nodes[node].addresses[0])
+        return Peer(sock)
+
+    def connect(self, node, nick, source="127.0.0.1"):
+        peer = self.peer(node, source)
+        peer.say("/nick " + nick)
+        peer.expect(r"\*\*\* type /help for commands")
+        return peer
+
+    def irc(self, node, nick):
+        sock = socket.create_connection(self.nodes[node].addresses[0], timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        peer = IrcPeer(sock)
+        peer.register(nick)
+        return peer
+
+    def ws(self, node, nick):
+        peer = WsPeer(self.nodes[node].addresses[0])
+        self.addCleanup(peer.close)
+        peer.say("/nick " + nick)
+        peer.expect(type="room")
+        return peer
+
+    def wait_listed(self, node, *nicks, room="#lobby"):
+        """Wait until node lists nicks in room (the other nodes have told it)."""
+        def listed():
+            found = {info.name: info for info in self.nodes[node].rooms()}
+            return room in found and set(nicks) <= set(self.listed(node, room))
+        wait_for(listed, message="%s listed on node %d" % (", ".join(nicks), node))
+
+    def listed(self, node, room="#lobby"):
+        peer = self.connect(node, "seer%d" % next(SEERS))
+        peer.say("/who " + room)
+        names = peer.expect(r"\*\*\* (%s: )?\d+ online: .*" % re.escape(room))
+        peer.say("/quit")
+        return [name.lstrip("@") for name in names.split(": ")[-1].split(", ")]
+
+
+SEERS = itertools.count(1)
+
+
+class ClusterTest(ClusterTestCase):
+    """Three nodes are one chat, for every kind of client."""
+
+    def test_nc_irc_and_browser_on_three_nodes_talk_as_one(self):
+        alice = self.connect(0, "alice")
+        bob = self.irc(1, "bob")
+        carol = self.ws(2, "carol")
+        self.assertEqual(alice.expect(r"\*\*\* carol .*"), "*** carol joined")
+        alice.say("hello from nc")
+        self.assertEqual(bob.expect(r":alice\S* PRIVMSG .*"),
+                         ":alice!alice@chat PRIVMSG #lobby :hello from nc")
+        self.assertEqual(carol.expect(type="said")["text"], "hello from nc")
+        bob.irc("PRIVMSG #lobby :hello from irc")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> hello from irc")
+        carol.say("hello from the web")
+        self.assertEqual(alice.expect(r"<carol> .*"), "<carol> hello from the web")
+        self.assertEqual(bob.expect(r":carol\S* PRIVMSG .*"),
+                         ":carol!carol@chat PRIVMSG #lobby :hello from the web")
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* \d+ online: .*"), "*** 3 online: alice, bob, carol")
+        bob.irc("NAMES #lobby")
+        self.assertRegex(bob.numeric("353"), r"^:\S+ 353 bob = #lobby :.*")
+
+    def test_every_member_sees_one_order_once(self):
+        alice, dave = self.connect(0, "alice"), self.connect(1, "dave")
+        watchers = [self.connect(node, "w%d" % node) for node in range(3)]
+        self.wait_listed(2, "alice", "dave", "w0", "w1", "w2")
+        for number in range(40):
+            alice.say("a%02d" % number)
+            dave.say("d%02d" % number)
+        seen = []
+        for watcher in watchers:
+            lines = []
+            while len(lines) < 80:
+                line = watcher.next_line()
+                if line.startswith(("<alice>", "<dave>")):
+                    lines.append(line)
+            seen.append(lines)
+            self.assertNotRegex("\n".join(watcher.sync()), r"<(alice|dave)>")   # no repeats
+        self.assertEqual(seen[0], seen[1])
+        self.assertEqual(seen[0], seen[2])
+        self.assertEqual(sorted(seen[0]), sorted(["<alice> a%02d" % n for n in range(40)]
+                                                 + ["<dave> d%02d" % n for n in range(40)]))
+
+    def test_nicks_are_unique_across_nodes(self):
+        self.connect(0, "alice")
+        self.wait_listed(1, "alice")
+        other = self.peer(1)
+        other.say("/nick ALICE", "/nick a1ice", "/nick bob")
+        self.assertEqual(other.expect(r"\*\*\* error: nick .*"), "*** error: nick ALICE is taken")
+        self.assertEqual(other.expect(r"\*\*\* error: nick .*"),
+                         "*** error: nick a1ice looks like alice, who is online")
+        other.expect(r"\*\*\* you are now known as bob")
+
+    def test_private_words_topics_away_and_whois_across_nodes(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        carol = self.connect(2, "carol")
+        self.wait_listed(0, "bob", "carol")
+        alice.say("/msg bob psst")
+        self.assertEqual(bob.expect(r"\*alice\* .*"), "*alice* psst")
+        bob.say("/away lunch")
+        bob.expect(r"\*\*\* you are away.*")
+        alice.say("/topic the plan")
+        self.assertEqual(carol.expect(r"\*\*\* alice set .*"),
+                         "*** alice set the topic of #lobby: the plan")
+        wait_for(lambda: self.nodes[2].rooms()[0].topic == "the plan", message="the topic")
+        wait_for(lambda: "lunch" in "\n".join(self.whois(0, "bob")), message="bob's away")
+        alice.say("/msg bob are you there?")
+        self.assertEqual(alice.expect(r"\*\*\* bob is away.*"), "*** bob is away: lunch")
+        self.assertEqual(bob.expect(r"\*alice\* .*"), "*alice* are you there?")
+        carol.say("/ignore alice")
+        carol.expect(r"\*\*\* ignoring .*")
+        alice.say("/msg carol hello?", "/msg bob last")
+        bob.expect(r"\*alice\* last")
+        self.assertNotIn("*alice* hello?", carol.sync())
+
+    def whois(self, node, nick):
+        peer = self.connect(node, "asker%d" % next(SEERS))
+        peer.say("/whois " + nick, "/who")
+        return peer.lines_until(r"\*\*\* \d+ online: .*")
+
+    def test_a_newcomer_on_another_node_gets_the_history(self):
+        alice, watcher = self.connect(0, "alice"), self.connect(2, "watcher")
+        alice.say("first", "second")
+        watcher.expect(r"<alice> second")
+        late = self.peer(2)
+        late.say("/nick late")
+        self.assertEqual(history_of(late), ["<alice> first", "<alice> second"])
+
+    def test_operators_act_on_members_of_other_nodes(self):
+        alice = self.connect(0, "alice")
+        alice.say("/op op secret")
+        alice.expect(r"\*\*\* you are an operator now")
+        bob = self.connect(1, "bob", "127.0.0.2")
+        carol = self.connect(2, "carol", "127.0.0.3")
+        dave = self.connect(2, "dave", "127.0.0.4")
+        self.wait_listed(0, "bob", "carol", "dave")
+        alice.say("/kick bob enough")
+        self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (enough)")
+        self.assertEqual(carol.expect(r"\*\*\* bob .*"), "*** bob was kicked by alice (enough)")
+        alice.say("/mute carol 10m")
+        self.assertRegex(carol.expect(r"\*\*\* alice muted you.*"), r"for (10m|9m \d+s)")
+        carol.say("can I talk?")
+        self.assertEqual(carol.expect(r"\*\*\* error.*"),
+                         "*** error: you are muted; you may still /msg an operator")
+        alice.say("/ban dave 1h spam")
+        self.assertEqual(dave.expect_closed()[-1], "*** you were kicked by alice (banned: spam)")
+        again = self.peer(1, "127.0.0.4")
+        again.say("/nick dave")
+        self.assertEqual(again.expect_closed(), ["*** error: banned"])
