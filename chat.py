@@ -3371,8 +3371,9 @@ class RedisBroker(Broker):
         for room in list(self.hub.rooms.values()):
             if renewed:
                 room.seq = 0
-            if down_since is not None:
-                self.fill(room, None if renewed or room.seq else down_since)
+            if down_since is not None:   # no line told here yet: those since it was known
+                self.fill(room, None if renewed or room.seq else
+                          self.cluster.store.known.get(room.key, 0))
         held, self.held = self.held, collections.deque()
         for number, key, message in held:
             self.resent[number] = (key, message)
@@ -3528,6 +3529,7 @@ class RedisStore(Store):
         self.cluster, self.link = cluster, cluster.link
         self._saved = {"topics": {}, "bans": {}, "mutes": {}}   # as Redis has it
         self._unsaved = False   # changed while Redis was out of reach
+        self.known = {}         # room key -> when this node made the room (for its lines)
 
     @staticmethod
     def _fields(state):
@@ -3609,6 +3611,7 @@ class RedisStore(Store):
     def history(self, room, count):
         """A room's last lines: read at once while the node starts, later in the
         background (a room made here that others had)."""
+        self.known[name_key(room)] = self.cluster.hub.clock() if self.cluster.hub else 0
         key = self.cluster.prefix + "log:" + name_key(room)
         if not count:
             return []
@@ -3628,6 +3631,9 @@ class RedisStore(Store):
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 log.warning("skipped a line in Redis that cannot be read")
         return events
+
+    def forget(self, room):
+        self.known.pop(name_key(room), None)
 
     def _backfill(self, name, reply):
         room = self.cluster.hub.rooms.get(name_key(name))

@@ -4822,3 +4822,166 @@ class ClusterTest(ClusterTestCase):
         again = self.peer(1, "127.0.0.4")
         again.say("/nick dave")
         self.assertEqual(again.expect_closed(), ["*** error: banned"])
+
+
+class ClusterFaultTest(ClusterTestCase):
+    """A node killed, Redis restarted or paused: local service goes on, nothing said
+    is lost or told twice."""
+
+    NODES = 2
+
+    def said_lines(self, peer, count):
+        """The next count lines said in rooms (and the notices between them)."""
+        lines = []
+        while sum(line.startswith("<") for line in lines) < count:
+            lines.append(peer.next_line())
+        return [line for line in lines if line.startswith("<")]
+
+    def test_a_killed_node_is_noticed_and_its_members_leave(self):
+        node = ServerProcess(self, "--redis", self.redis.url, "--node-timeout", "1",
+                             "--node", "doomed")
+        sock = socket.create_connection(("127.0.0.1", node.port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        bob = Peer(sock)
+        bob.say("/nick bob")
+        bob.expect(r"\*\*\* type /help for commands")
+        alice = self.connect(0, "alice")
+        self.wait_listed(0, "bob")
+        node.proc.kill()
+        killed = time.monotonic()
+        self.assertEqual(alice.expect(r"\*\*\* bob .*"), "*** bob left (server lost)")
+        self.assertLess(time.monotonic() - killed, 1.2 * 1.0 + 1.0)   # the bound, and slack
+        alice.say("/nick bob")
+        self.assertEqual(alice.next_line(), "*** you are now known as bob")
+
+    def test_redis_restarted_mid_conversation_loses_and_repeats_nothing(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        self.wait_listed(1, "alice")
+        alice.say("before")
+        bob.expect(r"<alice> before")
+        self.redis.stop()
+        for peer in (alice, bob):
+            peer.expect(r"\*\*\* the other servers of this chat are out of reach.*")
+        alice.say("a1", "a2")
+        bob.say("b1")
+        carol = self.connect(1, "carol")   # local service goes on
+        bob.say("b2")
+        self.assertEqual(self.said_lines(carol, 1), ["<bob> b2"])
+        self.redis.start()
+        for peer in (alice, bob):
+            peer.expect(r"\*\*\* the other servers of this chat are back in reach")
+        alice.say("after")
+        self.assertEqual(self.said_lines(bob, 3), ["<alice> a1", "<alice> a2", "<alice> after"])
+        self.assertEqual(self.said_lines(alice, 2), ["<bob> b1", "<bob> b2"])
+        bob.say("/who")
+        self.assertEqual(bob.expect(r"\*\*\* \d+ online: .*"), "*** 3 online: alice, bob, carol")
+        for peer in (alice, bob):
+            self.assertNotRegex("\n".join(peer.sync()), "<")   # nothing twice
+
+    def test_a_paused_redis_costs_no_local_service(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        carol = self.connect(0, "carol")
+        self.wait_listed(1, "alice", "carol")
+        self.redis.pause(self)
+        alice.say("while paused")
+        self.assertEqual(self.said_lines(carol, 1), ["<alice> while paused"])
+        self.redis.resume()
+        alice.expect(r"\*\*\* the other servers of this chat are back in reach")
+        alice.say("resumed")
+        self.assertEqual(self.said_lines(bob, 2), ["<alice> while paused", "<alice> resumed"])
+        self.assertEqual(self.said_lines(carol, 1), ["<alice> resumed"])
+        self.assertNotRegex("\n".join(bob.sync() + carol.sync()), "<")
+
+    def test_a_subscriber_cut_by_its_buffer_limit_catches_up_from_the_streams(self):
+        self.redis.call("CONFIG", "SET", "client-output-buffer-limit", "pubsub 4kb 4kb 0")
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        self.wait_listed(1, "alice")
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        threading.Thread(target=self.nodes[1].run_in_loop, args=(lambda: hold.wait(TIMEOUT),),
+                         daemon=True).start()
+        lines = ["line %03d %s" % (number, "x" * 100) for number in range(200)]
+        alice.say(*lines)
+        wait_for(lambda: self.redis.call("INFO", "stats").count(b"client_output_buffer_limit_"
+                                                                b"disconnections:0") == 0,
+                 message="Redis to cut the subscriber")
+        hold.set()
+        self.assertEqual(self.said_lines(bob, 200), ["<alice> " + line for line in lines])
+        self.assertNotRegex("\n".join(bob.sync()), "<")
+
+
+@unittest.skipUnless(REDIS_SERVER and POSIX, "needs redis-server")
+class ClusterCommandLineTest(unittest.TestCase):
+    """Starting a node: plain words when Redis cannot be used; --workers; /healthz and
+    /metrics."""
+
+    def test_redis_that_cannot_be_used_is_a_clear_error(self):
+        redis = RedisServer(self, "--requirepass", "right")
+        cases = [("unix:///nonexistent/redis.sock", r"cannot reach Redis at unix:///nonexistent"),
+                 ("http://localhost:6379", r"must start with redis://, rediss:// or unix://"),
+                 ("redis://localhost:notaport", r"port .* is not a number"),
+                 ("unix://:wrong@" + redis.path, r"Redis refused the password: WRONGPASS"),
+                 ("unix://:right@" + redis.path + "?db=99", r"Redis refused database 99"),
+                 ("unix://" + redis.path, r"Redis refused INFO: NOAUTH")]
+        for url, message in cases:
+            with self.subTest(url=url):
+                result = run_cli("server", "--port", "0", "--redis", url)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertRegex(result.stderr, r"chat.py: (invalid --redis: )?.*" + message)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertNotIn("right", result.stderr.replace("--requirepass", ""))
+
+    def test_a_server_that_is_not_redis_is_a_clear_error(self):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            def answer():
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            threading.Thread(target=answer, daemon=True).start()
+            result = run_cli("server", "--port", "0", "--redis",
+                             "redis://127.0.0.1:%d" % listener.getsockname()[1])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("chat.py: not a Redis reply", result.stderr)
+
+    def test_the_url_may_come_from_the_environment(self):
+        redis = RedisServer(self)
+        node = ServerProcess(self, env={"CHAT_REDIS_URL": redis.url})
+        wait_for(lambda: len(redis.call("ZRANGE", "chat:nodes", 0, -1)) == 1,
+                 message="the node in Redis")
+        node.stop()
+
+    @unittest.skipUnless(hasattr(socket, "SO_REUSEPORT"), "needs SO_REUSEPORT")
+    def test_workers_share_one_port_and_one_chat(self):
+        redis = RedisServer(self)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, CHAT, "server", "--host", "127.0.0.1",
+                                 "--port", str(port), "--redis", redis.url, "--workers", "2"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=child_env())
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(proc.terminate)
+        wait_for(lambda: len(redis.call("ZRANGE", "chat:nodes", 0, -1)) == 2,
+                 message="two workers in Redis")
+        peers = []
+        for number in range(8):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            self.addCleanup(sock.close)
+            peer = Peer(sock)
+            peer.say("/nick p%d" % number)
+            peer.expect(r"\*\*\* type /help for commands")
+            peers.append(peer)
+        peers[0].say("to every worker")
+        for peer in peers[1:]:
+            self.assertEqual(peer.expect(r"<p0> .*"), "<p0> to every worker")
+        nodes = {node.decode().rsplit("~", 1)[0] for node in
+                 redis.call("ZRANGE", "chat:nodes", 0, -1)}
+        self.assertEqual(nodes, {"%s:%d-w1" % (socket.gethostname(), port),
+                                 "%s:%d-w2" % (socket.gethostname(), port)})
+
+    def test_workers_need_redis(self):
+        result = run_cli("server", "--port", "7777", "--workers", "2")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("--workers needs --redis", result.stderr)
