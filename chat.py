@@ -4733,7 +4733,8 @@ HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 304: "Not Modified",
                 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
                 405: "Method Not Allowed", 414: "URI Too Long", 421: "Misdirected Request",
                 426: "Upgrade Required",
-                431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
+                431: "Request Header Fields Too Large", 503: "Service Unavailable",
+                505: "HTTP Version Not Supported"}
 
 
 def ws_frame(opcode, payload=b""):

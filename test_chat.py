@@ -4985,3 +4985,61 @@ class ClusterCommandLineTest(unittest.TestCase):
         result = run_cli("server", "--port", "7777", "--workers", "2")
         self.assertEqual(result.returncode, 1)
         self.assertIn("--workers needs --redis", result.stderr)
+
+
+class HealthTest(ClusterTestCase):
+    """What a load balancer and Prometheus ask, on the chat's port."""
+
+    NODES = 1
+
+    def get(self, path, source="127.0.0.1", host="anything.example", node=0):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.bind((source, 0))
+        sock.connect(self.nodes[node].addresses[0])
+        sock.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, host)).encode())
+        return http_response(sock.makefile("rb"))
+
+    def test_healthz_says_whether_the_node_serves_linked(self):
+        self.assertEqual(self.get("/healthz")[::2], (200, b"ok\n"))
+        self.redis.stop()
+        wait_for(lambda: self.get("/healthz")[0] == 503, message="503 without Redis")
+        status, _, body = self.get("/healthz")
+        self.assertRegex(body.decode(), r"^Redis is out of reach: .+\n$")
+        self.redis.start()
+        wait_for(lambda: self.get("/healthz")[0] == 200, message="200 with Redis back")
+
+    def test_metrics_in_the_prometheus_text_format(self):
+        alice = self.connect(0, "alice")
+        alice.say("one", "two")
+        alice.sync()
+        status, headers, body = self.get("/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples, declared = {}, {}
+        for line in body.decode().splitlines():
+            help_line = re.fullmatch(r"# HELP (chat_\w+) \S.*", line)
+            type_line = re.fullmatch(r"# TYPE (chat_\w+) (gauge|counter)", line)
+            sample = re.fullmatch(r'(chat_\w+)(\{dialect="\w+"\})? (\d+(\.\d+)?)', line)
+            self.assertTrue(help_line or type_line or sample, "not Prometheus text: %r" % line)
+            if type_line:
+                declared[type_line.group(1)] = type_line.group(2)
+            if sample:
+                self.assertIn(sample.group(1), declared, "a sample before its TYPE")
+                samples[sample.group(1) + (sample.group(2) or "")] = float(sample.group(3))
+        for name, kind in declared.items():
+            self.assertEqual(name.endswith("_total"), kind == "counter", name)
+        self.assertEqual(samples['chat_connections{dialect="line"}'], 1)
+        self.assertEqual(samples['chat_connections{dialect="http"}'], 1)
+        self.assertEqual(samples["chat_local_members"], 1)
+        self.assertGreaterEqual(samples["chat_room_lines_total"], 2)
+        self.assertGreaterEqual(samples["chat_messages_received_total"], 4)
+        self.assertEqual(samples["chat_redis_up"], 1)
+
+    def test_metrics_are_only_for_allowed_addresses(self):
+        self.nodes.append(self.start_node("D", metrics_allow=("127.0.0.1/32",)))
+        self.assertEqual(self.get("/metrics", source="127.0.0.2", node=1)[0], 403)
+        self.assertEqual(self.get("/healthz", source="127.0.0.2", node=1)[0], 200)
+        self.assertEqual(self.get("/metrics", node=1)[0], 200)
+        self.assertEqual(self.get("/metrics", source="127.0.0.2")[0], 200)   # loopback
