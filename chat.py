@@ -34,6 +34,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import fnmatch
 import functools
 import getpass
 import hashlib
@@ -134,6 +135,7 @@ ROOMS_LISTED = 20                    # rooms listed by /rooms before "and N more
 MAX_NICK = 20                        # code points
 MAX_ROOM = 30                        # code points of a room name, after its "#"
 MAX_REASON = 100                     # code points of a /quit reason
+WHO_MASK_LIMIT = 100                 # members one IRC WHO by mask lists
 MAX_TOPIC = 300                      # code points of a room topic
 # Names nobody may take (nor a look-alike of): IRC clients send passwords to services
 # by these nicks, and people trust what seems to come from the server.
@@ -1944,6 +1946,8 @@ class Hub(Moderation, Names, Rooms):
         if text.strip() and self.muted(member):
             return
         member.away = tidy_text(text)[:MAX_REASON] or None
+        for room in member.rooms:
+            room.cache.clear()   # WHO shows who is away
         self.sink.send(member, notice("away_set", text=member.away) if member.away
                        else notice("away_cleared"))
         self.directory.changed(member)
@@ -2030,6 +2034,9 @@ class ClusterView:
         if member is None:
             member = self.remote[state.cid] = Member(None, multi_room=True)
             member.remote, member.cid, member.announced = state.node, state.cid, True
+        if member.away != state.away:
+            for room in member.rooms:
+                room.cache.clear()   # WHO shows who is away
         member.realname, member.address, member.away = state.realname, state.address, state.away
         if member.nick != state.nick:
             self._rename(member, state.nick, told and event is None)
@@ -4023,7 +4030,8 @@ class LineDialect(Dialect):
         if kind is Parted:
             if event.to:
                 return line_bytes("moved", nick=event.nick, room=event.to)
-            return line_bytes("left", nick=event.nick, reason=event.reason or "part")
+            return line_bytes("left", nick=event.nick, reason="part: " + event.reason
+                              if event.reason else "part")   # never a server's words
         if kind is Quit:
             return line_bytes("left", nick=event.nick, reason=event.reason)
         if kind is Renamed:
@@ -4119,7 +4127,7 @@ _IRC_FORMATTING = re.compile(
 # command needs. "nick alice" from nc is a chat line, not IRC.
 _IRC_FIRST_LINE = re.compile(
     rb"(?:CAP (?:LS(?: \d+)?|REQ :?[^\r\n]*|END)|NICK :?[^\s:][^\s]*|PASS :?[^\s:][^\r\n]*"
-    rb"|USER [^\s]+ [^\s]+ [^\s]+ [^\r\n]*) ?\r?\n?|(?:CAP|NICK|USER|PASS) ?\r\n")
+    rb"|USER [^\s]+ [^\s]+ [^\s]+ [^\r\n]*) ?\r?\n?|(?:CAP|NICK|USER|PASS) ?:?\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
 RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL
@@ -4210,9 +4218,12 @@ class IrcReplies:
         return shared.replace(RECEIVER.encode(), self.nick.encode())
 
     def _who_lines(self, room, members, mask=None):
+        """352 for each member (channel "*" when the question named none; H here, G
+        away; * and, in a channel, @ for an operator), then 315."""
         lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
-            room.name if room else (next((r.name for r in m.rooms), "*")), m.nick, IRC_HOST,
-            self.server_name, m.nick, "H@" if m.operator else "H", m.realname or m.nick),
+            room.name if room else "*", m.nick, IRC_HOST, self.server_name, m.nick,
+            ("G" if m.away else "H") + ("*" if m.operator else "")
+            + ("@" if m.operator and room else ""), m.realname or m.nick),
             RECEIVER) for m in members]
         lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
             room.name if room else sanitize(mask)[:40]), RECEIVER))
@@ -4349,6 +4360,7 @@ class IrcReplies:
         "password_needed": ("464", ":Password incorrect"),
         "wrong_password": ("464", ":Password incorrect"),
         "opped": ("381", ":You are now an IRC operator"),
+        "no_operators": ("491", ":No O-lines for your host"),
         "banned": ("465", ":You are banned from this server"),
         "not_operator": ("481", ":Permission Denied- You're not an IRC operator"),
         "wrong_op_password": ("464", ":Password incorrect"),
@@ -4500,11 +4512,19 @@ class IrcDialect(IrcReplies, Dialect):
             return
         self.user = irc_text(params[0])[:10] or "user"
         self.realname = irc_text(params[3])[:50]
+        if not self.realname.strip():
+            self.user = None
+            self._numeric("461", "USER :Not enough parameters (a real name, even \"-\")")
+            return
         self._register()
 
     def _nick(self, params):
+        if not params[0].strip():
+            self._numeric("431", ":No nickname given")
+            return
         if self.conn.member is not None:
-            self.hub.do_nick(self.conn.member, irc_text(params[0]))
+            if irc_text(params[0]) != self.conn.member.nick:   # the same: nothing to say
+                self.hub.do_nick(self.conn.member, irc_text(params[0]))
             return
         nick, problem = self.hub.claim(irc_text(params[0]))
         if problem:
@@ -4570,7 +4590,6 @@ class IrcDialect(IrcReplies, Dialect):
 
     def _part(self, params):
         reason = irc_text(params[1]).strip()[:MAX_REASON] if len(params) > 1 else ""
-        reason = "part: " + reason if reason else "part"   # never a server's reason
         for name in params[0].split(",")[:MAX_TARGETS]:
             room = self.hub.find_room(name)
             if room is None or room not in self.conn.member.rooms:
@@ -4626,8 +4645,13 @@ class IrcDialect(IrcReplies, Dialect):
         if room is not None:
             self.conn_send(self._for_me(room, "who", lambda: self._who_lines(room, room.listed)))
             return
-        found = self.hub.find_member(mask)
-        self.conn_send(self._who_lines(None, [found] if found else [], mask).replace(
+        if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
+            pattern = re.compile(fnmatch.translate(mask if mask != "0" else "*"), re.IGNORECASE)
+            found = [member for member in self.hub.members.values() if member.announced
+                     and pattern.match(member.nick)][:WHO_MASK_LIMIT]
+        else:
+            found = [self.hub.find_member(mask)] if self.hub.find_member(mask) else []
+        self.conn_send(self._who_lines(None, found, mask).replace(
             RECEIVER.encode(), self.nick.encode()))
 
     def _whois(self, params):

@@ -2156,6 +2156,41 @@ class IrcTest(ServerTestCase):
         self.assertIn(":testroom 353 alice = #lobby :alice", lines)
         self.assertFalse([line for line in lines if line.startswith("***")])
 
+    def test_registration_and_nick_errors_as_rfc_2812_says(self):
+        peer = self.irc_peer()
+        peer.irc("NICK :", "NICK dave", "USER dave 0 * :", "PING :one")
+        self.assertEqual(peer.next_line(), ":testroom 431 * :No nickname given")
+        self.assertRegex(peer.next_line(), r":testroom 461 \* USER :Not enough parameters.*")
+        self.assertEqual(peer.next_line(), ":testroom PONG testroom :one")
+        peer.irc("USER dave 0 * :Dave")
+        peer.expect(r":testroom 366 dave #lobby :.*")
+        peer.irc("NICK dave", "NICK Dave", "OPER dave secret")
+        self.assertEqual(peer.next_line(), ":dave!dave@chat NICK :Dave")   # nothing for "dave"
+        self.assertEqual(peer.next_line(), ":testroom 491 Dave :No O-lines for your host")
+
+    def test_who_by_channel_nick_and_mask(self):
+        alice = self.irc_peer("alice")
+        self.irc_peer("bob").irc("AWAY :lunch")
+        alice.expect(r":bob\S* JOIN #lobby")
+        wait_for(lambda: "lunch" in repr(self.server.run_in_loop(
+            lambda: self.server.hub.find_member("bob").away)), message="bob away")
+        alice.irc("WHO #lobby", "WHO bob", "WHO b*", "WHO nobody")
+        self.assertEqual(alice.lines_until(r":testroom 315 alice #lobby :.*"), [
+            ":testroom 352 alice #lobby alice chat testroom alice H :0 alice the tester",
+            ":testroom 352 alice #lobby bob chat testroom bob G :0 bob the tester"])
+        self.assertEqual(alice.lines_until(r":testroom 315 alice bob :.*"), [
+            ":testroom 352 alice * bob chat testroom bob G :0 bob the tester"])
+        self.assertEqual(alice.lines_until(r":testroom 315 alice b\* :.*"), [
+            ":testroom 352 alice * bob chat testroom bob G :0 bob the tester"])
+        self.assertEqual(alice.lines_until(r":testroom 315 alice nobody :.*"), [])
+
+    def test_part_reasons_reach_irc_as_given_and_nc_marked(self):
+        alice, carol = self.irc_peer("alice"), self.connect("carol")
+        bob = self.irc_peer("bob")
+        bob.irc("PART #lobby :server lost")
+        self.assertEqual(alice.expect(r":bob\S* PART .*"), ":bob!bob@chat PART #lobby :server lost")
+        self.assertEqual(carol.expect(r"\*\*\* bob left .*"), "*** bob left (part: server lost)")
+
     def test_nick_rules_are_those_of_every_dialect(self):
         self.connect("alice")
         peer = self.irc_peer()
