@@ -729,6 +729,7 @@ class Whois:
     away: Optional[str]
     operator: bool
     address: Optional[str]
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -760,13 +761,14 @@ class Member:
 
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
-                 "operator", "away", "mute", "ignoring", "active", "remote", "cid")
+                 "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
         self.multi_room = multi_room    # may be in several rooms at once (IRC)
         self.hears_quiet = hears_quiet  # wants every join, leave and rename (it keeps lists)
         self.realname = realname        # what it says it is (IRC's USER), or ""
+        self.user = ""                  # IRC's user name, or "" 
         self.address = address          # its IP: for bans, and for operators' eyes only
         self.operator = False
         self.away = None                # its away message
@@ -1983,7 +1985,7 @@ class Hub(Moderation, Names, Rooms):
             self.sink.send(member, Whois(
                 target.nick, target.realname, tuple(room.name for room in target.rooms),
                 time.monotonic() - target.active, target.away, target.operator,
-                target.address if member.operator else None))
+                target.address if member.operator else None, target.user))
 
 
 @dataclass(frozen=True)
@@ -1997,6 +1999,7 @@ class MemberState:
     away: Optional[str] = None
     realname: str = ""
     address: str = ""
+    user: str = ""
 
 
 class ClusterView:
@@ -2038,6 +2041,7 @@ class ClusterView:
             for room in member.rooms:
                 room.cache.clear()   # WHO shows who is away
         member.realname, member.address, member.away = state.realname, state.address, state.away
+        member.user = state.user
         if member.nick != state.nick:
             self._rename(member, state.nick, told and event is None)
         if member.operator != state.operator:
@@ -2597,6 +2601,7 @@ REDIS_MIN_VERSION = (5, 0)        # Streams
 NODE_TIMEOUT = 10.0               # a node silent this long is lost; it beats five times as often
 OUTAGE_LINES = 10000              # lines said while apart, held to be sent when back
 STREAM_KEPT = 1000                # lines of each room kept in its Stream, at least
+REDIS_GATHER_WAIT = 0.002         # seconds a turn may wait for its own lines back from Redis
 CLUSTER_ID = re.compile(r"[\w.:\[\]~/-]{1,200}", re.ASCII)   # node and member ids
 
 # KEYS and ARGV as RedisBroker, RedisDirectory and RedisCluster pass them.
@@ -3199,7 +3204,8 @@ class ClusterCodec:
     def state_record(member, node):
         return {"id": member.cid, "node": node, "nick": member.nick, "op": member.operator,
                 "rooms": [room.name for room in member.rooms if member in room.listed],
-                "away": member.away, "real": member.realname, "addr": member.address}
+                "away": member.away, "real": member.realname, "addr": member.address,
+                "user": member.user}
 
     def state(self, record):
         rooms = record["rooms"]
@@ -3214,7 +3220,8 @@ class ClusterCodec:
         return MemberState(cid, node, self.nick(record["nick"]),
                            tuple(dict.fromkeys(map(self.room, rooms))), self.flag(record["op"]),
                            None if away is None else stored_text(away)[:MAX_REASON] or None,
-                           stored_text(record.get("real") or "")[:MAX_REASON], address)
+                           stored_text(record.get("real") or "")[:MAX_REASON], address,
+                           "".join(stored_text(record.get("user") or "").split())[:10])
 
     # Lines
 
@@ -3686,6 +3693,20 @@ class RedisCluster:
         if self.link.up:
             self.link.call(None, "ZREM", self.prefix + "nodes", self.node)
         self.link.close()
+
+    def gather(self, poll):
+        """Lines sent this turn come back from Redis within a round trip: waiting that
+        long (reading every socket meanwhile, at most REDIS_GATHER_WAIT) tells them in
+        this very turn, so a burst costs each member one send instead of several."""
+        if not self.broker.in_flight or not self.link.up:
+            return
+        self.link.flush()
+        deadline = time.monotonic() + REDIS_GATHER_WAIT
+        while self.broker.in_flight and self.link.up:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poll(left)
 
     def healthy(self):
         """None when this node serves linked to the others; else why not."""
@@ -4221,7 +4242,7 @@ class IrcReplies:
         """352 for each member (channel "*" when the question named none; H here, G
         away; * and, in a channel, @ for an operator), then 315."""
         lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
-            room.name if room else "*", m.nick, IRC_HOST, self.server_name, m.nick,
+            room.name if room else "*", m.user or m.nick, IRC_HOST, self.server_name, m.nick,
             ("G" if m.away else "H") + ("*" if m.operator else "")
             + ("@" if m.operator and room else ""), m.realname or m.nick),
             RECEIVER) for m in members]
@@ -4231,7 +4252,8 @@ class IrcReplies:
 
     def _whois_reply(self, event):
         nick = event.nick
-        lines = [("311", "%s %s %s * :%s" % (nick, nick, IRC_HOST, event.realname or nick))]
+        lines = [("311", "%s %s %s * :%s" % (nick, event.user or nick, IRC_HOST,
+                                              event.realname or nick))]
         if event.rooms:
             prefix = "@" if event.operator else ""
             lines.append(("319", "%s :%s" % (nick, " ".join(prefix + room for room in event.rooms))))
@@ -4510,7 +4532,7 @@ class IrcDialect(IrcReplies, Dialect):
         if len(params) < 4:
             self._numeric("461", "USER :Not enough parameters")
             return
-        self.user = irc_text(params[0])[:10] or "user"
+        self.user = re.sub(r"[^\w.~-]", "", irc_text(params[0]), flags=re.ASCII)[:10] or "user"
         self.realname = irc_text(params[3])[:50]
         if not self.realname.strip():
             self.user = None
@@ -4546,7 +4568,8 @@ class IrcDialect(IrcReplies, Dialect):
         if self.server.options.password and not self.password_accepted(self.password or ""):
             return
         self.greeted_as = self.wanted_nick
-        self.server.admit(self.conn, self.wanted_nick, self.realname)
+        if self.server.admit(self.conn, self.wanted_nick, self.realname):
+            self.conn.member.user = self.user
         self.server.call_later(self.server.options.irc_ping_interval, self._keep_alive)
 
     def _keep_alive(self):
@@ -6791,6 +6814,8 @@ class ChatServer(Intake, Output, Operating):
         own. Zero-wait polls only, and a bounded number: no added latency.
         """
         batcher = self._batcher
+        if self.cluster:
+            self.cluster.gather(self._poll)
         for _ in range(GATHER_POLLS):
             volume = batcher.volume
             if not volume or volume >= SEND_CHUNK:
