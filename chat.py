@@ -484,6 +484,15 @@ class Wording:
         ("kicked_you", "*** you were kicked by {by} ({reason})"),
         ("opped", "*** you are an operator now"),
         ("now_operator", "*** {nick} is now an operator"),
+        ("gave_op", "*** {nick} gave {target} operator status in {room}"),
+        ("took_op", "*** {nick} took operator status from {target} in {room}"),
+        ("gave_voice", "*** {nick} gave {target} a voice in {room}"),
+        ("took_voice", "*** {nick} took the voice of {target} in {room}"),
+        ("room_mode_set", "*** {nick} made {room} {what}"),
+        ("room_modes", "*** {room} is {what}"),
+        ("invited_you", "*** {nick} invites you to {room}: /join {room}"),
+        ("invite_sent", "*** invited {target} to {room}"),
+        ("not_in_room", "*** error: you are not in {room}"),
         ("ban_added", "*** banned {target} ({network}) {span}: {reason}"),
         ("ban_entry", "*** ban {target} ({network}) by {by}, {span}: {reason}"),
         ("ban_covers_you", "*** note: the ban covers your own address: you could not "
@@ -537,6 +546,16 @@ class Wording:
         ("ping_timeout", "*** error: no answer to PING"),
         ("banned", "*** error: banned"),
         ("not_operator", "*** error: only operators may /{name}"),
+        ("not_room_operator", "*** error: only operators of {room} may do that"),
+        ("not_in_that_room", "*** error: {target} is not in {room}"),
+        ("already_there", "*** error: {target} is already in {room}"),
+        ("unknown_mode", "*** error: no room mode {mode}: modes are +o +v +i +k +l +m +n +s "
+                         "+t (see /help)"),
+        ("invite_only", "*** error: {room} is invite-only: ask one of its operators"),
+        ("bad_room_key", "*** error: {room} needs its key: /join {room} KEY"),
+        ("room_full", "*** error: {room} is full"),
+        ("moderated", "*** error: {room} is moderated: only its operators and voiced "
+                      "members talk"),
         ("no_operators", "*** error: this server has no operators"),
         ("wrong_op_password", "*** error: wrong operator password"),
         ("op_guesses_throttled", "*** error: too many wrong operator passwords from your "
@@ -666,6 +685,16 @@ class Opped:
     """A member of the room became a (server) operator."""
     room: str
     nick: str
+
+
+@dataclass(frozen=True)
+class ModeChanged:
+    """A room operator changed the room's modes or members' rights, as IRC writes it:
+    changes "+o-k+l", args ("bob", "*", "20"): one argument per o, v, k and l."""
+    room: str
+    nick: str
+    changes: str
+    args: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -807,7 +836,8 @@ class Room:
 
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
                  "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
-                 "_first", "seq")
+                 "_first", "seq", "ops", "voiced", "modes", "password", "limit", "invited",
+                 "created")
 
     def __init__(self, name, history):
         self.name = name
@@ -825,6 +855,13 @@ class Room:
         self._runs = None               # see nick_runs
         self._first = None              # see first_names
         self.seq = 0                    # the number of the last line heard (0: none known)
+        self.ops = {}                   # its own operators (server operators are one anyway)
+        self.voiced = {}                # members that may talk while it is moderated
+        self.modes = "n"                # of "imnst", see ROOM_MODES
+        self.password = None            # its key, IRC's +k
+        self.limit = None               # most members, IRC's +l
+        self.invited = set()            # nick keys invited in, until they come
+        self.created = time.time()
 
     @property
     def empty(self):
@@ -834,10 +871,24 @@ class Room:
         self.members[member] = None
         self.hearing_quiet += member.hears_quiet
 
+    def rank(self, member):
+        """"@" for an operator here (its own, or the server's), "+" for a voiced member."""
+        if member.operator or member in self.ops:
+            return "@"
+        return "+" if member in self.voiced else ""
+
+    def regrade(self, member):
+        """member's rights here changed: lists show it."""
+        if self.rank(member) == "@" and member in self.listed:
+            self.operators[member] = None
+        else:
+            self.operators.pop(member, None)
+        self.changed()
+
     def list(self, member):
         """Show a member in the room's lists (it was announced)."""
         self.listed[member] = None
-        if member.operator:
+        if self.rank(member) == "@":
             self.operators[member] = None
         self.cache.clear()
         self._names = None
@@ -850,6 +901,8 @@ class Room:
         """Take a member out; True when it was listed (its leaving is news)."""
         if self.members.pop(member, 0) is None:
             self.hearing_quiet -= member.hears_quiet
+        self.ops.pop(member, None)
+        self.voiced.pop(member, None)
         if self.listed.pop(member, 0) is None:
             self.operators.pop(member, None)
             self.changed()
@@ -861,16 +914,15 @@ class Room:
         self.cache.clear()
         self._names = self._runs = self._first = None
 
-    @staticmethod
-    def shown(member):
-        """A member's nick in lists: "@alice" for an operator."""
-        return "@" + member.nick if member.operator else member.nick
+    def shown(self, member):
+        """A member's nick in lists: "@alice" for an operator, "+bob" for a voice."""
+        return self.rank(member) + member.nick
 
     def names(self):
         """Nicks of the listed members as lists show them, sorted (case-insensitively)."""
         if self._names is None:
             self._names = sorted((self.shown(member) for member in self.listed),
-                                 key=lambda name: name_key(name.lstrip("@")))
+                                 key=lambda name: name_key(name.lstrip("@+")))
         return self._names
 
     def first_names(self):
@@ -1137,7 +1189,9 @@ class Broker:
         """Tell a member on another node: with one node there is none."""
         raise AssertionError("no member is on another node")
 
-    expel = forward
+    def expel(self, member, by, reason, room=None):
+        """Have another node put its member out: with one node there is none."""
+        raise AssertionError("no member is on another node")
 
 
 class Directory:
@@ -1191,6 +1245,12 @@ class Moderation:
             self.directory.changed(member)
 
     def do_kick(self, member, name, reason=""):
+        """A server operator puts a member out of the chat; a room's operator, out of
+        the room it is in."""
+        room = member.room
+        if not member.operator and room is not None and member in room.ops:
+            self.do_kick_from(member, room.name, name, reason)
+            return
         if not self._operator(member, "kick"):
             return
         target = self._online(member, name, "/kick NICK [REASON]")
@@ -1494,11 +1554,16 @@ class Rooms:
     """A part of the Hub: rooms made, entered, left and forgotten, and the news of
     who is in them."""
 
-    def do_join(self, member, room_name):
-        """Enter a room, creating it if need be; a member in one room at a time moves."""
+    def do_join(self, member, room_name, key=""):
+        """Enter a room, creating it if need be (its first member runs it); a member in
+        one room at a time moves."""
         self.announce(member)
         room = self._room_to_join(member, room_name)
         if room is None:
+            return
+        problem = None if room in member.rooms else self.admission(member, room, key)
+        if problem is not None:
+            self.sink.send(member, problem)
             return
         if room in member.rooms:
             if not member.multi_room:
@@ -1511,6 +1576,8 @@ class Rooms:
             for old in list(member.rooms):
                 quiet = old not in member.heralded or self._big(old)
                 self._remove(member, old, Parted(old.name, member.nick, to=room.name, quiet=quiet))
+        if room.empty and room is not self.default_room:
+            room.ops[member] = None
         self._enter(member, room)
 
     def do_part(self, member, room_name=None, reason=""):
@@ -1537,9 +1604,14 @@ class Rooms:
 
     def do_rooms(self, member):
         self.announce(member)
-        busiest = sorted(self.rooms.values(), key=lambda room: (-len(room.listed), room.key))
+        busiest = sorted((room for room in self.rooms.values() if self.visible(member, room)),
+                         key=lambda room: (-len(room.listed), room.key))
         listed = tuple((room.name, len(room.listed)) for room in busiest[:ROOMS_LISTED])
         self.sink.send(member, RoomList(listed, len(busiest)))
+
+    def visible(self, member, room):
+        """Whether member may see room in lists: a secret room only to its members."""
+        return "s" not in room.modes or room in member.rooms or member.operator
 
     def do_topic(self, member, room_name=None, text=None):
         """Show a room's topic (text None), or set it."""
@@ -1551,7 +1623,10 @@ class Rooms:
             self.sink.send(member, TopicInfo(room.name, room.topic))
             return
         if room not in member.rooms:
-            self.sink.send(member, notice("error", text="you are not in %s" % room.name))
+            self.sink.send(member, notice("not_in_room", room=room.name))
+            return
+        if "t" in room.modes and not self.may_run(member, room):
+            self.sink.send(member, notice("not_room_operator", room=room.name))
             return
         if self.muted(member):
             return
@@ -1689,7 +1764,207 @@ class Rooms:
             self.sink.publish(room, event, excluded)
 
 
-class Hub(Moderation, Names, Rooms):
+ROOM_MODES = {"i": "invite-only", "m": "moderated", "n": "closed to outsiders",
+              "s": "secret", "t": "topic-locked"}   # with k (a key) and l (a limit)
+MODE_ARGS = 4                           # changes with an argument in one /mode (IRC's MODES)
+INVITES_KEPT = 1000                     # invitations a room remembers
+
+
+def mode_string(changes):
+    """'+o+v-k' as IRC writes it: '+ov-k'."""
+    out, sign = "", None
+    for index in range(0, len(changes), 2):
+        if changes[index] != sign:
+            sign = changes[index]
+            out += sign
+        out += changes[index + 1]
+    return out
+
+
+class RoomRights:
+    """A part of the Hub: what a room's own operators may do, in every dialect.
+
+    The first member of a new room runs it. Its operators give and take operator
+    status and voices, kick, invite, and set its modes with IRC's letters (/mode
+    #dev +i, MODE #dev +k key): invite-only, a key, a member limit, moderated,
+    topic locked, closed to outsiders, secret. Server operators may do all of it in
+    every room. Modes, keys and limits are kept with the topics."""
+
+    def may_run(self, member, room):
+        return member.operator or member in room.ops
+
+    def do_mode(self, member, room_name=None, changes="", args=()):
+        room = self._named_room(member, room_name) if room_name else member.room
+        if room is None:
+            return
+        if not changes:
+            self.sink.send(member, notice("room_modes", room=room.name, created=int(room.created),
+                                          what=self.describe_modes(room), modes=self.mode_line(
+                                              room, room in member.rooms)))
+            return
+        if not self.may_run(member, room):
+            self.sink.send(member, notice("not_room_operator", room=room.name))
+            return
+        changes, args = self._checked_modes(member, room, changes, list(args))
+        if changes:
+            self.apply_modes(room, changes, args)
+            self._publish_membership(room, ModeChanged(room.name, member.nick, changes,
+                                                       tuple(args)), ())
+            if any(letter in changes for letter in "imnstkl"):
+                self._save_state()
+
+    def _checked_modes(self, member, room, changes, args):
+        """The changes member may make, as IRC writes them, and their arguments."""
+        sign, done, taken, with_args = "+", "", [], 0
+        for letter in changes[:40]:
+            if letter in "+-":
+                sign = letter
+                continue
+            arg = None
+            if letter in "ovkl" and (sign == "+" or letter in "ov"):
+                if not args or with_args >= MODE_ARGS:
+                    continue
+                with_args, value = with_args + 1, args.pop(0)
+                arg = self._mode_argument(member, room, letter, value)
+                if arg is None:
+                    continue
+            elif letter == "k":
+                arg = "*"   # -k takes the key, or anything
+                if args:
+                    args.pop(0)
+            elif letter not in ROOM_MODES and letter != "l":
+                if letter != "b":   # server bans: the dialects' MODE +b
+                    self.sink.send(member, notice("unknown_mode", mode=sanitize(letter)))
+                continue
+            done += sign + letter
+            if arg is not None:
+                taken.append(arg)
+        return mode_string(done), taken
+
+    def _mode_argument(self, member, room, letter, value):
+        if letter in "ov":
+            target = self.find_member(value)
+            if target is None or target not in room.listed:
+                self.sink.send(member, notice("not_in_that_room", target=sanitize(value)[:40],
+                                              room=room.name))
+                return None
+            return target.nick
+        if letter == "k":
+            return "".join(sanitize(value).split())[:23] or None
+        return str(int(value)) if value.isdigit() and 0 < int(value) < 100000 else None
+
+    def apply_modes(self, room, changes, args):
+        """Make changes (checked, as a ModeChanged carries them) to room."""
+        args, sign = list(args), "+"
+        for letter in changes:
+            if letter in "+-":
+                sign = letter
+            elif letter in "ov":
+                target = self.find_member(args.pop(0)) if args else None
+                if target is not None and target in room.listed:
+                    rights = room.ops if letter == "o" else room.voiced
+                    if sign == "+":
+                        rights[target] = None
+                    else:
+                        rights.pop(target, None)
+                    room.regrade(target)
+            elif letter == "k":
+                key = args.pop(0) if args else None
+                room.password = key if sign == "+" else None
+            elif letter == "l":
+                room.limit = int(args.pop(0)) if sign == "+" and args else None
+            elif letter in ROOM_MODES:
+                room.modes = "".join(sorted(set(room.modes) | {letter})) if sign == "+" \
+                    else room.modes.replace(letter, "")
+        room.cache.clear()
+
+    @staticmethod
+    def mode_line(room, insider):
+        """IRC's "+ntk key": the key only to its members."""
+        modes = "+" + room.modes + ("k" if room.password else "") + ("l" if room.limit else "")
+        shown = ([room.password if insider else "*"] if room.password else []) + \
+            ([str(room.limit)] if room.limit else [])
+        return " ".join([modes] + shown)
+
+    @staticmethod
+    def describe_modes(room):
+        what = [ROOM_MODES[letter] for letter in room.modes]
+        what += ["with a key"] if room.password else []
+        what += ["limited to %d" % room.limit] if room.limit else []
+        return ", ".join(what) or "open"
+
+    def admission(self, member, room, key=""):
+        """The reply that keeps member out of room (invite-only, key, limit), or None.
+        Server operators always enter; an invitation opens an invite-only room once."""
+        if member.operator:
+            return None
+        if "i" in room.modes and member.key not in room.invited:
+            return notice("invite_only", room=room.name)
+        if room.password and key != room.password:
+            return notice("bad_room_key", room=room.name)
+        if room.limit and len(room.listed) >= room.limit:
+            return notice("room_full", room=room.name)
+        room.invited.discard(member.key)
+        return None
+
+    def do_invite(self, member, nick, room_name=None):
+        room = self._named_room(member, room_name) if room_name else member.room
+        if room is None:
+            return
+        if room not in member.rooms:
+            self.sink.send(member, notice("not_in_room", room=room.name))
+            return
+        if "i" in room.modes and not self.may_run(member, room):
+            self.sink.send(member, notice("not_room_operator", room=room.name))
+            return
+        target = self._online(member, nick, "/invite NICK [ROOM]")
+        if target is None:
+            return
+        if target in room.listed or target in room.members:
+            self.sink.send(member, notice("already_there", target=target.nick, room=room.name))
+            return
+        if len(room.invited) >= INVITES_KEPT:
+            room.invited.pop()
+        room.invited.add(target.key)
+        if target.remote is None:
+            self.sink.send(target, notice("invited_you", nick=member.nick, room=room.name))
+        self.sink.send(member, notice("invite_sent", target=target.nick, room=room.name))
+
+    def do_kick_from(self, member, room_name, name, reason=""):
+        """Put a member out of a room (one in a room at a time goes back to the default
+        room; out of the default room, out of the chat)."""
+        room = self._named_room(member, room_name)
+        if room is None:
+            return
+        if not self.may_run(member, room):
+            self.sink.send(member, notice("not_room_operator", room=room.name))
+            return
+        target = self._online(member, name, "/kick NICK [REASON]")
+        if target is None:
+            return
+        if target not in room.listed and target not in room.members:
+            self.sink.send(member, notice("not_in_that_room", target=target.nick, room=room.name))
+            return
+        reason = tidy_text(reason)[:MAX_REASON] or "no reason given"
+        log.info("%s kicked %r from %s: %s", member.nick, target, room.name, reason)
+        event = Kicked(room.name, target.nick, member.nick, reason)
+        if target.remote is not None:
+            self.broker.expel(target, member.nick, reason, room)   # its node puts it out
+        else:
+            self.kicked_out(target, room, event)
+
+    def kicked_out(self, target, room, event):
+        """A member here was kicked from room (from this node or another)."""
+        if room is self.default_room and not target.multi_room:
+            self._expel(target, event.by, event.reason)
+            return
+        self.sink.send(target, event)
+        self._remove(target, room, event)
+        if not target.multi_room:
+            self._enter(target, self.default_room)
+
+
+class Hub(Moderation, Names, Rooms, RoomRights):
     """The chat: nicks, rooms and every command, for members of every dialect.
 
     sink receives what happens: publish(room, event, exclude) for room events,
@@ -1865,12 +2140,15 @@ class Hub(Moderation, Names, Rooms):
         """A public line in room (by default the member's room): not for those who ignore
         its speaker."""
         room = room or member.room
-        if room is None or member not in room.members:
+        if room is None or member not in room.members and "n" in room.modes:
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
             return
         text = tidy_text(text)
         if not text or self.muted(member):
+            return
+        if "m" in room.modes and not room.rank(member):
+            self.sink.send(member, notice("moderated", room=room.name))
             return
         self.announce(member)
         member.active = time.monotonic()
@@ -1983,7 +2261,8 @@ class Hub(Moderation, Names, Rooms):
         target = self._online(member, name, "/whois NICK")
         if target is not None:
             self.sink.send(member, Whois(
-                target.nick, target.realname, tuple(room.name for room in target.rooms),
+                target.nick, target.realname, tuple(room.name for room in target.rooms
+                                                    if self.visible(member, room)),
                 time.monotonic() - target.active, target.away, target.operator,
                 target.address if member.operator else None, target.user))
 
@@ -2066,6 +2345,8 @@ class ClusterView:
         room = self.hub.rooms.get(name_key(event.room))
         if room is None:
             return
+        if isinstance(event, ModeChanged):
+            self.hub.apply_modes(room, event.changes, event.args)
         if isinstance(event, TopicSet):
             room.topic = event.text or None
             self.hub.topics.pop(room.key, None)
@@ -3126,7 +3407,7 @@ class RedisLink:
 
 
 CLUSTER_EVENTS = {kind.__name__: kind for kind in (Joined, Parted, Quit, Renamed, Kicked,
-                                                     Opped, TopicSet)}
+                                                     Opped, TopicSet, ModeChanged)}
 
 
 class ClusterCodec:
@@ -3189,6 +3470,14 @@ class ClusterCodec:
                 value = self.nick(value)
             elif item.name == "quiet":
                 value = self.flag(value)
+            elif item.name == "changes":
+                if not isinstance(value, str) or not re.fullmatch(r"(?:[+-][ovklimnst]+){1,8}",
+                                                                  value):
+                    raise ValueError("not room modes: %.40r" % (value,))
+            elif item.name == "args":
+                if not isinstance(value, list) or len(value) > MODE_ARGS:
+                    raise ValueError("not the arguments of room modes")
+                value = tuple("".join(stored_text(arg).split())[:MAX_NICK + 3] for arg in value)
             elif item.name == "uid":
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError("not a number")
@@ -3268,6 +3557,7 @@ class RedisBroker(Broker):
         self.resent = {}        # number -> (room key, message): held ones sent, unanswered
         self.told = set()       # numbers told here before Redis numbered them
         self.filling = {}       # room key -> [(seq, record)] that came while its Stream is read
+        self.last_from = {}     # room key -> {node: number of its last line told here}
         self.lost_lines = 0
 
     def line(self, room, speaker, text, action):
@@ -3292,8 +3582,10 @@ class RedisBroker(Broker):
             "sender": event.sender, "target": event.target, "text": event.text,
             "action": event.action, "time": event.time}}))
 
-    def expel(self, member, by, reason):
-        self.link.publish(self.codec.dumps("K", {"to": member.cid, "by": by, "reason": reason}))
+    def expel(self, member, by, reason, room=None):
+        """Have member's node put it out of the chat (or of room)."""
+        self.link.publish(self.codec.dumps("K", {"to": member.cid, "by": by, "reason": reason,
+                                                 "room": room and room.name}))
 
     def _send(self, number, key, message):
         prefix = self.cluster.prefix
@@ -3347,6 +3639,11 @@ class RedisBroker(Broker):
             self.told.discard(number)
             room.seq = max(room.seq, seq)
             return
+        last = self.last_from.setdefault(key, {})
+        if number <= last.get(node, 0):   # sent again after Redis lost its data
+            room.seq = max(room.seq, seq)
+            return
+        last[node] = number
         entry = self.in_flight.pop(number, None) if own else None
         self.hub.deliver_line(room, event, entry[1] if entry else None)
 
@@ -3501,14 +3798,22 @@ class RedisDirectory(Directory):
             view.gone(self.codec.ident(record["id"]))
         elif kind == "X":
             lost = view.node_lost(self.codec.ident(record["node"]))
+            for last in self.cluster.broker.last_from.values():
+                last.pop(record["node"], None)
             log.warning("node %s stopped answering: %d of its members gone", record["node"], lost)
         elif kind in "PK":
             member = self.local.get(record["to"])
             if member is not None and kind == "P":
                 view.private(member, self.codec.private(record))
             elif member is not None:
-                self.hub._expel(member, self.codec.nick(record["by"]),
-                                stored_text(record["reason"])[:MAX_REASON])
+                by = self.codec.nick(record["by"])
+                reason = stored_text(record["reason"])[:MAX_REASON]
+                room = record.get("room") and self.hub.rooms.get(name_key(self.codec.room(
+                    record["room"])))
+                if room is None:
+                    self.hub._expel(member, by, reason)
+                elif member in room.members:
+                    self.hub.kicked_out(member, room, Kicked(room.name, member.nick, by, reason))
 
     # The link
 
@@ -3789,9 +4094,17 @@ HELP_TEXT = (
     "  /away [TEXT]     say you are away (/away alone: back)",
     "  /ignore NICK     hear nothing more from NICK (/unignore NICK)",
     "  /quit [REASON]   leave",
+    "  /join ROOM KEY   enter a room that has a key",
+    "  /mode [ROOM]     a room's modes; its operators (@, the first in) change them:",
+    "      /mode +o NICK, -o NICK   make NICK an operator of the room, or not",
+    "      /mode +v NICK, -v NICK   give NICK a voice (to talk while moderated), or take it",
+    "      /mode +i, +k KEY, +l N, +m, +t, +s, -n   invite-only, key, limit, moderated,",
+    "                               topic for operators, secret, open to outsiders",
+    "  /invite NICK     let NICK into your room (invite-only rooms: operators)",
+    "  /kick NICK [WHY] (room operators) put NICK out of the room",
     "  //text           send a line that starts with /",
-    "operators (/op PASSWORD) also have:",
-    "  /kick NICK [WHY]                      put NICK out",
+    "server operators (/op PASSWORD) run every room and also have:",
+    "  /kick NICK [WHY]                      put NICK out of the chat",
     "  /ban NICK|ADDRESS [10m|2h|7d] [WHY]   put out and keep out (for good by default)",
     "  /unban NICK|ADDRESS, /bans            lift a ban; list them",
     "  /mute NICK|ADDRESS [10m|2h|7d]        stop NICK (and its address) talking",
@@ -3800,6 +4113,35 @@ HELP_TEXT = (
 
 
 MEMBERSHIP_EVENTS = (Joined, Parted, Quit, Renamed)
+def mode_arguments(rest):
+    """/mode [ROOM] [CHANGES [ARGUMENTS...]] as do_mode's arguments."""
+    words = rest.split()
+    room = words.pop(0) if words and words[0].startswith("#") else None
+    return (room, words[0] if words else "", tuple(words[1:]))
+
+
+RIGHTS_SHAPES = {"+o": "gave_op", "-o": "took_op", "+v": "gave_voice", "-v": "took_voice"}
+
+
+def mode_lines(event):
+    """A ModeChanged in words: a line for each right given or taken, one for the modes."""
+    lines, what, args, sign = [], [], list(event.args), "+"
+    for letter in event.changes:
+        if letter in "+-":
+            sign = letter
+        elif letter in "ov":
+            lines.append(line_bytes(RIGHTS_SHAPES[sign + letter], nick=event.nick,
+                                    target=args.pop(0) if args else "?", room=event.room))
+        elif letter in "kl":
+            value = args.pop(0) if args and (sign == "+" or letter == "k") else None
+            what.append(("a key" if letter == "k" else "limited to %s" % value) if sign == "+"
+                        else ("without a key" if letter == "k" else "without a limit"))
+        else:
+            what.append(ROOM_MODES[letter] if sign == "+" else "no longer " + ROOM_MODES[letter])
+    if what:
+        lines.append(line_bytes("room_mode_set", nick=event.nick, room=event.room,
+                                what=", ".join(what)))
+    return b"".join(lines)
 
 # The notices a connection is closed with, which a dialect marks as the end (IRC:
 # ERROR), with the WebSocket close code of each (1000 normal, 1001 going away, 1008
@@ -3977,7 +4319,7 @@ class LineDialect(Dialect):
         "msg": ("do_msg", lambda rest: tuple(rest.partition(" ")[::2])),
         "who": ("do_who", lambda rest: (rest,) if rest else ()),
         "help": ("do_help", lambda rest: ()),
-        "join": ("do_join", lambda rest: (rest,)),
+        "join": ("do_join", lambda rest: tuple(rest.split(None, 1)) or ("",)),
         "part": ("do_part", lambda rest: ()),
         "rooms": ("do_rooms", lambda rest: ()),
         "topic": ("do_topic", lambda rest: (None, rest) if rest else ()),
@@ -3993,6 +4335,8 @@ class LineDialect(Dialect):
         "mute": ("do_mute", lambda rest: tuple(rest.partition(" ")[::2])),
         "unmute": ("do_unmute", lambda rest: (rest,)),
         "mutes": ("do_mutes", lambda rest: ()),
+        "mode": ("do_mode", mode_arguments),
+        "invite": ("do_invite", lambda rest: tuple(rest.split(None, 1)) or ("",)),
     }
 
     def handle(self, message):
@@ -4063,6 +4407,8 @@ class LineDialect(Dialect):
             return line_bytes("now_operator", nick=event.nick)
         if kind is Kicked:
             return line_bytes("kicked", nick=event.nick, by=event.by, reason=event.reason)
+        if kind is ModeChanged:
+            return mode_lines(event)
         raise TypeError("no line for %r" % (event,))
 
     def _notice(self, event):
@@ -4224,7 +4570,8 @@ class IrcReplies:
     def _names_reply(self, room):
         """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
         return self._for_me(room, "names", lambda: b"".join(
-            [self._numeric_bytes("353", "= %s :%s" % (room.name, run), RECEIVER)
+            [self._numeric_bytes("353", "%s %s :%s" % ("@" if "s" in room.modes else "=",
+                                                        room.name, run), RECEIVER)
              for run, _ in room.nick_runs()]
             + [self._numeric_bytes("366", "%s :End of /NAMES list" % room.name, RECEIVER)]))
 
@@ -4303,6 +4650,9 @@ class IrcReplies:
             return cls._line(":%s TOPIC %s :%s" % (irc_source(event.nick), event.room, event.text))
         if kind is Opped:
             return cls._line(":%s MODE %s +o %s" % (irc_source(event.nick), event.room, event.nick))
+        if kind is ModeChanged:
+            return cls._line(":%s MODE %s %s" % (irc_source(event.nick), event.room, " ".join(
+                (event.changes,) + event.args)))
         if kind is Kicked:
             return cls._line(":%s KICK %s %s :%s" % (irc_source(event.by), event.room, event.nick,
                                                      event.reason))
@@ -4311,17 +4661,19 @@ class IrcReplies:
     def _welcome(self, event):
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
-                    "PREFIX=(o)@ CHANMODES=b,,,n CHANLIMIT=#:%d MAXTARGETS=%d "
+                    "PREFIX=(ov)@+ CHANMODES=b,k,l,imnst MODES=%d CHANLIMIT=#:%d MAXTARGETS=%d "
+                    "KICKLEN=%d AWAYLEN=%d "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:1,WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
-                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MAX_JOINED, MAX_TARGETS,
+                    % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
+                       MAX_REASON, MAX_REASON,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         members, rooms = len(self.hub.members), len(self.hub.rooms)
         lines = [
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
             ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
             ("003", ":This server was started %s" % self.server.started),
-            ("004", "%s chat.py-%s i bn" % (name, __version__)),
+            ("004", "%s chat.py-%s io biklmnostv kl" % (name, __version__)),
             ("005", "%s :are supported by this server" % isupport),
             ("251", ":There are %d users and 0 invisible on 1 servers" % members),
             ("254", "%d :channels formed" % rooms),
@@ -4383,6 +4735,17 @@ class IrcReplies:
         "wrong_password": ("464", ":Password incorrect"),
         "opped": ("381", ":You are now an IRC operator"),
         "no_operators": ("491", ":No O-lines for your host"),
+        "room_modes": ("324", "{room} {modes}"),
+        "not_room_operator": ("482", "{room} :You're not channel operator"),
+        "not_in_that_room": ("441", "{target} {room} :They aren't on that channel"),
+        "not_in_room": ("442", "{room} :You're not on that channel"),
+        "already_there": ("443", "{target} {room} :is already on channel"),
+        "unknown_mode": ("472", "{mode} :is unknown mode char to me"),
+        "invite_only": ("473", "{room} :Cannot join channel (+i)"),
+        "bad_room_key": ("475", "{room} :Cannot join channel (+k)"),
+        "room_full": ("471", "{room} :Cannot join channel (+l)"),
+        "moderated": ("404", "{room} :Cannot send to channel"),
+        "invite_sent": ("341", "{target} {room}"),
         "banned": ("465", ":You are banned from this server"),
         "not_operator": ("481", ":Permission Denied- You're not an IRC operator"),
         "wrong_op_password": ("464", ":Password incorrect"),
@@ -4409,6 +4772,11 @@ class IrcReplies:
                                                  fields["nick"]))
         if key == "nick_collision":
             data = self._line(":%s NICK :%s" % (irc_source(fields["nick"]), fields["new"]))
+        if key == "room_modes":
+            data += self._numeric_bytes("329", "%s %d" % (fields["room"], fields["created"]))
+        if key == "invited_you":
+            return self._line(":%s INVITE %s :%s" % (irc_source(fields["nick"]), self.nick,
+                                                     fields["room"]))
         if data or key in self._SILENT:
             return data
         if key == "help":
@@ -4607,9 +4975,10 @@ class IrcDialect(IrcReplies, Dialect):
             for room in list(self.conn.member.rooms):
                 self.hub.do_part(self.conn.member, room.name, "left all channels")
             return
-        for name in params[0].split(",")[:MAX_TARGETS]:
+        keys = params[1].split(",") if len(params) > 1 else []
+        for index, name in enumerate(params[0].split(",")[:MAX_TARGETS]):
             if name:
-                self.hub.do_join(self.conn.member, name)
+                self.hub.do_join(self.conn.member, name, keys[index] if index < len(keys) else "")
 
     def _part(self, params):
         reason = irc_text(params[1]).strip()[:MAX_REASON] if len(params) > 1 else ""
@@ -4641,7 +5010,7 @@ class IrcDialect(IrcReplies, Dialect):
         member = self.conn.member
         for target in params[0].split(",")[:MAX_TARGETS]:
             room = self.hub.find_room(target) if target.startswith("#") else None
-            if room is not None and room in member.rooms:
+            if room is not None and (room in member.rooms or "n" not in room.modes):
                 self.hub.do_say(member, text, action, room)
             elif room is not None:
                 error("404", "%s :Cannot send to channel" % room.name)
@@ -4654,8 +5023,11 @@ class IrcDialect(IrcReplies, Dialect):
         self._privmsg(params, quiet=True)
 
     def _names(self, params):
+        member = self.conn.member
         rooms = [self.hub.find_room(name) for name in params[0].split(",")[:MAX_TARGETS]] \
-            if params else list(self.conn.member.rooms)
+            if params else list(member.rooms)
+        rooms = [room if room is not None and self.hub.visible(member, room) else None
+                 for room in rooms]
         for room in rooms:
             if room is not None:
                 self.conn_send(self._names_reply(room))
@@ -4665,7 +5037,7 @@ class IrcDialect(IrcReplies, Dialect):
     def _who(self, params):
         mask = params[0] if params else "*"
         room = self.hub.find_room(mask) if mask.startswith("#") else None
-        if room is not None:
+        if room is not None and self.hub.visible(self.conn.member, room):
             self.conn_send(self._for_me(room, "who", lambda: self._who_lines(room, room.listed)))
             return
         if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
@@ -4684,13 +5056,21 @@ class IrcDialect(IrcReplies, Dialect):
         self.hub.do_op(self.conn.member, params[1])
 
     def _kick(self, params):
-        self.hub.do_kick(self.conn.member, params[1], irc_text(params[2]) if len(params) > 2 else "")
+        """KICK #room nick[,nick...] [:reason]: out of the room."""
+        reason = irc_text(params[2]) if len(params) > 2 else ""
+        for nick in params[1].split(",")[:MAX_TARGETS]:
+            self.hub.do_kick_from(self.conn.member, params[0], nick, reason)
+
+    def _invite(self, params):
+        self.hub.do_invite(self.conn.member, params[0], params[1])
 
     def _away(self, params):
         self.hub.do_away(self.conn.member, irc_text(params[0]) if params else "")
 
     def _list(self, params):
-        rooms = sorted(self.hub.rooms.values(), key=lambda room: (-len(room.listed), room.key))
+        rooms = sorted((room for room in self.hub.rooms.values()
+                        if self.hub.visible(self.conn.member, room)),
+                       key=lambda room: (-len(room.listed), room.key))
         lines = [self._numeric_bytes("321", "Channel :Users  Name")]
         lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.listed),
                                                              room.topic or ""))
@@ -4711,7 +5091,7 @@ class IrcDialect(IrcReplies, Dialect):
             if room is None:
                 self._numeric("403", "%s :No such channel" % sanitize(target)[:40])
             elif len(params) == 1:
-                self._numeric("324", "%s +n" % room.name)
+                self.hub.do_mode(self.conn.member, room.name)
             elif params[1] in ("b", "+b") and len(params) == 2:
                 self._ban_list(room)
             elif params[1] == "-b" and len(params) == 2:
@@ -4719,7 +5099,7 @@ class IrcDialect(IrcReplies, Dialect):
             elif params[1] in ("+b", "-b"):
                 self._ban_mode(room, params[1], params[2])
             else:
-                self._numeric("482", "%s :You're not channel operator" % room.name)
+                self.hub.do_mode(self.conn.member, room.name, params[1], params[2:])
         elif name_key(target) == name_key(self.nick):
             self._numeric("221", "+")
         else:
@@ -4763,6 +5143,7 @@ class IrcDialect(IrcReplies, Dialect):
         "WHOIS": ("_whois", 1), "LIST": ("_list", 0), "TOPIC": ("_topic_command", 1),
         "MODE": ("_mode", 1), "ISON": ("_ison", 1), "USERHOST": ("_userhost", 1),
         "OPER": ("_oper", 2), "KICK": ("_kick", 2), "AWAY": ("_away", 0),
+        "INVITE": ("_invite", 2),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
     # The line protocol's commands IRC has no word for, run as they are: clients send
@@ -5225,6 +5606,9 @@ class WebSocketDialect(LineDialect):
             return {"type": "topic", "room": event.room, "nick": event.nick, "text": event.text}
         if kind is Opped:
             return {"type": "opped", "room": event.room, "nick": event.nick}
+        if kind is ModeChanged:
+            return {"type": "mode", "room": event.room, "nick": event.nick,
+                    "changes": event.changes, "args": list(event.args)}
         if kind is Kicked:
             return {"type": "kicked", "room": event.room, "nick": event.nick, "by": event.by,
                     "reason": event.reason}

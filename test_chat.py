@@ -867,11 +867,11 @@ class RoomsTest(ServerTestCase):
     def test_join_moves_you_and_both_rooms_are_told(self):
         alice, bob, carol = self.peers("alice", "bob", "carol")
         bob.say("/join dev")
-        self.assertEqual(bob.next_line(), "*** you are in #dev: 1 online: bob")
+        self.assertEqual(bob.next_line(), "*** you are in #dev: 1 online: @bob")
         self.assertEqual(alice.expect(r"\*\*\* bob .*"), "*** bob left for #dev")
         bob.say("only in dev")
         carol.say("/join #dev")
-        self.assertEqual(carol.lines_until(r"\*\*\* you are in #dev: 2 online: bob, carol"),
+        self.assertEqual(carol.lines_until(r"\*\*\* you are in #dev: 2 online: @bob, carol"),
                          ["*** bob left for #dev"])
         self.assertEqual(carol.next_line(), "*** --- last 1 message in #dev ---")
         self.assertRegex(carol.next_line(), r"\*\*\* \[\d\d:\d\d\] <bob> only in dev")
@@ -885,7 +885,7 @@ class RoomsTest(ServerTestCase):
     def test_part_returns_to_the_room_everyone_starts_in(self):
         alice, bob = self.peers("alice", "bob")
         bob.say("/join #dev", "/part", "/part")
-        self.assertEqual(bob.next_line(), "*** you are in #dev: 1 online: bob")
+        self.assertEqual(bob.next_line(), "*** you are in #dev: 1 online: @bob")
         self.assertEqual(bob.next_line(), "*** you are in #lobby: 2 online: alice, bob")
         self.assertEqual(bob.next_line(), "*** error: you are in #lobby, where everyone starts; "
                                           "/quit leaves the chat")
@@ -900,7 +900,7 @@ class RoomsTest(ServerTestCase):
         self.assertEqual(alice.sync(), ["*** bob left for #dev", "*** carol left for #dev"])
         alice.say("/rooms", "/who #dev", "/who #nowhere", "/who", "/topic")
         self.assertEqual(alice.next_line(), "*** 2 rooms: #dev (2), #lobby (1)")
-        self.assertEqual(alice.next_line(), "*** #dev: 2 online: bob, carol")
+        self.assertEqual(alice.next_line(), "*** #dev: 2 online: @bob, carol")
         self.assertEqual(alice.next_line(), "*** error: no such room #nowhere")
         self.assertEqual(alice.next_line(), "*** 1 online: alice")
         self.assertEqual(alice.next_line(), "*** no topic is set in #lobby")
@@ -1941,7 +1941,7 @@ class PersistenceTest(ServerTestCase):
             self.restart_server()
             bob = self.connect("bob")
             bob.say("/join #dev", "said in dev")
-            self.assertEqual(bob.sync(), ["*** you are in #dev: 1 online: bob"])
+            self.assertEqual(bob.sync(), ["*** you are in #dev: 1 online: @bob"])
 
     def test_a_state_nested_too_deep_is_skipped(self):
         folder = self.stopped()
@@ -2523,7 +2523,7 @@ class RealIrcClientTest(ServerTestCase):
         irssi.wait_for(r"Total of 1 nicks")
         nina.say("/join #dev")
         self.assertEqual(nina.expect(r"\*\*\* you are in #dev: .*"),
-                         "*** you are in #dev: 2 online: ircbob, nina")
+                         "*** you are in #dev: 2 online: @ircbob, nina")
         nina.say("in dev now")
         irssi.wait_for(r"< ?nina> in dev now")
         irssi.type("/me smiles")
@@ -4457,11 +4457,11 @@ class ReconnectTest(ServerTestCase):
         client.post("line", "/join #dev")
         console.wait(lambda: console.room == "#dev", "the move")
         self.restart_server()
-        console.wait(lambda: console.lines.count("*** you are in #dev: 1 online: ci") == 2,
+        console.wait(lambda: console.lines.count("*** you are in #dev: 1 online: @ci") == 2,
                      "the way back to #dev")
         alice = self.connect("alice")
         alice.say("/who #dev")
-        self.assertEqual(alice.expect(r"\*\*\* #dev: .*"), "*** #dev: 1 online: ci")
+        self.assertEqual(alice.expect(r"\*\*\* #dev: .*"), "*** #dev: 1 online: @ci")
 
     def test_the_room_passed_through_after_a_reconnect_shows_no_history(self):
         alice = self.connect("alice")
