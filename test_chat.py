@@ -5078,3 +5078,116 @@ class HealthTest(ClusterTestCase):
         self.assertEqual(self.get("/healthz", source="127.0.0.2", node=1)[0], 200)
         self.assertEqual(self.get("/metrics", node=1)[0], 200)
         self.assertEqual(self.get("/metrics", source="127.0.0.2")[0], 200)   # loopback
+
+
+class RoomRightsTest(ServerTestCase):
+    """Rooms their own people run, the same from nc, IRC and the page."""
+
+    options = {"greet_delay": 5.0, "op_password": "op secret"}
+
+    def irc_peer(self, nick):
+        peer = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(peer.sock.close)
+        peer.register(nick)
+        return peer
+
+    def test_the_first_member_runs_the_room_from_nc(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("/join #dev")
+        self.assertEqual(alice.expect(r"\*\*\* you are in #dev.*"), "*** you are in #dev: 1 online: @alice")
+        bob.say("/join #dev", "/mode +m")
+        self.assertEqual(bob.expect(r"\*\*\* error.*"), "*** error: only operators of #dev may do that")
+        alice.say("/mode +v bob", "/mode +mt", "/mode +o nobody")
+        self.assertEqual(bob.expect(r"\*\*\* alice gave .*"), "*** alice gave bob a voice in #dev")
+        self.assertEqual(bob.next_line(), "*** alice made #dev moderated, topic-locked")
+        self.assertEqual(alice.expect(r"\*\*\* error.*"), "*** error: nobody is not in #dev")
+        carol = self.connect("carol")
+        carol.say("/join #dev", "muted by the mode", "/topic mine")
+        self.assertEqual(carol.expect(r"\*\*\* error.*"), "*** error: #dev is moderated: only "
+                                                          "its operators and voiced members talk")
+        self.assertEqual(carol.next_line(), "*** error: only operators of #dev may do that")
+        bob.say("voiced, I talk", "/who")
+        self.assertEqual(alice.expect(r"<bob> .*"), "<bob> voiced, I talk")
+        self.assertEqual(bob.expect(r"\*\*\* \d online: .*"), "*** 3 online: @alice, +bob, carol")
+        alice.say("/mode -v+o bob carol", "/mode")
+        self.assertEqual(carol.expect(r"\*\*\* alice took .*"),
+                         "*** alice took the voice of bob in #dev")
+        self.assertEqual(carol.next_line(), "*** alice gave carol operator status in #dev")
+        self.assertEqual(alice.expect(r"\*\*\* #dev is .*"), "*** #dev is moderated, "
+                                                             "closed to outsiders, topic-locked")
+        carol.say("/kick bob enough")
+        self.assertEqual(bob.expect(r"\*\*\* bob was kicked .*"),
+                         "*** bob was kicked by carol (enough)")
+        self.assertEqual(bob.expect(r"\*\*\* you are in .*"), "*** you are in #lobby: 1 online: bob")
+
+    def test_keys_limits_invitations_and_secret_rooms(self):
+        alice, bob, carol = self.connect("alice"), self.connect("bob"), self.connect("carol")
+        alice.say("/join #den", "/mode +ks hush", "/mode +l 2")
+        alice.expect(r"\*\*\* alice made #den limited to 2")
+        bob.say("/rooms", "/join #den", "/join #den wrong", "/join #den hush")
+        self.assertEqual(bob.expect(r"\*\*\* \d+ rooms?: .*"), "*** 1 rooms: #lobby (2)")
+        self.assertEqual(bob.expect(r"\*\*\* error.*"), "*** error: #den needs its key: /join #den KEY")
+        self.assertEqual(bob.expect(r"\*\*\* error.*"), "*** error: #den needs its key: /join #den KEY")
+        bob.expect(r"\*\*\* you are in #den: 2 online: @alice, bob")
+        carol.say("/join #den hush")
+        self.assertEqual(carol.expect(r"\*\*\* error.*"), "*** error: #den is full")
+        alice.say("/mode -l+i-k *", "/invite carol")
+        self.assertEqual(carol.expect(r"\*\*\* alice invites .*"),
+                         "*** alice invites you to #den: /join #den")
+        self.assertEqual(alice.expect(r"\*\*\* invited .*"), "*** invited carol to #den")
+        carol.say("/join #den")
+        carol.expect(r"\*\*\* you are in #den: 3 online: .*")
+        carol.say("/part", "/join #den")
+        self.assertEqual(carol.expect(r"\*\*\* error.*"), "*** error: #den is invite-only: ask "
+                                                          "one of its operators")
+
+    def test_irc_clients_run_rooms_as_on_any_server(self):
+        alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
+        alice.irc("JOIN #chan", "MODE #chan")
+        self.assertEqual(alice.expect(r":testroom 353 .*"), ":testroom 353 alice = #chan :@alice")
+        self.assertEqual(alice.numeric("324"), ":testroom 324 alice #chan +n")
+        self.assertRegex(alice.numeric("329"), r":testroom 329 alice #chan \d+")
+        bob.irc("JOIN #chan", "MODE #chan +i", "KICK #chan alice")
+        self.assertEqual(bob.numeric("482"), ":testroom 482 bob #chan :You're not channel operator")
+        self.assertEqual(bob.numeric("482"), ":testroom 482 bob #chan :You're not channel operator")
+        alice.irc("MODE #chan +ov-x bob bob", "MODE #chan +k sesame", "INVITE bob #chan")
+        self.assertEqual(alice.numeric("472"), ":testroom 472 alice x :is unknown mode char to me")
+        self.assertEqual(alice.next_line(), ":alice!alice@chat MODE #chan +ov bob bob")
+        self.assertEqual(bob.expect(r":\S+ MODE #chan \+ov.*"), ":alice!alice@chat MODE #chan +ov bob bob")
+        self.assertEqual(alice.numeric("443"), ":testroom 443 alice bob #chan :is already on channel")
+        carol = self.irc_peer("carol")
+        carol.irc("JOIN #chan", "JOIN #chan wrong")
+        self.assertEqual(carol.numeric("475"), ":testroom 475 carol #chan :Cannot join channel (+k)")
+        alice.irc("INVITE carol #chan", "MODE #chan +i-k *")
+        self.assertEqual(alice.numeric("341"), ":testroom 341 alice carol #chan")
+        self.assertEqual(carol.expect(r":\S+ INVITE .*"), ":alice!alice@chat INVITE carol :#chan")
+        carol.irc("JOIN #chan")
+        self.assertEqual(carol.expect(r":testroom 353 .*"), ":testroom 353 carol = #chan :@alice @bob carol")
+        bob.irc("KICK #chan carol,alice :out")
+        self.assertEqual(carol.expect(r":\S+ KICK .*"), ":bob!bob@chat KICK #chan carol :out")
+        self.assertEqual(alice.expect(r":\S+ KICK #chan alice .*"), ":bob!bob@chat KICK #chan alice :out")
+        alice.irc("JOIN #chan")
+        self.assertEqual(alice.numeric("473"), ":testroom 473 alice #chan :Cannot join channel (+i)")
+
+    def test_a_server_operator_runs_every_room(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        bob.say("/join #dev", "/mode +i")
+        bob.expect(r"\*\*\* bob made #dev invite-only")
+        alice.say("/op op secret", "/join #dev", "/mode -o bob")
+        alice.expect(r"\*\*\* you are in #dev: 2 online: @bob, @alice")
+        self.assertEqual(bob.expect(r"\*\*\* alice took .*"),
+                         "*** alice took operator status from bob in #dev")
+
+    def test_rights_and_modes_reach_the_page(self):
+        alice = self.connect("alice")
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        web.say("/nick webby", "/join #dev")
+        web.expect(type="room", room="#dev")
+        alice.say("/join #dev")
+        web.expect(type="joined", nick="alice")
+        web.say("/mode +v alice")
+        self.assertEqual(web.expect(type="mode"), {"type": "mode", "room": "#dev", "nick": "webby",
+                                                   "changes": "+v", "args": ["alice"]})
+        alice.say("/who")
+        self.assertEqual(alice.expect(r"\*\*\* \d online: .*"), "*** 2 online: +alice, @webby")
