@@ -5640,7 +5640,8 @@ class WebSocketDialect(LineDialect):
             reply = room.cache[key] = self.frame({
                 "type": "who", "room": room.name, "own": event.own,
                 "members": sorted((member.nick for member in room.listed), key=name_key),
-                "operators": [member.nick for member in room.operators]})
+                "operators": [member.nick for member in room.operators],
+                "voiced": [member.nick for member in room.voiced if member in room.listed]})
         return reply
 
     _RENDERERS = {
@@ -5654,7 +5655,8 @@ class WebSocketDialect(LineDialect):
             "type": "room", "room": event.room.name, "topic": event.room.topic,
             "count": len(event.room.listed), "members": [
                 member.nick for member in itertools.islice(event.room.listed, WEB_MEMBERS)],
-            "operators": [member.nick for member in event.room.operators]}),
+            "operators": [member.nick for member in event.room.operators],
+            "voiced": [member.nick for member in event.room.voiced if member in event.room.listed]}),
         Whois: lambda self, event: self.frame({
             "type": "whois", "nick": event.nick, "rooms": list(event.rooms),
             "idle": int(event.idle), "away": event.away, "operator": event.operator,
@@ -8642,7 +8644,7 @@ const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("line"), memberList = $("members"), roomList = $("rooms");
 const COMMANDS = @COMMAND_WORDS@;
 let ws = null, me = null, room = null, returnTo = null, retry = 1000, unread = 0, leaving = false;
-let members = [], operators = new Set(), rooms = [], sent = [], browsing = -1, password = null, title = "chat";
+let members = [], operators = new Set(), voiced = new Set(), rooms = [], sent = [], browsing = -1, password = null, title = "chat";
 
 function colour(nick) {
   let hash = 0;
@@ -8704,7 +8706,7 @@ function chatLine(ev, past) {
 function listMembers() {
   memberList.replaceChildren(...members.slice().sort((a, b) => a.localeCompare(b)).map((nick) => {
     const li = document.createElement("li"), b = document.createElement("button");
-    b.type = "button"; b.textContent = (operators.has(nick) ? "@" : "") + nick; b.style.color = colour(nick);
+    b.type = "button"; b.textContent = (operators.has(nick) ? "@" : voiced.has(nick) ? "+" : "") + nick; b.style.color = colour(nick);
     b.addEventListener("click", () => { input.value = "/msg " + nick + " "; input.focus(); });
     li.append(b); return li;
   }));
@@ -8730,7 +8732,7 @@ function setRoom(name, topic) {
 const handlers = {
   welcome(ev) { me = ev.nick; retry = 1000; state(""); show("notice", ["Welcome to " + ev.server + ", you are ", {nick: me}]); },
   room(ev) {
-    setRoom(ev.room, ev.topic); members = ev.members.slice(); operators = new Set(ev.operators); listMembers();
+    setRoom(ev.room, ev.topic); members = ev.members.slice(); operators = new Set(ev.operators); voiced = new Set(ev.voiced); listMembers();
     show("notice", ["You are in " + ev.room + " (" + ev.count + " here)" + (ev.topic ? ": " + ev.topic : "")]);
     if (returnTo && returnTo !== ev.room) { const back = returnTo; returnTo = null; send("/join " + back); }
     else { returnTo = null; send("/rooms"); }
@@ -8752,6 +8754,17 @@ const handlers = {
     if (!ev.quiet) show("notice", [{nick: ev.nick}, " joined"]);
   },
   opped(ev) { if (ev.room !== room) return; operators.add(ev.nick); listMembers(); show("notice", [{nick: ev.nick}, " is now an operator"]); },
+  mode(ev) {
+    if (ev.room !== room) return;
+    let sign = "+", i = 0;
+    for (const c of ev.changes) {
+      if (c === "+" || c === "-") { sign = c; continue; }
+      if (c !== "o" && c !== "v" && !(c === "k" || (c === "l" && sign === "+"))) continue;
+      const arg = ev.args[i++];
+      if (c === "o" || c === "v") { const set = c === "o" ? operators : voiced; if (sign === "+") set.add(arg); else set.delete(arg); }
+    }
+    listMembers(); show("notice", [{nick: ev.nick}, " set " + ev.changes + " " + ev.args.filter((a) => a !== undefined).join(" ")]);
+  },
   left(ev) { gone(ev, ev.to ? " left for " + ev.to : " left (" + ev.reason + ")"); },
   quit(ev) { gone(ev, " left (" + ev.reason + ")"); },
   kicked(ev) { gone(ev, " was kicked by " + ev.by + " (" + ev.reason + ")"); },
@@ -8766,7 +8779,7 @@ const handlers = {
   },
   topic(ev) { if (ev.room === room) $("topic").textContent = ev.text; show("notice", [{nick: ev.nick}, " set the topic of " + ev.room + ": " + ev.text]); },
   topic_info(ev) { show("notice", [ev.text ? "Topic of " + ev.room + ": " + ev.text : "No topic is set in " + ev.room]); },
-  who(ev) { if (ev.own) { members = ev.members.slice(); operators = new Set(ev.operators); listMembers(); } show("notice", [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]); },
+  who(ev) { if (ev.own) { members = ev.members.slice(); operators = new Set(ev.operators); voiced = new Set(ev.voiced); listMembers(); } show("notice", [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]); },
   rooms(ev) { rooms = ev.rooms; listRooms(); },
   help(ev) { for (const line of ev.lines) show("notice", [line]); },
   notice(ev) {

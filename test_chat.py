@@ -2855,7 +2855,7 @@ class WebSocketTest(ServerTestCase):
         self.assertEqual(web.event(), {"type": "welcome", "server": "testroom", "nick": "webby"})
         self.assertEqual(web.event(), {"type": "room", "room": "#lobby", "topic": None,
                                        "count": 2, "members": ["bob", "webby"],
-                                       "operators": []})
+                                       "operators": [], "voiced": []})
         history = web.expect(type="history")
         self.assertEqual([(line["type"], line["nick"], line["text"]) for line in history["lines"]],
                          [("said", "bob", "said before")])
