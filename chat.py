@@ -453,6 +453,7 @@ class Wording:
 
     SHAPES = (
         ("said", "<{nick}> {text}"),
+        ("noticed", "-{nick}- {text}"),
         ("acted", "* {nick} {text}"),
         ("private", "*{nick}* {text}"),
         ("private_sent", "-> *{nick}* {text}"),
@@ -606,12 +607,14 @@ class Wording:
 
 
 WORDING = Wording()
-_SAID_FORMATS = {False: WORDING.percent_format("said"), True: WORDING.percent_format("acted")}
+_SAID_FORMATS = {False: WORDING.percent_format("said"), True: WORDING.percent_format("acted"),
+                 "notice": WORDING.percent_format("noticed")}
 
 
-def said_line(nick, text, action=False):
-    """A public line, or a /me, as the line protocol shows it: "<alice> hi", "* alice waves"."""
-    return _SAID_FORMATS[action] % (nick, text)
+def said_line(nick, text, action=False, notice=False):
+    """A public line, a /me or a notice, as the line protocol shows it: "<alice> hi",
+    "* alice waves", "-bot- build passed"."""
+    return _SAID_FORMATS["notice" if notice else action] % (nick, text)
 
 
 # --- Events ---
@@ -628,6 +631,7 @@ class Said:
     action: bool = False
     time: float = 0.0
     seq: int = 0            # its number in the room, the same on every node (0: unknown)
+    notice: bool = False    # IRC's NOTICE: a bot's words, which no program answers
 
 
 @dataclass(frozen=True)
@@ -1176,10 +1180,10 @@ class Broker:
     def attach(self, hub):
         self.hub = hub
 
-    def line(self, room, speaker, text, action):
+    def line(self, room, speaker, text, action, notice=False):
         room.seq += 1
         self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
-                                         self.hub.clock(), room.seq), speaker)
+                                         self.hub.clock(), room.seq, notice), speaker)
 
     def publish(self, room, event, excluded, subject=None):
         """A room event (subject: the member it is about, or None)."""
@@ -2136,7 +2140,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         if member.announced:
             self.directory.changed(member)
 
-    def do_say(self, member, text, action=False, room=None):
+    def do_say(self, member, text, action=False, room=None, as_notice=False):
         """A public line in room (by default the member's room): not for those who ignore
         its speaker."""
         room = room or member.room
@@ -2152,7 +2156,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             return
         self.announce(member)
         member.active = time.monotonic()
-        self.broker.line(room, member, text, action)
+        self.broker.line(room, member, text, action, as_notice)
 
     def backfill(self, room, events):
         """Older lines of a room, read late (from another node's time): put before the
@@ -2775,20 +2779,21 @@ class FileStore(Store):
         try:
             record = json.loads(line)
             when, kind = finite_time(record["time"]), record["kind"]
-            if when is None or kind not in ("said", "acted"):
+            if when is None or kind not in ("said", "acted", "noticed"):
                 return None
             seq = record.get("seq", 0)
             if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 1 << 53:
                 seq = 0
             return Said(room, normalize_nick(stored_text(record["nick"])),
                         stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted", when,
-                        seq)
+                        seq, kind == "noticed")
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def append(self, room, event):
         record = {"time": event.time, "seq": event.seq, "nick": event.nick,
-                  "kind": "acted" if event.action else "said", "text": event.text}
+                  "kind": "noticed" if event.notice else "acted" if event.action else "said",
+                  "text": event.text}
         self._pending.setdefault(room, []).append(
             json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
@@ -3515,9 +3520,9 @@ class ClusterCodec:
     # Lines
 
     @staticmethod
-    def line_record(node, number, room, speaker, text, action, when):
+    def line_record(node, number, room, speaker, text, action, when, notice):
         return {"n": node, "i": number, "r": room.name, "k": speaker.nick, "x": text,
-                "a": action, "w": when}
+                "a": action, "w": when, "o": notice}
 
     def line(self, seq, record):
         """(node, its number for the line, the Said event)."""
@@ -3529,7 +3534,8 @@ class ClusterCodec:
             raise ValueError("a line without a time")
         return self.ident(record["n"]), number, Said(
             self.room(record["r"]), self.nick(record["k"]),
-            stored_text(record["x"])[:MAX_STORED_TEXT], self.flag(record["a"]), when, seq)
+            stored_text(record["x"])[:MAX_STORED_TEXT], self.flag(record["a"]), when, seq,
+            self.flag(record.get("o", False)))
 
     def private(self, record):
         said = record["e"]
@@ -3560,10 +3566,10 @@ class RedisBroker(Broker):
         self.last_from = {}     # room key -> {node: number of its last line told here}
         self.lost_lines = 0
 
-    def line(self, room, speaker, text, action):
+    def line(self, room, speaker, text, action, notice=False):
         number = next(self._numbers)
         message = json.dumps(self.codec.line_record(self.cluster.node, number, room, speaker,
-                                                    text, action, self.hub.clock()),
+                                                    text, action, self.hub.clock(), notice),
                              ensure_ascii=False, separators=(",", ":"))
         if self.link.up:
             self.in_flight[number] = (room.key, speaker, message)
@@ -3571,7 +3577,7 @@ class RedisBroker(Broker):
         else:
             self._hold(number, room.key, message)
             self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
-                                             self.hub.clock()), speaker)
+                                             self.hub.clock(), 0, notice), speaker)
 
     def publish(self, room, event, excluded, subject=None):
         self.hub.publish_here(room, event, excluded)
@@ -4183,7 +4189,7 @@ def history_lines(room, history):
     lines = [WORDING.render("history_start", count=count, room=room.name,
                             noun="message" if count == 1 else "messages")]
     lines += [WORDING.render("history_entry", time=clock_text(said.time),
-                             line=said_line(said.nick, said.text, said.action))
+                             line=said_line(said.nick, said.text, said.action, said.notice))
               for said in history]
     lines.append(WORDING.render("history_end"))
     return lines
@@ -4387,7 +4393,7 @@ class LineDialect(Dialect):
     def render_shared(cls, event):
         kind = type(event)
         if kind is Said:
-            return (said_line(event.nick, event.text, event.action) + "\n").encode()
+            return (said_line(event.nick, event.text, event.action, event.notice) + "\n").encode()
         if kind in MEMBERSHIP_EVENTS and event.quiet:
             return b""
         if kind is Joined:
@@ -4567,13 +4573,14 @@ class IrcReplies:
 
     # What goes out
 
-    def _names_reply(self, room):
+    def _names_reply(self, room, end=True):
         """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
-        return self._for_me(room, "names", lambda: b"".join(
-            [self._numeric_bytes("353", "%s %s :%s" % ("@" if "s" in room.modes else "=",
-                                                        room.name, run), RECEIVER)
-             for run, _ in room.nick_runs()]
-            + [self._numeric_bytes("366", "%s :End of /NAMES list" % room.name, RECEIVER)]))
+        names = self._for_me(room, "names", lambda: b"".join(
+            self._numeric_bytes("353", "%s %s :%s" % ("@" if "s" in room.modes else "=",
+                                                       room.name, run), RECEIVER)
+            for run, _ in room.nick_runs()))
+        return names + self._numeric_bytes("366", "%s :End of /NAMES list" % room.name) \
+            if end else names
 
     def _for_me(self, room, what, render):
         """A reply about a room, rendered once per change of the room for everyone (with a
@@ -4591,7 +4598,7 @@ class IrcReplies:
         lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
             room.name if room else "*", m.user or m.nick, IRC_HOST, self.server_name, m.nick,
             ("G" if m.away else "H") + ("*" if m.operator else "")
-            + ("@" if m.operator and room else ""), m.realname or m.nick),
+            + (room.rank(m) if room else ""), m.realname or m.nick),
             RECEIVER) for m in members]
         lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
             room.name if room else sanitize(mask)[:40]), RECEIVER))
@@ -4636,7 +4643,8 @@ class IrcReplies:
         kind = type(event)
         if kind is Said:
             text = "\x01ACTION %s\x01" % event.text if event.action else event.text
-            return irc_split(":%s PRIVMSG %s :" % (irc_source(event.nick), event.room), text)
+            return irc_split(":%s %s %s :" % (irc_source(event.nick), "NOTICE" if event.notice
+                                                else "PRIVMSG", event.room), text)
         if kind is Joined:
             return cls._line(":%s JOIN %s" % (irc_source(event.nick), event.room))
         if kind is Parted:
@@ -4663,7 +4671,7 @@ class IrcReplies:
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=b,k,l,imnst MODES=%d CHANLIMIT=#:%d MAXTARGETS=%d "
                     "KICKLEN=%d AWAYLEN=%d "
-                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:1,WHOIS:1 "
+                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
                        MAX_REASON, MAX_REASON,
@@ -4674,7 +4682,10 @@ class IrcReplies:
             ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
             ("003", ":This server was started %s" % self.server.started),
             ("004", "%s chat.py-%s io biklmnostv kl" % (name, __version__)),
-            ("005", "%s :are supported by this server" % isupport),
+        ] + [
+            ("005", "%s :are supported by this server" % " ".join(tokens))
+            for tokens in (isupport.split()[at:at + 12] for at in range(0, 24, 12)) if tokens
+        ] + [
             ("251", ":There are %d users and 0 invisible on 1 servers" % members),
             ("254", "%d :channels formed" % rooms),
             ("255", ":I have %d clients and 0 servers" % members),
@@ -5011,7 +5022,7 @@ class IrcDialect(IrcReplies, Dialect):
         for target in params[0].split(",")[:MAX_TARGETS]:
             room = self.hub.find_room(target) if target.startswith("#") else None
             if room is not None and (room in member.rooms or "n" not in room.modes):
-                self.hub.do_say(member, text, action, room)
+                self.hub.do_say(member, text, action, room, as_notice=quiet)
             elif room is not None:
                 error("404", "%s :Cannot send to channel" % room.name)
             elif self.hub.find_member(target) is not None and not target.startswith("#"):
@@ -5028,11 +5039,12 @@ class IrcDialect(IrcReplies, Dialect):
             if params else list(member.rooms)
         rooms = [room if room is not None and self.hub.visible(member, room) else None
                  for room in rooms]
+        several = len(rooms) > 1   # one 366 for them all, naming them as asked
         for room in rooms:
             if room is not None:
-                self.conn_send(self._names_reply(room))
-        if params and not all(rooms):
-            self._numeric("366", "%s :End of /NAMES list" % sanitize(params[0])[:40])
+                self.conn_send(self._names_reply(room, end=not several))
+        if params and (several or not all(rooms)):
+            self._numeric("366", "%s :End of /NAMES list" % sanitize(params[0])[:200])
 
     def _who(self, params):
         mask = params[0] if params else "*"
@@ -5588,7 +5600,8 @@ class WebSocketDialect(LineDialect):
     def event_json(event):
         kind = type(event)
         if kind is Said:
-            return {"type": "acted" if event.action else "said", "room": event.room,
+            return {"type": "noticed" if event.notice else "acted" if event.action else "said",
+                    "room": event.room,
                     "nick": event.nick, "text": event.text, "time": json_time(event.time)}
         if kind is Joined:
             return {"type": "joined", "room": event.room, "nick": event.nick,
@@ -8698,7 +8711,7 @@ function attention(summary) {
 }
 function chatLine(ev, past) {
   const mine = ev.nick === me, said = ev.type === "said";
-  const parts = said ? ["<", {nick: ev.nick}, "> " + ev.text] : ["* ", {nick: ev.nick}, " " + ev.text];
+  const parts = said ? ["<", {nick: ev.nick}, "> " + ev.text] : ev.type === "noticed" ? ["-", {nick: ev.nick}, "- " + ev.text] : ["* ", {nick: ev.nick}, " " + ev.text];
   const div = show(mine ? "mine" : "", parts, ev.time, past);
   if (!past && !mine && mentions(ev.text)) { div.classList.add("mention"); attention(ev.nick + ": " + ev.text); }
   else if (!past && !mine) attention(ev.nick + ": " + ev.text);
@@ -8743,6 +8756,7 @@ const handlers = {
   },
   said(ev) { if (ev.room === room) chatLine(ev, false); },
   acted(ev) { if (ev.room === room) chatLine(ev, false); },
+  noticed(ev) { if (ev.room === room) chatLine(ev, false); },
   private(ev) {
     const parts = ev.sent ? ["to ", {nick: ev.to}, ": " + ev.text] : ["from ", {nick: ev.nick}, ": " + ev.text];
     show("private", parts, ev.time);
