@@ -2061,7 +2061,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self._register(member, nick or self._guest_nick())
         member.announced = bool(nick)   # entering, it is heralded at once
         self.sink.send(member, Welcome(self.name, member.nick))
-        self._enter(member, self.default_room, greeting=True)
+        if not member.multi_room:   # IRC clients join what they choose, as on any server
+            self._enter(member, self.default_room, greeting=True)
         if problem:
             self.sink.send(member, problem)
         if member.mute is not None:   # its client must know before it speaks
@@ -4691,6 +4692,8 @@ class IrcReplies:
             ("255", ":I have %d clients and 0 servers" % members),
             ("375", ":- %s message of the day -" % name),
             ("372", ":- People here talk from IRC, nc, the chat.py client and browsers."),
+            ("372", ":- Everyone meets in %s: /join %s" % (self.hub.default_room.name,
+                                                         self.hub.default_room.name)),
             ("372", ":- /join #room makes or enters a room; /list shows them."),
             ("376", ":End of /MOTD command"),
         ]

@@ -2116,10 +2116,11 @@ class IrcPeer(Peer):
         return self.expect(r":\S+ %s .*" % number)
 
     def register(self, nick):
-        """Register as modern clients do; return every line up to the end of the join."""
+        """Register as modern clients do, and join #lobby as one set to do so does;
+        return every line up to the end of the join."""
         self.irc("CAP LS 302", "NICK " + nick, "USER %s 0 * :%s the tester" % (nick, nick))
         self.expect(r":\S+ CAP \* LS :")
-        self.irc("CAP END")
+        self.irc("CAP END", "JOIN #lobby")
         return self.lines_until(r":\S+ 366 %s #lobby :.*" % re.escape(nick))
 
 
@@ -2143,10 +2144,13 @@ class IrcTest(ServerTestCase):
         self.assertEqual(peer.next_line(), ":testroom CAP * NAK :multi-prefix sasl")
         self.assertEqual(peer.next_line(), ":testroom PONG testroom :held")   # no 001 yet
         peer.irc("CAP END")
-        lines = peer.lines_until(r":testroom 366 alice #lobby :End of /NAMES list")
+        lines = peer.lines_until(r":testroom 376 alice :End of /MOTD command")
+        self.assertIn(":testroom 372 alice :- Everyone meets in #lobby: /join #lobby", lines)
+        peer.irc("JOIN #lobby")   # nothing joined unasked, as on any IRC server
+        lines += peer.lines_until(r":testroom 366 alice #lobby :End of /NAMES list")
         self.assertEqual(lines[0], ":testroom 001 alice :Welcome to testroom, alice!alice@chat")
         numbers = [line.split(" ")[1] for line in lines if line.startswith(":testroom ")]
-        for number in ("002", "003", "004", "005", "251", "375", "376", "353"):
+        for number in ("002", "003", "004", "005", "251", "375", "353"):
             self.assertIn(number, numbers)
         isupport = " ".join(line for line in lines if " 005 " in line)
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
@@ -2163,7 +2167,7 @@ class IrcTest(ServerTestCase):
         self.assertRegex(peer.next_line(), r":testroom 461 \* USER :Not enough parameters.*")
         self.assertEqual(peer.next_line(), ":testroom PONG testroom :one")
         peer.irc("USER dave 0 * :Dave")
-        peer.expect(r":testroom 366 dave #lobby :.*")
+        peer.expect(r":testroom 376 dave :.*")
         peer.irc("NICK dave", "NICK Dave", "OPER dave secret")
         self.assertEqual(peer.next_line(), ":dave!dave@chat NICK :Dave")   # nothing for "dave"
         self.assertEqual(peer.next_line(), ":testroom 491 Dave :No O-lines for your host")
@@ -2210,7 +2214,7 @@ class IrcTest(ServerTestCase):
         self.assertEqual(peer.next_line(), ":testroom 461 * NICK :Not enough parameters")
         self.assertEqual(peer.next_line(), ":testroom 451 * :You have not registered")
         self.assertEqual(peer.next_line(), ":testroom 461 * USER :Not enough parameters")
-        peer.irc("USER early 0 * :Early Bird")
+        peer.irc("USER early 0 * :Early Bird", "JOIN #lobby")
         peer.lines_until(r":testroom 366 early #lobby :.*")
         peer.send(b":early PRIVMSG #lobby :with a prefix\rFROBNICATE\r\nPRIVMSG #lobby\r\n"
                   b"PRIVMSG\nPRIVMSG #nowhere :hi\nUSER again 0 * :x\n"
@@ -2490,7 +2494,7 @@ class RealIrcClientTest(ServerTestCase):
         self.addCleanup(sic.wait, TIMEOUT)
         self.addCleanup(sic.kill)
         output = LineReader(sic.stdout)
-        output.wait_for(r"366 \(sicko #lobby\)")
+        output.wait_for(r"376 \(sicko\)")
 
         def type_line(line):   # sic reads one line per wake-up: one at a time
             sic.stdin.write(line.encode() + b"\n")
@@ -2513,6 +2517,8 @@ class RealIrcClientTest(ServerTestCase):
         nina = self.connect("nina")
         irssi = Tmux(self, "irssi --home=%s -n ircbob -c 127.0.0.1 -p %d"
                      % (home, self.address[1]))
+        irssi.wait_for(r"End of /MOTD")
+        irssi.type("/join #lobby")
         self.assertEqual(nina.expect(r"\*\*\* ircbob .*"), "*** ircbob joined")
         irssi.type("/window goto #lobby")
         irssi.wait_for(r"Total of 2 nicks")
