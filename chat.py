@@ -1443,15 +1443,17 @@ class Moderation:
 
     def _save_state(self):
         self.store.save_state({"topics": self.topics, "bans": self.bans.records(),
-                               "mutes": self.mutes.records()})
+                               "mutes": self.mutes.records(), "rooms": self.room_modes})
 
     def adopt_state(self, state):
         """Topics, bans and mutes as another node left them (read back from the store):
         a new ban or mute is enforced on the members here, as the operator's own node
         does on its members."""
         self.topics = self._readable_topics(state.get("topics"))
+        self.room_modes = self.readable_modes(state.get("rooms"))
         for room in self.rooms.values():
             room.topic = self.topics.get(room.key)
+            self.restore_modes(room)
         old_bans, old_mutes = self.bans.items, self.mutes.items
         self.bans = Sanctions("ban", state.get("bans"))
         self.mutes = Sanctions("mute", state.get("mutes"))
@@ -1644,6 +1646,7 @@ class Rooms:
     def _add_room(self, name):
         room = Room(name, self.options.history)
         room.topic = self.topics.get(room.key)
+        self.restore_modes(room)
         for event in self.store.history(name, self.options.history):
             self.history_budget.remember(room, event)
             room.seq = max(room.seq, event.seq)
@@ -1731,9 +1734,10 @@ class Rooms:
         del self.rooms[room.key]
         self.history_budget.forget(room)
         self.store.forget(room.name)
-        gone = [key for key in self.topics if key not in self.rooms]
-        for key in gone[:max(0, len(gone) - TOPICS_KEPT)]:
-            del self.topics[key]
+        for kept in (self.topics, self.room_modes):
+            gone = [key for key in kept if key not in self.rooms]
+            for key in gone[:max(0, len(gone) - TOPICS_KEPT)]:
+                del kept[key]
 
     @staticmethod
     def _readable_topics(topics):
@@ -1815,6 +1819,10 @@ class RoomRights:
             self._publish_membership(room, ModeChanged(room.name, member.nick, changes,
                                                        tuple(args)), ())
             if any(letter in changes for letter in "imnstkl"):
+                self.room_modes.pop(room.key, None)   # the newest last, as topics
+                if room.modes != "n" or room.password or room.limit:
+                    self.room_modes[room.key] = {"modes": room.modes, "key": room.password,
+                                                 "limit": room.limit}
                 self._save_state()
 
     def _checked_modes(self, member, room, changes, args):
@@ -1881,6 +1889,30 @@ class RoomRights:
                 room.modes = "".join(sorted(set(room.modes) | {letter})) if sign == "+" \
                     else room.modes.replace(letter, "")
         room.cache.clear()
+
+    @staticmethod
+    def readable_modes(kept):
+        """The kept modes of rooms that are right (as the data dir or Redis had them)."""
+        readable = {}
+        for key, record in kept.items() if isinstance(kept, dict) else ():
+            try:
+                modes, password, limit = record["modes"], record.get("key"), record.get("limit")
+                if not isinstance(modes, str) or not set(modes) <= set(ROOM_MODES) or \
+                        password is not None and not re.fullmatch(r"\S{1,23}", password) or \
+                        limit is not None and (isinstance(limit, bool) or not isinstance(
+                            limit, int) or not 0 < limit < 100000):
+                    raise ValueError(record)
+                readable[name_key(normalize_room(key))] = {
+                    "modes": "".join(sorted(set(modes))), "key": sanitize(password)
+                    if password else None, "limit": limit}
+            except (TypeError, ValueError, KeyError, AttributeError):
+                log.warning("skipped the kept modes of a room that cannot be read: %.60r", key)
+        return readable
+
+    def restore_modes(self, room):
+        kept = self.room_modes.get(room.key)
+        if kept:
+            room.modes, room.password, room.limit = kept["modes"], kept["key"], kept["limit"]
 
     @staticmethod
     def mode_line(room, insider):
@@ -1994,6 +2026,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.ignored_by = {}            # nick key -> members that ignore that nick
         state = self.store.load_state()
         self.topics = self._readable_topics(state.get("topics"))   # room key -> topic
+        self.room_modes = self.readable_modes(state.get("rooms"))   # room key -> its modes
         self.bans = Sanctions("ban", state.get("bans"))
         self.mutes = Sanctions("mute", state.get("mutes"))
         self.recent = collections.OrderedDict()   # nick key -> address, of departed members
@@ -3849,18 +3882,20 @@ class RedisStore(Store):
     """Topics, bans and mutes in Redis hashes (each node enforces what another adds),
     history in the rooms' Streams. Read with blocking calls only at start."""
 
-    PARTS = ("topics", "bans", "mutes")
+    PARTS = ("topics", "bans", "mutes", "rooms")
 
     def __init__(self, cluster):
         self.cluster, self.link = cluster, cluster.link
-        self._saved = {"topics": {}, "bans": {}, "mutes": {}}   # as Redis has it
+        self._saved = {"topics": {}, "bans": {}, "mutes": {}, "rooms": {}}   # as Redis has it
         self._unsaved = False   # changed while Redis was out of reach
         self.known = {}         # room key -> when this node made the room (for its lines)
 
     @staticmethod
     def _fields(state):
         """Each part of a state as hash fields: topics by room, sanctions by network."""
-        fields = {"topics": dict(state.get("topics") or {})}
+        fields = {"topics": dict(state.get("topics") or {}),
+                  "rooms": {key: json.dumps(record) for key, record in
+                            (state.get("rooms") or {}).items()}}
         for part in ("bans", "mutes"):
             fields[part] = {str(record.get("network")): json.dumps(record)
                             for record in state.get(part) or ()}
@@ -3868,7 +3903,12 @@ class RedisStore(Store):
 
     @staticmethod
     def _state(fields):
-        state = {"topics": fields["topics"]}
+        state = {"topics": fields["topics"], "rooms": {}}
+        for key, data in fields.get("rooms", {}).items():
+            try:
+                state["rooms"][key] = json.loads(data)
+            except (ValueError, RecursionError):
+                log.warning("skipped the kept modes of a room that cannot be read")
         for part in ("bans", "mutes"):
             state[part] = []
             for data in fields[part].values():
@@ -3929,9 +3969,7 @@ class RedisStore(Store):
     def linked(self):
         if self._unsaved:
             self._unsaved = False
-            hub = self.cluster.hub
-            self.save_state({"topics": hub.topics, "bans": hub.bans.records(),
-                             "mutes": hub.mutes.records()})
+            self.cluster.hub._save_state()
         self.reload()
 
     def history(self, room, count):

@@ -5198,3 +5198,54 @@ class RoomRightsTest(ServerTestCase):
                                                    "changes": "+v", "args": ["alice"]})
         alice.say("/who")
         self.assertEqual(alice.expect(r"\*\*\* \d online: .*"), "*** 2 online: +alice, @webby")
+
+
+class RoomModesKeptTest(ServerTestCase):
+    """With a data directory, a room's modes, key and limit survive a restart."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="chat-modes-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.options = {"data_dir": self.folder, "greet_delay": 5.0}
+        super().setUp()
+
+    def test_modes_survive_a_restart(self):
+        alice = self.connect("alice")
+        alice.say("/join #den", "/mode +sk hush", "/mode +l 5")
+        alice.expect(r"\*\*\* alice made #den limited to 5")
+        self.restart_server()
+        bob = self.connect("bob")
+        bob.say("/join #den", "/join #den hush", "/mode")
+        self.assertEqual(bob.expect(r"\*\*\* error.*"), "*** error: #den needs its key: /join #den KEY")
+        bob.expect(r"\*\*\* you are in #den: 1 online: @bob")
+        self.assertEqual(bob.expect(r"\*\*\* #den is .*"),
+                         "*** #den is closed to outsiders, secret, with a key, limited to 5")
+
+
+@unittest.skipUnless(REDIS_SERVER and POSIX, "needs redis-server")
+class ClusterRoomRightsTest(ClusterTestCase):
+    """Room rights and modes are the same on every node."""
+
+    NODES = 2
+
+    def test_modes_and_rights_cross_nodes(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        alice.say("/join #dev")
+        alice.expect(r"\*\*\* you are in #dev: 1 online: @alice")
+        self.wait_listed(1, "alice", room="#dev")
+        bob.say("/join #dev")
+        bob.expect(r"\*\*\* you are in #dev: 2 online: .*")
+        self.wait_listed(0, "bob", room="#dev")
+        alice.say("/mode +v bob", "/mode +m")
+        self.assertEqual(bob.expect(r"\*\*\* alice gave .*"), "*** alice gave bob a voice in #dev")
+        self.assertEqual(bob.expect(r"\*\*\* alice made .*"), "*** alice made #dev moderated")
+        carol = self.connect(1, "carol")
+        carol.say("/join #dev", "hello?")
+        self.assertEqual(carol.expect(r"\*\*\* error.*"), "*** error: #dev is moderated: only "
+                                                          "its operators and voiced members talk")
+        self.wait_listed(0, "carol", room="#dev")
+        alice.say("/kick carol out")
+        self.assertEqual(carol.expect(r"\*\*\* carol was kicked .*"),
+                         "*** carol was kicked by alice (out)")
+        self.assertEqual(carol.expect(r"\*\*\* you are in .*"),
+                         "*** you are in #lobby: 1 online: carol")
