@@ -5249,3 +5249,43 @@ class ClusterRoomRightsTest(ClusterTestCase):
                          "*** carol was kicked by alice (out)")
         self.assertEqual(carol.expect(r"\*\*\* you are in .*"),
                          "*** you are in #lobby: 1 online: carol")
+
+
+@unittest.skipUnless(REDIS_SERVER and POSIX and ssl, "needs redis-server and ssl")
+class RedisTlsTest(ServerTestCase):
+    """rediss://: the link to Redis over TLS, in the loop without blocking."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp(prefix="chat-redis-tls-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--tls-cert-file",
+             PKI["cert"], "--tls-key-file", PKI["key"], "--tls-ca-cert-file", PKI["ca"],
+             "--tls-auth-clients", "no", "--save", "", "--dir", folder],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(proc.kill)
+        patcher = mock.patch.dict(os.environ, {"SSL_CERT_FILE": PKI["ca"]})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        url = "rediss://localhost:%d" % port
+
+        def up():
+            try:
+                chat.RespConnection.open(chat.RedisTarget.parse(url), TIMEOUT).close()
+                return True
+            except chat.RedisError:
+                if proc.poll() is not None:
+                    self.skipTest("this redis-server has no TLS")
+                return False
+        wait_for(up, message="redis-server with TLS")
+        self.options = {"redis": url, "greet_delay": 5.0}
+        super().setUp()
+
+    def test_lines_go_through_redis_over_tls(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("over TLS")
+        self.assertEqual(bob.expect(r"<alice> .*"), "<alice> over TLS")
