@@ -1628,13 +1628,7 @@ class Rooms:
         if text is None:
             self.sink.send(member, TopicInfo(room.name, room.topic))
             return
-        if room not in member.rooms:
-            self.sink.send(member, notice("not_in_room", room=room.name))
-            return
-        if "t" in room.modes and not self.may_run(member, room):
-            self.sink.send(member, notice("not_room_operator", room=room.name))
-            return
-        if self.muted(member):
+        if not self.may_change(member, room, "t") or self.muted(member):
             return
         room.topic = tidy_text(text)[:MAX_TOPIC] or None
         self.topics.pop(room.key, None)   # the newest last: see _forget_room
@@ -1801,6 +1795,17 @@ class RoomRights:
     def may_run(self, member, room):
         return member.operator or member in room.ops
 
+    def may_change(self, member, room, locking_mode):
+        """Whether member may change what locking_mode (t: the topic, i: who comes in)
+        keeps to room's operators while it is set; told why not."""
+        if room not in member.rooms:
+            self.sink.send(member, notice("not_in_room", room=room.name))
+            return False
+        if locking_mode in room.modes and not self.may_run(member, room):
+            self.sink.send(member, notice("not_room_operator", room=room.name))
+            return False
+        return True
+
     def do_mode(self, member, room_name=None, changes="", args=()):
         room = self._named_room(member, room_name) if room_name else member.room
         if room is None:
@@ -1945,13 +1950,7 @@ class RoomRights:
 
     def do_invite(self, member, nick, room_name=None):
         room = self._named_room(member, room_name) if room_name else member.room
-        if room is None:
-            return
-        if room not in member.rooms:
-            self.sink.send(member, notice("not_in_room", room=room.name))
-            return
-        if "i" in room.modes and not self.may_run(member, room):
-            self.sink.send(member, notice("not_room_operator", room=room.name))
+        if room is None or not self.may_change(member, room, "i"):
             return
         target = self._online(member, nick, "/invite NICK [ROOM]")
         if target is None:
