@@ -472,6 +472,8 @@ class Wording:
         ("cluster_down", "*** the other servers of this chat are out of reach: until they "
                          "are back you hear only the people on this one"),
         ("cluster_up", "*** the other servers of this chat are back in reach"),
+        ("unreachable", "*** error: {nick} is on another server, out of reach just now: "
+                        "try again in a while"),
         ("renamed", "*** {nick} is now known as {new}"),
         ("moved", "*** {nick} left for {room}"),
         ("left", "*** {nick} left ({reason})"),
@@ -1176,6 +1178,7 @@ class Broker:
     node, which gives every member one order."""
 
     hub = None
+    linked = True               # other nodes can be reached (with none, always)
 
     def attach(self, hub):
         self.hub = hub
@@ -1885,6 +1888,8 @@ class RoomRights:
                     else:
                         rights.pop(target, None)
                     room.regrade(target)
+                    if target.remote is None:   # other nodes keep its rank with its state
+                        self.directory.changed(target)
             elif letter == "k":
                 key = args.pop(0) if args else None
                 room.password = key if sign == "+" else None
@@ -2237,6 +2242,9 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         member.active = time.monotonic()
         now = self.clock()
         said = Private(member.nick, target.nick, text, action, False, now)
+        if target.remote is not None and not self.broker.linked:
+            self.sink.send(member, notice("unreachable", nick=target.nick))
+            return
         if target.remote is not None:   # its node knows whom it ignores
             self.broker.forward(target, said)
         elif member.key not in target.ignoring:   # the ignored are not told
@@ -2316,6 +2324,7 @@ class MemberState:
     realname: str = ""
     address: str = ""
     user: str = ""
+    ranks: dict = field(default_factory=dict)   # room key -> "@", "+" or "" there
 
 
 class ClusterView:
@@ -2374,6 +2383,7 @@ class ClusterView:
                 room.list(member)
                 if told and event is None:
                     self.hub.publish_here(room, Joined(room.name, member.nick, self.hub._big(room)))
+            self._set_rank(member, room, state.ranks.get(key, ""))
         if event is not None:
             self.tell(event)
 
@@ -2439,6 +2449,19 @@ class ClusterView:
                                                     uid))
         for room in member.rooms:
             room.changed()
+
+    @staticmethod
+    def _set_rank(member, room, rank):
+        """A member elsewhere is an operator of room ("@"), has a voice there ("+"), or
+        neither, as its node says."""
+        if rank == room.rank(member) or rank == "@" and member.operator:
+            return
+        for rights, mark in ((room.ops, "@"), (room.voiced, "+")):
+            if rank == mark:
+                rights[member] = None
+            else:
+                rights.pop(member, None)
+        room.regrade(member)
 
     @staticmethod
     def _set_operator(member, operator):
@@ -3531,6 +3554,7 @@ class ClusterCodec:
     def state_record(member, node):
         return {"id": member.cid, "node": node, "nick": member.nick, "op": member.operator,
                 "rooms": [room.name for room in member.rooms if member in room.listed],
+                "ranks": [room.rank(member) for room in member.rooms if member in room.listed],
                 "away": member.away, "real": member.realname, "addr": member.address,
                 "user": member.user}
 
@@ -3544,11 +3568,16 @@ class ClusterCodec:
         node, cid = self.ident(record["node"]), self.ident(record["id"])
         if not cid.startswith(node + "/"):
             raise ValueError("a member id of another node")
+        ranks = record.get("ranks") or [""] * len(rooms)
+        if not isinstance(ranks, list) or len(ranks) != len(rooms) or \
+                not all(rank in ("", "@", "+") for rank in ranks):
+            raise ValueError("not the ranks of a member in its rooms")
         return MemberState(cid, node, self.nick(record["nick"]),
                            tuple(dict.fromkeys(map(self.room, rooms))), self.flag(record["op"]),
                            None if away is None else stored_text(away)[:MAX_REASON] or None,
                            stored_text(record.get("real") or "")[:MAX_REASON], address,
-                           "".join(stored_text(record.get("user") or "").split())[:10])
+                           "".join(stored_text(record.get("user") or "").split())[:10],
+                           dict(zip(map(name_key, map(self.room, rooms)), ranks)))
 
     # Lines
 
@@ -3598,6 +3627,10 @@ class RedisBroker(Broker):
         self.filling = {}       # room key -> [(seq, record)] that came while its Stream is read
         self.last_from = {}     # room key -> {node: number of its last line told here}
         self.lost_lines = 0
+
+    @property
+    def linked(self):
+        return self.link.up
 
     def line(self, room, speaker, text, action, notice=False):
         number = next(self._numbers)
@@ -3716,7 +3749,7 @@ class RedisBroker(Broker):
 
     # The link
 
-    def linked(self, renewed, down_since):
+    def relinked(self, renewed, down_since):
         """Back (or first) in reach: read what was missed, then send what was held."""
         for room in list(self.hub.rooms.values()):
             if renewed:
@@ -4069,7 +4102,7 @@ class RedisCluster:
             log.warning("linked to the other nodes again%s", " (Redis lost what it held)"
                         if renewed else "")
             self.directory.linked()
-            self.broker.linked(renewed, self.down_since)
+            self.broker.relinked(renewed, self.down_since)
             self.store.linked()
             self.view.tell_here(notice("cluster_up"))
         self.down_since = None

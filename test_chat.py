@@ -5250,6 +5250,10 @@ class ClusterRoomRightsTest(ClusterTestCase):
                          "*** carol was kicked by alice (out)")
         self.assertEqual(carol.expect(r"\*\*\* you are in .*"),
                          "*** you are in #lobby: 1 online: carol")
+        self.nodes.append(self.start_node("late"))   # learns ranks from the members' states
+        late = self.connect(2, "late")
+        late.say("/who #dev")
+        self.assertEqual(late.expect(r"\*\*\* #dev: .*"), "*** #dev: 2 online: @alice, +bob")
 
 
 @unittest.skipUnless(REDIS_SERVER and POSIX and ssl, "needs redis-server and ssl")
@@ -5290,3 +5294,18 @@ class RedisTlsTest(ServerTestCase):
         alice, bob = self.connect("alice"), self.connect("bob")
         alice.say("over TLS")
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> over TLS")
+
+
+class ClusterApartTest(ClusterTestCase):
+    """While the nodes are apart, words for a member elsewhere are refused, not lost."""
+
+    NODES = 2
+
+    def test_a_private_message_to_a_node_out_of_reach_is_refused(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        self.wait_listed(0, "bob")
+        self.redis.stop()
+        alice.expect(r"\*\*\* the other servers of this chat are out of reach.*")
+        alice.say("/msg bob are you there?")
+        self.assertEqual(alice.expect(r"\*\*\* error.*"), "*** error: bob is on another "
+                         "server, out of reach just now: try again in a while")
