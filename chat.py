@@ -2943,17 +2943,25 @@ REDIS_MIN_VERSION = (5, 0)        # Streams
 NODE_TIMEOUT = 10.0               # a node silent this long is lost; it beats five times as often
 OUTAGE_LINES = 10000              # lines said while apart, held to be sent when back
 STREAM_KEPT = 1000                # lines of each room kept in its Stream, at least
+SEQ_JUMP = 1 << 20                # a room's line numbered this far ahead is not believed
 REDIS_GATHER_WAIT = 0.002         # seconds a turn may wait for its own lines back from Redis
 CLUSTER_ID = re.compile(r"[\w.:\[\]~/-]{1,200}", re.ASCII)   # node and member ids
 
 # KEYS and ARGV as RedisBroker, RedisDirectory and RedisCluster pass them.
 SCRIPTS = {
-    # A room's line: numbered, kept, published; once per (node, id), whatever resends.
+    # A room's line: numbered (past its Stream's last, whatever the counter says), kept,
+    # published; once per (node, id), whatever resends.
     "line": """
 local last = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 if tonumber(ARGV[2]) <= last then return 0 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 local seq = redis.call('INCR', KEYS[1])
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+local above = top and tonumber(string.match(top[1], '^(%d+)'))
+if above and above >= seq then
+  seq = above + 1
+  redis.call('SET', KEYS[1], seq)
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', ARGV[4])
 redis.call('PUBLISH', ARGV[5], 'L' .. seq .. ' ' .. ARGV[4])
 return seq""",
@@ -3263,7 +3271,7 @@ class RedisLink:
         self.reply_timeout, self.beat_interval = reply_timeout, beat_interval
         self.cmd = self.sub = None
         self.up = self.closed = False
-        self.epoch = None               # changes when Redis lost what it held
+        self.epoch = None               # changes when Redis restarted, or lost what it held
         self.reason = "not linked yet"  # why the link is down
         self.reconnects = 0
         self.rtt = 0.0                  # seconds of the last heartbeat's round trip
@@ -3279,14 +3287,16 @@ class RedisLink:
         cmd = RespConnection.open(self.target, REDIS_CONNECT_TIMEOUT)
         sub = None
         try:
-            version = redis_version(cmd.call("INFO", "server"))
+            info = cmd.call("INFO", "server")
+            version = redis_version(info)
             if version < REDIS_MIN_VERSION:
                 raise RedisError("Redis %d.%d is too old: chat.py needs %d.%d or later "
                                  "(Streams)" % (version + REDIS_MIN_VERSION))
             for name, body in SCRIPTS.items():
                 cmd.call("SCRIPT", "LOAD", body)
             cmd.call("SET", self.prefix + "epoch", os.urandom(8).hex(), "NX")
-            epoch = cmd.call("GET", self.prefix + "epoch")
+            run = re.search(rb"(?m)^run_id:(\w+)", info)   # a new one at each restart
+            epoch = (cmd.call("GET", self.prefix + "epoch"), run and run.group(1))
             sub = RespConnection.open(self.target, REDIS_CONNECT_TIMEOUT)
             sub.call("SUBSCRIBE", self.channel)
         except BaseException:
@@ -3701,19 +3711,19 @@ class RedisBroker(Broker):
         room = self.hub.rooms.get(key)
         if room is None:
             return
-        if room.seq and seq <= room.seq:
-            return   # told already
+        if room.seq and seq > room.seq + SEQ_JUMP:   # not a number Redis gave: no gap
+            log.warning("%s: a line numbered %d after %d, taken as unnumbered", room.name,
+                        seq, room.seq)
+            seq, event = 0, self.codec.line(0, record)[2]
+        own, last = node == self.cluster.node, self.last_from.setdefault(key, {})
+        if own and number in self.told or number <= last.get(node, 0):
+            if own:   # told already (a line's node and number say it)
+                self.told.discard(number)
+            last[node] = max(last.get(node, 0), number)
+            room.seq = max(room.seq, seq)
+            return
         if room.seq and seq > room.seq + 1 and not gap_ok and self.link.up:
             self.fill(room, since=None, first=(seq, record))   # a gap: read the Stream
-            return
-        own = node == self.cluster.node
-        if own and number in self.told:
-            self.told.discard(number)
-            room.seq = max(room.seq, seq)
-            return
-        last = self.last_from.setdefault(key, {})
-        if number <= last.get(node, 0):   # sent again after Redis lost its data
-            room.seq = max(room.seq, seq)
             return
         last[node] = number
         entry = self.in_flight.pop(number, None) if own else None
@@ -3732,13 +3742,18 @@ class RedisBroker(Broker):
 
     def _filled(self, key, since, reply):
         waiting = self.filling.pop(key, [])
-        entries = reply if isinstance(reply, list) else []
-        for entry in entries:
-            seq, record = self.cluster.stream_entry(entry)
-            if since is None or record.get("w", 0) >= since:
-                self._quietly(self.heard, seq, record, True)
+        for entry in reply if isinstance(reply, list) else ():
+            self._quietly(self._refill, entry, since)
         for seq, record in waiting:
             self._quietly(self.heard, seq, record, True)
+
+    def _refill(self, entry, since):
+        """One entry of a room's Stream read back: told if it was missed (and, when since
+        is a time, said after it)."""
+        seq, record = self.cluster.stream_entry(entry)
+        said = record.get("w")
+        if since is None or isinstance(said, (int, float)) and said >= since:
+            self.heard(seq, record, True)
 
     @staticmethod
     def _quietly(function, *args):
@@ -3752,11 +3767,11 @@ class RedisBroker(Broker):
     def relinked(self, renewed, down_since):
         """Back (or first) in reach: read what was missed, then send what was held."""
         for room in list(self.hub.rooms.values()):
-            if renewed:
+            if renewed:   # numbers may have gone back: the lines since the link went down
                 room.seq = 0
-            if down_since is not None:   # no line told here yet: those since it was known
-                self.fill(room, None if renewed or room.seq else
-                          self.cluster.store.known.get(room.key, 0))
+                self.fill(room, (down_since or 0) - self.link.reply_timeout - 1)
+            elif down_since is not None:   # no line told here yet: those since it was known
+                self.fill(room, None if room.seq else self.cluster.store.known.get(room.key, 0))
         held, self.held = self.held, collections.deque()
         for number, key, message in held:
             self.resent[number] = (key, message)
