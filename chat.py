@@ -3813,6 +3813,7 @@ class RedisDirectory(Directory):
         self.cluster, self.link, self.codec = cluster, cluster.link, cluster.codec
         self.local = {}         # cid -> Member of this node
         self.collisions = {}    # cid -> nicks it lost in a row
+        self.departed = {}      # cid -> nick fields, of members gone while Redis was away
         self._numbers = itertools.count(1)
 
     def claimed(self, member, old_keys):
@@ -3865,9 +3866,17 @@ class RedisDirectory(Directory):
     def gone(self, member):
         self.local.pop(member.cid, None)
         self.collisions.pop(member.cid, None)
-        self.link.script(None, "gone", (self.cluster.prefix + "members",
-                                        self.cluster.prefix + "nicks"),
-                         (member.cid, self.link.channel) + tuple(self._keys(member)))
+        self._release(member.cid, self._keys(member))
+
+    def _release(self, cid, keys):
+        """A member of this node is gone: its state and nicks go from Redis, and the
+        other nodes are told; while Redis is out of reach, once it is back."""
+        if not self.link.script(None, "gone", (self.cluster.prefix + "members",
+                                               self.cluster.prefix + "nicks"),
+                                (cid, self.link.channel) + tuple(keys)):
+            self.departed[cid] = keys
+            while len(self.departed) > OUTAGE_LINES:
+                self.departed.pop(next(iter(self.departed)))
 
     # From other nodes
 
@@ -3905,11 +3914,12 @@ class RedisDirectory(Directory):
     # The link
 
     def linked(self):
-        """Back (or first) in reach: claim this node's nicks again, tell its members'
+        """Back (or first) in reach: let go of the members that left meanwhile (and of
+        any other this node no longer has), claim its nicks again, tell its members'
         states, and learn the others' (told as changes, after a time apart)."""
-        for member in list(self.local.values()):
-            self._claim(member)
-            self.changed(member, told=True)
+        departed, self.departed = self.departed, {}
+        for cid, keys in departed.items():
+            self._release(cid, keys)
         self.link.call(self._members, "HGETALL", self.cluster.prefix + "members")
 
     def _members(self, reply):
@@ -3922,6 +3932,12 @@ class RedisDirectory(Directory):
                 continue
             if state.node != self.cluster.node:
                 states.append(state)
+            elif state.cid not in self.local:   # left while the link was down
+                self._release(state.cid, self._keys(None, (name_key(state.nick),) + tuple(
+                    lookalike_keys(state.nick))))
+        for member in list(self.local.values()):
+            self._claim(member)
+            self.changed(member, told=True)
         self.cluster.view.resync(states, told=self.cluster.started)
 
 

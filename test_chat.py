@@ -5309,3 +5309,17 @@ class ClusterApartTest(ClusterTestCase):
         alice.say("/msg bob are you there?")
         self.assertEqual(alice.expect(r"\*\*\* error.*"), "*** error: bob is on another "
                          "server, out of reach just now: try again in a while")
+
+    def test_a_member_who_leaves_while_apart_leaves_everywhere(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        self.wait_listed(0, "bob")
+        self.redis.pause(self)   # Redis keeps what it holds: bob's state and nick
+        bob.expect(r"\*\*\* the other servers of this chat are out of reach.*")
+        bob.say("/quit")
+        bob.expect_closed()
+        self.redis.resume()
+        self.assertRegex(alice.expect(r"\*\*\* bob left .*"), r"\*\*\* bob left \((left|quit)\)")
+        bob = self.connect(1, "bob")   # the nick is free again
+        bob.say("/nick bob")
+        self.assertEqual(bob.expect(r"\*\*\* (you are|bob was).*"), "*** you are now known as bob")
+        self.wait_listed(0, "bob")
