@@ -3045,7 +3045,7 @@ class RedisTarget:
             try:
                 port = parts.port or 6379
             except ValueError:
-                raise ValueError("the port in %s is not a number from 1 to 65535" % url)
+                raise ValueError("the port in the Redis URL is not a number from 1 to 65535")
             family, address = socket.AF_UNSPEC, (parts.hostname or "localhost", port)
             db = parts.path.strip("/") or query.get("db", ["0"])[0]
         elif scheme == "unix":
@@ -3058,7 +3058,11 @@ class RedisTarget:
             raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
         if not db.isdigit() or len(db) > 5:
             raise ValueError("the database in the Redis URL must be a number, not %r" % db)
-        shown = url if password is None else url.replace(password, "***", 1)
+        secret = "%s:***@" % (user or "") if password is not None else \
+            "%s@" % user if user else ""
+        shown = "unix://%s%s" % (address, "?db=%s" % int(db) if int(db) else "") \
+            if scheme == "unix" else "%s://%s%s/%d" % (
+                scheme, secret, format_address(*address), int(db))
         return cls(family, address, scheme == "rediss", user, password, int(db), shown)
 
 

@@ -4965,7 +4965,9 @@ class ClusterCommandLineTest(unittest.TestCase):
                  ("redis://localhost:notaport", r"port .* is not a number"),
                  ("unix://:wrong@" + redis.path, r"Redis refused the password: WRONGPASS"),
                  ("unix://:right@" + redis.path + "?db=99", r"Redis refused database 99"),
-                 ("unix://" + redis.path, r"Redis refused INFO: NOAUTH")]
+                 ("unix://" + redis.path, r"Redis refused INFO: NOAUTH"),
+                 ("redis://:right%40@127.0.0.1:1", r"cannot reach Redis at redis://:\*\*\*@127.0.0.1:1/0"),
+                 ("redis://u:right@127.0.0.1:99999", r"not a number from 1 to 65535")]
         for url, message in cases:
             with self.subTest(url=url):
                 result = run_cli("server", "--port", "0", "--redis", url)
