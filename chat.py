@@ -3067,69 +3067,91 @@ class RedisTarget:
 
 
 class RespReader:
-    """RESP2 replies parsed from the bytes as they come, checked: a reply too big, too
+    """RESP2 replies parsed from the bytes as they come, where the last read stopped
+    (so a reply of many reads costs its size once), and checked: a reply too big, too
     deep or not RESP at all is a RedisError, never a crash or a bloat."""
+
+    MORE = object()             # what is here ends before the next item does
 
     def __init__(self):
         self.buffer = bytearray()
+        self.pos = 0                # where the next item starts in buffer
+        self.stack = []             # [items, how many more] of the arrays being read
+        self.size = 0               # bytes of the reply being read, so far
 
     def feed(self, data):
         """The replies complete with data."""
         self.buffer += data
-        replies, pos = [], 0
-        while pos < len(self.buffer):
-            got = self._parse(pos, 0)
-            if got is None:
+        replies = []
+        while True:
+            start = self.pos
+            item = self._item()
+            if item is self.MORE:
                 break
-            reply, pos = got
-            replies.append(reply)
-        del self.buffer[:pos]
-        if len(self.buffer) > REDIS_REPLY_LIMIT:
-            raise RedisError("a reply of over %d bytes" % REDIS_REPLY_LIMIT)
+            self.size += self.pos - start
+            if self.size > REDIS_REPLY_LIMIT:
+                raise RedisError("a reply of over %d bytes" % REDIS_REPLY_LIMIT)
+            if type(item) is RespArray:
+                if len(self.stack) >= REDIS_NESTING:
+                    raise RedisError("a reply nested beyond reason")
+                self.stack.append([[], item.count])
+                continue
+            while self.stack:       # an item of the array being read: is it whole now?
+                top = self.stack[-1]
+                top[0].append(item)
+                top[1] -= 1
+                if top[1]:
+                    break
+                item = self.stack.pop()[0]
+            else:
+                replies.append(item)
+                self.size = 0
+        del self.buffer[:self.pos]
+        self.pos = 0
         return replies
 
-    def _parse(self, pos, depth):
-        """(reply, end) of the reply at pos, or None when it is not all here yet."""
-        buf = self.buffer
+    def _item(self):
+        """The item at pos (a RespArray for an array's start), or MORE."""
+        buf, pos = self.buffer, self.pos
         end = buf.find(b"\r\n", pos)
         if end < 0:
             if len(buf) - pos > 64 * 1024:
                 raise RedisError("not a Redis reply: a line of over 64 KB")
-            return None
-        kind, line = buf[pos], bytes(buf[pos + 1:end])
-        pos = end + 2
-        if kind == 43:                                  # +
-            return line.decode("utf-8", "replace"), pos
-        if kind == 45:                                  # -
-            return ReplyError(line.decode("utf-8", "replace")), pos
+            return self.MORE
+        kind, line, start = buf[pos], bytes(buf[pos + 1:end]), end + 2
+        if kind in (43, 45):                            # + and -
+            self.pos = start
+            text = line.decode("utf-8", "replace")
+            return text if kind == 43 else ReplyError(text)
         try:
             number = int(line)
         except ValueError:
-            raise RedisError("not a Redis reply: %.40r" % bytes(buf[pos - len(line) - 3:end]))
-        if kind == 58:                                  # :
-            return number, pos
-        if kind == 36:                                  # $
-            if number < 0:
-                return None, pos
+            raise RedisError("not a Redis reply: %.40r" % bytes(buf[pos:end]))
+        if kind == 36 and number >= 0:                  # $
             if number > REDIS_REPLY_LIMIT:
                 raise RedisError("a reply of over %d bytes" % REDIS_REPLY_LIMIT)
-            if len(buf) < pos + number + 2:
-                return None
-            return bytes(buf[pos:pos + number]), pos + number + 2
-        if kind == 42:                                  # *
-            if number < 0:
-                return None, pos
-            if depth >= REDIS_NESTING or number > REDIS_REPLY_LIMIT // 4:
-                raise RedisError("a reply nested or long beyond reason")
-            items = []
-            for _ in range(number):
-                got = self._parse(pos, depth + 1)
-                if got is None:
-                    return None
-                items.append(got[0])
-                pos = got[1]
-            return items, pos
-        raise RedisError("not a Redis reply: %.40r" % bytes(buf[pos - len(line) - 3:end]))
+            if len(buf) < start + number + 2:
+                return self.MORE
+            self.pos = start + number + 2
+            return bytes(buf[start:start + number])
+        if kind not in (58, 36, 42):                    # :, $ and *
+            raise RedisError("not a Redis reply: %.40r" % bytes(buf[pos:end]))
+        self.pos = start
+        if kind == 58:
+            return number
+        if number < 0:
+            return None
+        if number > REDIS_REPLY_LIMIT // 4:
+            raise RedisError("a reply longer than reason")
+        return RespArray(number) if number else []
+
+
+class RespArray(int):
+    """The start of an array of this many items, while they are read."""
+
+    @property
+    def count(self):
+        return int(self)
 
 
 def resp_command(args):
