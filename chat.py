@@ -136,6 +136,7 @@ MAX_NICK = 20                        # code points
 MAX_ROOM = 30                        # code points of a room name, after its "#"
 MAX_REASON = 100                     # code points of a /quit reason
 WHO_MASK_LIMIT = 100                 # members one IRC WHO by mask lists
+REMOTE_FACTOR = 16                   # members of other nodes listed here: this many --max-clients
 MAX_TOPIC = 300                      # code points of a room topic
 # Names nobody may take (nor a look-alike of): IRC clients send passwords to services
 # by these nicks, and people trust what seems to come from the server.
@@ -1206,6 +1207,7 @@ class Directory:
     own tables say it all; RedisDirectory shares them through Redis."""
 
     hub = None
+    first_guest = 1             # guest1, guest2, ...
 
     def attach(self, hub):
         self.hub = hub
@@ -2036,7 +2038,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.recent = collections.OrderedDict()   # nick key -> address, of departed members
         self.history_budget = HistoryBudget(options.history_memory)
         self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
-        self._guests = itertools.count(1)
+        self._guests = itertools.count(self.directory.first_guest)
         self._uids = itertools.count(1)
         self.broker.attach(self)
         self.directory.attach(self)
@@ -2359,6 +2361,10 @@ class ClusterView:
         changed it; without one, changes are told as joins, leaves and renames when
         told (after the nodes were apart)."""
         member = self.remote.get(state.cid)
+        if member is None and len(self.remote) >= self.hub.options.max_clients * REMOTE_FACTOR:
+            log.warning("over %d members on other nodes: %s is not listed here",
+                        len(self.remote), state.nick)
+            return
         if member is None:
             member = self.remote[state.cid] = Member(None, multi_room=True)
             member.remote, member.cid, member.announced = state.node, state.cid, True
@@ -2377,7 +2383,10 @@ class ClusterView:
                 self._leave(member, room, Parted(room.name, member.nick, quiet=self.hub._big(
                     room)) if told and event is None else None)
         for key, name in wanted.items():
-            room = self.hub.rooms.get(key) or self.hub._add_room(name)
+            room = self.hub.rooms.get(key)
+            if room is None and len(self.hub.rooms) >= self.hub.options.max_rooms * 2:
+                continue   # rooms elsewhere are bounded too (each node has --max-rooms)
+            room = room or self.hub._add_room(name)
             if room not in member.rooms:
                 member.rooms[room] = None
                 room.list(member)
@@ -2400,6 +2409,13 @@ class ClusterView:
             if room.topic:
                 self.hub.topics[room.key] = room.topic
         self.hub.publish_here(room, event)
+
+    def found_again(self, key):
+        """A nick that a member here held is free: the member elsewhere that won it is
+        found by it here too."""
+        for member in self.remote.values():
+            if member.key == key and self.hub.members.get(key) is not member:
+                self.hub.enter_directory(member, member.nick)
 
     def gone(self, cid, reason="left"):
         """A member elsewhere left the chat; rooms it was still listed in are told."""
@@ -2993,10 +3009,14 @@ redis.call('PUBLISH', ARGV[2], 'G' .. cjson.encode({id = ARGV[1]}))
 return 1""",
     # A node's heartbeat: it is alive (1 if it was not listed: others took it for lost);
     # nodes silent for ARGV[2] ms are lost: their members and nicks go, and it is told.
+    # A node whose own last beat is that old was cut off too (or Redis was paused): it
+    # judges nobody this time.
     "beat": """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local before = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or now)
 local fresh = redis.call('ZADD', KEYS[1], now, ARGV[1])
+if now - before > tonumber(ARGV[2]) then return fresh end
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))) do
   redis.call('ZREM', KEYS[1], node)
   local prefix = node .. '/'
@@ -3305,6 +3325,7 @@ class RedisLink:
                      for name, body in SCRIPTS.items()}
         self._backoff = REDIS_BACKOFF[0]
         self._next_beat = 0.0
+        self._refused_at = -60.0
 
     # Connecting
 
@@ -3427,6 +3448,8 @@ class RedisLink:
                 self.call(callback, "EVAL", SCRIPTS[name], len(keys), *keys, *args)
             elif callback is not None:
                 callback(reply)
+            elif isinstance(reply, ReplyError):
+                self.refused(reply)
         return self.call(answer, "EVALSHA", self.shas[name], len(keys), *keys, *args)
 
     def publish(self, message):
@@ -3472,6 +3495,8 @@ class RedisLink:
             raise RedisError("Redis answered what was not asked")
         else:
             callback = conn.waiting.popleft()[0]
+            if callback is None and isinstance(reply, ReplyError):
+                self.refused(reply)
         try:
             if callback is not None:
                 callback(reply)
@@ -3498,6 +3523,13 @@ class RedisLink:
             self.owner.beat()
             self.call(functools.partial(self._timed, now), "PING")
             self.flush()
+
+    def refused(self, reply):
+        """An error from Redis that no caller handles: logged, at most once a minute."""
+        now = time.monotonic()
+        if now - self._refused_at > 60:
+            self._refused_at = now
+            log.warning("Redis refused a command: %s", reply)
 
     def _timed(self, sent, reply):
         self.rtt = time.monotonic() - sent
@@ -3572,9 +3604,7 @@ class ClusterCodec:
                                                                   value):
                     raise ValueError("not room modes: %.40r" % (value,))
             elif item.name == "args":
-                if not isinstance(value, list) or len(value) > MODE_ARGS:
-                    raise ValueError("not the arguments of room modes")
-                value = tuple("".join(stored_text(arg).split())[:MAX_NICK + 3] for arg in value)
+                value = self.mode_args(values["changes"], value)
             elif item.name == "uid":
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError("not a number")
@@ -3583,6 +3613,24 @@ class ClusterCodec:
                 value = stored_text(value)[:MAX_TOPIC]
             values[item.name] = value
         return kind(**values)
+
+    @staticmethod
+    def mode_args(changes, args):
+        """The arguments of room mode changes, one for each o, v, k and +l, checked."""
+        if not isinstance(args, list):
+            raise TypeError("not a list")
+        sign, taking = "+", []
+        for letter in changes:
+            if letter in "+-":
+                sign = letter
+            elif letter in "ovk" or letter == "l" and sign == "+":
+                taking.append(sign + letter)
+        args = tuple("".join(stored_text(arg).split())[:MAX_NICK + 3] for arg in args)
+        if len(args) != len(taking) or any(
+                kind == "+l" and not (arg.isdigit() and 0 < int(arg) < 100000)
+                for kind, arg in zip(taking, args)):
+            raise ValueError("not the arguments of %s" % changes)
+        return args
 
     # Members
 
@@ -3838,6 +3886,7 @@ class RedisDirectory(Directory):
     def __init__(self, cluster):
         self.cluster, self.link, self.codec = cluster, cluster.link, cluster.codec
         self.local = {}         # cid -> Member of this node
+        self.first_guest = random.randrange(1, 1000) * 100   # nodes' guests seldom meet
         self.collisions = {}    # cid -> nicks it lost in a row
         self.departed = {}      # cid -> nick fields, of members gone while Redis was away
         self._numbers = itertools.count(1)
@@ -3874,7 +3923,9 @@ class RedisDirectory(Directory):
             log.warning("%r: Redis refuses every nick; keeping %s", member, nick)
             return
         log.info("%r lost the nick %s to another node", member, nick)
+        key = member.key
         self.hub.nick_lost(member)
+        self.cluster.view.found_again(key)
 
     def changed(self, member, told=False):
         if member.announced:
@@ -4087,6 +4138,7 @@ class RedisStore(Store):
 
     def forget(self, room):
         self.known.pop(name_key(room), None)
+        self.cluster.broker.last_from.pop(name_key(room), None)
 
     def _backfill(self, name, reply):
         room = self.cluster.hub.rooms.get(name_key(name))
@@ -4117,6 +4169,7 @@ class RedisCluster:
         self.started = False
         self.down_since = None  # the time the link went down, while it is
         self._beats = 0
+        self._absent = set()    # nodes with members here that did not beat, last time
 
     def start(self, hub):
         """The hub exists: learn the other nodes' members, then run in the loop."""
@@ -4174,12 +4227,28 @@ class RedisCluster:
         self.link.script(self._beaten, "beat", tuple(self.prefix + key for key in (
             "nodes", "members", "nicks")), (self.node, int(self.options.node_timeout * 1000),
                                              self.link.channel))
+        self.link.call(self._alive, "ZRANGE", self.prefix + "nodes", 0, -1)
+
+    def _alive(self, reply):
+        """The nodes that beat: members said to be on any other node (one that never
+        beat, or whose loss was missed) go once it has been absent twice in a row."""
+        alive = {node.decode("utf-8", "replace") for node in reply if isinstance(node, bytes)} \
+            if isinstance(reply, list) else None
+        if alive is None:
+            return
+        absent = {member.remote for member in self.view.remote.values()} - alive
+        for node in absent & self._absent:
+            log.warning("members listed on %s, a node that does not beat: gone", node)
+            self.view.node_lost(node)
+        self._absent = absent
 
     def _beaten(self, reply):
         """A beat's answer: 1 when this node was not listed: taken for lost meanwhile,
         its members must be told again."""
         self._beats += 1
-        if reply == 1 and self._beats > 1:
+        if isinstance(reply, ReplyError):
+            self.link.refused(reply)
+        elif reply == 1 and self._beats > 1:
             log.warning("the other nodes took this one for lost: telling them its members")
             self.directory.linked()
 

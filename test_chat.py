@@ -5325,3 +5325,55 @@ class ClusterApartTest(ClusterTestCase):
         bob.say("/nick bob")
         self.assertEqual(bob.expect(r"\*\*\* (you are|bob was).*"), "*** you are now known as bob")
         self.wait_listed(0, "bob")
+
+
+class RespReaderTest(unittest.TestCase):
+    """Our RESP2 parser: replies cut anywhere, and bytes that are not Redis's."""
+
+    def test_replies_cut_anywhere_come_out_whole(self):
+        data = (b"*3\r\n$3\r\nabc\r\n*2\r\n:5\r\n$-1\r\n+OK\r\n-NOSCRIPT no\r\n*0\r\n"
+                b"$0\r\n\r\n*-1\r\n")
+        expected = [[b"abc", [5, None], "OK"], "NOSCRIPT no", [], b"", None]
+        for step in (1, 2, 3, 7, len(data)):
+            reader, got = chat.RespReader(), []
+            for at in range(0, len(data), step):
+                got += reader.feed(data[at:at + step])
+            self.assertEqual(got, expected, "fed %d bytes at a time" % step)
+            self.assertIsInstance(got[1], chat.ReplyError)
+
+    def test_what_is_not_redis_is_an_error(self):
+        for data in (b"HTTP/1.1 400 Bad Request\r\n", b"*x\r\n", b"$99999999999\r\n",
+                     b"*1\r\n" * 20, b"x" * 70000):
+            with self.subTest(data=data[:20]), self.assertRaises(chat.RedisError):
+                chat.RespReader().feed(data)
+
+
+class RedisLiesTest(ClusterTestCase):
+    """What Redis says is checked like a client's words: planted entries and messages
+    neither stop a room nor leave members nobody can remove."""
+
+    NODES = 2
+
+    def test_a_member_of_a_node_that_never_beats_goes(self):
+        alice = self.connect(0, "alice")
+        state = {"id": "ghost~1/1", "node": "ghost~1", "nick": "ghost", "op": False,
+                 "rooms": ["#lobby"], "away": None, "real": "", "addr": ""}
+        self.redis.call("PUBLISH", "chat:events", "E" + json.dumps(
+            {"n": "ghost~1", "e": None, "s": state, "t": True}))
+        self.assertEqual(alice.expect(r"\*\*\* ghost .*"), "*** ghost joined")
+        self.assertEqual(alice.expect(r"\*\*\* ghost .*"), "*** ghost left (server lost)")
+
+    def test_planted_stream_entries_and_numbers_do_not_stop_a_room(self):
+        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        self.wait_listed(1, "alice")
+        alice.say("one")
+        bob.expect(r"<alice> one")
+        self.redis.call("XADD", "chat:log:#lobby", "5-0", "bogus", "x")
+        self.redis.call("XADD", "chat:log:#lobby", "900-0", "e", "not json")
+        self.redis.call("PUBLISH", "chat:events", "L999999999999 " + json.dumps(
+            {"n": "liar~1", "i": 1, "r": "#lobby", "k": "liar", "x": "\x1b[2Jplanted",
+             "a": False, "w": 1.0}))
+        self.assertEqual(bob.expect(r"<liar> .*"), "<liar> planted")
+        alice.say("two", "three")
+        self.assertEqual([bob.expect(r"<alice> .*") for _ in range(2)],
+                         ["<alice> two", "<alice> three"])
