@@ -1201,6 +1201,10 @@ class Broker:
         """Have another node put its member out: with one node there is none."""
         raise AssertionError("no member is on another node")
 
+    def invite(self, member, room, by):
+        """Have another node let its member into room: with one node there is none."""
+        raise AssertionError("no member is on another node")
+
 
 class Directory:
     """Who holds which nick, and who is online on other nodes. With one node the hub's
@@ -1965,12 +1969,18 @@ class RoomRights:
         if target in room.listed or target in room.members:
             self.sink.send(member, notice("already_there", target=target.nick, room=room.name))
             return
+        if target.remote is None:
+            self.invited(target, room, member.nick)
+        else:
+            self.broker.invite(target, room, member.nick)   # its node lets it in
+        self.sink.send(member, notice("invite_sent", target=target.nick, room=room.name))
+
+    def invited(self, target, room, by):
+        """A member here may enter room once, invite-only or not."""
         if len(room.invited) >= INVITES_KEPT:
             room.invited.pop()
         room.invited.add(target.key)
-        if target.remote is None:
-            self.sink.send(target, notice("invited_you", nick=member.nick, room=room.name))
-        self.sink.send(member, notice("invite_sent", target=target.nick, room=room.name))
+        self.sink.send(target, notice("invited_you", nick=by, room=room.name))
 
     def do_kick_from(self, member, room_name, name, reason=""):
         """Put a member out of a room (one in a room at a time goes back to the default
@@ -3738,6 +3748,9 @@ class RedisBroker(Broker):
             "sender": event.sender, "target": event.target, "text": event.text,
             "action": event.action, "time": event.time}}))
 
+    def invite(self, member, room, by):
+        self.link.publish(self.codec.dumps("I", {"to": member.cid, "by": by, "room": room.name}))
+
     def expel(self, member, by, reason, room=None):
         """Have member's node put it out of the chat (or of room)."""
         self.link.publish(self.codec.dumps("K", {"to": member.cid, "by": by, "reason": reason,
@@ -3974,10 +3987,14 @@ class RedisDirectory(Directory):
             for last in self.cluster.broker.last_from.values():
                 last.pop(record["node"], None)
             log.warning("node %s stopped answering: %d of its members gone", record["node"], lost)
-        elif kind in "PK":
+        elif kind in "PKI":
             member = self.local.get(record["to"])
             if member is not None and kind == "P":
                 view.private(member, self.codec.private(record))
+            elif member is not None and kind == "I":
+                room = self.hub.rooms.get(name_key(self.codec.room(record["room"])))
+                if room is not None:
+                    self.hub.invited(member, room, self.codec.nick(record["by"]))
             elif member is not None:
                 by = self.codec.nick(record["by"])
                 reason = stored_text(record["reason"])[:MAX_REASON]
@@ -4261,7 +4278,7 @@ class RedisCluster:
             if seq <= 0:
                 raise ValueError("not a line's number")
             self.broker.heard(seq, self.codec.loads(body))
-        elif kind in (b"E", b"G", b"X", b"P", b"K"):
+        elif kind in (b"E", b"G", b"X", b"P", b"K", b"I"):
             self.directory.heard(kind.decode(), self.codec.loads(payload[1:]))
         elif kind == b"S":
             if self.codec.loads(payload[1:]).get("n") != self.node:

@@ -5252,6 +5252,12 @@ class ClusterRoomRightsTest(ClusterTestCase):
                          "*** carol was kicked by alice (out)")
         self.assertEqual(carol.expect(r"\*\*\* you are in .*"),
                          "*** you are in #lobby: 1 online: carol")
+        alice.say("/mode +i", "/invite carol")
+        self.assertEqual(carol.expect(r"\*\*\* alice invites .*"),
+                         "*** alice invites you to #dev: /join #dev")
+        carol.say("/join #dev")
+        carol.expect(r"\*\*\* you are in #dev: .*")
+        carol.say("/part")
         self.nodes.append(self.start_node("late"))   # learns ranks from the members' states
         late = self.connect(2, "late")
         late.say("/who #dev")
