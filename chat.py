@@ -766,6 +766,7 @@ class Whois:
     operator: bool
     address: Optional[str]
     user: str = ""
+    ranks: tuple = ()                   # "@", "+" or "" in each of rooms
 
 
 @dataclass(frozen=True)
@@ -1445,6 +1446,7 @@ class Moderation:
         self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
 
     def _remember_departure(self, member):
+        self.remember_nick(member)
         self.recent[member.key] = member.address
         self.recent.move_to_end(member.key)
         while len(self.recent) > self.RECENT:
@@ -2046,6 +2048,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.bans = Sanctions("ban", state.get("bans"))
         self.mutes = Sanctions("mute", state.get("mutes"))
         self.recent = collections.OrderedDict()   # nick key -> address, of departed members
+        self.was = collections.deque(maxlen=self.RECENT)   # (nick, user, realname, until)
         self.history_budget = HistoryBudget(options.history_memory)
         self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
         self._guests = itertools.count(self.directory.first_guest)
@@ -2166,6 +2169,10 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.rename(member, nick, notice("renamed_self", nick=nick, old=member.nick))
         self.announce(member)
 
+    def remember_nick(self, member):
+        """What WHOWAS tells of a nick that was: who went by it, and when."""
+        self.was.appendleft((member.nick, member.user, member.realname, self.clock()))
+
     def nick_lost(self, member):
         """Another node's member took member's nick first: member becomes a guest."""
         if self.members.get(member.key) is member:
@@ -2174,6 +2181,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
 
     def rename(self, member, nick, told):
         old, old_key = member.nick, member.key
+        if member.announced:
+            self.remember_nick(member)
         self._register(member, nick)
         self._follow_rename(old_key, member.key)
         log.info("%r was %s", member, old)
@@ -2321,7 +2330,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
                 target.nick, target.realname, tuple(room.name for room in target.rooms
                                                     if self.visible(member, room)),
                 time.monotonic() - target.active, target.away, target.operator,
-                target.address if member.operator else None, target.user))
+                target.address if member.operator else None, target.user,
+                tuple(room.rank(target) for room in target.rooms if self.visible(member, room))))
 
 
 @dataclass(frozen=True)
@@ -4823,8 +4833,9 @@ class IrcReplies:
         lines = [("311", "%s %s %s * :%s" % (nick, event.user or nick, IRC_HOST,
                                               event.realname or nick))]
         if event.rooms:
-            prefix = "@" if event.operator else ""
-            lines.append(("319", "%s :%s" % (nick, " ".join(prefix + room for room in event.rooms))))
+            lines.append(("319", "%s :%s" % (nick, " ".join(
+                rank + room for rank, room in itertools.zip_longest(event.ranks, event.rooms,
+                                                                     fillvalue="")))))
         lines.append(("312", "%s %s :chat.py" % (nick, self.server_name)))
         if event.operator:
             lines.append(("313", "%s :is an IRC operator" % nick))
@@ -4890,7 +4901,6 @@ class IrcReplies:
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
                        MAX_REASON, MAX_REASON,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
-        members, rooms = len(self.hub.members), len(self.hub.rooms)
         lines = [
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
             ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
@@ -4899,10 +4909,7 @@ class IrcReplies:
         ] + [
             ("005", "%s :are supported by this server" % " ".join(tokens))
             for tokens in (isupport.split()[at:at + 12] for at in range(0, 24, 12)) if tokens
-        ] + [
-            ("251", ":There are %d users and 0 invisible on 1 servers" % members),
-            ("254", "%d :channels formed" % rooms),
-            ("255", ":I have %d clients and 0 servers" % members),
+        ] + self._lusers_lines() + [
             ("375", ":- %s message of the day -" % name),
             ("372", ":- People here talk from IRC, nc, the chat.py client and browsers."),
             ("372", ":- Everyone meets in %s: /join %s" % (self.hub.default_room.name,
@@ -4912,6 +4919,26 @@ class IrcReplies:
         ]
         return b"".join(self._line(":%s %s %s %s" % (name, number, nick, text))
                         for number, text in lines)
+
+    def _lusers_lines(self):
+        """251-255, 265 and 266: who is here and on every node (RFC 2812, modern)."""
+        hub, counts = self.hub, self.server.stats()
+        everyone, here = len(hub.members), counts["members"]
+        nodes = 1 + len({member.remote for member in hub.members.values() if member.remote})
+        peak = self.server.counters
+        peak["most_here"] = max(peak["most_here"], here)
+        peak["most_everywhere"] = max(peak["most_everywhere"], everyone)
+        return [
+            ("251", ":There are %d users and 0 invisible on %d servers" % (everyone, nodes)),
+            ("252", "%d :operator(s) online" % sum(1 for member in hub.members.values()
+                                                   if member.operator)),
+            ("253", "%d :unknown connection(s)" % counts["unregistered"]),
+            ("254", "%d :channels formed" % len(hub.rooms)),
+            ("255", ":I have %d clients and %d servers" % (here, nodes - 1)),
+            ("265", "%d %d :Current local users %d, max %d" % (
+                here, peak["most_here"], here, peak["most_here"])),
+            ("266", "%d %d :Current global users %d, max %d" % (
+                everyone, peak["most_everywhere"], everyone, peak["most_everywhere"]))]
 
     def _room_state(self, event):
         room = event.room
@@ -5285,7 +5312,7 @@ class IrcDialect(IrcReplies, Dialect):
 
     def _kick(self, params):
         """KICK #room nick[,nick...] [:reason]: out of the room."""
-        reason = irc_text(params[2]) if len(params) > 2 else ""
+        reason = irc_text(params[2]) if len(params) > 2 else self.nick   # as servers do
         for nick in params[1].split(",")[:MAX_TARGETS]:
             self.hub.do_kick_from(self.conn.member, params[0], nick, reason)
 
@@ -5296,15 +5323,30 @@ class IrcDialect(IrcReplies, Dialect):
         self.hub.do_away(self.conn.member, irc_text(params[0]) if params else "")
 
     def _list(self, params):
+        wanted = self._list_filter(params[0] if params else "")
         rooms = sorted((room for room in self.hub.rooms.values()
-                        if self.hub.visible(self.conn.member, room)),
-                       key=lambda room: (-len(room.listed), room.key))
+                        if room.listed and self.hub.visible(self.conn.member, room)
+                        and wanted(room)), key=lambda room: (-len(room.listed), room.key))
         lines = [self._numeric_bytes("321", "Channel :Users  Name")]
         lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.listed),
                                                              room.topic or ""))
                   for room in rooms]
         lines.append(self._numeric_bytes("323", ":End of /LIST"))
         self.conn_send(b"".join(lines))
+
+    @staticmethod
+    def _list_filter(arguments):
+        """LIST's wishes: channel names, >N (more members than N), <N (fewer)."""
+        names, more, fewer = set(), -1, float("inf")
+        for word in arguments.split(","):
+            if word[:1] == ">" and word[1:].isdigit():
+                more = int(word[1:])
+            elif word[:1] == "<" and word[1:].isdigit():
+                fewer = int(word[1:])
+            elif word:
+                names.add(name_key(word))
+        return lambda room: more < len(room.listed) < fewer and (
+            not names or room.key in names)
 
     def _topic_command(self, params):
         if len(params) > 1:
@@ -5354,6 +5396,57 @@ class IrcDialect(IrcReplies, Dialect):
         lines.append(self._numeric_bytes("368", "%s :End of channel ban list" % room.name))
         self.conn_send(b"".join(lines))
 
+    def _lusers(self, params):
+        self.conn_send(b"".join(self._numeric_bytes(number, text)
+                                for number, text in self._lusers_lines()))
+
+    def _whowas(self, params):
+        """314 and 312 for each time the nick was used, newest first (at most count),
+        or 406; then 369."""
+        if not params or not params[0]:
+            self._numeric("431", ":No nickname given")
+            return
+        nick = params[0].split(",")[0]
+        count = int(params[1]) if len(params) > 1 and params[1].isdigit() else 0
+        key = name_key(unicodedata.normalize("NFKC", nick))
+        found = [was for was in self.hub.was if name_key(was[0]) == key]
+        lines = []
+        for old, user, realname, until in found[:count or len(found)]:
+            lines += [self._numeric_bytes("314", "%s %s %s * :%s" % (
+                old, user or old, IRC_HOST, realname or old)), self._numeric_bytes(
+                "312", "%s %s :%s" % (old, self.server_name, time.ctime(until)))]
+        if not found:
+            lines.append(self._numeric_bytes("406", "%s :There was no such nickname"
+                                             % sanitize(nick)[:40]))
+        lines.append(self._numeric_bytes("369", "%s :End of WHOWAS" % sanitize(nick)[:40]))
+        self.conn_send(b"".join(lines))
+
+    def _help(self, params):
+        """704, 705s and 706 on the chat's commands, or one IRC command; 524 else."""
+        subject = params[0].upper() if params else "*"
+        if subject == "*":
+            text = [line.format(room=self.hub.default_room.name) for line in HELP_TEXT]
+        elif subject in self.COMMANDS or subject in self.CHAT_COMMANDS:
+            text = ["%s is understood here: see HELP for the chat's commands" % subject]
+        else:
+            self._numeric("524", "%s :No help available on this topic" % sanitize(subject)[:30])
+            return
+        numbers = ["704"] + ["705"] * (len(text) - 1)
+        self.conn_send(b"".join(self._numeric_bytes(number, "%s :%s" % (subject, line))
+                                for number, line in zip(numbers, text))
+                       + self._numeric_bytes("706", "%s :End of /HELP" % subject))
+
+    def _time(self, params):
+        self._numeric("391", "%s :%s" % (self.server_name, time.strftime(
+            "%A %B %d %Y -- %H:%M:%S %z")))
+
+    def _info(self, params):
+        self.conn_send(b"".join(self._numeric_bytes("371", ":" + line) for line in (
+            "chat.py %s: one file, Python's standard library only" % __version__,
+            "People talk here from IRC, nc, the chat.py client and browsers.",
+            "MIT license.", "Started %s." % self.server.started))
+            + self._numeric_bytes("374", ":End of /INFO list"))
+
     def _ison(self, params):
         found = [self.hub.find_member(name) for name in " ".join(params).split()]
         self._numeric("303", ":" + " ".join(member.nick for member in found if member))
@@ -5371,13 +5464,15 @@ class IrcDialect(IrcReplies, Dialect):
         "WHOIS": ("_whois", 1), "LIST": ("_list", 0), "TOPIC": ("_topic_command", 1),
         "MODE": ("_mode", 1), "ISON": ("_ison", 1), "USERHOST": ("_userhost", 1),
         "OPER": ("_oper", 2), "KICK": ("_kick", 2), "AWAY": ("_away", 0),
-        "INVITE": ("_invite", 2),
+        "INVITE": ("_invite", 2), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
+        "HELP": ("_help", 0), "HELPOP": ("_help", 0), "TIME": ("_time", 0),
+        "INFO": ("_info", 0),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
     # The line protocol's commands IRC has no word for, run as they are: clients send
     # a command they do not know as it is typed (HexChat; /quote MUTE bob 10m elsewhere)
     CHAT_COMMANDS = frozenset(("MUTE", "UNMUTE", "MUTES", "BAN", "UNBAN", "BANS", "IGNORE",
-                               "UNIGNORE", "ROOMS", "HELP"))
+                               "UNIGNORE", "ROOMS"))
 
 _HTTP_REQUEST_LINE = re.compile(
     rb"[A-Z][A-Z_-]{1,19}[ \t]+[^\x00-\x20\x7f]+[ \t]+HTTP/\d+(?:\.\d+)?[ \t]*\r?\n?"
@@ -7249,8 +7344,10 @@ class ChatServer(Intake, Output, Operating):
         """Counts: connections, members, rooms, TLS handshakes under way, bytes queued."""
         def count():
             stages = collections.Counter(conn.stage for conn in self._conns)
-            return {"connections": len(self._conns), "members": len(self.hub.members),
-                    "rooms": len(self.hub.rooms), "handshaking": stages[HANDSHAKE],
+            return {"connections": len(self._conns),
+                    "members": stages[CHAT],
+                    "unregistered": stages[OPENING], "rooms": len(self.hub.rooms),
+                    "handshaking": stages[HANDSHAKE],
                     "backlog": sum(conn.queued for conn in self._conns)}
         return self.run_in_loop(count)
 

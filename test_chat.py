@@ -2188,6 +2188,36 @@ class IrcTest(ServerTestCase):
             ":testroom 352 alice * bob chat testroom bob G :0 bob the tester"])
         self.assertEqual(alice.lines_until(r":testroom 315 alice nobody :.*"), [])
 
+    def test_lusers_whowas_help_time_info_and_list(self):
+        alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
+        bob.irc("JOIN #dev,#ops", "QUIT :bye")
+        alice.expect(r":bob\S* QUIT .*")
+        alice.irc("LUSERS", "WHOWAS bob", "WHOWAS nobody", "HELP PRIVMSG", "HELP NOPE", "TIME",
+                  "INFO", "LIST >0", "WHOIS alice")
+        lusers = alice.lines_until(r":testroom 266 .*")
+        self.assertIn(":testroom 251 alice :There are 1 users and 0 invisible on 1 servers",
+                      lusers)
+        self.assertIn(":testroom 265 alice 1 2 :Current local users 1, max 2", lusers)
+        self.assertEqual(alice.next_line(), ":testroom 314 alice bob bob chat * :bob the tester")
+        self.assertRegex(alice.next_line(), r":testroom 312 alice bob testroom :\w+ .*")
+        self.assertEqual(alice.next_line(), ":testroom 369 alice bob :End of WHOWAS")
+        self.assertEqual(alice.next_line(), ":testroom 406 alice nobody :There was no such "
+                                            "nickname")
+        self.assertEqual(alice.next_line(), ":testroom 369 alice nobody :End of WHOWAS")
+        self.assertRegex(alice.next_line(), r":testroom 704 alice PRIVMSG :.*")
+        self.assertEqual(alice.next_line(), ":testroom 706 alice PRIVMSG :End of /HELP")
+        self.assertEqual(alice.next_line(), ":testroom 524 alice NOPE :No help available on "
+                                            "this topic")
+        self.assertRegex(alice.next_line(), r":testroom 391 alice testroom :\w+ .*")
+        self.assertEqual(alice.expect(r":testroom 374 .*"), ":testroom 374 alice :End of /INFO list")
+        self.assertEqual(alice.next_line(), ":testroom 321 alice Channel :Users  Name")
+        self.assertEqual(alice.next_line(), ":testroom 322 alice #lobby 1 :")   # not #dev: gone
+        alice.irc("JOIN #dev")
+        self.assertEqual(alice.expect(r":testroom 319 .*"), ":testroom 319 alice alice :#lobby")
+        alice.irc("WHOIS alice", "KICK #dev alice")
+        self.assertEqual(alice.expect(r":testroom 319 .*"), ":testroom 319 alice alice :#lobby @#dev")
+        self.assertEqual(alice.expect(r":\S+ KICK .*"), ":alice!alice@chat KICK #dev alice :alice")
+
     def test_part_reasons_reach_irc_as_given_and_nc_marked(self):
         alice, carol = self.irc_peer("alice"), self.connect("carol")
         bob = self.irc_peer("bob")
