@@ -9364,7 +9364,8 @@ def add_server_parser(commands):
                          "before the others notice)")
     cluster.add_argument("--workers", type=positive_int, default=1, metavar="N",
                          help="N processes on this machine share the port, linked through "
-                         "--redis, so N cores serve (needs SO_REUSEPORT: Linux, BSD, macOS)")
+                         "--redis, so N cores serve (Linux: its SO_REUSEPORT spreads "
+                         "connections over them)")
     operating = server.add_argument_group("operating")
     operating.add_argument("--no-health", dest="health", action="store_false",
                            help="do not answer GET /healthz and /metrics")
@@ -9638,9 +9639,9 @@ def run_workers(args):
     """--workers N: N processes of this very command share the port (SO_REUSEPORT: the
     kernel spreads connections over them) and one chat through --redis. When one
     stops, the others are stopped too."""
-    if not hasattr(socket, "SO_REUSEPORT") or WINDOWS:
-        raise ChatError("--workers needs SO_REUSEPORT, which this platform lacks: run one "
-                        "node per port instead, behind a load balancer")
+    if not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"):
+        raise ChatError("--workers needs Linux, whose SO_REUSEPORT spreads connections over "
+                        "processes: here, run one node per port behind a load balancer")
     if not args.port:
         raise ChatError("--workers needs a --port other than 0: the workers must share one")
     workers = []

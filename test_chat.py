@@ -5026,7 +5026,7 @@ class ClusterCommandLineTest(unittest.TestCase):
                  message="the node in Redis")
         node.stop()
 
-    @unittest.skipUnless(hasattr(socket, "SO_REUSEPORT"), "needs SO_REUSEPORT")
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs Linux's SO_REUSEPORT")
     def test_workers_share_one_port_and_one_chat(self):
         redis = RedisServer(self)
         with socket.socket() as probe:
