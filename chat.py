@@ -767,6 +767,7 @@ class Whois:
     address: Optional[str]
     user: str = ""
     ranks: tuple = ()                   # "@", "+" or "" in each of rooms
+    signon: float = 0.0                 # when it came
 
 
 @dataclass(frozen=True)
@@ -798,7 +799,8 @@ class Member:
 
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
-                 "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user")
+                 "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
+                 "since")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -811,7 +813,7 @@ class Member:
         self.away = None                # its away message
         self.mute = None                # the Sanction that silences it, while in force
         self.ignoring = NOBODY          # keys of the nicks it does not want to hear
-        self.active = time.monotonic()  # when it last said something
+        self.active = self.since = time.monotonic()   # when it last said something; came
         self.nick = self.key = None
         self.lookalikes = ()
         self.rooms = {}                 # Room -> None, in join order
@@ -1872,7 +1874,10 @@ class RoomRights:
     def _mode_argument(self, member, room, letter, value):
         if letter in "ov":
             target = self.find_member(value)
-            if target is None or target not in room.listed:
+            if target is None:
+                self.sink.send(member, notice("no_such_nick", nick=sanitize(value)[:40]))
+                return None
+            if target not in room.listed:
                 self.sink.send(member, notice("not_in_that_room", target=sanitize(value)[:40],
                                               room=room.name))
                 return None
@@ -2331,7 +2336,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
                                                     if self.visible(member, room)),
                 time.monotonic() - target.active, target.away, target.operator,
                 target.address if member.operator else None, target.user,
-                tuple(room.rank(target) for room in target.rooms if self.visible(member, room))))
+                tuple(room.rank(target) for room in target.rooms if self.visible(member, room)),
+                self.clock() - (time.monotonic() - target.since)))
 
 
 @dataclass(frozen=True)
@@ -4843,7 +4849,8 @@ class IrcReplies:
             lines.append(("301", "%s :%s" % (nick, event.away)))
         if event.address:
             lines.append(("338", "%s %s :actually using host" % (nick, event.address)))
-        lines.append(("317", "%s %d :seconds idle" % (nick, event.idle)))
+        lines.append(("317", "%s %d %d :seconds idle, signon time" % (nick, event.idle,
+                                                                       event.signon)))
         lines.append(("318", "%s :End of /WHOIS list" % nick))
         return b"".join(self._numeric_bytes(number, text) for number, text in lines)
 
@@ -5453,8 +5460,9 @@ class IrcDialect(IrcReplies, Dialect):
 
     def _userhost(self, params):
         found = [self.hub.find_member(name) for name in params[:5]]
-        self._numeric("302", ":" + " ".join("%s=+%s@%s" % (member.nick, member.nick, IRC_HOST)
-                                            for member in found if member))
+        self._numeric("302", ":" + " ".join("%s%s=%s%s@%s" % (
+            member.nick, "*" if member.operator else "", "-" if member.away else "+",
+            member.user or member.nick, IRC_HOST) for member in found if member))
 
     COMMANDS = {   # IRC command -> (method, parameters it needs)
         "CAP": ("_cap", 1), "PASS": ("_pass", 1), "NICK": ("_nick", 1), "USER": ("_user", 1),

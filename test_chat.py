@@ -1763,7 +1763,8 @@ class IrcModerationTest(ServerTestCase):
                                           r"operator$")
         alice.irc("WHOIS bob", "MODE #lobby +b nobody!*@*", "MODE #lobby b", "KICK #lobby bob :go")
         self.assertRegex(alice.numeric("338"), r":testroom 338 alice bob 127\.0\.0\.1 :.*")
-        self.assertRegex(alice.numeric("317"), r":testroom 317 alice bob \d+ :seconds idle")
+        self.assertRegex(alice.numeric("317"), r":testroom 317 alice bob \d+ \d{10} :seconds idle, "
+                                               r"signon time")
         self.assertEqual(alice.expect(r".* NOTICE .*"), ":testroom NOTICE alice :error: nobody is "
                                                         "neither a nick online nor an address")
         self.assertEqual(alice.numeric("368"), ":testroom 368 alice #lobby :End of channel ban list")
@@ -5140,7 +5141,7 @@ class RoomRightsTest(ServerTestCase):
         alice.say("/mode +v bob", "/mode +mt", "/mode +o nobody")
         self.assertEqual(bob.expect(r"\*\*\* alice gave .*"), "*** alice gave bob a voice in #dev")
         self.assertEqual(bob.next_line(), "*** alice made #dev moderated, topic-locked")
-        self.assertEqual(alice.expect(r"\*\*\* error.*"), "*** error: nobody is not in #dev")
+        self.assertEqual(alice.expect(r"\*\*\* error.*"), "*** error: no such nick nobody")
         carol = self.connect("carol")
         carol.say("/join #dev", "muted by the mode", "/topic mine")
         self.assertEqual(carol.expect(r"\*\*\* error.*"), "*** error: #dev is moderated: only "
