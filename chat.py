@@ -4223,11 +4223,13 @@ class RedisCluster:
         """Lines sent this turn come back from Redis within a round trip: waiting that
         long (reading every socket meanwhile, at most REDIS_GATHER_WAIT) tells them in
         this very turn, so a burst costs each member one send instead of several."""
-        if not self.broker.in_flight or not self.link.up:
+        in_flight = self.broker.in_flight
+        if not in_flight or not self.link.up:
             return
-        self.link.flush()
+        newest = next(reversed(in_flight))   # lines said meanwhile go out, unawaited
         deadline = time.monotonic() + REDIS_GATHER_WAIT
-        while self.broker.in_flight and self.link.up:
+        while in_flight and next(iter(in_flight)) <= newest and self.link.up:
+            self.link.flush()
             left = deadline - time.monotonic()
             if left <= 0:
                 return
