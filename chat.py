@@ -5922,7 +5922,7 @@ class WebSocketDialect(LineDialect):
         kind = type(event)
         if kind is Said:
             return {"type": "noticed" if event.notice else "acted" if event.action else "said",
-                    "room": event.room,
+                    "room": event.room, "seq": event.seq,
                     "nick": event.nick, "text": event.text, "time": json_time(event.time)}
         if kind is Joined:
             return {"type": "joined", "room": event.room, "nick": event.nick,
