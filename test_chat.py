@@ -4794,10 +4794,15 @@ class ClusterTest(ClusterTestCase):
         bob = self.irc(1, "bob")
         carol = self.ws(2, "carol")
         self.assertEqual(alice.expect(r"\*\*\* carol .*"), "*** carol joined")
+        dave = self.ws(0, "dave")
+        carol.expect(type="joined", nick="dave")
         alice.say("hello from nc")
         self.assertEqual(bob.expect(r":alice\S* PRIVMSG .*"),
                          ":alice!alice@chat PRIVMSG #lobby :hello from nc")
-        self.assertEqual(carol.expect(type="said")["text"], "hello from nc")
+        said = carol.expect(type="said")
+        self.assertEqual(said["text"], "hello from nc")
+        self.assertGreater(said["seq"], 0)
+        self.assertEqual(dave.expect(type="said")["seq"], said["seq"])   # one number, everywhere
         bob.irc("PRIVMSG #lobby :hello from irc")
         self.assertEqual(alice.expect(r"<bob> .*"), "<bob> hello from irc")
         carol.say("hello from the web")
@@ -4805,7 +4810,8 @@ class ClusterTest(ClusterTestCase):
         self.assertEqual(bob.expect(r":carol\S* PRIVMSG .*"),
                          ":carol!carol@chat PRIVMSG #lobby :hello from the web")
         alice.say("/who")
-        self.assertEqual(alice.expect(r"\*\*\* \d+ online: .*"), "*** 3 online: alice, bob, carol")
+        self.assertEqual(alice.expect(r"\*\*\* \d+ online: .*"),
+                         "*** 4 online: alice, bob, carol, dave")
         bob.irc("NAMES #lobby")
         self.assertRegex(bob.numeric("353"), r"^:\S+ 353 bob = #lobby :.*")
 
