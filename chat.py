@@ -800,7 +800,7 @@ class Member:
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
                  "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
-                 "since")
+                 "since", "echo")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -808,6 +808,7 @@ class Member:
         self.hears_quiet = hears_quiet  # wants every join, leave and rename (it keeps lists)
         self.realname = realname        # what it says it is (IRC's USER), or ""
         self.user = ""                  # IRC's user name, or "" 
+        self.echo = False               # hears its own room lines (IRCv3 echo-message)
         self.address = address          # its IP: for bans, and for operators' eyes only
         self.operator = False
         self.away = None                # its away message
@@ -886,6 +887,11 @@ class Room:
         if member.operator or member in self.ops:
             return "@"
         return "+" if member in self.voiced else ""
+
+    def ranks(self, member):
+        """Every rank of member here, highest first: "@+" (IRCv3 multi-prefix)."""
+        return ("@" if member.operator or member in self.ops else "") + (
+            "+" if member in self.voiced else "")
 
     def regrade(self, member):
         """member's rights here changed: lists show it."""
@@ -2237,7 +2243,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
     def deliver_line(self, room, event, speaker=None):
         """A room's line, numbered, to its members here: not to its speaker (when here),
         nor to who ignores it; kept in its history."""
-        excluded = (speaker,) if speaker is not None and speaker in room.members else ()
+        excluded = (speaker,) if speaker is not None and speaker in room.members and \
+            not speaker.echo else ()
         ignorers = self.ignored_by.get(speaker.key if speaker is not None
                                        else name_key(event.nick))
         if ignorers:
@@ -4807,12 +4814,32 @@ class IrcReplies:
 
     def _names_reply(self, room, end=True):
         """353 lines of at most NICK_RUN bytes of nicks each (so well within 512), 366."""
-        names = self._for_me(room, "names", lambda: b"".join(
+        multi, full = "multi-prefix" in self.caps, "userhost-in-names" in self.caps
+        names = self._for_me(room, ("names", multi, full), lambda: b"".join(
             self._numeric_bytes("353", "%s %s :%s" % ("@" if "s" in room.modes else "=",
                                                        room.name, run), RECEIVER)
-            for run, _ in room.nick_runs()))
+            for run in self._name_runs(room, multi, full)))
         return names + self._numeric_bytes("366", "%s :End of /NAMES list" % room.name) \
             if end else names
+
+    @staticmethod
+    def _name_runs(room, multi, full):
+        """NAMES' nicks in runs that fit a line: with every rank (multi-prefix) and as
+        nick!user@host (userhost-in-names) when the client asked for them."""
+        if not multi and not full:
+            return [run for run, _ in room.nick_runs()]
+        runs, size = [], NICK_RUN
+        for member in room.listed:
+            name = (room.ranks(member) if multi else room.rank(member)) + member.nick + (
+                "!%s@%s" % (member.user or member.nick, IRC_HOST) if full else "")
+            length = len(name.encode())
+            if size + 1 + length <= NICK_RUN:
+                runs[-1].append(name)
+                size += 1 + length
+            else:
+                runs.append([name])
+                size = length
+        return [" ".join(run) for run in runs]
 
     def _for_me(self, room, what, render):
         """A reply about a room, rendered once per change of the room for everyone (with a
@@ -4830,7 +4857,8 @@ class IrcReplies:
         lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
             room.name if room else "*", m.user or m.nick, IRC_HOST, self.server_name, m.nick,
             ("G" if m.away else "H") + ("*" if m.operator else "")
-            + (room.rank(m) if room else ""), m.realname or m.nick),
+            + ((room.ranks(m) if "multi-prefix" in self.caps else room.rank(m)) if room else ""),
+            m.realname or m.nick),
             RECEIVER) for m in members]
         lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
             room.name if room else sanitize(mask)[:40]), RECEIVER))
@@ -4964,10 +4992,10 @@ class IrcReplies:
             irc_split(head, line[len("*** "):]) for line in history_lines(event.room, history)))
 
     def _private(self, event):
-        if event.sent:
+        if event.sent and "echo-message" not in self.caps:
             return b""   # IRC clients show what they sent themselves
         text = "\x01ACTION %s\x01" % event.text if event.action else event.text
-        return irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender), self.nick), text)
+        return irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender), event.target), text)
 
     def _topic(self, event):
         if event.text:
@@ -5079,7 +5107,9 @@ class IrcDialect(IrcReplies, Dialect):
     """
 
     __slots__ = ("wanted_nick", "user", "realname", "password", "negotiating",
-                 "greeted_as", "heard", "pinged")
+                 "greeted_as", "heard", "pinged", "caps")
+
+    CAPABILITIES = ("cap-notify", "echo-message", "multi-prefix", "userhost-in-names")
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
@@ -5093,6 +5123,7 @@ class IrcDialect(IrcReplies, Dialect):
         self.user = self.realname = None
         self.password = None
         self.negotiating = False    # CAP LS came and CAP END did not, yet
+        self.caps = frozenset()     # the IRCv3 capabilities it asked for
         self.greeted_as = "*"       # the nick of its greeting, while it is being greeted
         self.heard = time.monotonic()
         self.pinged = None          # when the server's PING went out unanswered
@@ -5138,17 +5169,32 @@ class IrcDialect(IrcReplies, Dialect):
         sub = params[0].upper()
         if sub == "LS":
             self.negotiating = self.conn.member is None
-            self._send(":%s CAP %s LS :" % (self.server_name, self.nick))
+            self._send(":%s CAP %s LS :%s" % (self.server_name, self.nick,
+                                              " ".join(self.CAPABILITIES)))
         elif sub == "LIST":
-            self._send(":%s CAP %s LIST :" % (self.server_name, self.nick))
+            self._send(":%s CAP %s LIST :%s" % (self.server_name, self.nick,
+                                                " ".join(sorted(self.caps))))
         elif sub == "REQ":
-            self._send(":%s CAP %s NAK :%s" % (self.server_name, self.nick,
-                                               irc_text(params[1]) if len(params) > 1 else ""))
+            self._request_caps(irc_text(params[1]) if len(params) > 1 else "")
         elif sub == "END":
             self.negotiating = False
             self._register()
         else:
             self._numeric("410", "%s :Invalid CAP command" % sanitize(sub)[:20])
+
+    def _request_caps(self, wanted):
+        """CAP REQ: all of them (a "-" takes one away), or none (NAK)."""
+        names = wanted.split()
+        if not names or any(name.lstrip("-") not in self.CAPABILITIES for name in names):
+            self._send(":%s CAP %s NAK :%s" % (self.server_name, self.nick, wanted[:400]))
+            return
+        caps = set(self.caps)
+        for name in names:
+            (caps.discard if name.startswith("-") else caps.add)(name.lstrip("-"))
+        self.caps = frozenset(caps)
+        self._send(":%s CAP %s ACK :%s" % (self.server_name, self.nick, " ".join(names)))
+        if self.conn.member is not None:
+            self.conn.member.echo = "echo-message" in caps
 
     def _pass(self, params):
         if self.conn.member is not None:
@@ -5201,6 +5247,7 @@ class IrcDialect(IrcReplies, Dialect):
         self.greeted_as = self.wanted_nick
         if self.server.admit(self.conn, self.wanted_nick, self.realname):
             self.conn.member.user = self.user
+            self.conn.member.echo = "echo-message" in self.caps
         self.server.call_later(self.server.options.irc_ping_interval, self._keep_alive)
 
     def _keep_alive(self):
@@ -5302,7 +5349,8 @@ class IrcDialect(IrcReplies, Dialect):
         mask = params[0] if params else "*"
         room = self.hub.find_room(mask) if mask.startswith("#") else None
         if room is not None and self.hub.visible(self.conn.member, room):
-            self.conn_send(self._for_me(room, "who", lambda: self._who_lines(room, room.listed)))
+            self.conn_send(self._for_me(room, ("who", "multi-prefix" in self.caps),
+                                        lambda: self._who_lines(room, room.listed)))
             return
         if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
             pattern = re.compile(fnmatch.translate(mask if mask != "0" else "*"), re.IGNORECASE)

@@ -2120,7 +2120,7 @@ class IrcPeer(Peer):
         """Register as modern clients do, and join #lobby as one set to do so does;
         return every line up to the end of the join."""
         self.irc("CAP LS 302", "NICK " + nick, "USER %s 0 * :%s the tester" % (nick, nick))
-        self.expect(r":\S+ CAP \* LS :")
+        self.expect(r":\S+ CAP \* LS :.*")
         self.irc("CAP END", "JOIN #lobby")
         return self.lines_until(r":\S+ 366 %s #lobby :.*" % re.escape(nick))
 
@@ -2140,9 +2140,10 @@ class IrcTest(ServerTestCase):
     def test_registration_as_clients_expect_it(self):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK alice", "USER alice 0 * :Alice Tester")
-        self.assertEqual(peer.next_line(), ":testroom CAP * LS :")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LS :cap-notify echo-message "
+                                           "multi-prefix userhost-in-names")
         peer.irc("CAP REQ :multi-prefix sasl", "PING :held")
-        self.assertEqual(peer.next_line(), ":testroom CAP * NAK :multi-prefix sasl")
+        self.assertEqual(peer.next_line(), ":testroom CAP * NAK :multi-prefix sasl")   # no sasl
         self.assertEqual(peer.next_line(), ":testroom PONG testroom :held")   # no 001 yet
         peer.irc("CAP END")
         lines = peer.lines_until(r":testroom 376 alice :End of /MOTD command")
@@ -2160,6 +2161,30 @@ class IrcTest(ServerTestCase):
         self.assertIn(":alice!alice@chat JOIN #lobby", lines)
         self.assertIn(":testroom 353 alice = #lobby :alice", lines)
         self.assertFalse([line for line in lines if line.startswith("***")])
+
+    def test_capabilities_echo_multi_prefix_and_userhost_in_names(self):
+        peer = self.irc_peer()
+        peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LS :cap-notify echo-message "
+                                           "multi-prefix userhost-in-names")
+        peer.irc("CAP REQ :echo-message multi-prefix userhost-in-names", "CAP LIST", "CAP END")
+        self.assertEqual(peer.next_line(), ":testroom CAP * ACK :echo-message multi-prefix "
+                                           "userhost-in-names")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LIST :echo-message multi-prefix "
+                                           "userhost-in-names")
+        bob = self.connect("bob")
+        peer.irc("JOIN #dev")
+        bob.say("/join #dev")
+        peer.expect(r":bob\S* JOIN #dev")
+        peer.irc("MODE #dev +v eve", "NAMES #dev", "PRIVMSG #dev :echoed", "PRIVMSG bob :me too")
+        self.assertEqual(peer.expect(r":testroom 353 .*"),
+                         ":testroom 353 eve = #dev :@+eve!eve@chat bob!bob@chat")
+        self.assertEqual(peer.expect(r":eve\S* PRIVMSG .*"), ":eve!eve@chat PRIVMSG #dev :echoed")
+        self.assertEqual(peer.next_line(), ":eve!eve@chat PRIVMSG bob :me too")
+        self.assertEqual(bob.expect(r"<eve> .*"), "<eve> echoed")
+        peer.irc("CAP REQ :-echo-message", "PRIVMSG #dev :not echoed", "PING :end")
+        self.assertEqual(peer.expect(r".* CAP .*"), ":testroom CAP eve ACK :-echo-message")
+        self.assertEqual(peer.next_line(), ":testroom PONG testroom :end")
 
     def test_registration_and_nick_errors_as_rfc_2812_says(self):
         peer = self.irc_peer()
