@@ -741,6 +741,8 @@ class RoomState:
 class TopicInfo:
     room: str
     text: Optional[str]
+    by: str = ""                        # who set it, when known
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -848,7 +850,7 @@ class Room:
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
                  "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
                  "_first", "seq", "ops", "voiced", "modes", "password", "limit", "invited",
-                 "created")
+                 "created", "topic_by", "topic_at")
 
     def __init__(self, name, history):
         self.name = name
@@ -873,6 +875,7 @@ class Room:
         self.limit = None               # most members, IRC's +l
         self.invited = set()            # nick keys invited in, until they come
         self.created = time.time()
+        self.topic_by, self.topic_at = "", 0.0   # who set the topic, when (if known)
 
     @property
     def empty(self):
@@ -1645,11 +1648,12 @@ class Rooms:
         if room is None:
             return
         if text is None:
-            self.sink.send(member, TopicInfo(room.name, room.topic))
+            self.sink.send(member, TopicInfo(room.name, room.topic, room.topic_by, room.topic_at))
             return
         if not self.may_change(member, room, "t") or self.muted(member):
             return
         room.topic = tidy_text(text)[:MAX_TOPIC] or None
+        room.topic_by, room.topic_at = member.nick, self.clock()
         self.topics.pop(room.key, None)   # the newest last: see _forget_room
         if room.topic:
             self.topics[room.key] = room.topic
@@ -2438,6 +2442,7 @@ class ClusterView:
             self.hub.apply_modes(room, event.changes, event.args)
         if isinstance(event, TopicSet):
             room.topic = event.text or None
+            room.topic_by, room.topic_at = event.nick, self.hub.clock()
             self.hub.topics.pop(room.key, None)
             if room.topic:
                 self.hub.topics[room.key] = room.topic
@@ -4981,7 +4986,7 @@ class IrcReplies:
         room = event.room
         data = self._line(":%s JOIN %s" % (irc_source(self.nick), room.name))
         if room.topic:
-            data += self._numeric_bytes("332", "%s :%s" % (room.name, room.topic))
+            data += self._topic_lines(room.name, room.topic, room.topic_by, room.topic_at)
         return data + self._names_reply(room)
 
     def _history(self, event):
@@ -4999,8 +5004,13 @@ class IrcReplies:
 
     def _topic(self, event):
         if event.text:
-            return self._numeric_bytes("332", "%s :%s" % (event.room, event.text))
+            return self._topic_lines(event.room, event.text, event.by, event.at)
         return self._numeric_bytes("331", "%s :No topic is set" % event.room)
+
+    def _topic_lines(self, room_name, text, by, at):
+        """332, and 333 (who set it, when) when that is known."""
+        return self._numeric_bytes("332", "%s :%s" % (room_name, text)) + (
+            self._numeric_bytes("333", "%s %s %d" % (room_name, by, at)) if by else b"")
 
     def _who_list(self, event):
         return self._names_reply(event.room)

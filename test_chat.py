@@ -5241,6 +5241,15 @@ class RoomRightsTest(ServerTestCase):
         alice.irc("JOIN #chan")
         self.assertEqual(alice.numeric("473"), ":testroom 473 alice #chan :Cannot join channel (+i)")
 
+    def test_topic_lock_and_who_set_the_topic(self):
+        alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
+        alice.irc("JOIN #t", "MODE #t +t", "TOPIC #t :ops only")
+        alice.expect(r":alice\S* TOPIC #t :ops only")
+        bob.irc("JOIN #t", "TOPIC #t :mine now")
+        self.assertEqual(bob.expect(r":testroom 332 .*"), ":testroom 332 bob #t :ops only")
+        self.assertRegex(bob.next_line(), r":testroom 333 bob #t alice \d{10}")
+        self.assertEqual(bob.numeric("482"), ":testroom 482 bob #t :You're not channel operator")
+
     def test_a_server_operator_runs_every_room(self):
         alice, bob = self.connect("alice"), self.connect("bob")
         bob.say("/join #dev", "/mode +i")
