@@ -4743,8 +4743,9 @@ _IRC_FORMATTING = re.compile(
 # What IRC clients send first, as they send it: upper case, with the parameters each
 # command needs. "nick alice" from nc is a chat line, not IRC.
 _IRC_FIRST_LINE = re.compile(
-    rb"(?:CAP (?:LS(?: \d+)?|REQ :?[^\r\n]*|END)|NICK :?[^\s:][^\s]*|PASS :?[^\s:][^\r\n]*"
-    rb"|USER [^\s]+ [^\s]+ [^\s]+ [^\r\n]*) ?\r?\n?|(?:CAP|NICK|USER|PASS) ?:?\r\n")
+    rb"(?:CAP (?:LS(?: \d+)?|REQ :?[^\r\n]*|END|LIST)|NICK :?[^\s:][^\s]*|PASS :?[^\s:][^\r\n]*"
+    rb"|USER [^\s]+ [^\s]+ [^\s]+ [^\r\n]*) ?\r?\n?|(?:CAP|NICK|USER|PASS) ?:?\r\n"
+    rb"|CAP [A-Z]{1,20}\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
 RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL

@@ -2162,6 +2162,12 @@ class IrcTest(ServerTestCase):
         self.assertIn(":testroom 353 alice = #lobby :alice", lines)
         self.assertFalse([line for line in lines if line.startswith("***")])
 
+    def test_any_cap_subcommand_first_is_irc(self):
+        peer = self.irc_peer()
+        peer.irc("CAP LIST", "CAP NOTACOMMAND")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LIST :")
+        self.assertEqual(peer.next_line(), ":testroom 410 * NOTACOMMAND :Invalid CAP command")
+
     def test_capabilities_echo_multi_prefix_and_userhost_in_names(self):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve")
