@@ -2067,6 +2067,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.history_budget = HistoryBudget(options.history_memory)
         self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
         self._guests = itertools.count(self.directory.first_guest)
+        self.lines_told = 0             # room lines told to the members here
         self._uids = itertools.count(1)
         self.broker.attach(self)
         self.directory.attach(self)
@@ -2254,7 +2255,9 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         if ignorers:
             excluded += tuple(other for other in ignorers if room in other.rooms)
         self.sink.publish(room, event, excluded)
-        room.seq = max(room.seq, event.seq)
+        self.lines_told += 1
+        if event.seq > room.seq:
+            room.seq = event.seq
         self.store.append(room.name, event)
         self.history_budget.remember(room, event)
 
@@ -6666,8 +6669,6 @@ class HubSink:
         self._server, self._batcher = server, batcher
 
     def publish(self, room, event, excluded):
-        if type(event) is Said:
-            self._server.counters["room_lines"] += 1
         self._batcher.publish(room, event, tuple(member.endpoint for member in excluded))
 
     def send(self, member, event):
@@ -6910,7 +6911,7 @@ class Intake:
         else:
             conn.inbox = collections.deque(messages)
         conn.inbox_bytes += sum(map(len, messages))
-        self.counters["messages_received"] += len(messages)
+        self.messages_received += len(messages)
         self._release(conn)
 
     def _release(self, conn):
@@ -7220,7 +7221,8 @@ class Operating:
         dialects = collections.Counter(self.DIALECTS.get(type(conn.dialect).__name__, "other")
                                        for conn in self._conns)
         counts, hub = self.counters, self.hub
-        counts["deliveries"] = self._batcher.deliveries
+        counts.update(deliveries=self._batcher.deliveries, room_lines=hub.lines_told,
+                      messages_received=self.messages_received)
         lines = []
 
         def metric(name, kind, text, samples):
@@ -7289,7 +7291,8 @@ class ChatServer(Intake, Output, Operating):
         self._silences = DelayLine(self, lambda: self.options.greet_delay, self._silence)
         self._sync_pending = False
         self._services = {}            # socket -> handler(mask), for sockets not clients'
-        self.counters = collections.Counter()   # for /metrics
+        self.counters = collections.Counter()   # for /metrics (the rare events)
+        self.messages_received = 0
         self.hub = Hub(self.options, HubSink(self, self._batcher), self.name, store=self._store,
                        broker=self.cluster and self.cluster.broker,
                        directory=self.cluster and self.cluster.directory)
