@@ -5329,6 +5329,7 @@ class ClusterRoomRightsTest(ClusterTestCase):
                          "*** carol was kicked by alice (out)")
         self.assertEqual(carol.expect(r"\*\*\* you are in .*"),
                          "*** you are in #lobby: 1 online: carol")
+        wait_for(lambda: "carol" not in self.listed(0, "#dev"), message="carol out of #dev")
         alice.say("/mode +i", "/invite carol")
         self.assertEqual(carol.expect(r"\*\*\* alice invites .*"),
                          "*** alice invites you to #dev: /join #dev")
