@@ -119,6 +119,9 @@ NICK_RUN = 250                       # bytes of nicks in one line of a member li
 HTTP_HEAD_LIMIT = 8 * 1024           # bytes of an HTTP request's line and headers
 WEB_MEMBERS = 1000                   # names a browser gets when it enters a room
 DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
+SCROLLBACK_KEPT = 1000               # public lines a room keeps in memory for scrolling back
+SCROLLBACK_PAGE = 50                 # lines one /history answer gives by default...
+SCROLLBACK_MAX = 200                 # ...and at most
 HISTORY_MEMORY = 32 << 20            # bytes of text all rooms' histories hold at most
 DEFAULT_LOG_MAX_BYTES = 1 << 20      # a room's log is rotated past this (--data-dir)
 SYNC_INTERVAL = 1.0                  # seconds between fsyncs of the logs, at most
@@ -166,6 +169,12 @@ if ssl is not None:
 
 
 # --- Text safety ---
+
+def number_word(word):
+    """A word that is a whole number in ASCII digits, not a huge one, or None: int()
+    refuses superscript digits that isdigit() takes, and numbers past 4300 digits."""
+    return int(word) if word.isascii() and word.isdigit() and len(word) <= 15 else None
+
 
 # Escape sequences are removed whole, so no stray "[31m" is left behind:
 # CSI up to its final byte; OSC, DCS, SOS, PM and APC up to BEL, ST or the end
@@ -461,6 +470,8 @@ class Wording:
         ("history_entry", "*** [{time}] {line}"),
         ("history_start", "*** --- last {count} {noun} in {room} ---"),
         ("history_end", "*** --- end of history ---"),
+        ("history_page", "*** --- {count} {noun} of {room}, numbered {first} to {last} ---"),
+        ("history_none", "*** --- no such lines in {room} ---"),
         ("welcome", "*** welcome to {server}, you are {nick}"),
         ("in_room", "*** you are in {room}: {count} online: {names}"),
         ("who_room", "*** {room}: {count} online: {names}"),
@@ -776,6 +787,17 @@ class Whois:
 class RoomList:
     rooms: tuple      # (name, member count), busiest first
     total: int
+    joined: tuple = ()  # the names of the receiver's own rooms
+
+
+@dataclass(frozen=True)
+class Scrollback:
+    """Past lines of a room that a member asked for (not those shown on entering)."""
+    room: str
+    lines: tuple      # Said events, oldest first
+    before: Optional[int]
+    after: Optional[int]
+    more: bool        # there are more past the first (or, after a number, the last) one
 
 
 @dataclass(frozen=True)
@@ -802,7 +824,7 @@ class Member:
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
                  "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
-                 "since", "echo")
+                 "since", "echo", "focus")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -820,6 +842,7 @@ class Member:
         self.nick = self.key = None
         self.lookalikes = ()
         self.rooms = {}                 # Room -> None, in join order
+        self.focus = None               # of several rooms, the one plain lines go to
         self.heralded = {}              # rooms whose members were told it joined (a dict: small)
         self.announced = False          # it chose a nick or spoke: its arrival is told
         self.room_tokens = float(ROOM_CREATE_BURST)
@@ -833,7 +856,11 @@ class Member:
 
     @property
     def room(self):
-        """The room of a member that is in one at a time; the first one otherwise."""
+        """The room plain lines go to: a member's only room, or of several the one it
+        focused on (the first one when it left that)."""
+        focus = self.focus
+        if focus is not None and focus in self.rooms:
+            return focus
         return next(iter(self.rooms), None)
 
 
@@ -850,9 +877,9 @@ class Room:
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
                  "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
                  "_first", "seq", "ops", "voiced", "modes", "password", "limit", "invited",
-                 "created", "topic_by", "topic_at")
+                 "created", "topic_by", "topic_at", "replayed")
 
-    def __init__(self, name, history):
+    def __init__(self, name, history, kept=None):
         self.name = name
         self.key = name_key(name)
         self.lookalikes = lookalike_keys(name)
@@ -860,7 +887,8 @@ class Room:
         self.listed = {}                # the announced members, in the order they showed
         self.operators = {}             # the listed operators, so lists need no scan
         self.topic = None
-        self.history = collections.deque(maxlen=history)   # Said events
+        self.history = collections.deque(maxlen=history if kept is None else kept)   # Said
+        self.replayed = history         # of them, how many a newcomer is shown
         self.hearing_quiet = 0          # members that want quiet events
         self.cache = {}                 # rendered from the member list
         self.history_cache = {}         # rendered from the history
@@ -976,6 +1004,24 @@ class Room:
         self.history.append(event)
         self.history_cache.clear()
         return HistoryBudget.cost(event) - (HistoryBudget.cost(pushed_out) if pushed_out else 0)
+
+    def recent(self):
+        """The lines a newcomer is shown: the last of those kept."""
+        history = self.history
+        if len(history) <= self.replayed:
+            return list(history)
+        return list(itertools.islice(history, len(history) - self.replayed, None))
+
+    def lines(self, before=None, after=None, count=SCROLLBACK_PAGE):
+        """Kept lines numbered after `after` (oldest first), or else before `before`
+        (None: the latest), one more than count when there are: (lines, complete),
+        complete when no older line kept elsewhere (a store) could belong to them."""
+        history = self.history
+        if after is not None:
+            found = [said for said in history if said.seq > after][:count + 1]
+            return found, bool(history) and history[0].seq <= after + 1
+        found = [said for said in history if before is None or said.seq < before][-count - 1:]
+        return found, len(found) > count or bool(history) and history[0].seq <= 1
 
     def forget_oldest(self):
         """Drop the oldest public line kept; the bytes it held."""
@@ -1594,6 +1640,7 @@ class Rooms:
             self.sink.send(member, problem)
             return
         if room in member.rooms:
+            member.focus = room
             if not member.multi_room:
                 self.sink.send(member, notice("already_in_room", room=room.name))
             return
@@ -1606,10 +1653,12 @@ class Rooms:
                 self._remove(member, old, Parted(old.name, member.nick, to=room.name, quiet=quiet))
         if room.empty and room is not self.default_room:
             room.ops[member] = None
+        member.focus = room
         self._enter(member, room)
 
     def do_part(self, member, room_name=None, reason=""):
-        """Leave a room: a member in one room at a time goes back to the default room."""
+        """Leave a room (by default the focused one): a member in one room at a time goes
+        back to the default room."""
         self.announce(member)
         if not member.multi_room:
             if member.room is self.default_room:
@@ -1617,11 +1666,9 @@ class Rooms:
             else:
                 self.do_join(member, self.default_room.name)
             return
-        room = self._named_room(member, room_name or "")
-        if room is None:
-            return
-        if room not in member.rooms:
-            self.sink.send(member, notice("error", text="you are not in %s" % room.name))
+        room = self._named_room(member, room_name) if room_name else member.room
+        if room is None or room not in member.rooms:
+            self.sink.send(member, notice("not_in_room", room=room.name if room else "a room"))
             return
         if reason and self.muted(member, told=False):
             reason = ""
@@ -1630,12 +1677,50 @@ class Rooms:
         self.sink.send(member, event)
         self._remove(member, room, event)
 
+    def do_focus(self, member, room_name=""):
+        """Of the rooms member is in, the one its plain lines (and room commands that
+        name none) go to: how a page that shows several rooms talks in one."""
+        room = self.find_room(room_name) if room_name.strip() else None
+        if room is None or room not in member.rooms:
+            self.sink.send(member, notice("not_in_room", room=sanitize(room_name)[:40] or "?"))
+            return
+        member.focus = room
+
     def do_rooms(self, member):
         self.announce(member)
         busiest = sorted((room for room in self.rooms.values() if self.visible(member, room)),
                          key=lambda room: (-len(room.listed), room.key))
         listed = tuple((room.name, len(room.listed)) for room in busiest[:ROOMS_LISTED])
-        self.sink.send(member, RoomList(listed, len(busiest)))
+        self.sink.send(member, RoomList(listed, len(busiest),
+                                        tuple(room.name for room in member.rooms)))
+
+    def do_history(self, member, room_name="", direction=None, seq=None, count=SCROLLBACK_PAGE):
+        """A page of a room's past lines for one of its members: the latest, or those
+        before or after a line's number (what a page scrolling back or filling a gap
+        after a reconnect asks for). From memory, else from the store."""
+        if direction == "?":
+            self.sink.send(member, notice("usage", usage="/history [ROOM] [before|after N] "
+                                                         "[COUNT]"))
+            return
+        room = self.find_room(room_name) if room_name else member.room
+        if room is None or room not in member.rooms and not member.operator:
+            self.sink.send(member, notice("not_in_room", room=sanitize(room_name)[:40] or "a room"))
+            return
+        count = max(1, min(count, SCROLLBACK_MAX))
+        before, after = (seq, None) if direction == "before" else (None, seq)
+        found, complete = room.lines(before, after, count)
+
+        def answer(stored):
+            merged = {said.seq: said for said in stored}
+            merged.update((said.seq, said) for said in found)
+            lines = sorted(merged.values(), key=lambda said: said.seq)
+            more = len(lines) > count
+            lines = lines[:count] if after is not None else lines[-count:]
+            self.sink.send(member, Scrollback(room.name, tuple(lines), before, after, more))
+        if complete:
+            answer(())
+        else:
+            self.store.lines(room.name, before, after, count + 1, answer)
 
     def visible(self, member, room):
         """Whether member may see room in lists: a secret room only to its members."""
@@ -1661,7 +1746,8 @@ class Rooms:
         self._publish_membership(room, TopicSet(room.name, member.nick, room.topic or ""), ())
 
     def _add_room(self, name):
-        room = Room(name, self.options.history)
+        history = self.options.history
+        room = Room(name, history, max(history, SCROLLBACK_KEPT) if history else 0)
         room.topic = self.topics.get(room.key)
         self.restore_modes(room)
         for event in self.store.history(name, self.options.history):
@@ -1728,8 +1814,8 @@ class Rooms:
                 self.sink.send(member, notice("pace", burst=self.options.burst,
                                               rate="%g" % self.options.rate))
             self.sink.send(member, notice("help_hint"))
-        if room.history:
-            hidden = member.ignoring.intersection(name_key(said.nick) for said in room.history) \
+        if room.history and room.replayed:
+            hidden = member.ignoring.intersection(name_key(said.nick) for said in room.recent()) \
                 if member.ignoring else ()
             self.sink.send(member, History(room, frozenset(hidden)))
         if member.announced:
@@ -1894,7 +1980,8 @@ class RoomRights:
             return target.nick
         if letter == "k":
             return "".join(sanitize(value).split())[:23] or None
-        return str(int(value)) if value.isdigit() and 0 < int(value) < 100000 else None
+        limit = number_word(value)
+        return str(limit) if limit and limit < 100000 else None
 
     def apply_modes(self, room, changes, args):
         """Make changes (checked, as a ModeChanged carries them) to room."""
@@ -2115,9 +2202,10 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         return (None, problem) if problem else (nick, None)
 
     def admit(self, endpoint, nick=None, multi_room=False, hears_quiet=False, realname="",
-              address=""):
-        """Greet a newcomer into the default room under nick, or as a guest (told why when
-        nick was refused). A guest's arrival is told once it picks a nick, speaks or
+              address="", rooms=None):
+        """Greet a newcomer under nick, or as a guest (told why when nick was refused),
+        into the default room, or the rooms (name, key) it asked for (IRC: none). A
+        guest's arrival is told once it picks a nick, speaks or
         asks for something, so people appear once, under their name, and a connection
         that never says anything (a browser's spare socket) never appears."""
         member = Member(endpoint, multi_room, hears_quiet, realname, address)
@@ -2129,8 +2217,10 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self._register(member, nick or self._guest_nick())
         member.announced = bool(nick)   # entering, it is heralded at once
         self.sink.send(member, Welcome(self.name, member.nick))
-        if not member.multi_room:   # IRC clients join what they choose, as on any server
+        if rooms is None:
             self._enter(member, self.default_room, greeting=True)
+        for name_and_key in rooms or ():
+            self.do_join(member, *name_and_key)
         if problem:
             self.sink.send(member, problem)
         if member.mute is not None:   # its client must know before it speaks
@@ -2561,6 +2651,12 @@ class Store:
         """The last count public lines (Said events) of room, from before."""
         return []
 
+    def lines(self, room, before, after, count, reply):
+        """reply(events): count of room's lines numbered after `after` (the first ones),
+        or else before `before` (the last ones; None: the latest), in any order. Kept
+        nowhere, there are none."""
+        reply(())
+
     def append(self, room, event):
         pass
 
@@ -2592,6 +2688,7 @@ RECORD_LIMIT = 64 * 1024              # bytes of one record read back; a longer 
 STATE_LIMIT = 8 << 20                 # bytes of state.json read back
 OPEN_LOGS = 64                        # logs kept open; the least used are closed past this
 TOPICS_KEPT = 200                     # topics of rooms that are gone, remembered for their return
+SCROLLBACK_SCAN = 4 << 20             # bytes of a log read back, at most, to answer /history
 
 
 def open_private(path, flags):
@@ -2883,6 +2980,38 @@ class FileStore(Store):
             log.warning("%s: skipped %d record%s that cannot be read", path, skipped,
                         "s" if skipped > 1 else "")
         return events[-count:]
+
+    def lines(self, room, before, after, count, reply):
+        """Read back from the end of the log and the one before it, as far as
+        SCROLLBACK_SCAN each: scrolling back reaches the last log's start, not further."""
+        path, found = self._log_path(room), []
+        for part in (path, path + ".1"):
+            records = self._tail_records(part)
+            said = [event for event in map(functools.partial(self._said, room), records)
+                    if event and (event.seq > after if after is not None
+                                  else before is None or event.seq < before)]
+            found = said + found
+            if len(found) >= count or after is not None and said and said[0].seq <= after + 1:
+                break
+        reply(found[:count] if after is not None else found[-count:])
+
+    @staticmethod
+    def _tail_records(part):
+        try:
+            fd = open_private(part, os.O_RDONLY)
+        except OSError:
+            return []
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - SCROLLBACK_SCAN)
+            data = read_at(fd, size - start, start)
+        except OSError as exc:
+            log.warning("cannot read %s: %s", part, exc.strerror or exc)
+            return []
+        finally:
+            os.close(fd)
+        records = data.split(b"\n")
+        return [record for record in (records[1:] if start else records) if record]
 
     @staticmethod
     def _said(room, line):
@@ -3668,7 +3797,7 @@ class ClusterCodec:
                 taking.append(sign + letter)
         args = tuple("".join(stored_text(arg).split())[:MAX_NICK + 3] for arg in args)
         if len(args) != len(taking) or any(
-                kind == "+l" and not (arg.isdigit() and 0 < int(arg) < 100000)
+                kind == "+l" and not 0 < (number_word(arg) or 0) < 100000
                 for kind, arg in zip(taking, args)):
             raise ValueError("not the arguments of %s" % changes)
         return args
@@ -4174,6 +4303,17 @@ class RedisStore(Store):
                        "COUNT", count)
         return []
 
+    def lines(self, room, before, after, count, reply):
+        key = self.cluster.prefix + "log:" + name_key(room)
+        if after is not None:
+            asked = ("XRANGE", key, "%d" % (after + 1), "+", "COUNT", count)
+        else:
+            asked = ("XREVRANGE", key, "+" if before is None else "%d" % (before - 1), "-",
+                     "COUNT", count)
+        if before is not None and before <= 1 or not self.link.call(
+                lambda found: reply(self._said(found)), *asked):
+            reply(())
+
     def _said(self, reply):
         events = []
         for entry in reversed(reply) if isinstance(reply, list) else ():
@@ -4355,6 +4495,8 @@ HELP_TEXT = (
     "                               topic for operators, secret, open to outsiders",
     "  /invite NICK     let NICK into your room (invite-only rooms: operators)",
     "  /kick NICK [WHY] (room operators) put NICK out of the room",
+    "  /history [ROOM] [before|after N] [COUNT]   a room's past lines, numbered",
+    "  /focus ROOM      (in several rooms, as the page is) where your lines go",
     "  //text           send a line that starts with /",
     "server operators (/op PASSWORD) run every room and also have:",
     "  /kick NICK [WHY]                      put NICK out of the chat",
@@ -4366,11 +4508,28 @@ HELP_TEXT = (
 
 
 MEMBERSHIP_EVENTS = (Joined, Parted, Quit, Renamed)
+
+
 def mode_arguments(rest):
     """/mode [ROOM] [CHANGES [ARGUMENTS...]] as do_mode's arguments."""
     words = rest.split()
     room = words.pop(0) if words and words[0].startswith("#") else None
     return (room, words[0] if words else "", tuple(words[1:]))
+
+
+def history_arguments(rest):
+    """/history [ROOM] [before|after N] [COUNT] as do_history's arguments (a direction
+    of "?" when the words do not fit)."""
+    words = rest.split()
+    room = words.pop(0) if words and words[0].startswith("#") else ""
+    direction = seq = None
+    if words and words[0].lower() in ("before", "after"):
+        direction = words.pop(0).lower()
+        seq = number_word(words.pop(0)) if words else None
+    count = number_word(words.pop(0)) if words else SCROLLBACK_PAGE
+    if words or count is None or direction and seq is None:
+        return (room, "?")
+    return (room, direction, seq, count)
 
 
 RIGHTS_SHAPES = {"+o": "gave_op", "-o": "took_op", "+v": "gave_voice", "-v": "took_voice"}
@@ -4433,8 +4592,24 @@ def history_lines(room, history):
     """A room's history block in the line protocol's words: a header that says how
     much, the lines with their times, an end marker."""
     count = len(history)
-    lines = [WORDING.render("history_start", count=count, room=room.name,
-                            noun="message" if count == 1 else "messages")]
+    return history_block_lines(history, WORDING.render(
+        "history_start", count=count, room=room.name, noun="message" if count == 1 else "messages"))
+
+
+def scrollback_lines(event):
+    """The lines a member asked for (/history), in the line protocol's words: their
+    numbers in the header, to ask for older ones with."""
+    lines = event.lines
+    if not lines:
+        return [WORDING.render("history_none", room=event.room)]
+    return history_block_lines(lines, WORDING.render(
+        "history_page", count=len(lines), noun="message" if len(lines) == 1 else "messages",
+        room=event.room, first=lines[0].seq, last=lines[-1].seq))
+
+
+def history_block_lines(history, header):
+    """Past lines under a header, with their times, and an end marker: clearly past."""
+    lines = [header]
     lines += [WORDING.render("history_entry", time=clock_text(said.time),
                              line=said_line(said.nick, said.text, said.action, said.notice))
               for said in history]
@@ -4455,6 +4630,7 @@ class Dialect:
 
     multi_room = False      # its members may be in several rooms at once
     hears_quiet = False     # it keeps member lists: it needs joins and leaves in big rooms
+    echoes = False          # its members hear their own room lines (numbered, as others do)
 
     def __init__(self, server, conn):
         self.server = server
@@ -4464,6 +4640,10 @@ class Dialect:
     def framer(self, limit):
         """What cuts the connection's bytes into messages for it."""
         return LineFramer(limit)
+
+    def rooms_to_enter(self):
+        """The rooms a newcomer enters, as (name, key) pairs: None for the default room."""
+        return None
 
     def start(self, spoke):
         """The connection was found to speak this dialect: by its first line (spoke), or
@@ -4481,11 +4661,11 @@ class Dialect:
         ignores someone in it."""
         room = event.room
         if event.hidden:
-            return render([said for said in room.history
+            return render([said for said in room.recent()
                            if name_key(said.nick) not in event.hidden])
         block = room.history_cache.get(type(self))
         if block is None:
-            block = room.history_cache[type(self)] = render(list(room.history))
+            block = room.history_cache[type(self)] = render(room.recent())
         return block
 
     def conn_send(self, data):
@@ -4562,7 +4742,10 @@ class LineDialect(Dialect):
     def _check_password(self, password):
         if self.password_accepted(password):
             self.locked = False
-            self.server.admit(self.conn, self.wanted_nick)
+            self._admit_wanted()
+
+    def _admit_wanted(self):
+        self.server.admit(self.conn, self.wanted_nick)
 
     # What arrives
 
@@ -4573,7 +4756,9 @@ class LineDialect(Dialect):
         "who": ("do_who", lambda rest: (rest,) if rest else ()),
         "help": ("do_help", lambda rest: ()),
         "join": ("do_join", lambda rest: tuple(rest.split(None, 1)) or ("",)),
-        "part": ("do_part", lambda rest: ()),
+        "part": ("do_part", lambda rest: tuple(rest.split(None, 1))),
+        "focus": ("do_focus", lambda rest: (rest.strip(),)),
+        "history": ("do_history", history_arguments),
         "rooms": ("do_rooms", lambda rest: ()),
         "topic": ("do_topic", lambda rest: (None, rest) if rest else ()),
         "quit": ("do_quit", lambda rest: (rest,)),
@@ -4725,6 +4910,9 @@ class LineDialect(Dialect):
     def _whois(self, event):
         return line_bytes("whois", nick=event.nick, details=whois_details(event))
 
+    def _scrollback(self, event):
+        return "".join(line + "\n" for line in scrollback_lines(event)).encode()
+
     _RENDERERS = {
         Notice: _notice,
         Private: _private,
@@ -4735,6 +4923,7 @@ class LineDialect(Dialect):
         History: _history,
         WhoList: _who,
         RoomList: _room_list,
+        Scrollback: _scrollback,
     }
 
 
@@ -5000,6 +5189,10 @@ class IrcReplies:
         return self.history_block(event, lambda history: b"".join(
             irc_split(head, line[len("*** "):]) for line in history_lines(event.room, history)))
 
+    def _scrollback(self, event):
+        head = ":%s NOTICE %s :" % (self.server_name, event.room)
+        return b"".join(irc_split(head, line[len("*** "):]) for line in scrollback_lines(event))
+
     def _private(self, event):
         if event.sent and "echo-message" not in self.caps:
             return b""   # IRC clients show what they sent themselves
@@ -5101,6 +5294,7 @@ class IrcReplies:
         History: _history,
         WhoList: _who_list,
         RoomList: _room_list,
+        Scrollback: _scrollback,
     }
 
 
@@ -5130,6 +5324,9 @@ class IrcDialect(IrcReplies, Dialect):
 
     def framer(self, limit):
         return LineFramer(limit, cr_ends_lines=True)   # clients end lines with CR LF, LF, or CR
+
+    def rooms_to_enter(self):
+        return ()           # IRC clients join what they choose, as on any server
 
     def __init__(self, server, conn):
         super().__init__(server, conn)
@@ -5410,10 +5607,10 @@ class IrcDialect(IrcReplies, Dialect):
         """LIST's wishes: channel names, >N (more members than N), <N (fewer)."""
         names, more, fewer = set(), -1, float("inf")
         for word in arguments.split(","):
-            if word[:1] == ">" and word[1:].isdigit():
-                more = int(word[1:])
-            elif word[:1] == "<" and word[1:].isdigit():
-                fewer = int(word[1:])
+            if word[:1] == ">" and number_word(word[1:]) is not None:
+                more = number_word(word[1:])
+            elif word[:1] == "<" and number_word(word[1:]) is not None:
+                fewer = number_word(word[1:])
             elif word:
                 names.add(name_key(word))
         return lambda room: more < len(room.listed) < fewer and (
@@ -5478,7 +5675,7 @@ class IrcDialect(IrcReplies, Dialect):
             self._numeric("431", ":No nickname given")
             return
         nick = params[0].split(",")[0]
-        count = int(params[1]) if len(params) > 1 and params[1].isdigit() else 0
+        count = (number_word(params[1]) or 0) if len(params) > 1 else 0
         key = name_key(unicodedata.normalize("NFKC", nick))
         found = [was for was in self.hub.was if name_key(was[0]) == key]
         lines = []
@@ -5947,17 +6144,57 @@ def json_time(when):
 
 class WebSocketDialect(LineDialect):
     """The browser's connection: line-protocol commands in (one per text message, so
-    every command works as for nc), JSON events out, one per text message."""
+    every command works as for nc), JSON events out, one per text message.
 
-    __slots__ = ()
+    A page shows several rooms at once, as an IRC client does: its member is in all
+    of them, and /focus says where its plain lines go. Its own lines come back to it,
+    numbered like everyone's, so it can tell what it has seen after a reconnect."""
 
+    __slots__ = ("wanted_rooms",)
+
+    multi_room = True
     hears_quiet = True      # the page keeps member lists
+    echoes = True
+
+    def __init__(self, server, conn):
+        super().__init__(server, conn)
+        self.wanted_rooms = []      # /join lines sent before /nick: the rooms to come back to
 
     def framer(self, limit):
         return WebSocketFramer(self, limit)
 
     def start(self, spoke):
         super().start(spoke=True)   # the page speaks first: /nick, then /pass if asked
+
+    def rooms_to_enter(self):
+        return tuple(self.wanted_rooms) or None
+
+    def _register(self, raw):
+        """Before the greeting, /join lines say which rooms to enter, and a nick that
+        cannot be had is refused (another /nick may follow): a page asks its user for
+        another one instead of joining as a guest."""
+        name, argument = self._split_command(raw.decode("utf-8", "replace"))
+        if name == "join":
+            if argument.split() and len(self.wanted_rooms) < MAX_JOINED:
+                self.wanted_rooms.append(tuple(argument.split(None, 1)))
+            return False
+        if name == "nick" and not self.locked and self._refused(argument):
+            return False
+        return super()._register(raw)
+
+    def _admit_wanted(self):
+        if self.wanted_nick and self._refused(self.wanted_nick):
+            self.wanted_nick = None
+        else:
+            super()._admit_wanted()
+
+    def _refused(self, nick):
+        """Whether nick (when one is asked for) cannot be had: the page is told why."""
+        nick = sanitize(nick).strip()
+        problem = self.hub.claim(nick)[1] if nick else None
+        if problem is not None:
+            self.send_event(problem)
+        return problem is not None
 
     def handle(self, message):
         kind = type(message)
@@ -6024,8 +6261,14 @@ class WebSocketDialect(LineDialect):
 
     def _history(self, event):
         return self.history_block(event, lambda history: self.frame({
-            "type": "history", "room": event.room.name,
+            "type": "history", "room": event.room.name, "before": None, "after": None,
+            "more": bool(history) and history[0].seq > 1,
             "lines": [self.event_json(said) for said in history]}))
+
+    def _scrollback(self, event):
+        return self.frame({"type": "history", "room": event.room, "before": event.before,
+                           "after": event.after, "more": event.more,
+                           "lines": [self.event_json(said) for said in event.lines]})
 
     def _who(self, event):
         """The member list, built once per change of the room and shared, as for nc."""
@@ -6049,6 +6292,7 @@ class WebSocketDialect(LineDialect):
                                                  "nick": event.nick}),
         RoomState: lambda self, event: self.frame({
             "type": "room", "room": event.room.name, "topic": event.room.topic,
+            "modes": event.room.modes, "seq": event.room.seq,
             "count": len(event.room.listed), "members": [
                 member.nick for member in itertools.islice(event.room.listed, WEB_MEMBERS)],
             "operators": [member.nick for member in event.room.operators],
@@ -6062,8 +6306,10 @@ class WebSocketDialect(LineDialect):
         History: _history,
         WhoList: _who,
         RoomList: lambda self, event: self.frame({
-            "type": "rooms", "total": event.total,
-            "rooms": [{"name": name, "members": count} for name, count in event.rooms]}),
+            "type": "rooms", "total": event.total, "joined": list(event.joined),
+            "rooms": [{"name": name, "members": count, "joined": name in event.joined}
+                      for name, count in event.rooms]}),
+        Scrollback: _scrollback,
     }
 
 
@@ -6565,7 +6811,7 @@ class TurnBatcher:
 
         Its data and the room its marks are about (the one it spoke in, entered or
         left) are cut into order without a walk, then come its other rooms; only a
-        member whose marks concern several active rooms needs the walk.
+        member with marks of its own and several active rooms needs the walk.
         """
         member = conn.member
         current = member.rooms if member is not None else {}
@@ -6575,7 +6821,7 @@ class TurnBatcher:
         active = [room for room in set(current) | marked if room in rooms]
         main = [room for room in active if room in marked] or active[:1]
         own_changes = [mark for mark in changes if main and mark[2] is main[0]]
-        if len(main) > 1 or len(own_changes) > 1:
+        if len(active) > 1 and marks or len(main) > 1 or len(own_changes) > 1:
             return self._pieces_in_order(conn, marks, rooms, active, current, changes)
         room = main[0] if main else None
         pieces = self._pieces_in_one_room(conn, marks, room, rooms.get(room), own_changes)
@@ -7517,7 +7763,8 @@ class ChatServer(Intake, Output, Operating):
         dialect = conn.dialect
         conn.stage = CHAT
         conn.member = self.hub.admit(conn, nick, dialect.multi_room, dialect.hears_quiet,
-                                     realname, conn.ip)
+                                     realname, conn.ip, dialect.rooms_to_enter())
+        conn.member.echo = dialect.echoes
         return True
 
     def send_bytes(self, conn, data):

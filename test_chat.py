@@ -567,7 +567,7 @@ class HubTest(unittest.TestCase):
         self.assertEqual([state.room.topic for state in self.replies(alice, chat.RoomState)],
                          [None, "ship it"])   # the greeting's #lobby, then #dev
         self.hub.do_join(alice, "#lobby")
-        history = self.replies(alice, chat.History)[0].room.history
+        history = self.replies(alice, chat.History)[0].room.recent()
         self.assertEqual([said.text for said in history], ["two", "three"])   # --history 2
 
     def test_room_limits(self):
@@ -2923,6 +2923,7 @@ class WebSocketTest(ServerTestCase):
         web.say("/nick webby")
         self.assertEqual(web.event(), {"type": "welcome", "server": "testroom", "nick": "webby"})
         self.assertEqual(web.event(), {"type": "room", "room": "#lobby", "topic": None,
+                                       "modes": "n", "seq": 1,
                                        "count": 2, "members": ["bob", "webby"],
                                        "operators": [], "voiced": []})
         history = web.expect(type="history")
@@ -2933,8 +2934,11 @@ class WebSocketTest(ServerTestCase):
         self.assertEqual(bob.next_line(), "<webby> hello from the web")
         self.assertEqual(bob.next_line(), "* webby waves")
         self.assertEqual(bob.next_line(), "*webby* psst")
-        self.assertEqual(bob.next_line(), "*** webby left for #dev")
-        sent = web.expect(type="private")
+        events = [web.event() for _ in range(3)]   # its own lines come back, numbered
+        self.assertEqual([(event["type"], event.get("seq"), event["text"]) for event in events],
+                         [("said", 2, "hello from the web"), ("acted", 3, "waves"),
+                          ("private", None, "psst")])
+        sent = events[2]
         self.assertEqual((sent["to"], sent["text"], sent["sent"]), ("bob", "psst", True))
         web.expect(type="room", room="#dev")
         bob.say("/join #dev", "<script>alert(1)</script>", "/me \x1b[31mgrins")
