@@ -1836,6 +1836,24 @@ class PersistenceTest(ServerTestCase):
         self.assertRegex(bob.expect(r"\*\*\* ban .*"), r"\*\*\* ban 10\.1\.2\.3 \(10\.1\.2\.3/32\) "
                          r"by alice, for 6d 23h: a spammer")
 
+    def test_scrolling_back_reads_the_logs_after_a_restart(self):
+        alice = self.connect("alice")
+        alice.say(*("line %02d" % number for number in range(1, 41)))
+        alice.sync()
+        self.restart_server()   # memory holds the last 5 again; the rest is on disk
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        web.say("/nick webby")
+        self.assertEqual(web.expect(type="room")["seq"], 40)
+        self.assertEqual(len(web.expect(type="history")["lines"]), 5)
+        for asked, expected in (("before 36 20", (list(range(16, 36)), True)),
+                                ("after 30", (list(range(31, 41)), False)),
+                                ("before 2", ([1], False))):
+            web.say("/history #lobby " + asked)
+            found = web.expect(type="history")
+            self.assertEqual(([line["seq"] for line in found["lines"]], found["more"]), expected)
+        self.assertEqual(found["lines"][0]["text"], "line 01")
+
     @unittest.skipUnless(POSIX, "modes are POSIX")
     def test_private_files_and_rotation(self):
         self.restart_server(log_max_bytes=200, history=5)   # 200 bytes: under 5 records
@@ -2136,6 +2154,16 @@ class IrcTest(ServerTestCase):
         if nick:
             peer.register(nick)
         return peer
+
+    def test_numbers_in_other_scripts_are_not_numbers(self):
+        # "\u00b2" (a superscript two) passes str.isdigit() but not int(): it once cost
+        # the connection, with a traceback in the log.
+        peer = self.irc_peer("alice")
+        peer.irc("LIST >\u00b2", "WHOWAS bob \u00b2", "JOIN #mine", "MODE #mine +l \u00b2")
+        self.assertIn(":testroom 406 alice bob :There was no such nickname", peer.barrier())
+        nc = self.connect("carol")
+        nc.say("/join #own", "/mode +l \u00b2", "/mode +l 99999999999999999999", "/who")
+        self.assertEqual(nc.expect(r"\*\*\* \d online: .*"), "*** 1 online: @carol")
 
     def test_registration_as_clients_expect_it(self):
         peer = self.irc_peer()
@@ -3022,6 +3050,104 @@ class WebSocketTest(ServerTestCase):
         web = self.ws("webby")
         web.send(bytes((0x81, 0xFF)) + (1 << 40).to_bytes(8, "big"))   # claims a terabyte
         self.assertEqual(web.close_code(), 1009)
+
+
+class PageApiTest(ServerTestCase):
+    """What the page needs of its WebSocket: several rooms at once, where its lines go,
+    pages of past lines by number, and a nick refused before it joins."""
+
+    options = {"greet_delay": 5.0, "history": 5}
+
+    def ws(self, *lines):
+        peer = WsPeer(self.address)
+        self.addCleanup(peer.close)
+        peer.say(*lines)
+        return peer
+
+    def test_a_page_member_is_in_several_rooms(self):
+        bob = self.connect("bob")
+        bob.say("/join #dev")
+        web = self.ws("/join #dev", "/join #ops", "/nick webby")
+        self.assertEqual(web.event()["type"], "welcome")
+        self.assertEqual([web.expect(type="room")["room"] for _ in range(2)], ["#dev", "#ops"])
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
+        web.say("/focus #ops", "to ops", "/focus #dev", "to dev", "/me nods")
+        self.assertEqual(bob.next_line(), "<webby> to dev")   # nothing of #ops
+        self.assertEqual(bob.next_line(), "* webby nods")
+        self.assertEqual(sorted((event["room"], event["text"]) for event in   # grouped by room
+                                (web.expect(type="said"), web.expect(type="said"))),
+                         [("#dev", "to dev"), ("#ops", "to ops")])
+        web.say("/focus #lobby")
+        self.assertEqual(web.expect(type="error")["code"], "not_in_room")
+        web.say("/rooms")
+        rooms = web.expect(type="rooms")
+        self.assertEqual(rooms["joined"], ["#dev", "#ops"])
+        self.assertEqual({room["name"]: room["joined"] for room in rooms["rooms"]},
+                         {"#dev": True, "#ops": True, "#lobby": False})
+        web.say("/join #lobby", "/focus #dev", "/part")   # the focused room
+        self.assertEqual(web.expect(type="left")["room"], "#dev")
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby left (part)")
+        web.say("shown in the first room left", "/part #ops", "/part #lobby", "in no room")
+        self.assertEqual(web.expect(type="said")["room"], "#ops")
+        self.assertEqual([web.expect(type="left")["room"] for _ in range(2)], ["#ops", "#lobby"])
+        self.assertEqual(web.expect(type="error")["code"], "error")
+        bob.say("/msg webby still here?")
+        self.assertEqual(web.expect(type="private")["text"], "still here?")
+
+    def test_a_taken_nick_is_refused_before_joining(self):
+        bob = self.connect("bob")
+        web = self.ws("/nick Bob")
+        error = web.event()
+        self.assertEqual((error["type"], error["code"]), ("error", "nick_taken"))
+        web.say("/nick b0b", "/nick webby")
+        self.assertEqual(web.event()["code"], "nick_lookalike")
+        self.assertEqual(web.event(), {"type": "welcome", "server": "testroom", "nick": "webby"})
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
+
+    def test_a_taken_nick_on_a_password_server(self):
+        self.restart_server(password="pw")
+        bob = self.open_peer()
+        bob.say("/pass pw", "/nick bob")
+        bob.expect(r"\*\*\* type /help for commands")
+        web = self.ws("/nick bob")
+        self.assertEqual(web.event()["code"], "password_required")
+        web.say("/pass pw")
+        self.assertEqual(web.event()["code"], "nick_taken")
+        web.say("/nick webby")
+        self.assertEqual(web.event()["type"], "welcome")
+
+    def test_pages_of_past_lines_by_number(self):
+        alice = self.connect("alice")
+        alice.say(*("line %02d" % number for number in range(1, 31)))
+        alice.sync()
+        web = self.ws("/nick webby")
+        replay = web.expect(type="history")
+        self.assertEqual(([line["seq"] for line in replay["lines"]], replay["more"]),
+                         ([26, 27, 28, 29, 30], True))
+
+        def page(line):
+            web.say(line)
+            found = web.expect(type="history")
+            return [entry["seq"] for entry in found["lines"]], found["more"]
+        self.assertEqual(page("/history #lobby before 26 10"), (list(range(16, 26)), True))
+        self.assertEqual(page("/history after 27"), ([28, 29, 30], False))
+        self.assertEqual(page("/history #lobby after 20 4"), ([21, 22, 23, 24], True))
+        self.assertEqual(page("/history before 3"), ([1, 2], False))
+        self.assertEqual(page("/history 2"), ([29, 30], True))
+        for wrong in ("/history before", "/history #lobby before x", "/history after \u00b2",
+                      "/history 1 2", "/history before 99999999999999999999"):
+            web.say(wrong)
+            self.assertEqual(web.expect(type="error")["code"], "usage", wrong)
+        web.say("/history #nowhere")
+        self.assertEqual(web.expect(type="error")["code"], "not_in_room")
+        alice.expect(r"\*\*\* webby joined")
+        alice.say("/history before 3")
+        self.assertEqual([HISTORY_ENTRY.sub("", line) for line in
+                          alice.lines_until(r"\*\*\* --- end of history ---")], [
+            "*** --- 2 messages of #lobby, numbered 1 to 2 ---", "<alice> line 01",
+            "<alice> line 02"])
+        alice.say("/history after 30")
+        self.assertEqual(alice.next_line(), "*** --- no such lines in #lobby ---")
 
 
 class WebFloodTest(ServerTestCase):
