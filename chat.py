@@ -29,6 +29,7 @@ import _thread
 import argparse
 import base64
 import bisect
+import calendar
 import codecs
 import collections
 import contextlib
@@ -798,6 +799,7 @@ class Scrollback:
     before: Optional[int]
     after: Optional[int]
     more: bool        # there are more past the first (or, after a number, the last) one
+    request: object = None   # what the asking dialect wants to remember of its question
 
 
 @dataclass(frozen=True)
@@ -1022,6 +1024,21 @@ class Room:
             return found, bool(history) and history[0].seq <= after + 1
         found = [said for said in history if before is None or said.seq < before][-count - 1:]
         return found, len(found) > count or bool(history) and history[0].seq <= 1
+
+    def position(self, when):
+        """(after, before) about a time, to the millisecond (IRCv3 server-time's): lines
+        said after it are numbered past `after`, lines before it below `before`. Known
+        as far back as lines are kept; before that, the oldest kept line stands in."""
+        millis, after, before = int(when * 1000), None, None
+        for said in self.history:
+            said_millis = int(said.time * 1000)
+            if said_millis <= millis:
+                after = said.seq
+            if said_millis >= millis and before is None:
+                before = said.seq
+        oldest = self.history[0].seq if self.history else self.seq + 1
+        return (oldest - 1 if after is None else after,
+                self.seq + 1 if before is None else before)
 
     def forget_oldest(self):
         """Drop the oldest public line kept; the bytes it held."""
@@ -1694,7 +1711,8 @@ class Rooms:
         self.sink.send(member, RoomList(listed, len(busiest),
                                         tuple(room.name for room in member.rooms)))
 
-    def do_history(self, member, room_name="", direction=None, seq=None, count=SCROLLBACK_PAGE):
+    def do_history(self, member, room_name="", direction=None, seq=None, count=SCROLLBACK_PAGE,
+                   request=None):
         """A page of a room's past lines for one of its members: the latest, or those
         before or after a line's number (what a page scrolling back or filling a gap
         after a reconnect asks for). From memory, else from the store."""
@@ -1716,7 +1734,8 @@ class Rooms:
             lines = sorted(merged.values(), key=lambda said: said.seq)
             more = len(lines) > count
             lines = lines[:count] if after is not None else lines[-count:]
-            self.sink.send(member, Scrollback(room.name, tuple(lines), before, after, more))
+            self.sink.send(member, Scrollback(room.name, tuple(lines), before, after, more,
+                                              request))
         if complete:
             answer(())
         else:
@@ -5002,6 +5021,37 @@ def irc_source(nick):
     return "%s!%s@%s" % (nick, nick, IRC_HOST)
 
 
+def irc_time(when):
+    """A time as IRCv3 server-time writes it: UTC, to the millisecond."""
+    millis = int(when * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + \
+        ".%03dZ" % (millis % 1000)
+
+
+def parse_irc_time(text):
+    """The time of a server-time string (with or without milliseconds), or None."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,6}))?Z", text)
+    if not match:
+        return None
+    try:
+        whole = time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    return calendar.timegm(whole) + int((match.group(2) or "0").ljust(6, "0")) / 1e6
+
+
+@functools.lru_cache(maxsize=1024)
+def room_token(name):
+    """A short token of a room's name: msgids of different rooms never meet."""
+    return hashlib.sha256(name_key(name).encode()).hexdigest()[:8]
+
+
+def irc_msgid(room, seq):
+    """A line's IRCv3 msgid: its number in its room (the same on every node), and the
+    room's token."""
+    return "%d-%s" % (seq, room_token(room))
+
+
 class IrcReplies:
     """A part of IrcDialect: what goes out. Numerics, room events as IRC lines, and
     replies about a room rendered once for everyone who asks."""
@@ -5099,7 +5149,8 @@ class IrcReplies:
         self.conn_send(self._numeric_bytes(number, text))
 
     @classmethod
-    def render_shared(cls, event):
+    def plain_shared(cls, event):
+        """A room event as an IRC line, without tags."""
         kind = type(event)
         if kind is Said:
             text = "\x01ACTION %s\x01" % event.text if event.action else event.text
@@ -5130,11 +5181,11 @@ class IrcReplies:
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=b,k,l,imnst MODES=%d CHANLIMIT=#:%d MAXTARGETS=%d "
-                    "KICKLEN=%d AWAYLEN=%d "
+                    "KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d MSGREFTYPES=msgid,timestamp "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
-                       MAX_REASON, MAX_REASON,
+                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         lines = [
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
@@ -5143,7 +5194,7 @@ class IrcReplies:
             ("004", "%s chat.py-%s io biklmnostv kl" % (name, __version__)),
         ] + [
             ("005", "%s :are supported by this server" % " ".join(tokens))
-            for tokens in (isupport.split()[at:at + 12] for at in range(0, 24, 12)) if tokens
+            for tokens in (isupport.split()[at:at + 12] for at in range(0, 36, 12)) if tokens
         ] + self._lusers_lines() + [
             ("375", ":- %s message of the day -" % name),
             ("372", ":- People here talk from IRC, nc, the chat.py client and browsers."),
@@ -5183,15 +5234,22 @@ class IrcReplies:
         return data + self._names_reply(room)
 
     def _history(self, event):
-        """The room's last lines, as NOTICEs from the server between two markers: clearly
-        not said now."""
-        head = ":%s NOTICE %s :" % (self.server_name, event.room.name)
+        """The room's last lines: as they were said, with their times, for a client that
+        takes server-time (in a batch, if it takes batches); else as NOTICEs from the
+        server between two markers, clearly not said now."""
+        room = event.room
+        if "server-time" in self.tags:
+            return self.history_block(event, lambda history: self.past_lines(
+                history, room.name, "h%s-%d" % (room_token(room.name), room.seq)))
+        head = ":%s NOTICE %s :" % (self.server_name, room.name)
         return self.history_block(event, lambda history: b"".join(
-            irc_split(head, line[len("*** "):]) for line in history_lines(event.room, history)))
+            irc_split(head, line[len("*** "):]) for line in history_lines(room, history)))
 
     def _scrollback(self, event):
-        head = ":%s NOTICE %s :" % (self.server_name, event.room)
-        return b"".join(irc_split(head, line[len("*** "):]) for line in scrollback_lines(event))
+        """An answer to CHATHISTORY: the lines strictly between the numbers it asked."""
+        _, target, low, high = event.request
+        return self.past_lines([said for said in event.lines if low < said.seq < high],
+                               target, "c%d" % next(BATCH_IDS))
 
     def _private(self, event):
         if event.sent and "echo-message" not in self.caps:
@@ -5305,7 +5363,162 @@ class IrcReplies:
 # is HTTP too, so no part of a request ever becomes chat.
 
 
-class IrcDialect(IrcReplies, Dialect):
+BATCH_IDS = itertools.count(1)        # names of batches (chathistory answers)
+CHATHISTORY_WAYS = ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN")
+
+
+class IrcTags:
+    """A part of IrcDialect: IRCv3 tags (server-time, message-tags' msgid, batch) on
+    what goes out. Room events are rendered once per kind of client and shared: a
+    client that takes tags becomes a variant of the dialect whose shared lines carry
+    them, so a room costs one rendering per variant in use, not one per member."""
+
+    __slots__ = ()
+
+    TAG_CAPS = frozenset(("server-time", "message-tags", "batch"))
+    tags = frozenset()          # of TAG_CAPS, those this variant's lines carry
+    _variants = {}              # tags -> the variant of IrcDialect for them
+
+    def retag(self):
+        """Become the variant for the capabilities taken (after CAP REQ)."""
+        tags = self.caps & self.TAG_CAPS
+        variant = self._variants.get(tags)
+        if variant is None:
+            variant = self._variants[tags] = IrcDialect if not tags else type(
+                "IrcDialect", (IrcDialect,), {"__slots__": (), "tags": tags})
+        self.__class__ = variant
+
+    @classmethod
+    def render_shared(cls, event):
+        data = cls.plain_shared(event)
+        if not cls.tags:
+            return data
+        if type(event) is Said:
+            return cls.tag_lines(data, event.time, irc_msgid(event.room, event.seq)
+                                 if event.seq else None)
+        return cls.tag_lines(data, time.time())
+
+    @classmethod
+    def tag_lines(cls, data, when, msgid=None, batch=None):
+        """IRC lines (data) with the tags this variant takes: a long line's msgid is on
+        its first part only."""
+        tags = cls.tags
+        common = ["batch=" + batch] if batch and "batch" in tags else []
+        if "server-time" in tags:
+            common.append("time=" + irc_time(when))
+        first = common + (["msgid=" + msgid] if msgid and "message-tags" in tags else [])
+        if not first:
+            return data
+        lines = data.split(b"\r\n")[:-1]
+        head = ("@%s " % ";".join(first)).encode()
+        rest = ("@%s " % ";".join(common)).encode() if common else b""
+        return head + lines[0] + b"\r\n" + b"".join(rest + line + b"\r\n" for line in lines[1:])
+
+    def past_lines(self, lines, target, batch):
+        """Past lines (Said events) as they were said, with their times and msgids, in a
+        chathistory batch when the client takes batches."""
+        opened = "batch" in self.tags
+        out = [self._line(":%s BATCH +%s chathistory %s" % (self.server_name, batch, target))
+               ] if opened else []
+        out += [self.tag_lines(self.plain_shared(said), said.time, irc_msgid(
+            said.room, said.seq) if said.seq else None, batch) for said in lines]
+        if opened:
+            out.append(self._line(":%s BATCH -%s" % (self.server_name, batch)))
+        return b"".join(out)
+
+
+class IrcChatHistory:
+    """A part of IrcDialect: IRCv3 draft/chathistory, from the history every dialect
+    replays (memory, the data dir or Redis). A line is found by its msgid (its number
+    in the room) or a time; private messages are not kept, so a conversation has no
+    history to give."""
+
+    __slots__ = ()
+
+    def _chathistory(self, params):
+        way = params[0].upper()
+        if way == "TARGETS":
+            self._history_targets(params[1:])
+            return
+        needed = 5 if way == "BETWEEN" else 4
+        limit = number_word(params[needed - 1]) if len(params) >= needed else None
+        if way not in CHATHISTORY_WAYS or not limit:
+            self._fail("CHATHISTORY", "INVALID_PARAMS", sanitize(way)[:20],
+                       "Unknown way, or missing or wrong parameters")
+            return
+        target = irc_text(params[1])[:MAX_ROOM + 1]
+        if not target.startswith("#"):
+            self.conn_send(self.past_lines((), target, "c%d" % next(BATCH_IDS)))
+            return
+        room = self.hub.find_room(target)
+        if room is None or room not in self.conn.member.rooms:
+            self._fail("CHATHISTORY", "INVALID_TARGET", "%s %s" % (way, target),
+                       "Messages could not be retrieved")
+            return
+        refs = [self._position(room, word, way == "LATEST") for word in params[2:needed - 1]]
+        if None in refs:
+            self._fail("CHATHISTORY", "INVALID_PARAMS", way, "Unknown message reference")
+            return
+        limit = min(limit, SCROLLBACK_MAX)
+        direction, seq, low, high = self._query(way, refs, limit)
+        self.hub.do_history(self.conn.member, room.name, direction, seq, limit,
+                            ("chathistory", room.name, low, high))
+
+    @staticmethod
+    def _position(room, word, star):
+        """(after, before) numbers of a reference: msgid=, timestamp=, or * (LATEST)."""
+        if word == "*" and star:
+            return (0, None)
+        kind, _, value = word.partition("=")
+        if kind == "msgid":
+            number, _, token = value.partition("-")
+            seq = number_word(number)
+            return (seq, seq) if seq is not None and token == room_token(room.name) else None
+        when = parse_irc_time(value) if kind == "timestamp" else None
+        return None if when is None else room.position(when)
+
+    @staticmethod
+    def _query(way, refs, limit):
+        """(direction, number) to ask the hub, and the numbers the lines must lie
+        strictly between."""
+        endless = float("inf")
+        after, before = refs[0]
+        if way == "LATEST":
+            return None, None, after, endless
+        if way == "BEFORE":
+            return "before", before, 0, endless
+        if way == "AFTER":
+            return "after", after, 0, endless
+        if way == "AROUND":
+            return "after", max(0, before - limit // 2 - 1), 0, endless
+        last_after, last_before = refs[1]
+        if after < last_before:
+            return "after", after, 0, last_before
+        return "before", before, last_after, endless
+
+    def _history_targets(self, params):
+        """CHATHISTORY TARGETS: the member's rooms with lines between two times."""
+        times = sorted(parse_irc_time(word.partition("=")[2]) or 0 for word in params[:2])
+        limit = number_word(params[2]) if len(params) > 2 else None
+        if len(params) < 3 or not times[0] or not limit:
+            self._fail("CHATHISTORY", "INVALID_PARAMS", "TARGETS", "Wrong parameters")
+            return
+        latest = sorted(((room.history[-1].time, room.name) for room in self.conn.member.rooms
+                         if room.history and times[0] <= room.history[-1].time <= times[1]),
+                        reverse=True)[:limit]
+        batch = "c%d" % next(BATCH_IDS)
+        self.conn_send(self._line(":%s BATCH +%s draft/chathistory-targets" % (
+            self.server_name, batch)) + b"".join(self.tag_lines(self._line(
+                ":%s CHATHISTORY TARGETS %s timestamp=%s" % (self.server_name, name, irc_time(
+                    when))), when, batch=batch) for when, name in latest)
+            + self._line(":%s BATCH -%s" % (self.server_name, batch)))
+
+    def _fail(self, command, code, context, text):
+        """An IRCv3 standard reply: FAIL, with the command and a code machines read."""
+        self._send(":%s FAIL %s %s %s :%s" % (self.server_name, command, code, context, text))
+
+
+class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
     """IRC as irssi, WeeChat, HexChat, bots and bridges speak it: registration with
     CAP (no capabilities), PASS, NICK and USER; rooms are channels and a member may
     be in several; enough commands and numerics for clients to track their state.
@@ -5317,7 +5530,8 @@ class IrcDialect(IrcReplies, Dialect):
     __slots__ = ("wanted_nick", "user", "realname", "password", "negotiating",
                  "greeted_as", "heard", "pinged", "caps")
 
-    CAPABILITIES = ("cap-notify", "echo-message", "multi-prefix", "userhost-in-names")
+    CAPABILITIES = ("batch", "cap-notify", "draft/chathistory", "echo-message", "message-tags",
+                    "multi-prefix", "server-time", "userhost-in-names")
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
@@ -5403,6 +5617,7 @@ class IrcDialect(IrcReplies, Dialect):
         for name in names:
             (caps.discard if name.startswith("-") else caps.add)(name.lstrip("-"))
         self.caps = frozenset(caps)
+        self.retag()
         self._send(":%s CAP %s ACK :%s" % (self.server_name, self.nick, " ".join(names)))
         if self.conn.member is not None:
             self.conn.member.echo = "echo-message" in caps
@@ -5478,6 +5693,10 @@ class IrcDialect(IrcReplies, Dialect):
         self.server.call_later(max(wait, 0.01), self._keep_alive)
 
     # Commands
+
+    def _tagmsg(self, params):
+        """TAGMSG carries only client tags (typing notices, reactions): tags from
+        clients are not relayed, and this is no error either."""
 
     def _ping(self, params):
         self._send(":%s PONG %s :%s" % (self.server_name, self.server_name, irc_text(params[0])))
@@ -5735,7 +5954,7 @@ class IrcDialect(IrcReplies, Dialect):
         "OPER": ("_oper", 2), "KICK": ("_kick", 2), "AWAY": ("_away", 0),
         "INVITE": ("_invite", 2), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
         "HELP": ("_help", 0), "HELPOP": ("_help", 0), "TIME": ("_time", 0),
-        "INFO": ("_info", 0),
+        "INFO": ("_info", 0), "CHATHISTORY": ("_chathistory", 1), "TAGMSG": ("_tagmsg", 1),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
     # The line protocol's commands IRC has no word for, run as they are: clients send

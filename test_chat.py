@@ -34,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
 TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
+IRC_CAPS = ("batch cap-notify draft/chathistory echo-message message-tags multi-prefix "
+            "server-time userhost-in-names")
 HISTORY_ENTRY = re.compile(r"^\*\*\* \[\d\d:\d\d\] ")   # a replayed line, at any hour
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
@@ -2143,6 +2145,20 @@ class IrcPeer(Peer):
         return self.lines_until(r":\S+ 366 %s #lobby :.*" % re.escape(nick))
 
 
+def irc_tagged(line):
+    """({tag: value}, the rest) of a line from an IRC server, its tags parsed and
+    unescaped as IRCv3 clients do."""
+    if not line.startswith("@"):
+        return {}, line
+    tags, _, rest = line[1:].partition(" ")
+    escapes = {"\\:": ";", "\\s": " ", "\\\\": "\\", "\\r": "\r", "\\n": "\n"}
+    parsed = {}
+    for tag in tags.split(";"):
+        name, _, value = tag.partition("=")
+        parsed[name] = re.sub(r"\\.?", lambda m: escapes.get(m.group(), m.group()[1:]), value)
+    return parsed, rest
+
+
 class IrcTest(ServerTestCase):
     """IRC clients on the same port, among everyone else."""
 
@@ -2168,8 +2184,7 @@ class IrcTest(ServerTestCase):
     def test_registration_as_clients_expect_it(self):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK alice", "USER alice 0 * :Alice Tester")
-        self.assertEqual(peer.next_line(), ":testroom CAP * LS :cap-notify echo-message "
-                                           "multi-prefix userhost-in-names")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LS :" + IRC_CAPS)
         peer.irc("CAP REQ :multi-prefix sasl", "PING :held")
         self.assertEqual(peer.next_line(), ":testroom CAP * NAK :multi-prefix sasl")   # no sasl
         self.assertEqual(peer.next_line(), ":testroom PONG testroom :held")   # no 001 yet
@@ -2196,11 +2211,69 @@ class IrcTest(ServerTestCase):
         self.assertEqual(peer.next_line(), ":testroom CAP * LIST :")
         self.assertEqual(peer.next_line(), ":testroom 410 * NOTACOMMAND :Invalid CAP command")
 
+    def test_server_time_msgids_batches_and_chathistory(self):
+        bob = self.connect("bob")
+        bob.say(*("line %d" % number for number in range(1, 7)))
+        bob.sync()
+        plain = self.irc_peer("plain")
+        peer = self.irc_peer()
+        peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve", "CAP REQ :server-time "
+                 "message-tags batch draft/chathistory echo-message", "CAP END", "JOIN #lobby")
+        lines = [irc_tagged(line) for line in peer.lines_until(r":testroom 366 eve .*")]
+        while not lines[-1][1].startswith(":testroom BATCH -"):
+            lines.append(irc_tagged(peer.next_line()))
+        batch = [(tags, line) for tags, line in lines if "batch" in tags]
+        opened = [line for _, line in lines if " BATCH " in line]
+        self.assertEqual(opened[0].split()[2:], ["+" + batch[0][0]["batch"], "chathistory",
+                                                 "#lobby"])   # the replay: as said, in a batch
+        self.assertEqual(opened[1], ":testroom BATCH -" + batch[0][0]["batch"])
+        self.assertEqual([line for _, line in batch],
+                         [":bob!bob@chat PRIVMSG #lobby :line %d" % n for n in (4, 5, 6)])
+        for tags, _ in batch:
+            self.assertRegex(tags["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        ids = {int(tags["msgid"].split("-")[0]): tags["msgid"] for tags, _ in batch}
+        self.assertEqual(sorted(ids), [4, 5, 6])
+
+        def history(*asked):
+            peer.irc("CHATHISTORY " + " ".join(asked))
+            found = []
+            while True:
+                tags, line = irc_tagged(peer.next_line())
+                if line.startswith(":testroom BATCH -"):
+                    return found
+                if " FAIL " in line:
+                    return line
+                if "batch" in tags:
+                    found.append(int(line.rpartition(" ")[2]))
+        self.assertEqual(history("BEFORE #lobby msgid=" + ids[4], "10"), [1, 2, 3])
+        self.assertEqual(history("AFTER #lobby msgid=" + ids[5], "10"), [6])
+        self.assertEqual(history("LATEST #lobby * 2"), [5, 6])
+        self.assertEqual(history("LATEST #lobby msgid=" + ids[4], "10"), [5, 6])
+        self.assertEqual(history("AROUND #lobby msgid=" + ids[4], "3"), [3, 4, 5])
+        self.assertEqual(history("BETWEEN #lobby msgid=" + ids[4], "msgid=" + ids[6], "9"), [5])
+        self.assertEqual(history("BETWEEN #lobby msgid=" + ids[6], "msgid=" + ids[4], "9"), [5])
+        self.assertEqual(history("AFTER #lobby timestamp=2000-01-01T00:00:00.000Z 2"), [1, 2])
+        self.assertEqual(history("BEFORE #lobby timestamp=2999-01-01T00:00:00Z 2"), [5, 6])
+        self.assertEqual(history("LATEST #elsewhere * 5"),
+                         ":testroom FAIL CHATHISTORY INVALID_TARGET LATEST #elsewhere "
+                         ":Messages could not be retrieved")
+        self.assertEqual(history("BEFORE #lobby msgid=4-00000000 5"),   # another room's
+                         ":testroom FAIL CHATHISTORY INVALID_PARAMS BEFORE "
+                         ":Unknown message reference")
+        self.assertEqual(history("LATEST bob * 5"), [])   # conversations are not kept
+        self.assertIn("FAIL CHATHISTORY INVALID_PARAMS SIDEWAYS", history("SIDEWAYS #lobby * 5"))
+        peer.irc("TAGMSG #lobby", "PRIVMSG #lobby :mine")   # a typing notice: no error
+        tags, line = irc_tagged(peer.next_line())
+        self.assertEqual((line, tags["msgid"].split("-")[0]),
+                         (":eve!eve@chat PRIVMSG #lobby :mine", "7"))
+        self.assertEqual(bob.expect(r"<eve> .*"), "<eve> mine")
+        self.assertEqual(plain.expect(r".*PRIVMSG #lobby :mine"),
+                         ":eve!eve@chat PRIVMSG #lobby :mine")   # no tags unasked
+
     def test_capabilities_echo_multi_prefix_and_userhost_in_names(self):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve")
-        self.assertEqual(peer.next_line(), ":testroom CAP * LS :cap-notify echo-message "
-                                           "multi-prefix userhost-in-names")
+        self.assertEqual(peer.next_line(), ":testroom CAP * LS :" + IRC_CAPS)
         peer.irc("CAP REQ :echo-message multi-prefix userhost-in-names", "CAP LIST", "CAP END")
         self.assertEqual(peer.next_line(), ":testroom CAP * ACK :echo-message multi-prefix "
                                            "userhost-in-names")
