@@ -655,6 +655,18 @@ class Joined:
     room: str
     nick: str
     quiet: bool = False
+    realname: str = ""      # for IRCv3 extended-join
+    away: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class AwayChanged:
+    """A member of the room went away (text) or came back (None): for the lists of
+    those that keep them (IRCv3 away-notify, the page), not news for the others."""
+    room: str
+    nick: str
+    text: Optional[str]
+    uid: int = 0            # one for all the member's rooms: a member of several hears it once
 
 
 @dataclass(frozen=True)
@@ -1878,7 +1890,8 @@ class Rooms:
         quiet = self._big(room)
         if not quiet:
             member.heralded[room] = None
-        self._publish_membership(room, Joined(room.name, member.nick, quiet), (member,), member)
+        self._publish_membership(room, Joined(room.name, member.nick, quiet, member.realname,
+                                              member.away), (member,), member)
 
     def _big(self, room):
         return len(room.listed) > self.options.announce_limit
@@ -2420,11 +2433,19 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         if text.strip() and self.muted(member):
             return
         member.away = tidy_text(text)[:MAX_REASON] or None
-        for room in member.rooms:
-            room.cache.clear()   # WHO shows who is away
         self.sink.send(member, notice("away_set", text=member.away) if member.away
                        else notice("away_cleared"))
+        self.tell_away(member, (member,))
         self.directory.changed(member)
+
+    def tell_away(self, member, excluded=()):
+        """member's rooms here hear that it went away or came back."""
+        uid = next(self._uids)
+        for room in member.rooms:
+            room.cache.clear()   # WHO shows who is away
+            if member in room.listed:
+                self.publish_here(room, AwayChanged(room.name, member.nick, member.away, uid),
+                                  excluded)
 
     def do_ignore(self, member, name):
         key = self._nick_key(member, name, "/ignore NICK")
@@ -2517,9 +2538,7 @@ class ClusterView:
         if member is None:
             member = self.remote[state.cid] = Member(None, multi_room=True)
             member.remote, member.cid, member.announced = state.node, state.cid, True
-        if member.away != state.away:
-            for room in member.rooms:
-                room.cache.clear()   # WHO shows who is away
+        away_changed = member.away != state.away
         member.realname, member.address, member.away = state.realname, state.address, state.away
         member.user = state.user
         if member.nick != state.nick:
@@ -2540,8 +2559,11 @@ class ClusterView:
                 member.rooms[room] = None
                 room.list(member)
                 if told and event is None:
-                    self.hub.publish_here(room, Joined(room.name, member.nick, self.hub._big(room)))
+                    self.hub.publish_here(room, Joined(room.name, member.nick, self.hub._big(room),
+                                                       member.realname, member.away))
             self._set_rank(member, room, state.ranks.get(key, ""))
+        if away_changed:
+            self.hub.tell_away(member)
         if event is not None:
             self.tell(event)
 
@@ -4845,7 +4867,7 @@ class LineDialect(Dialect):
         kind = type(event)
         if kind is Said:
             return (said_line(event.nick, event.text, event.action, event.notice) + "\n").encode()
-        if kind in MEMBERSHIP_EVENTS and event.quiet:
+        if kind in MEMBERSHIP_EVENTS and event.quiet or kind is AwayChanged:
             return b""
         if kind is Joined:
             return line_bytes("joined", nick=event.nick)
@@ -5157,7 +5179,15 @@ class IrcReplies:
             return irc_split(":%s %s %s :" % (irc_source(event.nick), "NOTICE" if event.notice
                                                 else "PRIVMSG", event.room), text)
         if kind is Joined:
-            return cls._line(":%s JOIN %s" % (irc_source(event.nick), event.room))
+            joined = cls.join_line(event.nick, event.room, event.realname)
+            if event.away and "away-notify" in cls.takes:
+                joined += cls._line(":%s AWAY :%s" % (irc_source(event.nick), event.away))
+            return joined
+        if kind is AwayChanged:
+            if "away-notify" not in cls.takes:
+                return b""
+            return cls._line(":%s AWAY%s" % (irc_source(event.nick), " :" + event.text
+                                              if event.text else ""))
         if kind is Parted:
             reason = "left for %s" % event.to if event.to else event.reason
             return cls._line(":%s PART %s :%s" % (irc_source(event.nick), event.room, reason))
@@ -5228,7 +5258,7 @@ class IrcReplies:
 
     def _room_state(self, event):
         room = event.room
-        data = self._line(":%s JOIN %s" % (irc_source(self.nick), room.name))
+        data = self.join_line(self.nick, room.name, self.conn.member.realname)
         if room.topic:
             data += self._topic_lines(room.name, room.topic, room.topic_by, room.topic_at)
         return data + self._names_reply(room)
@@ -5238,7 +5268,7 @@ class IrcReplies:
         takes server-time (in a batch, if it takes batches); else as NOTICEs from the
         server between two markers, clearly not said now."""
         room = event.room
-        if "server-time" in self.tags:
+        if "server-time" in self.takes:
             return self.history_block(event, lambda history: self.past_lines(
                 history, room.name, "h%s-%d" % (room_token(room.name), room.seq)))
         head = ":%s NOTICE %s :" % (self.server_name, room.name)
@@ -5375,23 +5405,31 @@ class IrcTags:
 
     __slots__ = ()
 
-    TAG_CAPS = frozenset(("server-time", "message-tags", "batch"))
-    tags = frozenset()          # of TAG_CAPS, those this variant's lines carry
-    _variants = {}              # tags -> the variant of IrcDialect for them
+    SHARED_CAPS = frozenset(("server-time", "message-tags", "batch", "away-notify",
+                             "extended-join"))
+    takes = frozenset()         # of SHARED_CAPS, those this variant's lines are made for
+    _variants = {}              # takes -> the variant of IrcDialect for them
 
     def retag(self):
         """Become the variant for the capabilities taken (after CAP REQ)."""
-        tags = self.caps & self.TAG_CAPS
-        variant = self._variants.get(tags)
+        takes = self.caps & self.SHARED_CAPS
+        variant = self._variants.get(takes)
         if variant is None:
-            variant = self._variants[tags] = IrcDialect if not tags else type(
-                "IrcDialect", (IrcDialect,), {"__slots__": (), "tags": tags})
+            variant = self._variants[takes] = IrcDialect if not takes else type(
+                "IrcDialect", (IrcDialect,), {"__slots__": (), "takes": takes})
         self.__class__ = variant
+
+    @classmethod
+    def join_line(cls, nick, room, realname):
+        """A JOIN, with the account (none: "*") and real name for extended-join."""
+        if "extended-join" in cls.takes:
+            return cls._line(":%s JOIN %s * :%s" % (irc_source(nick), room, realname or nick))
+        return cls._line(":%s JOIN %s" % (irc_source(nick), room))
 
     @classmethod
     def render_shared(cls, event):
         data = cls.plain_shared(event)
-        if not cls.tags:
+        if not cls.takes or not data:
             return data
         if type(event) is Said:
             return cls.tag_lines(data, event.time, irc_msgid(event.room, event.seq)
@@ -5402,7 +5440,7 @@ class IrcTags:
     def tag_lines(cls, data, when, msgid=None, batch=None):
         """IRC lines (data) with the tags this variant takes: a long line's msgid is on
         its first part only."""
-        tags = cls.tags
+        tags = cls.takes
         common = ["batch=" + batch] if batch and "batch" in tags else []
         if "server-time" in tags:
             common.append("time=" + irc_time(when))
@@ -5417,7 +5455,7 @@ class IrcTags:
     def past_lines(self, lines, target, batch):
         """Past lines (Said events) as they were said, with their times and msgids, in a
         chathistory batch when the client takes batches."""
-        opened = "batch" in self.tags
+        opened = "batch" in self.takes
         out = [self._line(":%s BATCH +%s chathistory %s" % (self.server_name, batch, target))
                ] if opened else []
         out += [self.tag_lines(self.plain_shared(said), said.time, irc_msgid(
@@ -5530,8 +5568,9 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
     __slots__ = ("wanted_nick", "user", "realname", "password", "negotiating",
                  "greeted_as", "heard", "pinged", "caps")
 
-    CAPABILITIES = ("batch", "cap-notify", "draft/chathistory", "echo-message", "message-tags",
-                    "multi-prefix", "server-time", "userhost-in-names")
+    CAPABILITIES = ("away-notify", "batch", "cap-notify", "draft/chathistory", "echo-message",
+                    "extended-join", "message-tags", "multi-prefix", "server-time",
+                    "userhost-in-names")
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
@@ -6444,7 +6483,9 @@ class WebSocketDialect(LineDialect):
                     "nick": event.nick, "text": event.text, "time": json_time(event.time)}
         if kind is Joined:
             return {"type": "joined", "room": event.room, "nick": event.nick,
-                    "quiet": event.quiet}
+                    "quiet": event.quiet, "away": event.away}
+        if kind is AwayChanged:
+            return {"type": "away", "room": event.room, "nick": event.nick, "text": event.text}
         if kind is Parted:
             return {"type": "left", "room": event.room, "nick": event.nick,
                     "reason": event.reason, "to": event.to, "quiet": event.quiet}
@@ -6952,7 +6993,7 @@ class TurnBatcher:
         uid = getattr(event, "uid", 0)
         if uid:
             turn.uids.add(uid)
-        self.volume += len(getattr(event, "text", "")) + 40
+        self.volume += len(getattr(event, "text", None) or "") + 40
 
     def send(self, conn, data):
         self.seq += 1

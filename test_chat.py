@@ -34,8 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
 TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
-IRC_CAPS = ("batch cap-notify draft/chathistory echo-message message-tags multi-prefix "
-            "server-time userhost-in-names")
+IRC_CAPS = ("away-notify batch cap-notify draft/chathistory echo-message extended-join "
+            "message-tags multi-prefix server-time userhost-in-names")
 HISTORY_ENTRY = re.compile(r"^\*\*\* \[\d\d:\d\d\] ")   # a replayed line, at any hour
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
@@ -2270,6 +2270,26 @@ class IrcTest(ServerTestCase):
         self.assertEqual(plain.expect(r".*PRIVMSG #lobby :mine"),
                          ":eve!eve@chat PRIVMSG #lobby :mine")   # no tags unasked
 
+    def test_away_notify_and_extended_join(self):
+        bob = self.connect("bob")
+        plain = self.irc_peer("plain")
+        peer = self.irc_peer()
+        peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve Tester",
+                 "CAP REQ :away-notify extended-join", "CAP END", "JOIN #lobby")
+        self.assertIn(":eve!eve@chat JOIN #lobby * :Eve Tester",
+                      peer.lines_until(r":testroom 366 eve .*"))
+        bob.say("/away at lunch")
+        self.assertEqual(peer.expect(r":bob\S* AWAY.*"), ":bob!bob@chat AWAY :at lunch")
+        bob.say("/away")
+        self.assertEqual(peer.next_line(), ":bob!bob@chat AWAY")
+        carol = self.irc_peer()
+        carol.irc("NICK carol", "USER carol 0 * :Carol C", "AWAY :not here", "JOIN #lobby")
+        self.assertEqual(peer.next_line(), ":carol!carol@chat JOIN #lobby * :Carol C")
+        self.assertEqual(peer.next_line(), ":carol!carol@chat AWAY :not here")
+        lines = plain.barrier()   # neither shape for a client that did not ask
+        self.assertIn(":carol!carol@chat JOIN #lobby", lines)
+        self.assertFalse([line for line in lines if " AWAY" in line], lines)
+
     def test_capabilities_echo_multi_prefix_and_userhost_in_names(self):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve")
@@ -3144,6 +3164,9 @@ class PageApiTest(ServerTestCase):
         self.assertEqual(web.event()["type"], "welcome")
         self.assertEqual([web.expect(type="room")["room"] for _ in range(2)], ["#dev", "#ops"])
         self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
+        bob.say("/away at lunch")
+        self.assertEqual(web.expect(type="away"), {"type": "away", "room": "#dev", "nick": "bob",
+                                                   "text": "at lunch"})
         web.say("/focus #ops", "to ops", "/focus #dev", "to dev", "/me nods")
         self.assertEqual(bob.next_line(), "<webby> to dev")   # nothing of #ops
         self.assertEqual(bob.next_line(), "* webby nods")
