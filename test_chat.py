@@ -3165,6 +3165,7 @@ class PageApiTest(ServerTestCase):
         self.assertEqual([web.expect(type="room")["room"] for _ in range(2)], ["#dev", "#ops"])
         self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
         bob.say("/away at lunch")
+        bob.expect(r"\*\*\* you are away: at lunch")
         self.assertEqual(web.expect(type="away"), {"type": "away", "room": "#dev", "nick": "bob",
                                                    "text": "at lunch"})
         web.say("/focus #ops", "to ops", "/focus #dev", "to dev", "/me nods")
