@@ -9900,7 +9900,8 @@ def add_server_parser(commands):
                         help="lines one client may send at once, e.g. a paste (default %(default)s)")
     server.add_argument("--history", type=non_negative_int, default=DEFAULT_HISTORY, metavar="N",
                         help="public lines of each room replayed to those who enter it "
-                        "(default %(default)s; 0: none)")
+                        "(default %(default)s; 0: none, and none kept). Memory keeps up to "
+                        "1000 per room for /history")
     limits.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms that may exist at once (default %(default)s)")
     limits.add_argument("--announce-limit", type=non_negative_int, default=DEFAULT_ANNOUNCE_LIMIT,
