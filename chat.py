@@ -5788,6 +5788,9 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
             return
         member = self.conn.member
         for target in params[0].split(",")[:MAX_TARGETS]:
+            if not self._fits(target, text, action, quiet):
+                error("417", ":Input line was too long (it would not fit one line as relayed)")
+                continue
             room = self.hub.find_room(target) if target.startswith("#") else None
             if room is not None and (room in member.rooms or "n" not in room.modes):
                 self.hub.do_say(member, text, action, room, as_notice=quiet)
@@ -5797,6 +5800,15 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
                 self.hub.do_msg(member, target, text, action)
             else:
                 error("401", "%s :No such nick/channel" % sanitize(target)[:40])
+
+    def _fits(self, target, text, action, notice):
+        """Whether a message from this client fits one line as others get it (with its
+        source in front): IRC clients cut what they send to fit, so one that does not
+        is refused, told, instead of arriving cut or in two lines."""
+        head = ":%s %s %s :" % (irc_source(self.conn.member.nick),
+                                "NOTICE" if notice else "PRIVMSG", target)
+        body = "\x01ACTION %s\x01" % text if action else text
+        return len(head.encode()) + len(body.encode()) + 2 <= IRC_LINE
 
     def _notice_command(self, params):
         self._privmsg(params, quiet=True)

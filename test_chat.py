@@ -2270,6 +2270,24 @@ class IrcTest(ServerTestCase):
         self.assertEqual(plain.expect(r".*PRIVMSG #lobby :mine"),
                          ":eve!eve@chat PRIVMSG #lobby :mine")   # no tags unasked
 
+    def test_a_message_relayed_whole_or_refused(self):
+        alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
+        alice.expect(r":bob!bob@chat JOIN #lobby")
+        room = 512 - len(":alice!alice@chat PRIVMSG bob :\r\n".encode())
+        for payload in ("a" * room, "a" * (room - 4) + "\U0001f603"):
+            alice.irc("PRIVMSG bob :" + payload)
+            self.assertEqual(bob.next_line(), ":alice!alice@chat PRIVMSG bob :" + payload)
+        alice.irc("PRIVMSG bob :" + "a" * (room + 1), "PRIVMSG bob,#lobby :" + "b" * (room - 3))
+        self.assertEqual(alice.next_line(), ":testroom 417 alice :Input line was too long (it "
+                                            "would not fit one line as relayed)")
+        self.assertEqual(bob.next_line(), ":alice!alice@chat PRIVMSG bob :" + "b" * (room - 3))
+        self.assertEqual(bob.next_line(), ":alice!alice@chat PRIVMSG #lobby :" + "b" * (room - 3))
+        nc = self.connect("carol")
+        nc.say("\u00e9" * 600)   # 1200 bytes from nc: in lines that fit, characters whole
+        lines = [bob.expect(r":carol\S* PRIVMSG .*"), bob.next_line(), bob.next_line()]
+        self.assertEqual("".join(line.partition(" :")[2] for line in lines), "\u00e9" * 600)
+        self.assertTrue(all(len(line.encode()) <= 510 for line in lines))
+
     def test_away_notify_and_extended_join(self):
         bob = self.connect("bob")
         plain = self.irc_peer("plain")
