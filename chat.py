@@ -569,6 +569,13 @@ class Wording:
                          "+t (see /help)"),
         ("invite_only", "*** error: {room} is invite-only: ask one of its operators"),
         ("bad_room_key", "*** error: {room} needs its key: /join {room} KEY"),
+        ("banned_from_room", "*** error: you are banned from {room}"),
+        ("banned_in_room", "*** error: you are banned from {room}: you may not talk there"),
+        ("room_bans_full", "*** error: {room} has {count} bans already: lift one first"),
+        ("room_ban_entry", "*** {room} bans {mask} (set by {by})"),
+        ("room_bans_end", "*** end of the bans of {room}"),
+        ("room_banned", "*** {nick} banned {target} from {room}"),
+        ("room_unbanned", "*** {nick} lifted the ban on {target} in {room}"),
         ("room_full", "*** error: {room} is full"),
         ("moderated", "*** error: {room} is moderated: only its operators and voiced "
                       "members talk"),
@@ -891,7 +898,7 @@ class Room:
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
                  "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
                  "_first", "seq", "ops", "voiced", "modes", "password", "limit", "invited",
-                 "created", "topic_by", "topic_at", "replayed")
+                 "created", "topic_by", "topic_at", "replayed", "bans")
 
     def __init__(self, name, history, kept=None):
         self.name = name
@@ -918,6 +925,7 @@ class Room:
         self.invited = set()            # nick keys invited in, until they come
         self.created = time.time()
         self.topic_by, self.topic_at = "", 0.0   # who set the topic, when (if known)
+        self.bans = {}                  # mask -> (who set it, when): see ban_mask
 
     @property
     def empty(self):
@@ -1911,6 +1919,39 @@ ROOM_MODES = {"i": "invite-only", "m": "moderated", "n": "closed to outsiders",
               "s": "secret", "t": "topic-locked"}   # with k (a key) and l (a limit)
 MODE_ARGS = 4                           # changes with an argument in one /mode (IRC's MODES)
 INVITES_KEPT = 1000                     # invitations a room remembers
+ROOM_BANS = 50                          # bans one room keeps (IRC's MAXLIST)
+
+
+def ban_mask(text):
+    """A room ban's mask, nick!user@host, from what an operator typed: a nick, an
+    address or network (1.2.3.4, 10.0.0.0/8), or a mask (* and ? as wildcards); None
+    when it cannot be one."""
+    text = "".join(sanitize(text).split())[:MAX_NICK + 60]
+    if not text or text.count("!") > 1 or text.count("@") > 1:
+        return None
+    if "!" in text or "@" in text:
+        nick, _, rest = text.partition("!") if "!" in text else ("*", "", text)
+        user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
+        return "%s!%s@%s" % (nick or "*", user or "*", host or "*")
+    try:
+        return "*!*@%s" % ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return text + "!*@*"
+
+
+def ban_covers(mask, member):
+    """Whether a room ban's mask covers member: its nick and user name, and its host as
+    IRC shows it or its real address (a network covers the addresses in it)."""
+    nick_user, _, host = mask.casefold().rpartition("@")
+    who = ("%s!%s" % (member.nick, member.user or member.nick)).casefold()
+    if not fnmatch.fnmatchcase(who, nick_user):
+        return False
+    if host != "*" and "/" in host:
+        try:
+            return ipaddress.ip_address(member.address) in ipaddress.ip_network(host)
+        except ValueError:
+            return False
+    return any(fnmatch.fnmatchcase(name, host) for name in (IRC_HOST, member.address.casefold()))
 
 
 def mode_string(changes):
@@ -1956,20 +1997,39 @@ class RoomRights:
                                           what=self.describe_modes(room), modes=self.mode_line(
                                               room, room in member.rooms)))
             return
+        if changes.strip("+") == "b" and not args:
+            self._list_bans(member, room)
+            return
         if not self.may_run(member, room):
             self.sink.send(member, notice("not_room_operator", room=room.name))
             return
         changes, args = self._checked_modes(member, room, changes, list(args))
         if changes:
-            self.apply_modes(room, changes, args)
+            self.apply_modes(room, changes, args, member.nick)
             self._publish_membership(room, ModeChanged(room.name, member.nick, changes,
                                                        tuple(args)), ())
-            if any(letter in changes for letter in "imnstkl"):
-                self.room_modes.pop(room.key, None)   # the newest last, as topics
-                if room.modes != "n" or room.password or room.limit:
-                    self.room_modes[room.key] = {"modes": room.modes, "key": room.password,
-                                                 "limit": room.limit}
-                self._save_state()
+            if any(letter in changes for letter in "imnstklb"):
+                self._keep_modes(room)
+
+    def _keep_modes(self, room):
+        """Modes, key, limit and bans outlive the room's members (with the topics)."""
+        self.room_modes.pop(room.key, None)   # the newest last, as topics
+        if room.modes != "n" or room.password or room.limit or room.bans:
+            self.room_modes[room.key] = {
+                "modes": room.modes, "key": room.password, "limit": room.limit,
+                "bans": [[mask, by, since] for mask, (by, since) in room.bans.items()]}
+        self._save_state()
+
+    def _list_bans(self, member, room):
+        for mask, (by, since) in room.bans.items():
+            self.sink.send(member, notice("room_ban_entry", room=room.name, mask=mask,
+                                          by=by or "?", since=int(since)))
+        self.sink.send(member, notice("room_bans_end", room=room.name))
+
+    def banned_from(self, member, room):
+        """Whether one of room's bans covers member (server operators: never)."""
+        return bool(room.bans) and not member.operator and any(
+            ban_covers(mask, member) for mask in room.bans)
 
     def _checked_modes(self, member, room, changes, args):
         """The changes member may make, as IRC writes them, and their arguments."""
@@ -1979,20 +2039,19 @@ class RoomRights:
                 sign = letter
                 continue
             arg = None
-            if letter in "ovkl" and (sign == "+" or letter in "ov"):
+            if letter in "ovklb" and (sign == "+" or letter in "ovb"):
                 if not args or with_args >= MODE_ARGS:
                     continue
                 with_args, value = with_args + 1, args.pop(0)
                 arg = self._mode_argument(member, room, letter, value)
-                if arg is None:
-                    continue
+                if arg is None or letter == "b" and (sign == "-") != (arg in room.bans):
+                    continue   # no such ban to lift, or that ban is set already
             elif letter == "k":
                 arg = "*"   # -k takes the key, or anything
                 if args:
                     args.pop(0)
             elif letter not in ROOM_MODES and letter != "l":
-                if letter != "b":   # server bans: the dialects' MODE +b
-                    self.sink.send(member, notice("unknown_mode", mode=sanitize(letter)))
+                self.sink.send(member, notice("unknown_mode", mode=sanitize(letter)))
                 continue
             done += sign + letter
             if arg is not None:
@@ -2012,15 +2071,33 @@ class RoomRights:
             return target.nick
         if letter == "k":
             return "".join(sanitize(value).split())[:23] or None
+        if letter == "b":
+            return self._ban_argument(member, room, value)
         limit = number_word(value)
         return str(limit) if limit and limit < 100000 else None
 
-    def apply_modes(self, room, changes, args):
+    def _ban_argument(self, member, room, value):
+        """The mask of a ban to set or lift (None: nothing to do, member told why)."""
+        mask = ban_mask(value)
+        if mask is None:
+            self.sink.send(member, notice("usage", usage="/mode +b NICK|ADDRESS|NETWORK|MASK"))
+        elif mask not in room.bans and len(room.bans) >= ROOM_BANS:
+            self.sink.send(member, notice("room_bans_full", room=room.name, count=ROOM_BANS))
+            return None
+        return mask
+
+    def apply_modes(self, room, changes, args, by=""):
         """Make changes (checked, as a ModeChanged carries them) to room."""
         args, sign = list(args), "+"
         for letter in changes:
             if letter in "+-":
                 sign = letter
+            elif letter == "b":
+                mask = args.pop(0) if args else None
+                if sign == "-":
+                    room.bans.pop(mask, None)
+                elif mask not in room.bans and len(room.bans) < ROOM_BANS:
+                    room.bans[mask] = (by, self.clock())
             elif letter in "ov":
                 target = self.find_member(args.pop(0)) if args else None
                 if target is not None and target in room.listed:
@@ -2056,7 +2133,8 @@ class RoomRights:
                     raise ValueError(record)
                 readable[name_key(normalize_room(key))] = {
                     "modes": "".join(sorted(set(modes))), "key": sanitize(password)
-                    if password else None, "limit": limit}
+                    if password else None, "limit": limit,
+                    "bans": RoomRights.readable_bans(record.get("bans", []))}
             except (TypeError, ValueError, KeyError, AttributeError):
                 log.warning("skipped the kept modes of a room that cannot be read: %.60r", key)
         return readable
@@ -2065,6 +2143,20 @@ class RoomRights:
         kept = self.room_modes.get(room.key)
         if kept:
             room.modes, room.password, room.limit = kept["modes"], kept["key"], kept["limit"]
+            room.bans = {mask: (by, since) for mask, by, since in kept["bans"]}
+
+    @staticmethod
+    def readable_bans(kept):
+        """[[mask, by, since], ...] as kept, checked (ValueError when not right)."""
+        if not isinstance(kept, list):
+            raise ValueError(kept)
+        bans = []
+        for mask, by, since in kept[:ROOM_BANS]:
+            if ban_mask(mask) != mask or not isinstance(by, str) or \
+                    finite_time(since) is None:
+                raise ValueError(mask)
+            bans.append([mask, sanitize(by)[:MAX_NICK], since])
+        return bans
 
     @staticmethod
     def mode_line(room, insider):
@@ -2086,6 +2178,8 @@ class RoomRights:
         Server operators always enter; an invitation opens an invite-only room once."""
         if member.operator:
             return None
+        if self.banned_from(member, room):
+            return notice("banned_from_room", room=room.name)
         if "i" in room.modes and member.key not in room.invited:
             return notice("invite_only", room=room.name)
         if room.password and key != room.password:
@@ -2351,6 +2445,9 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         if "m" in room.modes and not room.rank(member):
             self.sink.send(member, notice("moderated", room=room.name))
             return
+        if room.bans and not room.rank(member) and self.banned_from(member, room):
+            self.sink.send(member, notice("banned_in_room", room=room.name))
+            return
         self.announce(member)
         member.active = time.monotonic()
         self.broker.line(room, member, text, action, as_notice)
@@ -2573,7 +2670,7 @@ class ClusterView:
         if room is None:
             return
         if isinstance(event, ModeChanged):
-            self.hub.apply_modes(room, event.changes, event.args)
+            self.hub.apply_modes(room, event.changes, event.args, event.nick)
         if isinstance(event, TopicSet):
             room.topic = event.text or None
             room.topic_by, room.topic_at = event.nick, self.hub.clock()
@@ -3811,7 +3908,7 @@ class ClusterCodec:
             elif item.name == "quiet":
                 value = self.flag(value)
             elif item.name == "changes":
-                if not isinstance(value, str) or not re.fullmatch(r"(?:[+-][ovklimnst]+){1,8}",
+                if not isinstance(value, str) or not re.fullmatch(r"(?:[+-][ovklbimnst]+){1,8}",
                                                                   value):
                     raise ValueError("not room modes: %.40r" % (value,))
             elif item.name == "args":
@@ -3834,12 +3931,12 @@ class ClusterCodec:
         for letter in changes:
             if letter in "+-":
                 sign = letter
-            elif letter in "ovk" or letter == "l" and sign == "+":
+            elif letter in "ovkb" or letter == "l" and sign == "+":
                 taking.append(sign + letter)
-        args = tuple("".join(stored_text(arg).split())[:MAX_NICK + 3] for arg in args)
+        args = tuple("".join(stored_text(arg).split())[:MAX_NICK + 60] for arg in args)
         if len(args) != len(taking) or any(
-                kind == "+l" and not 0 < (number_word(arg) or 0) < 100000
-                for kind, arg in zip(taking, args)):
+                kind == "+l" and not 0 < (number_word(arg) or 0) < 100000 or
+                kind[1] == "b" and ban_mask(arg) != arg for kind, arg in zip(taking, args)):
             raise ValueError("not the arguments of %s" % changes)
         return args
 
@@ -4573,7 +4670,8 @@ def history_arguments(rest):
     return (room, direction, seq, count)
 
 
-RIGHTS_SHAPES = {"+o": "gave_op", "-o": "took_op", "+v": "gave_voice", "-v": "took_voice"}
+RIGHTS_SHAPES = {"+o": "gave_op", "-o": "took_op", "+v": "gave_voice", "-v": "took_voice",
+                 "+b": "room_banned", "-b": "room_unbanned"}
 
 
 def mode_lines(event):
@@ -4582,7 +4680,7 @@ def mode_lines(event):
     for letter in event.changes:
         if letter in "+-":
             sign = letter
-        elif letter in "ov":
+        elif letter in "ovb":
             lines.append(line_bytes(RIGHTS_SHAPES[sign + letter], nick=event.nick,
                                     target=args.pop(0) if args else "?", room=event.room))
         elif letter in "kl":
@@ -5031,14 +5129,6 @@ def irc_split(head, text):
             return b"".join(lines)
 
 
-def irc_ban_target(mask):
-    """What an IRC ban mask names: nick!*@* the nick, *!*@host the host (an address or a
-    network: hosts here show none), a bare word itself."""
-    nick, _, host = mask.partition("!")
-    host = host.rpartition("@")[2]
-    return nick if nick not in ("", "*") else (host if host not in ("", "*") else mask)
-
-
 def irc_source(nick):
     return "%s!%s@%s" % (nick, nick, IRC_HOST)
 
@@ -5211,17 +5301,17 @@ class IrcReplies:
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=b,k,l,imnst MODES=%d CHANLIMIT=#:%d MAXTARGETS=%d "
-                    "KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d MSGREFTYPES=msgid,timestamp "
+                    "KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d MSGREFTYPES=msgid,timestamp MAXLIST=b:%d "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
-                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX,
+                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX, ROOM_BANS,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         lines = [
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
             ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
             ("003", ":This server was started %s" % self.server.started),
-            ("004", "%s chat.py-%s io biklmnostv kl" % (name, __version__)),
+            ("004", "%s chat.py-%s io biklmnostv bklov" % (name, __version__)),
         ] + [
             ("005", "%s :are supported by this server" % " ".join(tokens))
             for tokens in (isupport.split()[at:at + 12] for at in range(0, 36, 12)) if tokens
@@ -5322,6 +5412,11 @@ class IrcReplies:
         "opped": ("381", ":You are now an IRC operator"),
         "no_operators": ("491", ":No O-lines for your host"),
         "room_modes": ("324", "{room} {modes}"),
+        "room_ban_entry": ("367", "{room} {mask} {by} {since}"),
+        "room_bans_end": ("368", "{room} :End of channel ban list"),
+        "banned_from_room": ("474", "{room} :Cannot join channel (+b)"),
+        "banned_in_room": ("404", "{room} :Cannot send to channel (+b)"),
+        "room_bans_full": ("478", "{room} :Channel ban list is full"),
         "not_room_operator": ("482", "{room} :You're not channel operator"),
         "not_in_that_room": ("441", "{target} {room} :They aren't on that channel"),
         "not_in_room": ("442", "{room} :You're not on that channel"),
@@ -5900,39 +5995,14 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
                 self._numeric("403", "%s :No such channel" % sanitize(target)[:40])
             elif len(params) == 1:
                 self.hub.do_mode(self.conn.member, room.name)
-            elif params[1] in ("b", "+b") and len(params) == 2:
-                self._ban_list(room)
             elif params[1] == "-b" and len(params) == 2:
                 self._numeric("461", "MODE :Not enough parameters")
-            elif params[1] in ("+b", "-b"):
-                self._ban_mode(room, params[1], params[2])
             else:
                 self.hub.do_mode(self.conn.member, room.name, params[1], params[2:])
         elif name_key(target) == name_key(self.nick):
             self._numeric("221", "+")
         else:
             self._numeric("502", ":Can't change mode for other users")
-
-    def _ban_mode(self, room, change, mask):
-        """MODE +b or -b: the hub bans or lifts, and the change comes back as a MODE line,
-        which is how clients learn that a ban list changed."""
-        member = self.conn.member
-        if change == "+b":
-            changed = [self.hub.do_ban(member, irc_ban_target(mask))]
-        else:
-            changed = self.hub.do_unban(member, irc_ban_target(mask))
-        for ban in filter(None, changed):
-            self._send(":%s MODE %s %s *!*@%s" % (irc_source(member.nick), room.name, change,
-                                                  ban.network))
-
-    def _ban_list(self, room):
-        """367 for each ban (to operators: bans show addresses), then 368."""
-        self.hub.ban_for("")   # forget the bans that ran out
-        bans = self.hub.bans.items if self.conn.member.operator else []
-        lines = [self._numeric_bytes("367", "%s *!*@%s %s %d" % (
-            room.name, ban.network, ban.by, ban.since)) for ban in bans]
-        lines.append(self._numeric_bytes("368", "%s :End of channel ban list" % room.name))
-        self.conn_send(b"".join(lines))
 
     def _lusers(self, params):
         self.conn_send(b"".join(self._numeric_bytes(number, text)

@@ -1767,8 +1767,8 @@ class IrcModerationTest(ServerTestCase):
         self.assertRegex(alice.numeric("338"), r":testroom 338 alice bob 127\.0\.0\.1 :.*")
         self.assertRegex(alice.numeric("317"), r":testroom 317 alice bob \d+ \d{10} :seconds idle, "
                                                r"signon time")
-        self.assertEqual(alice.expect(r".* NOTICE .*"), ":testroom NOTICE alice :error: nobody is "
-                                                        "neither a nick online nor an address")
+        self.assertEqual(alice.expect(r".* MODE .*"), ":alice!alice@chat MODE #lobby +b nobody!*@*")
+        self.assertRegex(alice.next_line(), r":testroom 367 alice #lobby nobody!\*@\* alice \d+$")
         self.assertEqual(alice.numeric("368"), ":testroom 368 alice #lobby :End of channel ban list")
         self.assertEqual(alice.expect(r".* KICK .*"), ":alice!alice@chat KICK #lobby bob :go")
         self.assertEqual(bob.expect_closed()[-1], "*** you were kicked by alice (go)")
@@ -1782,12 +1782,41 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(alice.numeric("461"), ":testroom 461 alice MODE :Not enough parameters")
         self.assertEqual(carol.expect(r"\*\*\* alice is .*"), "*** alice is now an operator")
         alice.irc("MODE #lobby +b *!*@10.1.2.3", "MODE #lobby +b", "MODE #lobby -b *!*@10.1.2.3")
-        self.assertEqual(alice.expect(r".* MODE .*"),
-                         ":alice!alice@chat MODE #lobby +b *!*@10.1.2.3/32")
+        self.assertEqual(alice.expect(r".* MODE .*"), ":alice!alice@chat MODE #lobby +b *!*@10.1.2.3")
         since = int(alice.numeric("367").split()[-1])
         self.assertLess(abs(since - time.time()), 60)   # the time it was set, not 0
-        self.assertEqual(alice.expect(r".* MODE .*"),
-                         ":alice!alice@chat MODE #lobby -b *!*@10.1.2.3/32")
+        self.assertEqual(alice.expect(r".* MODE .*"), ":alice!alice@chat MODE #lobby -b *!*@10.1.2.3")
+        self.assertEqual(carol.expect(r"\*\*\* alice .*"), "*** alice banned *!*@10.1.2.3 from #lobby")
+        self.assertEqual(carol.next_line(), "*** alice lifted the ban on *!*@10.1.2.3 in #lobby")
+
+    def test_room_bans_by_mask_nick_and_network(self):
+        alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        bob, carol = self.connect("bob"), self.connect("carol")
+        alice.irc("JOIN #dev")   # its first member: it runs #dev
+        bob.say("/join #dev")
+        alice.expect(r":bob!bob@chat JOIN #dev")
+        alice.irc("MODE #dev +b *!*@127.0.0.0/8")
+        alice.expect(r":alice!alice@chat MODE #dev \+b .*")
+        self.assertEqual(bob.expect(r"\*\*\* alice .*"), "*** alice banned *!*@127.0.0.0/8 from #dev")
+        bob.say("still here?", "/part", "/join #dev")
+        self.assertEqual(bob.next_line(), "*** error: you are banned from #dev: you may not talk "
+                                          "there")
+        self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: you are banned from #dev")
+        alice.irc("MODE #dev -b+b *!*@127.0.0.0/8 BOB", "MODE #dev +v alice")   # by nick now
+        self.assertEqual(alice.expect(r".* MODE #dev .*"),
+                         ":alice!alice@chat MODE #dev -b+b *!*@127.0.0.0/8 BOB!*@*")
+        bob.say("/join #dev")
+        self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: you are banned from #dev")
+        carol.say("/join #dev", "/mode +b", "/mode +b bad!mask!", "/mode -b nobody")
+        self.assertEqual(carol.expect(r"\*\*\* #dev bans .*"), "*** #dev bans BOB!*@* (set by alice)")
+        self.assertEqual(carol.next_line(), "*** end of the bans of #dev")
+        self.assertEqual(carol.next_line(), "*** error: only operators of #dev may do that")
+        alice.irc("MODE #dev +b bad!mask!", "MODE #dev -b nobody!*@*", "MODE #dev b")
+        self.assertRegex(alice.expect(r".* NOTICE .*"), r".*usage: /mode \+b .*")
+        self.assertRegex(alice.numeric("367"), r":testroom 367 alice #dev BOB!\*@\* alice \d+")
+        self.assertEqual(alice.numeric("368"), ":testroom 368 alice #dev :End of channel ban list")
 
     def test_chat_commands_irc_has_no_word_for(self):
         early = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
@@ -1824,8 +1853,9 @@ class PersistenceTest(ServerTestCase):
     def test_history_topics_and_bans_survive_a_restart(self):
         alice = self.connect("alice")
         alice.say("/op op secret", "in the lobby", "/join #dev", "/topic release friday",
-                  "in dev", "/me ships it", "/ban 10.1.2.3 7d a spammer")
+                  "in dev", "/me ships it", "/ban 10.1.2.3 7d a spammer", "/mode +b troll")
         alice.expect(r"\*\*\* banned .*")
+        alice.expect(r"\*\*\* alice banned troll!\*@\* from #dev")
         self.restart_server()
         bob = self.connect("bob")
         self.assertRegex(bob.expect(r"\*\*\* \[.*"), r"\*\*\* \[\d\d:\d\d\] <alice> in the lobby")
@@ -1834,6 +1864,8 @@ class PersistenceTest(ServerTestCase):
         self.assertEqual([HISTORY_ENTRY.sub("", line) for line in
                           bob.lines_until(r"\*\*\* --- end of history ---")[1:]],
                          ["<alice> in dev", "* alice ships it"])
+        bob.say("/mode #dev +b")
+        self.assertEqual(bob.next_line(), "*** #dev bans troll!*@* (set by alice)")
         bob.say("/op op secret", "/bans")
         self.assertRegex(bob.expect(r"\*\*\* ban .*"), r"\*\*\* ban 10\.1\.2\.3 \(10\.1\.2\.3/32\) "
                          r"by alice, for 6d 23h: a spammer")
