@@ -5651,7 +5651,101 @@ class IrcChatHistory:
         self._send(":%s FAIL %s %s %s :%s" % (self.server_name, command, code, context, text))
 
 
-class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
+class IrcLookups:
+    """A part of IrcDialect: the questions that change nothing (LIST, LUSERS, WHOWAS,
+    HELP, TIME, INFO, ISON, USERHOST)."""
+
+    __slots__ = ()
+
+    def _list(self, params):
+        wanted = self._list_filter(params[0] if params else "")
+        rooms = sorted((room for room in self.hub.rooms.values()
+                        if room.listed and self.hub.visible(self.conn.member, room)
+                        and wanted(room)), key=lambda room: (-len(room.listed), room.key))
+        lines = [self._numeric_bytes("321", "Channel :Users  Name")]
+        lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.listed),
+                                                             room.topic or ""))
+                  for room in rooms]
+        lines.append(self._numeric_bytes("323", ":End of /LIST"))
+        self.conn_send(b"".join(lines))
+
+    @staticmethod
+    def _list_filter(arguments):
+        """LIST's wishes: channel names, >N (more members than N), <N (fewer)."""
+        names, more, fewer = set(), -1, float("inf")
+        for word in arguments.split(","):
+            if word[:1] == ">" and number_word(word[1:]) is not None:
+                more = number_word(word[1:])
+            elif word[:1] == "<" and number_word(word[1:]) is not None:
+                fewer = number_word(word[1:])
+            elif word:
+                names.add(name_key(word))
+        return lambda room: more < len(room.listed) < fewer and (
+            not names or room.key in names)
+
+    def _lusers(self, params):
+        self.conn_send(b"".join(self._numeric_bytes(number, text)
+                                for number, text in self._lusers_lines()))
+
+    def _whowas(self, params):
+        """314 and 312 for each time the nick was used, newest first (at most count),
+        or 406; then 369."""
+        if not params or not params[0]:
+            self._numeric("431", ":No nickname given")
+            return
+        nick = params[0].split(",")[0]
+        count = (number_word(params[1]) or 0) if len(params) > 1 else 0
+        key = name_key(unicodedata.normalize("NFKC", nick))
+        found = [was for was in self.hub.was if name_key(was[0]) == key]
+        lines = []
+        for old, user, realname, until in found[:count or len(found)]:
+            lines += [self._numeric_bytes("314", "%s %s %s * :%s" % (
+                old, user or old, IRC_HOST, realname or old)), self._numeric_bytes(
+                "312", "%s %s :%s" % (old, self.server_name, time.ctime(until)))]
+        if not found:
+            lines.append(self._numeric_bytes("406", "%s :There was no such nickname"
+                                             % sanitize(nick)[:40]))
+        lines.append(self._numeric_bytes("369", "%s :End of WHOWAS" % sanitize(nick)[:40]))
+        self.conn_send(b"".join(lines))
+
+    def _help(self, params):
+        """704, 705s and 706 on the chat's commands, or one IRC command; 524 else."""
+        subject = params[0].upper() if params else "*"
+        if subject == "*":
+            text = [line.format(room=self.hub.default_room.name) for line in HELP_TEXT]
+        elif subject in self.COMMANDS or subject in self.CHAT_COMMANDS:
+            text = ["%s is understood here: see HELP for the chat's commands" % subject]
+        else:
+            self._numeric("524", "%s :No help available on this topic" % sanitize(subject)[:30])
+            return
+        numbers = ["704"] + ["705"] * (len(text) - 1)
+        self.conn_send(b"".join(self._numeric_bytes(number, "%s :%s" % (subject, line))
+                                for number, line in zip(numbers, text))
+                       + self._numeric_bytes("706", "%s :End of /HELP" % subject))
+
+    def _time(self, params):
+        self._numeric("391", "%s :%s" % (self.server_name, time.strftime(
+            "%A %B %d %Y -- %H:%M:%S %z")))
+
+    def _info(self, params):
+        self.conn_send(b"".join(self._numeric_bytes("371", ":" + line) for line in (
+            "chat.py %s: one file, Python's standard library only" % __version__,
+            "People talk here from IRC, nc, the chat.py client and browsers.",
+            "MIT license.", "Started %s." % self.server.started))
+            + self._numeric_bytes("374", ":End of /INFO list"))
+
+    def _ison(self, params):
+        found = [self.hub.find_member(name) for name in " ".join(params).split()]
+        self._numeric("303", ":" + " ".join(member.nick for member in found if member))
+
+    def _userhost(self, params):
+        found = [self.hub.find_member(name) for name in params[:5]]
+        self._numeric("302", ":" + " ".join("%s%s=%s%s@%s" % (
+            member.nick, "*" if member.operator else "", "-" if member.away else "+",
+            member.user or member.nick, IRC_HOST) for member in found if member))
+
+
+class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     """IRC as irssi, WeeChat, HexChat, bots and bridges speak it: registration with
     CAP (no capabilities), PASS, NICK and USER; rooms are channels and a member may
     be in several; enough commands and numerics for clients to track their state.
@@ -5955,32 +6049,6 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
     def _away(self, params):
         self.hub.do_away(self.conn.member, irc_text(params[0]) if params else "")
 
-    def _list(self, params):
-        wanted = self._list_filter(params[0] if params else "")
-        rooms = sorted((room for room in self.hub.rooms.values()
-                        if room.listed and self.hub.visible(self.conn.member, room)
-                        and wanted(room)), key=lambda room: (-len(room.listed), room.key))
-        lines = [self._numeric_bytes("321", "Channel :Users  Name")]
-        lines += [self._numeric_bytes("322", "%s %d :%s" % (room.name, len(room.listed),
-                                                             room.topic or ""))
-                  for room in rooms]
-        lines.append(self._numeric_bytes("323", ":End of /LIST"))
-        self.conn_send(b"".join(lines))
-
-    @staticmethod
-    def _list_filter(arguments):
-        """LIST's wishes: channel names, >N (more members than N), <N (fewer)."""
-        names, more, fewer = set(), -1, float("inf")
-        for word in arguments.split(","):
-            if word[:1] == ">" and number_word(word[1:]) is not None:
-                more = number_word(word[1:])
-            elif word[:1] == "<" and number_word(word[1:]) is not None:
-                fewer = number_word(word[1:])
-            elif word:
-                names.add(name_key(word))
-        return lambda room: more < len(room.listed) < fewer and (
-            not names or room.key in names)
-
     def _topic_command(self, params):
         if len(params) > 1:
             self.hub.do_topic(self.conn.member, params[0], irc_text(params[1]))
@@ -6003,67 +6071,6 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcReplies, Dialect):
             self._numeric("221", "+")
         else:
             self._numeric("502", ":Can't change mode for other users")
-
-    def _lusers(self, params):
-        self.conn_send(b"".join(self._numeric_bytes(number, text)
-                                for number, text in self._lusers_lines()))
-
-    def _whowas(self, params):
-        """314 and 312 for each time the nick was used, newest first (at most count),
-        or 406; then 369."""
-        if not params or not params[0]:
-            self._numeric("431", ":No nickname given")
-            return
-        nick = params[0].split(",")[0]
-        count = (number_word(params[1]) or 0) if len(params) > 1 else 0
-        key = name_key(unicodedata.normalize("NFKC", nick))
-        found = [was for was in self.hub.was if name_key(was[0]) == key]
-        lines = []
-        for old, user, realname, until in found[:count or len(found)]:
-            lines += [self._numeric_bytes("314", "%s %s %s * :%s" % (
-                old, user or old, IRC_HOST, realname or old)), self._numeric_bytes(
-                "312", "%s %s :%s" % (old, self.server_name, time.ctime(until)))]
-        if not found:
-            lines.append(self._numeric_bytes("406", "%s :There was no such nickname"
-                                             % sanitize(nick)[:40]))
-        lines.append(self._numeric_bytes("369", "%s :End of WHOWAS" % sanitize(nick)[:40]))
-        self.conn_send(b"".join(lines))
-
-    def _help(self, params):
-        """704, 705s and 706 on the chat's commands, or one IRC command; 524 else."""
-        subject = params[0].upper() if params else "*"
-        if subject == "*":
-            text = [line.format(room=self.hub.default_room.name) for line in HELP_TEXT]
-        elif subject in self.COMMANDS or subject in self.CHAT_COMMANDS:
-            text = ["%s is understood here: see HELP for the chat's commands" % subject]
-        else:
-            self._numeric("524", "%s :No help available on this topic" % sanitize(subject)[:30])
-            return
-        numbers = ["704"] + ["705"] * (len(text) - 1)
-        self.conn_send(b"".join(self._numeric_bytes(number, "%s :%s" % (subject, line))
-                                for number, line in zip(numbers, text))
-                       + self._numeric_bytes("706", "%s :End of /HELP" % subject))
-
-    def _time(self, params):
-        self._numeric("391", "%s :%s" % (self.server_name, time.strftime(
-            "%A %B %d %Y -- %H:%M:%S %z")))
-
-    def _info(self, params):
-        self.conn_send(b"".join(self._numeric_bytes("371", ":" + line) for line in (
-            "chat.py %s: one file, Python's standard library only" % __version__,
-            "People talk here from IRC, nc, the chat.py client and browsers.",
-            "MIT license.", "Started %s." % self.server.started))
-            + self._numeric_bytes("374", ":End of /INFO list"))
-
-    def _ison(self, params):
-        found = [self.hub.find_member(name) for name in " ".join(params).split()]
-        self._numeric("303", ":" + " ".join(member.nick for member in found if member))
-
-    def _userhost(self, params):
-        found = [self.hub.find_member(name) for name in params[:5]]
-        self._numeric("302", ":" + " ".join("%s%s=%s%s@%s" % (
-            member.nick, "*" if member.operator else "", "-" if member.away else "+",
-            member.user or member.nick, IRC_HOST) for member in found if member))
 
     COMMANDS = {   # IRC command -> (method, parameters it needs)
         "CAP": ("_cap", 1), "PASS": ("_pass", 1), "NICK": ("_nick", 1), "USER": ("_user", 1),
