@@ -562,6 +562,7 @@ class Wording:
         ("ping_timeout", "*** error: no answer to PING"),
         ("banned", "*** error: banned"),
         ("not_operator", "*** error: only operators may /{name}"),
+        ("wallops", "*** to operators, from {nick}: {text}"),
         ("not_room_operator", "*** error: only operators of {room} may do that"),
         ("not_in_that_room", "*** error: {target} is not in {room}"),
         ("already_there", "*** error: {target} is already in {room}"),
@@ -1524,6 +1525,20 @@ class Moderation:
         if told:
             self.sink.send(member, notice("you_are_muted"))
         return True
+
+    def do_kill(self, member, name, reason=""):
+        """IRC's KILL: a server operator puts a member out of the chat."""
+        if self._operator(member, "kill"):
+            self.do_kick(member, name, reason)
+
+    def do_wallops(self, member, text):
+        """A server operator's word to every operator on this node."""
+        text = tidy_text(text)
+        if not self._operator(member, "wallops") or not text:
+            return
+        for other in list(self.members.values()):
+            if other.operator and other.remote is None:
+                self.sink.send(other, notice("wallops", nick=member.nick, text=text))
 
     def _operator(self, member, command):
         if not member.operator:
@@ -4642,6 +4657,7 @@ HELP_TEXT = (
     "  /unban NICK|ADDRESS, /bans            lift a ban; list them",
     "  /mute NICK|ADDRESS [10m|2h|7d]        stop NICK (and its address) talking",
     "  /unmute NICK|ADDRESS, /mutes          lift a mute; list them",
+    "  /wallops TEXT                         a word to every operator",
 )
 
 
@@ -4913,6 +4929,7 @@ class LineDialect(Dialect):
         "unmute": ("do_unmute", lambda rest: (rest,)),
         "mutes": ("do_mutes", lambda rest: ()),
         "mode": ("do_mode", mode_arguments),
+        "wallops": ("do_wallops", lambda rest: (rest,)),
         "invite": ("do_invite", lambda rest: tuple(rest.split(None, 1)) or ("",)),
     }
 
@@ -5448,6 +5465,8 @@ class IrcReplies:
         if key in FAREWELLS:
             text = WORDING.render(key, **fields)[len("*** error: " if is_error(key) else "*** "):]
             return data + self._line("ERROR :Closing link: %s" % text)
+        if key == "wallops":
+            return self._line(":%s WALLOPS :%s" % (irc_source(fields["nick"]), fields["text"]))
         if key == "renamed_self":
             return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
                                                  fields["nick"]))
@@ -6037,6 +6056,13 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     def _oper(self, params):
         self.hub.do_op(self.conn.member, params[1])
 
+    def _kill(self, params):
+        self.hub.do_kill(self.conn.member, params[0], irc_text(params[1]) if len(params) > 1
+                         else "")
+
+    def _wallops(self, params):
+        self.hub.do_wallops(self.conn.member, irc_text(params[0]))
+
     def _kick(self, params):
         """KICK #room nick[,nick...] [:reason]: out of the room."""
         reason = irc_text(params[2]) if len(params) > 2 else self.nick   # as servers do
@@ -6083,6 +6109,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         "INVITE": ("_invite", 2), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
         "HELP": ("_help", 0), "HELPOP": ("_help", 0), "TIME": ("_time", 0),
         "INFO": ("_info", 0), "CHATHISTORY": ("_chathistory", 1), "TAGMSG": ("_tagmsg", 1),
+        "KILL": ("_kill", 1), "WALLOPS": ("_wallops", 1),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
     # The line protocol's commands IRC has no word for, run as they are: clients send

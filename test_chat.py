@@ -1789,6 +1789,29 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(carol.expect(r"\*\*\* alice .*"), "*** alice banned *!*@10.1.2.3 from #lobby")
         self.assertEqual(carol.next_line(), "*** alice lifted the ban on *!*@10.1.2.3 in #lobby")
 
+    def test_kill_and_wallops_are_for_operators(self):
+        alice, bob = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT)), \
+            IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        for peer, nick in ((alice, "alice"), (bob, "bob")):
+            self.addCleanup(peer.sock.close)
+            peer.register(nick)
+        carol, dave = self.connect("carol"), self.connect("dave")
+        carol.say("/op op secret")
+        carol.expect(r"\*\*\* you are an operator now")
+        bob.irc("KILL alice :go away", "WALLOPS :hello ops")
+        for _ in range(2):
+            self.assertEqual(bob.numeric("481"), ":testroom 481 bob :Permission Denied- You're "
+                                                 "not an IRC operator")
+        alice.irc("OPER alice :op secret", "WALLOPS :hello ops", "KILL nobody", "KILL bob :enough")
+        self.assertEqual(alice.expect(r".* WALLOPS .*"), ":alice!alice@chat WALLOPS :hello ops")
+        self.assertEqual(carol.expect(r"\*\*\* to operators.*"),
+                         "*** to operators, from alice: hello ops")
+        self.assertEqual(alice.numeric("401"), ":testroom 401 alice nobody :No such nick/channel")
+        self.assertIn("ERROR :Closing link: you were kicked by alice (enough)", bob.expect_closed())
+        dave.say("/wallops me too")
+        before = dave.lines_until(r"\*\*\* error: only operators may /wallops")
+        self.assertFalse([line for line in before if "hello ops" in line], before)
+
     def test_room_bans_by_mask_nick_and_network(self):
         alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
         self.addCleanup(alice.sock.close)
