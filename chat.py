@@ -5117,6 +5117,14 @@ def irc_params(text):
     return (params[0].upper(), params[1:]) if params else ("", [])
 
 
+def is_utf8(data):
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def irc_text(text):
     """Text from an IRC client as every dialect may show it: no formatting, nothing a
     terminal would obey."""
@@ -5667,7 +5675,8 @@ class IrcChatHistory:
 
     def _fail(self, command, code, context, text):
         """An IRCv3 standard reply: FAIL, with the command and a code machines read."""
-        self._send(":%s FAIL %s %s %s :%s" % (self.server_name, command, code, context, text))
+        self._send(":%s FAIL %s %s %s:%s" % (self.server_name, command, code,
+                                              context + " " if context else "", text))
 
 
 class IrcLookups:
@@ -5819,8 +5828,13 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         if message is TOO_LONG:
             self._numeric("417", ":Input line was too long")
             return
-        command, params = irc_params(message.decode("utf-8", "replace"))
+        text = message.decode("utf-8", "replace")
+        command, params = irc_params(text)
         if not command:
+            return
+        if "\ufffd" in text and command not in self.LENIENT and not is_utf8(message):
+            self._fail(sanitize(command)[:20], "INVALID_UTF8", "",
+                       "Not sent: the line is not UTF-8 (the server announces UTF8ONLY)")
             return
         name, needed = self.COMMANDS.get(command, (None, 0))
         if self.conn.member is None and command not in self.BEFORE_REGISTRATION:
@@ -6112,6 +6126,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         "KILL": ("_kill", 1), "WALLOPS": ("_wallops", 1),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
+    LENIENT = frozenset(("USER", "PASS", "QUIT"))   # taken even when not UTF-8 (cleaned)
     # The line protocol's commands IRC has no word for, run as they are: clients send
     # a command they do not know as it is typed (HexChat; /quote MUTE bob 10m elsewhere)
     CHAT_COMMANDS = frozenset(("MUTE", "UNMUTE", "MUTES", "BAN", "UNBAN", "BANS", "IGNORE",

@@ -2226,6 +2226,17 @@ class IrcTest(ServerTestCase):
             peer.register(nick)
         return peer
 
+    def test_lines_that_are_not_utf8(self):
+        bob = self.irc_peer("bob")
+        peer = self.irc_peer()
+        peer.send(b"NICK ann\r\nUSER ann 0 * :Ir\xe8ne\r\nPRIVMSG bob :caf\xe9\r\n"
+                  b"PRIVMSG bob :caf\xc3\xa9\r\n")
+        self.assertEqual(peer.expect(r".* FAIL .*"), ":testroom FAIL PRIVMSG INVALID_UTF8 :Not "
+                         "sent: the line is not UTF-8 (the server announces UTF8ONLY)")
+        self.assertEqual(bob.expect(r".* PRIVMSG .*"), ":ann!ann@chat PRIVMSG bob :caf\u00e9")
+        peer.irc("WHOIS ann")
+        self.assertEqual(peer.numeric("311"), ":testroom 311 ann ann ann chat * :Ir\ufffdne")
+
     def test_numbers_in_other_scripts_are_not_numbers(self):
         # "\u00b2" (a superscript two) passes str.isdigit() but not int(): it once cost
         # the connection, with a traceback in the log.
