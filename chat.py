@@ -846,7 +846,7 @@ class Member:
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
                  "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
-                 "since", "echo", "focus")
+                 "since", "echo", "focus", "invisible")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -865,6 +865,7 @@ class Member:
         self.lookalikes = ()
         self.rooms = {}                 # Room -> None, in join order
         self.focus = None               # of several rooms, the one plain lines go to
+        self.invisible = False          # IRC's +i: found by a mask only by who shares a room
         self.heralded = {}              # rooms whose members were told it joined (a dict: small)
         self.announced = False          # it chose a nick or spoke: its arrival is told
         self.room_tokens = float(ROOM_CREATE_BURST)
@@ -2587,13 +2588,20 @@ class Hub(Moderation, Names, Rooms, RoomRights):
     def do_whois(self, member, name):
         target = self._online(member, name, "/whois NICK")
         if target is not None:
+            rooms = [room for room in target.rooms if self.visible(member, room) and (
+                not target.invisible or room in member.rooms or member.operator)]
             self.sink.send(member, Whois(
-                target.nick, target.realname, tuple(room.name for room in target.rooms
-                                                    if self.visible(member, room)),
+                target.nick, target.realname, tuple(room.name for room in rooms),
                 time.monotonic() - target.active, target.away, target.operator,
                 target.address if member.operator else None, target.user,
-                tuple(room.rank(target) for room in target.rooms if self.visible(member, room)),
+                tuple(room.rank(target) for room in rooms),
                 self.clock() - (time.monotonic() - target.since)))
+
+    def seen_by(self, member, other):
+        """Whether member may find other by a mask: not an invisible one, unless they
+        share a room (or member is a server operator)."""
+        return not other.invisible or member.operator or other is member or \
+            any(room in member.rooms for room in other.rooms)
 
 
 @dataclass(frozen=True)
@@ -6057,8 +6065,10 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             return
         if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
             pattern = re.compile(fnmatch.translate(mask if mask != "0" else "*"), re.IGNORECASE)
+            me = self.conn.member
             found = [member for member in self.hub.members.values() if member.announced
-                     and pattern.match(member.nick)][:WHO_MASK_LIMIT]
+                     and pattern.match(member.nick) and self.hub.seen_by(me, member)
+                     ][:WHO_MASK_LIMIT]
         else:
             found = [self.hub.find_member(mask)] if self.hub.find_member(mask) else []
         self.conn_send(self._who_lines(None, found, mask).replace(
@@ -6108,9 +6118,29 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             else:
                 self.hub.do_mode(self.conn.member, room.name, params[1], params[2:])
         elif name_key(target) == name_key(self.nick):
-            self._numeric("221", "+")
+            self._user_mode(params[1] if len(params) > 1 else "")
         else:
             self._numeric("502", ":Can't change mode for other users")
+
+    def _user_mode(self, changes):
+        """A client's own modes: +i (invisible) it sets; +o comes with OPER; +w is
+        taken (WALLOPS go to operators)."""
+        member = self.conn.member
+        if not changes:
+            self._numeric("221", "+" + ("i" if member.invisible else "") +
+                          ("o" if member.operator else ""))
+            return
+        sign, done = "+", ""
+        for letter in changes[:20]:
+            if letter in "+-":
+                sign = letter
+            elif letter == "i" and member.invisible != (sign == "+"):
+                member.invisible = sign == "+"
+                done += sign + letter
+            elif letter not in "iwo":
+                self._numeric("501", ":Unknown MODE flag")
+        if done:
+            self._send(":%s MODE %s %s" % (irc_source(self.nick), self.nick, mode_string(done)))
 
     COMMANDS = {   # IRC command -> (method, parameters it needs)
         "CAP": ("_cap", 1), "PASS": ("_pass", 1), "NICK": ("_nick", 1), "USER": ("_user", 1),

@@ -2226,6 +2226,21 @@ class IrcTest(ServerTestCase):
             peer.register(nick)
         return peer
 
+    def test_invisible_users(self):
+        evan, shiv = self.irc_peer("evan"), self.irc_peer("shiv")
+        evan.irc("PART #lobby", "JOIN #xyz", "MODE evan +i", "MODE evan", "MODE evan +x")
+        self.assertEqual(evan.expect(r".* MODE evan .*"), ":evan!evan@chat MODE evan +i")
+        self.assertEqual(evan.numeric("221"), ":testroom 221 evan +i")
+        self.assertEqual(evan.numeric("501"), ":testroom 501 evan :Unknown MODE flag")
+        shiv.irc("WHO eva*", "WHO evan", "WHOIS evan")
+        lines = shiv.lines_until(r":testroom 318 .*")
+        self.assertEqual([line.split()[1] for line in lines if line.startswith(":testroom")],
+                         ["315", "352", "315", "311", "312", "317"])   # by mask: no; by nick: yes
+        shiv.irc("JOIN #xyz", "WHO eva*", "WHOIS evan")
+        lines = shiv.lines_until(r":testroom 318 .*")
+        self.assertIn(":testroom 319 shiv evan :@#xyz", lines)
+        self.assertEqual(len([line for line in lines if " 352 " in line]), 1)
+
     def test_lines_that_are_not_utf8(self):
         bob = self.irc_peer("bob")
         peer = self.irc_peer()
