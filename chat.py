@@ -123,6 +123,8 @@ DEFAULT_HISTORY = 50                 # public lines replayed to a newcomer
 SCROLLBACK_KEPT = 1000               # public lines a room keeps in memory for scrolling back
 SCROLLBACK_PAGE = 50                 # lines one /history answer gives by default...
 SCROLLBACK_MAX = 200                 # ...and at most
+STORE_READS = 20.0                   # reads of the store for /history, a second, for all...
+STORE_READ_GAP = 0.3                 # ...and seconds between two of one member's
 HISTORY_MEMORY = 32 << 20            # bytes of text all rooms' histories hold at most
 DEFAULT_LOG_MAX_BYTES = 1 << 20      # a room's log is rotated past this (--data-dir)
 SYNC_INTERVAL = 1.0                  # seconds between fsyncs of the logs, at most
@@ -473,6 +475,8 @@ class Wording:
         ("history_end", "*** --- end of history ---"),
         ("history_page", "*** --- {count} {noun} of {room}, numbered {first} to {last} ---"),
         ("history_none", "*** --- no such lines in {room} ---"),
+        ("history_busy", "*** error: older lines of {room} are being read: ask again in a "
+                         "second"),
         ("welcome", "*** welcome to {server}, you are {nick}"),
         ("in_room", "*** you are in {room}: {count} online: {names}"),
         ("who_room", "*** {room}: {count} online: {names}"),
@@ -846,7 +850,7 @@ class Member:
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
                  "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
-                 "since", "echo", "focus", "invisible")
+                 "since", "echo", "focus", "invisible", "read_at")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -866,6 +870,7 @@ class Member:
         self.rooms = {}                 # Room -> None, in join order
         self.focus = None               # of several rooms, the one plain lines go to
         self.invisible = False          # IRC's +i: found by a mask only by who shares a room
+        self.read_at = 0.0              # when its last /history read the store
         self.heralded = {}              # rooms whose members were told it joined (a dict: small)
         self.announced = False          # it chose a nick or spoke: its arrival is told
         self.room_tokens = float(ROOM_CREATE_BURST)
@@ -1205,6 +1210,25 @@ def finite_time(value):
 
 
 @dataclass
+class TokenBucket:
+    """At most rate a second on average, burst at once."""
+
+    __slots__ = ("rate", "burst", "tokens", "refilled")
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.refilled = float(burst), time.monotonic()
+
+    def take(self, now):
+        """Take a token: False when there is none."""
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class Sanction:
     """A banned or muted network: until a time (None: for good), why, who said so, when."""
     target: str                 # what the operator named: a nick, an address or a network
@@ -1774,8 +1798,19 @@ class Rooms:
                                               request))
         if complete:
             answer(())
-        else:
+        elif self._may_read(member):
             self.store.lines(room.name, before, after, count + 1, answer)
+        else:
+            self.sink.send(member, notice("history_busy", room=room.name))
+
+    def _may_read(self, member):
+        """Whether member's /history may read the store now: reads of the disk or Redis
+        are spaced for each member and bounded for all, so asking cannot stall the chat."""
+        now = time.monotonic()
+        if now - member.read_at < STORE_READ_GAP or not self.store_reads.take(now):
+            return False
+        member.read_at = now
+        return True
 
     def visible(self, member, room):
         """Whether member may see room in lists: a secret room only to its members."""
@@ -2294,6 +2329,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.recent = collections.OrderedDict()   # nick key -> address, of departed members
         self.was = collections.deque(maxlen=self.RECENT)   # (nick, user, realname, until)
         self.history_budget = HistoryBudget(options.history_memory)
+        self.store_reads = TokenBucket(STORE_READS, STORE_READS)   # see _may_read
         self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
         self._guests = itertools.count(self.directory.first_guest)
         self.lines_told = 0             # room lines told to the members here

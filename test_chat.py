@@ -1903,13 +1903,29 @@ class PersistenceTest(ServerTestCase):
         web.say("/nick webby")
         self.assertEqual(web.expect(type="room")["seq"], 40)
         self.assertEqual(len(web.expect(type="history")["lines"]), 5)
+
+        def history(asked):
+            """/history, asked again while the store is being read (reads are spaced)."""
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                web.say("/history #lobby " + asked)
+                event = web.event()
+                while event["type"] not in ("history", "error"):
+                    event = web.event()
+                if event["type"] == "history" or time.monotonic() > deadline:
+                    return event
+                self.assertEqual(event["code"], "history_busy")
+                time.sleep(0.05)   # polling, with a deadline
         for asked, expected in (("before 36 20", (list(range(16, 36)), True)),
                                 ("after 30", (list(range(31, 41)), False)),
                                 ("before 2", ([1], False))):
-            web.say("/history #lobby " + asked)
-            found = web.expect(type="history")
+            found = history(asked)
             self.assertEqual(([line["seq"] for line in found["lines"]], found["more"]), expected)
         self.assertEqual(found["lines"][0]["text"], "line 01")
+        with mock.patch.object(chat, "STORE_READ_GAP", 3600):   # reads of one member: spaced
+            web.say("/history #lobby before 30", "/history #lobby after 37")
+            self.assertEqual(web.expect(type="error")["code"], "history_busy")
+            self.assertEqual(web.expect(type="history")["after"], 37)   # from memory: at once
 
     @unittest.skipUnless(POSIX, "modes are POSIX")
     def test_private_files_and_rotation(self):
