@@ -1209,7 +1209,6 @@ def finite_time(value):
     return float(value)
 
 
-@dataclass
 class TokenBucket:
     """At most rate a second on average, burst at once."""
 
@@ -1229,6 +1228,7 @@ class TokenBucket:
         return True
 
 
+@dataclass
 class Sanction:
     """A banned or muted network: until a time (None: for good), why, who said so, when."""
     target: str                 # what the operator named: a nick, an address or a network
@@ -3179,18 +3179,24 @@ class FileStore(Store):
         return events[-count:]
 
     def lines(self, room, before, after, count, reply):
-        """Read back from the end of the log and the one before it, as far as
-        SCROLLBACK_SCAN each: scrolling back reaches the last log's start, not further."""
-        path, found = self._log_path(room), []
-        for part in (path, path + ".1"):
-            records = self._tail_records(part)
-            said = [event for event in map(functools.partial(self._said, room), records)
-                    if event and (event.seq > after if after is not None
-                                  else before is None or event.seq < before)]
-            found = said + found
-            if len(found) >= count or after is not None and said and said[0].seq <= after + 1:
+        """Read back from the end of the log and the one before it (as far as
+        SCROLLBACK_SCAN each), newest first, until what was asked is found."""
+        found = []
+        for said in self._newest_first(room):
+            if after is not None and said.seq <= after or after is None and len(found) >= count:
                 break
+            if after is not None or before is None or said.seq < before:
+                found.append(said)
+        found.reverse()
         reply(found[:count] if after is not None else found[-count:])
+
+    def _newest_first(self, room):
+        path = self._log_path(room)
+        for part in (path, path + ".1"):
+            for record in reversed(self._tail_records(part)):
+                said = self._said(room, record)
+                if said is not None:
+                    yield said
 
     @staticmethod
     def _tail_records(part):
