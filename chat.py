@@ -141,6 +141,7 @@ ROOMS_LISTED = 20                    # rooms listed by /rooms before "and N more
 MAX_NICK = 20                        # code points
 MAX_ROOM = 30                        # code points of a room name, after its "#"
 MAX_REASON = 100                     # code points of a /quit reason
+MAX_REALNAME = 50                    # code points of an IRC real name
 WHO_MASK_LIMIT = 100                 # members one IRC WHO by mask lists
 REMOTE_FACTOR = 16                   # members of other nodes listed here: this many --max-clients
 MAX_TOPIC = 300                      # code points of a room topic
@@ -672,13 +673,23 @@ class Joined:
 
 
 @dataclass(frozen=True)
-class AwayChanged:
-    """A member of the room went away (text) or came back (None): for the lists of
-    those that keep them (IRCv3 away-notify, the page), not news for the others."""
+class MemberChanged:
+    """A member of the room went away (away: its words) or came back (None), or took
+    another real name: for the lists of those that keep them (IRCv3 away-notify and
+    setname, the page), not news for the others."""
     room: str
     nick: str
-    text: Optional[str]
+    away: Optional[str]
+    realname: Optional[str] = None   # the new real name, when that is what changed
     uid: int = 0            # one for all the member's rooms: a member of several hears it once
+
+
+@dataclass(frozen=True)
+class Invited:
+    """Someone was let into the room (IRCv3 invite-notify)."""
+    room: str
+    nick: str               # who invited
+    target: str
 
 
 @dataclass(frozen=True)
@@ -2255,6 +2266,7 @@ class RoomRights:
         else:
             self.broker.invite(target, room, member.nick)   # its node lets it in
         self.sink.send(member, notice("invite_sent", target=target.nick, room=room.name))
+        self.publish_here(room, Invited(room.name, member.nick, target.nick), (member,))
 
     def invited(self, target, room, by):
         """A member here may enter room once, invite-only or not."""
@@ -2584,17 +2596,27 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         member.away = tidy_text(text)[:MAX_REASON] or None
         self.sink.send(member, notice("away_set", text=member.away) if member.away
                        else notice("away_cleared"))
-        self.tell_away(member, (member,))
+        self.tell_change(member, (member,))
         self.directory.changed(member)
 
-    def tell_away(self, member, excluded=()):
-        """member's rooms here hear that it went away or came back."""
+    def do_setname(self, member, realname):
+        """A new real name (IRCv3 setname); the muted keep theirs."""
+        if self.muted(member):
+            return False
+        member.realname = realname
+        self.tell_change(member, (member,), realname)
+        self.directory.changed(member)
+        return True
+
+    def tell_change(self, member, excluded=(), realname=None):
+        """member's rooms here hear that it went away or came back, or (realname) took
+        another real name."""
         uid = next(self._uids)
         for room in member.rooms:
-            room.cache.clear()   # WHO shows who is away
+            room.cache.clear()   # WHO shows who is away, and real names
             if member in room.listed:
-                self.publish_here(room, AwayChanged(room.name, member.nick, member.away, uid),
-                                  excluded)
+                self.publish_here(room, MemberChanged(room.name, member.nick, member.away,
+                                                      realname, uid), excluded)
 
     def do_ignore(self, member, name):
         key = self._nick_key(member, name, "/ignore NICK")
@@ -2691,10 +2713,12 @@ class ClusterView:
             log.warning("over %d members on other nodes: %s is not listed here",
                         len(self.remote), state.nick)
             return
+        known = member is not None
         if member is None:
             member = self.remote[state.cid] = Member(None, multi_room=True)
             member.remote, member.cid, member.announced = state.node, state.cid, True
-        away_changed = member.away != state.away
+        away_changed = known and member.away != state.away
+        realname_changed = known and member.realname != state.realname
         member.realname, member.address, member.away = state.realname, state.address, state.away
         member.user = state.user
         if member.nick != state.nick:
@@ -2718,8 +2742,8 @@ class ClusterView:
                     self.hub.publish_here(room, Joined(room.name, member.nick, self.hub._big(room),
                                                        member.realname, member.away))
             self._set_rank(member, room, state.ranks.get(key, ""))
-        if away_changed:
-            self.hub.tell_away(member)
+        if away_changed or realname_changed:
+            self.hub.tell_change(member, (), state.realname if realname_changed else None)
         if event is not None:
             self.tell(event)
 
@@ -5032,7 +5056,7 @@ class LineDialect(Dialect):
         kind = type(event)
         if kind is Said:
             return (said_line(event.nick, event.text, event.action, event.notice) + "\n").encode()
-        if kind in MEMBERSHIP_EVENTS and event.quiet or kind is AwayChanged:
+        if kind in MEMBERSHIP_EVENTS and event.quiet or kind in (MemberChanged, Invited):
             return b""
         if kind is Joined:
             return line_bytes("joined", nick=event.nick)
@@ -5348,11 +5372,18 @@ class IrcReplies:
             if event.away and "away-notify" in cls.takes:
                 joined += cls._line(":%s AWAY :%s" % (irc_source(event.nick), event.away))
             return joined
-        if kind is AwayChanged:
+        if kind is MemberChanged:
+            if event.realname is not None:
+                return cls._line(":%s SETNAME :%s" % (irc_source(event.nick), event.realname)
+                                 ) if "setname" in cls.takes else b""
             if "away-notify" not in cls.takes:
                 return b""
-            return cls._line(":%s AWAY%s" % (irc_source(event.nick), " :" + event.text
-                                              if event.text else ""))
+            return cls._line(":%s AWAY%s" % (irc_source(event.nick), " :" + event.away
+                                              if event.away else ""))
+        if kind is Invited:
+            return cls._line(":%s INVITE %s %s" % (irc_source(event.nick), event.target,
+                                                   event.room)) if "invite-notify" in cls.takes \
+                else b""
         if kind is Parted:
             reason = "left for %s" % event.to if event.to else event.reason
             return cls._line(":%s PART %s :%s" % (irc_source(event.nick), event.room, reason))
@@ -5578,7 +5609,7 @@ class IrcTags:
     __slots__ = ()
 
     SHARED_CAPS = frozenset(("server-time", "message-tags", "batch", "away-notify",
-                             "extended-join"))
+                             "extended-join", "setname", "invite-notify"))
     takes = frozenset()         # of SHARED_CAPS, those this variant's lines are made for
     _variants = {}              # takes -> the variant of IrcDialect for them
 
@@ -5836,8 +5867,8 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
                  "greeted_as", "heard", "pinged", "caps")
 
     CAPABILITIES = ("away-notify", "batch", "cap-notify", "draft/chathistory", "echo-message",
-                    "extended-join", "message-tags", "multi-prefix", "server-time",
-                    "userhost-in-names")
+                    "extended-join", "invite-notify", "message-tags", "multi-prefix",
+                    "server-time", "setname", "userhost-in-names")
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
@@ -5947,7 +5978,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             self._numeric("461", "USER :Not enough parameters")
             return
         self.user = re.sub(r"[^\w.~-]", "", irc_text(params[0]), flags=re.ASCII)[:10] or "user"
-        self.realname = irc_text(params[3])[:50]
+        self.realname = irc_text(params[3])[:MAX_REALNAME]
         if not self.realname.strip():
             self.user = None
             self._numeric("461", "USER :Not enough parameters (a real name, even \"-\")")
@@ -6126,6 +6157,13 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         self.hub.do_kill(self.conn.member, params[0], irc_text(params[1]) if len(params) > 1
                          else "")
 
+    def _setname(self, params):
+        realname = irc_text(params[0]).strip()[:MAX_REALNAME]
+        if not realname:
+            self._fail("SETNAME", "INVALID_REALNAME", "", "A real name must not be empty")
+        elif self.hub.do_setname(self.conn.member, realname) and "setname" in self.caps:
+            self._send(":%s SETNAME :%s" % (irc_source(self.nick), realname))
+
     def _wallops(self, params):
         self.hub.do_wallops(self.conn.member, irc_text(params[0]))
 
@@ -6195,7 +6233,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         "INVITE": ("_invite", 2), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
         "HELP": ("_help", 0), "HELPOP": ("_help", 0), "TIME": ("_time", 0),
         "INFO": ("_info", 0), "CHATHISTORY": ("_chathistory", 1), "TAGMSG": ("_tagmsg", 1),
-        "KILL": ("_kill", 1), "WALLOPS": ("_wallops", 1),
+        "KILL": ("_kill", 1), "WALLOPS": ("_wallops", 1), "SETNAME": ("_setname", 1),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))
     LENIENT = frozenset(("USER", "PASS", "QUIT"))   # taken even when not UTF-8 (cleaned)
@@ -6687,8 +6725,13 @@ class WebSocketDialect(LineDialect):
         if kind is Joined:
             return {"type": "joined", "room": event.room, "nick": event.nick,
                     "quiet": event.quiet, "away": event.away}
-        if kind is AwayChanged:
-            return {"type": "away", "room": event.room, "nick": event.nick, "text": event.text}
+        if kind is MemberChanged:
+            return {"type": "away", "room": event.room, "nick": event.nick, "text": event.away
+                    } if event.realname is None else {"type": "realname", "room": event.room,
+                                                      "nick": event.nick, "text": event.realname}
+        if kind is Invited:
+            return {"type": "invited", "room": event.room, "nick": event.nick,
+                    "target": event.target}
         if kind is Parted:
             return {"type": "left", "room": event.room, "nick": event.nick,
                     "reason": event.reason, "to": event.to, "quiet": event.quiet}

@@ -35,7 +35,7 @@ CHAT = os.path.join(HERE, "chat.py")
 TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
 IRC_CAPS = ("away-notify batch cap-notify draft/chathistory echo-message extended-join "
-            "message-tags multi-prefix server-time userhost-in-names")
+            "invite-notify message-tags multi-prefix server-time setname userhost-in-names")
 HISTORY_ENTRY = re.compile(r"^\*\*\* \[\d\d:\d\d\] ")   # a replayed line, at any hour
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
@@ -2390,7 +2390,8 @@ class IrcTest(ServerTestCase):
         plain = self.irc_peer("plain")
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve Tester",
-                 "CAP REQ :away-notify extended-join", "CAP END", "JOIN #lobby")
+                 "CAP REQ :away-notify extended-join setname invite-notify", "CAP END",
+                 "JOIN #lobby")
         self.assertIn(":eve!eve@chat JOIN #lobby * :Eve Tester",
                       peer.lines_until(r":testroom 366 eve .*"))
         bob.say("/away at lunch")
@@ -2401,6 +2402,14 @@ class IrcTest(ServerTestCase):
         carol.irc("NICK carol", "USER carol 0 * :Carol C", "AWAY :not here", "JOIN #lobby")
         self.assertEqual(peer.next_line(), ":carol!carol@chat JOIN #lobby * :Carol C")
         self.assertEqual(peer.next_line(), ":carol!carol@chat AWAY :not here")
+        carol.irc("SETNAME :Carol Cee", "SETNAME :")
+        self.assertEqual(peer.expect(r".* SETNAME .*"), ":carol!carol@chat SETNAME :Carol Cee")
+        self.assertEqual(carol.expect(r".* FAIL .*"), ":testroom FAIL SETNAME INVALID_REALNAME "
+                                                      ":A real name must not be empty")
+        peer.irc("JOIN #mine")
+        carol.irc("JOIN #mine", "INVITE bob #mine", "WHOIS carol")
+        self.assertEqual(peer.expect(r".* INVITE .*"), ":carol!carol@chat INVITE bob #mine")
+        self.assertEqual(carol.numeric("311"), ":testroom 311 carol carol carol chat * :Carol Cee")
         lines = plain.barrier()   # neither shape for a client that did not ask
         self.assertIn(":carol!carol@chat JOIN #lobby", lines)
         self.assertFalse([line for line in lines if " AWAY" in line], lines)
