@@ -5407,7 +5407,7 @@ class IrcReplies:
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=b,k,l,imnst MODES=%d CHANLIMIT=#:%d MAXTARGETS=%d "
-                    "KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d MSGREFTYPES=msgid,timestamp MAXLIST=b:%d "
+                    "KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d MSGREFTYPES=msgid,timestamp MAXLIST=b:%d CLIENTTAGDENY=* "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
@@ -5481,7 +5481,8 @@ class IrcReplies:
         if event.sent and "echo-message" not in self.caps:
             return b""   # IRC clients show what they sent themselves
         text = "\x01ACTION %s\x01" % event.text if event.action else event.text
-        return irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender), event.target), text)
+        return self.tag_lines(irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender),
+                                                              event.target), text), event.time)
 
     def _topic(self, event):
         if event.text:

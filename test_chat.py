@@ -2296,7 +2296,8 @@ class IrcTest(ServerTestCase):
             self.assertIn(number, numbers)
         isupport = " ".join(line for line in lines if " 005 " in line)
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
-                      "NETWORK=testroom", "UTF8ONLY"):
+                      "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50",
+                      "CLIENTTAGDENY=*", "MSGREFTYPES=msgid,timestamp"):
             self.assertIn(token, isupport)
         self.assertIn(":alice!alice@chat JOIN #lobby", lines)
         self.assertIn(":testroom 353 alice = #lobby :alice", lines)
@@ -2366,6 +2367,9 @@ class IrcTest(ServerTestCase):
         self.assertEqual(bob.expect(r"<eve> .*"), "<eve> mine")
         self.assertEqual(plain.expect(r".*PRIVMSG #lobby :mine"),
                          ":eve!eve@chat PRIVMSG #lobby :mine")   # no tags unasked
+        bob.say("/msg eve just you")   # private: a time, and no msgid (they are not kept)
+        tags, line = irc_tagged(peer.expect(r".*PRIVMSG eve .*"))
+        self.assertEqual((sorted(tags), line), (["time"], ":bob!bob@chat PRIVMSG eve :just you"))
 
     def test_a_message_relayed_whole_or_refused(self):
         alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
