@@ -31,6 +31,7 @@ import base64
 import bisect
 import calendar
 import codecs
+import concurrent.futures
 import collections
 import contextlib
 import dataclasses
@@ -1800,6 +1801,11 @@ class Rooms:
         found, complete = room.lines(before, after, count)
 
         def answer(stored):
+            if self.members.get(member.key) is not member:
+                return   # gone while its lines were read
+            if stored is None:
+                self.sink.send(member, notice("history_busy", room=room.name))
+                return
             merged = {said.seq: said for said in stored}
             merged.update((said.seq, said) for said in found)
             lines = sorted(merged.values(), key=lambda said: said.seq)
@@ -2873,9 +2879,10 @@ class Store:
         return []
 
     def lines(self, room, before, after, count, reply):
-        """reply(events): count of room's lines numbered after `after` (the first ones),
-        or else before `before` (the last ones; None: the latest), in any order. Kept
-        nowhere, there are none."""
+        """reply(events), in the loop: count of room's lines numbered after `after` (the
+        first ones), or else before `before` (the last ones; None: the latest), in any
+        order; reply(None) when too many reads are under way. Kept nowhere, there are
+        none."""
         reply(())
 
     def append(self, room, event):
@@ -2909,7 +2916,11 @@ RECORD_LIMIT = 64 * 1024              # bytes of one record read back; a longer 
 STATE_LIMIT = 8 << 20                 # bytes of state.json read back
 OPEN_LOGS = 64                        # logs kept open; the least used are closed past this
 TOPICS_KEPT = 200                     # topics of rooms that are gone, remembered for their return
-SCROLLBACK_SCAN = 4 << 20             # bytes of a log read back, at most, to answer /history
+SCROLLBACK_SCAN = 2 << 20             # bytes of a log read back, at most, to answer /history
+READS_QUEUED = 4                      # /history reads of the logs under way at once, at most
+# A record's number, read without parsing the record (as append writes it): scrolling
+# back parses only the records it gives.
+QUICK_SEQ = re.compile(rb'\{"time": [-+.0-9eE]{1,30}, "seq": (\d{1,15}),')
 
 
 def open_private(path, flags):
@@ -3097,8 +3108,12 @@ class FileStore(Store):
     STATE = "state.json"
     NAME_LIMIT = 200                # bytes of a log's name: every room name fits in 255
 
-    def __init__(self, path, max_bytes=DEFAULT_LOG_MAX_BYTES, keep_records=DEFAULT_HISTORY):
+    def __init__(self, path, max_bytes=DEFAULT_LOG_MAX_BYTES, keep_records=DEFAULT_HISTORY,
+                 call_soon=None):
         self.path = path
+        self.call_soon = call_soon      # call_soon(function, *args): how reads answer the loop
+        self._reader = None             # the thread that reads logs back (made when needed)
+        self._reads = 0                 # reads under way
         self.max_bytes = max_bytes
         self.keep_records = keep_records
         self._lock_fd = self._open_directory(path)
@@ -3204,23 +3219,50 @@ class FileStore(Store):
 
     def lines(self, room, before, after, count, reply):
         """Read back from the end of the log and the one before it (as far as
-        SCROLLBACK_SCAN each), newest first, until what was asked is found."""
-        found = []
-        for said in self._newest_first(room):
-            if after is not None and said.seq <= after or after is None and len(found) >= count:
+        SCROLLBACK_SCAN each), in a thread of its own: a big log never stalls the loop,
+        and only READS_QUEUED reads wait at once."""
+        if before is not None and before <= 1:
+            reply(())
+            return
+        if self._reads >= READS_QUEUED:
+            reply(None)
+            return
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, "chat-read")
+        self._reads += 1
+
+        def done(found):
+            self._reads -= 1
+            reply(found)
+        self._reader.submit(self._read_lines, room, before, after, count).add_done_callback(
+            lambda future: self.call_soon(done, future.result()))
+
+    def _read_lines(self, room, before, after, count):
+        """What lines() answers (in the reader's thread): newest first until found, each
+        record parsed only when it is one of them."""
+        wanted = []
+        for seq, record in self._newest_first(room):
+            if after is not None and seq <= after or after is None and len(wanted) >= count:
                 break
-            if after is not None or before is None or said.seq < before:
-                found.append(said)
-        found.reverse()
-        reply(found[:count] if after is not None else found[-count:])
+            if after is not None or before is None or seq < before:
+                wanted.append(record)
+        found = [said for said in map(functools.partial(self._said, room), reversed(wanted))
+                 if said is not None]
+        return found[:count] if after is not None else found[-count:]
 
     def _newest_first(self, room):
+        """(number, record) of a room's records, newest first; the number as read without
+        parsing (a record written otherwise is parsed for it)."""
         path = self._log_path(room)
         for part in (path, path + ".1"):
             for record in reversed(self._tail_records(part)):
-                said = self._said(room, record)
-                if said is not None:
-                    yield said
+                quick = QUICK_SEQ.match(record)
+                if quick:
+                    yield int(quick.group(1)), record
+                else:
+                    said = self._said(room, record)
+                    if said is not None:
+                        yield said.seq, record
 
     @staticmethod
     def _tail_records(part):
@@ -3324,6 +3366,8 @@ class FileStore(Store):
             self._release(opened)
         self._files.clear()
         self._writer.close()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
         os.close(self._lock_fd)
 
     def _failed(self, what, exc):
@@ -8026,8 +8070,8 @@ class ChatServer(Intake, Output, Operating):
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.cluster = RedisCluster(self, self.options) if self.options.redis else None
         self._store = (FileStore(self.options.data_dir, self.options.log_max_bytes,
-                                 self.options.history)   # first: a refusal leaks nothing
-                       if self.options.data_dir else
+                                 self.options.history, self.call_soon)   # first: a refusal
+                       if self.options.data_dir else                     # leaks nothing
                        self.cluster.store if self.cluster else Store())
         self._selector = selectors.DefaultSelector()
         self._listeners = []
