@@ -126,6 +126,7 @@ SCROLLBACK_PAGE = 50                 # lines one /history answer gives by defaul
 SCROLLBACK_MAX = 200                 # ...and at most
 STORE_READS = 20.0                   # reads of the store for /history, a second, for all...
 STORE_READ_GAP = 0.3                 # ...and seconds between two of one member's
+STATE_SAVE_DELAY = 0.5               # seconds a change of topics, bans... waits to be kept
 HISTORY_MEMORY = 32 << 20            # bytes of text all rooms' histories hold at most
 DEFAULT_LOG_MAX_BYTES = 1 << 20      # a room's log is rotated past this (--data-dir)
 SYNC_INTERVAL = 1.0                  # seconds between fsyncs of the logs, at most
@@ -1599,8 +1600,17 @@ class Moderation:
             self.recent.popitem(last=False)
 
     def _save_state(self):
-        self.store.save_state({"topics": self.topics, "bans": self.bans.records(),
-                               "mutes": self.mutes.records(), "rooms": self.room_modes})
+        """Keep topics, bans, mutes and room modes: a moment after the first change, so a
+        burst of changes is one write (what is due is written at shutdown too)."""
+        if not self.state_due:
+            self.state_due = True
+            self.sink.call_later(STATE_SAVE_DELAY, self.save_due_state)
+
+    def save_due_state(self):
+        if self.state_due:
+            self.state_due = False
+            self.store.save_state({"topics": self.topics, "bans": self.bans.records(),
+                                   "mutes": self.mutes.records(), "rooms": self.room_modes})
 
     def adopt_state(self, state):
         """Topics, bans and mutes as another node left them (read back from the store):
@@ -1864,10 +1874,12 @@ class Rooms:
         return room
 
     def _named_room(self, member, name):
-        """The existing room called name, or None (the member is told)."""
+        """The existing room called name, or None (the member is told): a secret room is
+        none to who is outside it."""
         room = self.find_room(name)
-        if room is None:
+        if room is None or not self.visible(member, room):
             self.sink.send(member, notice("no_such_room", room=sanitize(name)[:40]))
+            return None
         return room
 
     def _room_to_join(self, member, name):
@@ -1988,37 +2000,48 @@ ROOM_MODES = {"i": "invite-only", "m": "moderated", "n": "closed to outsiders",
 MODE_ARGS = 4                           # changes with an argument in one /mode (IRC's MODES)
 INVITES_KEPT = 1000                     # invitations a room remembers
 ROOM_BANS = 50                          # bans one room keeps (IRC's MAXLIST)
+MAX_MASK = 100                          # bytes of a ban's mask
 
 
 def ban_mask(text):
     """A room ban's mask, nick!user@host, from what an operator typed: a nick, an
-    address or network (1.2.3.4, 10.0.0.0/8), or a mask (* and ? as wildcards); None
-    when it cannot be one."""
-    text = "".join(sanitize(text).split())[:MAX_NICK + 60]
-    if not text or text.count("!") > 1 or text.count("@") > 1:
+    address or network (1.2.3.4, 10.0.0.0/8; an IPv6 address stands for its /64, as for
+    /ban), or a mask (* and ? as wildcards); None when it cannot be one."""
+    text = "".join(sanitize(text).split())
+    if not text or len(text.encode()) > MAX_MASK or text.count("!") > 1 or text.count("@") > 1:
         return None
-    if "!" in text or "@" in text:
-        nick, _, rest = text.partition("!") if "!" in text else ("*", "", text)
-        user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
-        return "%s!%s@%s" % (nick or "*", user or "*", host or "*")
+    if "!" not in text and "@" not in text:
+        return "*!*@" + ban_host(text) if ban_host(text) != text else text + "!*@*"
+    nick, _, rest = text.partition("!") if "!" in text else ("*", "", text)
+    user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
+    return "%s!%s@%s" % (nick or "*", user or "*", ban_host(host or "*"))
+
+
+def ban_host(host):
+    """The host part of a ban: an address or network as the network it covers (written
+    one way), anything else as it is."""
     try:
-        return "*!*@%s" % ipaddress.ip_network(text, strict=False)
+        return str(address_block(host))
     except ValueError:
-        return text + "!*@*"
+        return host
 
 
 def ban_covers(mask, member):
-    """Whether a room ban's mask covers member: its nick and user name, and its host as
-    IRC shows it or its real address (a network covers the addresses in it)."""
+    """Whether a room ban's mask covers member: its nick (or a look-alike of it, for a
+    mask without wildcards) and user name, and its host as IRC shows it or its real
+    address (a network covers the addresses in it)."""
     nick_user, _, host = mask.casefold().rpartition("@")
-    who = ("%s!%s" % (member.nick, member.user or member.nick)).casefold()
-    if not fnmatch.fnmatchcase(who, nick_user):
+    nick, _, user = nick_user.partition("!")
+    if not fnmatch.fnmatchcase((member.user or member.nick).casefold(), user):
         return False
-    if host != "*" and "/" in host:
-        try:
-            return ipaddress.ip_address(member.address) in ipaddress.ip_network(host)
-        except ValueError:
+    if "*" in nick or "?" in nick:
+        if not fnmatch.fnmatchcase(member.nick.casefold(), nick):
             return False
+    elif not lookalike_keys(nick) & set(member.lookalikes):
+        return False
+    if "/" in host:
+        address = ip_address(member.address)
+        return address is not None and address in ipaddress.ip_network(host)
     return any(fnmatch.fnmatchcase(name, host) for name in (IRC_HOST, member.address.casefold()))
 
 
@@ -2348,6 +2371,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.was = collections.deque(maxlen=self.RECENT)   # (nick, user, realname, until)
         self.history_budget = HistoryBudget(options.history_memory)
         self.store_reads = TokenBucket(STORE_READS, STORE_READS)   # see _may_read
+        self.state_due = False          # a change of the kept state waits: see _save_state
         self.reserved = frozenset().union(*map(lookalike_keys, RESERVED_NICKS + (name,)))
         self._guests = itertools.count(self.directory.first_guest)
         self.lines_told = 0             # room lines told to the members here
@@ -3188,7 +3212,7 @@ class FileStore(Store):
 
     def save_state(self, state):
         self._writer.save(os.path.join(self.path, self.STATE),
-                          json.dumps(state, indent=1).encode())
+                          json.dumps(state, indent=1, ensure_ascii=False).encode())
 
     # Public lines
 
@@ -4066,7 +4090,7 @@ class ClusterCodec:
                 sign = letter
             elif letter in "ovkb" or letter == "l" and sign == "+":
                 taking.append(sign + letter)
-        args = tuple("".join(stored_text(arg).split())[:MAX_NICK + 60] for arg in args)
+        args = tuple("".join(stored_text(arg).split())[:MAX_MASK] for arg in args)
         if len(args) != len(taking) or any(
                 kind == "+l" and not 0 < (number_word(arg) or 0) < 100000 or
                 kind[1] == "b" and ban_mask(arg) != arg for kind, arg in zip(taking, args)):
@@ -4753,7 +4777,7 @@ HELP_TEXT = (
     "  /part            back to {room}",
     "  /rooms           list the rooms",
     "  /who [ROOM]      who is in your room (or in ROOM)",
-    "  /topic [TEXT]    show or set your room's topic",
+    "  /topic [ROOM] [TEXT]  show or set your room's topic (or ROOM's)",
     "  /whois NICK      who NICK is: rooms, idle time, away",
     "  /away [TEXT]     say you are away (/away alone: back)",
     "  /ignore NICK     hear nothing more from NICK (/unignore NICK)",
@@ -5033,7 +5057,8 @@ class LineDialect(Dialect):
         "focus": ("do_focus", lambda rest: (rest.strip(),)),
         "history": ("do_history", history_arguments),
         "rooms": ("do_rooms", lambda rest: ()),
-        "topic": ("do_topic", lambda rest: (None, rest) if rest else ()),
+        "topic": ("do_topic", lambda rest: (
+            tuple(rest.split(None, 1)) if rest.startswith("#") else (None, rest) if rest else ())),
         "quit": ("do_quit", lambda rest: (rest,)),
         "whois": ("do_whois", lambda rest: (rest,)),
         "away": ("do_away", lambda rest: (rest,)),
@@ -7974,6 +7999,7 @@ class Output:
     def _shut_down_clients(self):
         """Tell everyone, flush for at most shutdown_timeout, close everything."""
         log.info("shutting down, %d connected", len(self._conns))
+        self.hub.save_due_state()
         self._stop_accepting()
         for conn in list(self._conns):
             if conn.dialect is not None and conn.stage in (OPENING, CHAT):

@@ -1782,12 +1782,39 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(alice.numeric("461"), ":testroom 461 alice MODE :Not enough parameters")
         self.assertEqual(carol.expect(r"\*\*\* alice is .*"), "*** alice is now an operator")
         alice.irc("MODE #lobby +b *!*@10.1.2.3", "MODE #lobby +b", "MODE #lobby -b *!*@10.1.2.3")
-        self.assertEqual(alice.expect(r".* MODE .*"), ":alice!alice@chat MODE #lobby +b *!*@10.1.2.3")
+        self.assertEqual(alice.expect(r".* MODE .*"),
+                         ":alice!alice@chat MODE #lobby +b *!*@10.1.2.3/32")   # as it is kept
         since = int(alice.numeric("367").split()[-1])
         self.assertLess(abs(since - time.time()), 60)   # the time it was set, not 0
-        self.assertEqual(alice.expect(r".* MODE .*"), ":alice!alice@chat MODE #lobby -b *!*@10.1.2.3")
-        self.assertEqual(carol.expect(r"\*\*\* alice .*"), "*** alice banned *!*@10.1.2.3 from #lobby")
-        self.assertEqual(carol.next_line(), "*** alice lifted the ban on *!*@10.1.2.3 in #lobby")
+        self.assertEqual(alice.expect(r".* MODE .*"),
+                         ":alice!alice@chat MODE #lobby -b *!*@10.1.2.3/32")
+        self.assertEqual(carol.expect(r"\*\*\* alice .*"),
+                         "*** alice banned *!*@10.1.2.3/32 from #lobby")
+        self.assertEqual(carol.next_line(), "*** alice lifted the ban on *!*@10.1.2.3/32 in #lobby")
+
+    def test_secret_rooms_are_none_to_outsiders(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        alice.say("/join #secret", "/mode +s", "/topic #secret hush", "/mode +b troll")
+        alice.expect(r"\*\*\* alice banned troll!\*@\* from #secret")
+        bob.say("/who #secret", "/topic #secret", "/mode #secret", "/mode #secret +b",
+                "/topic #lobby open to all", "/topic #lobby")
+        self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: no such room #secret")
+        for _ in range(3):
+            self.assertEqual(bob.next_line(), "*** error: no such room #secret")
+        self.assertEqual(bob.expect(r"\*\*\* topic of .*"), "*** topic of #lobby: open to all")
+
+    def test_room_bans_cover_look_alikes_and_address_blocks(self):
+        member = chat.Member(None, address="2001:db8::5")
+        member.nick, member.lookalikes = "bob", chat.lookalike_keys("bob")
+        for typed, covers in (("b\u043eb", True), ("BOB", True), ("b?b", True), ("bo", False),
+                              ("2001:db8::9", True), ("2001:db8:1::5", False),
+                              ("*!*@2001:DB8::/32", True), ("::ffff:10.0.0.1", False),
+                              ("*!bob@chat", True), ("*!eve@*", False)):
+            self.assertEqual(chat.ban_covers(chat.ban_mask(typed), member), covers, typed)
+        member.address = "10.0.0.1"
+        self.assertTrue(chat.ban_covers(chat.ban_mask("::ffff:10.0.0.0/120"), member))
+        self.assertEqual(chat.ban_mask("::ffff:10.0.0.1"), "*!*@10.0.0.1/32")
+        self.assertIsNone(chat.ban_mask("\U0001d54f" * 30))   # over 100 bytes
 
     def test_kill_and_wallops_are_for_operators(self):
         alice, bob = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT)), \
