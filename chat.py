@@ -7343,14 +7343,15 @@ class TurnBatcher:
             if conn.stage is not CLOSED:
                 deliver(conn, self._pieces(conn, conn_marks, rooms))
         done = set(marks)
+        several = len(rooms) > 1   # else no member can have news of two rooms
         for room, turn in rooms.items():
             shared = {}   # dialect class -> bytes: the hot path looks up, nothing more
             for member in room.members:
                 conn = member.endpoint
                 if conn in done:
                     continue
-                if member.multi_room and any(other in rooms for other in member.rooms
-                                             if other is not room):
+                if several and member.multi_room and any(
+                        other in rooms for other in member.rooms if other is not room):
                     done.add(conn)
                     deliver(conn, self._pieces_by_room(conn, rooms, member.rooms))
                     continue
