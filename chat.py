@@ -6218,7 +6218,10 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             RECEIVER.encode(), self.nick.encode()))
 
     def _whois(self, params):
-        self.hub.do_whois(self.conn.member, params[-1])
+        nick = params[-1]
+        self.hub.do_whois(self.conn.member, nick)
+        if self.hub.find_member(nick) is None:   # 401 said so: the list still ends
+            self._numeric("318", "%s :End of /WHOIS list" % sanitize(nick)[:MAX_NICK * 2])
 
     def _oper(self, params):
         self.hub.do_op(self.conn.member, params[1])
@@ -6238,10 +6241,15 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         self.hub.do_wallops(self.conn.member, irc_text(params[0]))
 
     def _kick(self, params):
-        """KICK #room nick[,nick...] [:reason]: out of the room."""
+        """KICK #room nick[,nick...] [:reason] (or #a,#b nick1,nick2: in pairs): out of
+        the room, one KICK each."""
         reason = irc_text(params[2]) if len(params) > 2 else self.nick   # as servers do
-        for nick in params[1].split(",")[:MAX_TARGETS]:
-            self.hub.do_kick_from(self.conn.member, params[0], nick, reason)
+        nicks, rooms = params[1].split(",")[:MAX_TARGETS], params[0].split(",")
+        if len(rooms) not in (1, len(nicks)):
+            self._numeric("461", "KICK :Not as many channels as nicks")
+            return
+        for room, nick in zip(rooms * len(nicks) if len(rooms) == 1 else rooms, nicks):
+            self.hub.do_kick_from(self.conn.member, room, nick, reason)
 
     def _invite(self, params):
         self.hub.do_invite(self.conn.member, params[0], params[1])

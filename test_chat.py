@@ -2269,6 +2269,19 @@ class IrcTest(ServerTestCase):
             peer.register(nick)
         return peer
 
+    def test_kick_in_pairs_and_whois_of_nobody(self):
+        alice, bob, carol = self.irc_peer("alice"), self.irc_peer("bob"), self.irc_peer("carol")
+        for peer in (alice, bob, carol):
+            peer.irc("JOIN #k")
+        alice.expect(r":carol!carol@chat JOIN #k")
+        alice.irc("KICK #k,#k bob,carol :bye", "KICK #k,#k bob :no", "WHOIS nobody")
+        self.assertEqual(alice.expect(r".* KICK .*"), ":alice!alice@chat KICK #k bob :bye")
+        self.assertEqual(alice.next_line(), ":alice!alice@chat KICK #k carol :bye")
+        self.assertEqual(alice.numeric("461"), ":testroom 461 alice KICK :Not as many channels "
+                                               "as nicks")
+        self.assertEqual(alice.numeric("401"), ":testroom 401 alice nobody :No such nick/channel")
+        self.assertEqual(alice.next_line(), ":testroom 318 alice nobody :End of /WHOIS list")
+
     def test_invisible_users(self):
         evan, shiv = self.irc_peer("evan"), self.irc_peer("shiv")
         evan.irc("PART #lobby", "JOIN #xyz", "MODE evan +i", "MODE evan", "MODE evan +x")
