@@ -9850,314 +9850,1222 @@ class ChatClient:
 # script and style are allowed by their hashes, and nothing else is.
 
 _PAGE_STYLE = """
-:root{color-scheme:light dark;--bg:#fdfdfc;--fg:#1d1d1f;--dim:#6b6b70;--line:#e3e3e6;--mine:#eef4ff;--hl:#fff4c2;--err:#b3261e;--l:38%;font:16px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif}
-@media (prefers-color-scheme:dark){:root{--bg:#16161a;--fg:#ececf0;--dim:#9a9aa3;--line:#2c2c33;--mine:#1d2636;--hl:#3b3315;--err:#ff8a80;--l:70%}}
-*{box-sizing:border-box}body{margin:0;height:100vh;height:100dvh;display:flex;flex-direction:column;background:var(--bg);color:var(--fg)}
-header{display:flex;gap:.6em;align-items:baseline;flex-wrap:wrap;padding:.4em .8em;border-bottom:1px solid var(--line)}
-h1{font-size:1.05em;margin:0}#topic{color:var(--dim);flex:1;min-width:8em;overflow-wrap:anywhere}#state{color:var(--dim);font-size:.9em}
-button{font:inherit;padding:.25em .7em;border:1px solid var(--line);border-radius:6px;background:transparent;color:inherit;cursor:pointer}
-button:focus-visible,input:focus-visible,a:focus-visible,#log:focus-visible{outline:2px solid #4c7dff;outline-offset:1px}
-main{flex:1;display:flex;min-height:0}#log{flex:1;overflow-y:auto;padding:.4em .8em;overflow-wrap:anywhere}
-aside{width:14em;border-left:1px solid var(--line);overflow-y:auto;padding:.4em .8em}aside h2{font-size:.85em;color:var(--dim);margin:.6em 0 .2em;text-transform:uppercase}
-aside ul{list-style:none;margin:0;padding:0}aside li button{border:0;padding:.1em 0;text-align:left;width:100%}aside li[aria-current] button{font-weight:600}
-.msg{padding:.05em 0}.time{color:var(--dim);font-size:.8em;margin-right:.5em;font-variant-numeric:tabular-nums}.nick{font-weight:600}
-.notice{color:var(--dim)}.error{color:var(--err)}.past{opacity:.65}.mine{background:var(--mine)}.private{background:var(--hl);border-left:3px solid #c9a227;padding-left:.3em}.mention{background:var(--hl)}
-form#send{display:flex;gap:.5em;padding:.5em .8em;border-top:1px solid var(--line)}form#send label{align-self:center;color:var(--dim);white-space:nowrap}
-input{font:inherit;flex:1;min-width:0;padding:.4em .5em;border:1px solid var(--line);border-radius:6px;background:transparent;color:inherit}
-#login{position:fixed;inset:0;display:flex;align-items:center;justify-content:center;background:var(--bg)}#login form{display:grid;gap:.6em;width:min(22em,90vw)}
-#login[hidden],.hidden{display:none}#people{display:none}
-@media (max-width:640px){aside{display:none;position:fixed;right:0;top:2.6em;bottom:3.4em;background:var(--bg);z-index:1}aside.open{display:block}#people{display:inline-block}}
+:root{color-scheme:light dark;--bg:#fff;--side:#f3f3f5;--fg:#1d1d1f;--dim:#5b5c63;--line:#d5d5db;--accent:#1d5bc9;--on-accent:#fff;--hl:#fff0b3;--mine:#eef3fd;--err:#b3261e;--nl:47%;--focus:#1d5bc9;font:100%/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+@media (prefers-color-scheme:dark){:root{--bg:#16161a;--side:#1e1e24;--fg:#ececf0;--dim:#a6a6b0;--line:#3a3a44;--accent:#8db3ff;--on-accent:#101014;--hl:#3f3513;--mine:#1c2433;--err:#ff8f85;--nl:80%;--focus:#8db3ff}}
+*{box-sizing:border-box}
+html{height:100%}
+/* The app fills what is visible: --app-h follows the visual viewport, so the on-screen keyboard never covers the input */
+body{margin:0;height:100vh;height:100dvh;height:var(--app-h,100dvh);overflow:hidden;background:var(--bg);color:var(--fg);display:grid;grid-template-columns:16rem minmax(0,1fr) 14rem;grid-template-areas:"nav main people"}
+button,input{font:inherit;color:inherit}
+/* Touch targets of 44 px whatever the text size; icons keep their size too */
+button{min-height:44px;min-width:44px;padding:.3rem .8rem;border:1px solid var(--line);border-radius:.5rem;background:transparent;cursor:pointer}
+button[type=submit]{background:var(--accent);color:var(--on-accent);border-color:var(--accent);font-weight:600}
+input{min-height:44px;min-width:0;padding:.4rem .6rem;border:1px solid var(--dim);border-radius:.5rem;background:var(--bg)}
+:focus-visible{outline:3px solid var(--focus);outline-offset:1px}
+svg{width:24px;height:24px;fill:none;stroke:currentColor;stroke-width:2;stroke-linecap:round;vertical-align:middle}
+h1,h2,p{margin:0}
+ul{list-style:none;margin:0;padding:0}
+.hint{color:var(--dim);font-size:.875rem;font-weight:400}
+.error{color:var(--err)}
+.sr-only{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
+/* Rooms and people: columns on a wide screen, one drawer on a narrow one */
+#drawer{display:contents}
+#nav,#people{background:var(--side);overflow-y:auto;padding:.5rem;min-height:0}
+#nav{grid-area:nav;border-right:1px solid var(--line)}
+#people{grid-area:people;border-left:1px solid var(--line)}
+#nav h2,#people h2{font-size:.8rem;letter-spacing:.04em;text-transform:uppercase;color:var(--dim);margin:1rem .25rem .3rem}
+#nav h2:first-child,#people h2:first-child{margin-top:.25rem}
+#nav li,#members li{display:flex;align-items:center}
+.view,#members button,#others button{position:relative;flex:1;min-width:0;display:flex;align-items:center;gap:.4rem;border:0;text-align:left;padding:.3rem .5rem;overflow-wrap:anywhere}
+.view[aria-current]{background:var(--mine);font-weight:700;box-shadow:inset 3px 0 var(--accent)}
+.name{flex:1;min-width:0}
+.unread .name{font-weight:700}
+.badge{min-width:1.5rem;padding:0 .4rem;border-radius:1rem;background:var(--accent);color:var(--on-accent);font-size:.8rem;font-weight:700;text-align:center;line-height:1.5rem}
+.badge.at{background:var(--err)}
+.badge[hidden]{display:none}
+.close{border:0;color:var(--dim);font-size:1.25rem;line-height:1;padding:0}
+#join-form{margin:1rem .25rem 0}
+#join-form label{display:block;font-weight:600;margin-bottom:.25rem}
+.row{display:flex;gap:.4rem}.row input{flex:1}
+#no-queries{margin:0 .5rem}
+.op{font-weight:700}
+.self{flex:1;min-height:44px;display:flex;align-items:center;gap:.4rem;padding:.3rem .5rem}
+.away{opacity:.75}
+/* The conversation */
+main{grid-area:main;display:flex;flex-direction:column;min-width:0;min-height:0}
+#bar{display:flex;align-items:center;gap:.4rem;padding:.25rem .5rem;border-bottom:1px solid var(--line)}
+#menu{display:none;padding:0 .5rem;gap:.3rem}
+#bell{padding:0;border:0}
+#bell[aria-pressed=true] .slash{display:none}
+#heading{flex:1;min-width:0;padding:.2rem}
+#title{display:inline;font-size:1.125rem;overflow-wrap:anywhere}
+#modes{margin-left:.4rem}
+#topic{color:var(--dim);font-size:.875rem;overflow-wrap:anywhere;display:-webkit-box;-webkit-box-orient:vertical;-webkit-line-clamp:2;overflow:hidden;cursor:pointer}
+#topic.full{display:block}
+#topic:empty{display:none}
+#state{padding:.3rem .75rem;background:var(--hl);font-size:.9rem}
+#state:empty{display:none}
+#log-box{flex:1;min-height:0;position:relative;display:flex}
+#log{flex:1;overflow-y:auto;overflow-anchor:none;overscroll-behavior:contain;padding:.25rem 0 .5rem;overflow-wrap:anywhere}
+#jump{position:absolute;bottom:.5rem;left:50%;transform:translateX(-50%);background:var(--accent);color:var(--on-accent);border:0;box-shadow:0 2px 6px #0005}
+.msg{padding:.1rem .75rem}
+.msg time{color:var(--dim);font-size:.8rem;margin-right:.45rem;font-variant-numeric:tabular-nums}
+.who{font-weight:700;color:oklch(var(--nl) .14 var(--hue,250));cursor:pointer}
+.mine{background:var(--mine)}
+.mention{background:var(--hl);box-shadow:inset 4px 0 #c99a06}
+.acted{font-style:italic}
+.noticed,.info{color:var(--dim)}
+.info{font-size:.9rem}
+.noticed .who,.info .who{color:inherit}
+.msg.error{color:var(--err)}
+.msg a{color:var(--accent)}
+.marker{display:flex;align-items:center;gap:.5rem;margin:.3rem .75rem;color:var(--err);font-size:.8rem;font-weight:700}
+.marker::before,.marker::after{content:"";flex:1;border-top:2px solid var(--err)}
+.top{padding:.4rem .75rem;color:var(--dim);font-size:.875rem;text-align:center}
+#send{display:flex;gap:.4rem;padding:.4rem .5rem;border-top:1px solid var(--line)}
+#line{flex:1}
+#send-button{padding:0 .6rem}
+#login{position:fixed;inset:0;z-index:5;overflow-y:auto;background:var(--bg);display:flex;padding:1rem}
+#login[hidden]{display:none}
+#login-form{margin:auto;display:grid;gap:.35rem;width:min(24rem,100%)}
+#login-form h1{font-size:1.5rem;margin-bottom:.5rem}
+#login-form label{font-weight:600;margin-top:.5rem}
+#login-error:empty{display:none}
+#scrim{display:none}
+@media (max-width:60rem){
+body{grid-template-columns:minmax(0,1fr);grid-template-areas:"main"}
+#menu{display:inline-flex;align-items:center;justify-content:center}
+#drawer{display:block;position:fixed;z-index:3;top:0;bottom:0;left:0;width:min(20rem,88vw);overflow-y:auto;background:var(--side);border-right:1px solid var(--line);transform:translateX(-102%);visibility:hidden;transition:transform .2s,visibility .2s}
+#drawer.open{transform:none;visibility:visible}
+#nav,#people{overflow:visible;border:0}
+#scrim:not([hidden]){display:block;position:fixed;inset:0;z-index:2;background:#0006}
+#topic{-webkit-line-clamp:1}
+}
+@media (prefers-reduced-motion:reduce){#drawer{transition:none}}
 """
 
 _PAGE_SCRIPT = r"""
 "use strict";
-const $ = (id) => document.getElementById(id);
-const log = $("log"), input = $("line"), memberList = $("members"), roomList = $("rooms");
+// The chat page: rooms and private conversations ("views") over one WebSocket.
+// Text from the network only ever becomes text nodes; the CSP allows nothing else.
 const COMMANDS = @COMMAND_WORDS@;
-let ws = null, me = null, room = null, returnTo = null, retry = 1000, unread = 0, leaving = false;
-let members = [], operators = new Set(), voiced = new Set(), rooms = [], sent = [], browsing = -1, password = null, title = "chat";
+const $ = (id) => document.getElementById(id);
+const log = $("log"), input = $("line"), drawer = $("drawer");
+const MAX_LINES = 1500;   // per view: older ones come back by scrolling up
+const PAGE = 50;          // lines per scrollback request
+const KEPT_PRIVATE = 200; // lines of each conversation kept for a reload
+const narrow = window.matchMedia("(max-width: 60rem)");
 
-function colour(nick) {
+// --- Small helpers ---
+
+function make(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+const fold = (name) => name.toLowerCase();
+function load(store, key, fallback) {
+  try { const value = JSON.parse(store.getItem(key)); return value === null ? fallback : value; }
+  catch (e) { return fallback; }
+}
+function save(store, key, value) {
+  try { store.setItem(key, JSON.stringify(value)); } catch (e) { /* storage off or full: the page works without */ }
+}
+
+// --- State ---
+
+const views = new Map();   // key ("#room" or "@nick", folded) -> view, in sidebar order
+const remembered = {
+  rooms: load(localStorage, "chat-rooms", []),        // rooms to come back to, in order
+  current: localStorage.getItem("chat-current"),      // the view being read
+  read: load(localStorage, "chat-read", {}),          // room key -> last seq read
+  quiet: load(localStorage, "chat-quiet", {}),        // view key -> true: no notifications
+  keys: load(sessionStorage, "chat-keys", {}),        // room key -> its +k key, this tab only
+};
+let ws = null, me = null, admitted = false, focused = null, leaving = "", retry = 1000, retryTimer = 0;
+let nick = "", password = null, opPassword = null, resuming = false, nickTries = 0, welcomeText = "";
+let current = null, pendingSwitch = null, checkJoined = false;
+let sent = [], browsing = -1, otherRooms = [], stuck = true;
+
+function viewKey(kind, name) { return kind === "room" ? fold(name) : "@" + fold(name); }
+
+function ensureView(kind, name) {
+  const key = viewKey(kind, name);
+  let view = views.get(key);
+  if (!view) {
+    view = {key, kind, name, lines: [], seqs: new Set(), last: 0, serverSeq: 0, known: 0,
+      entered: false, unread: 0, mention: false, marker: null, topic: "", modes: "", count: 0,
+      members: new Map(), ops: new Set(), voiced: new Set(), away: new Set(),
+      more: false, loading: false, scroll: null, notify: !remembered.quiet[key]};
+    views.set(key, view);
+    makeItem(view);
+    if (kind === "room") rememberRooms();
+  }
+  return view;
+}
+
+function dropView(view, why) {
+  views.delete(view.key);
+  view.item.remove();
+  if (view.kind === "room") rememberRooms(); else saveQueries();
+  if (pendingSwitch === view.key) pendingSwitch = null;
+  if (current === view) {
+    current = null;
+    const next = views.values().next().value;
+    if (next) switchTo(next); else showNothing();
+  }
+  if (why) { info(current, [why]); announce(why); }
+  refreshLists();
+}
+
+function rememberRooms() {
+  remembered.rooms = [...views.values()].filter((v) => v.kind === "room").map((v) => v.name);
+  save(localStorage, "chat-rooms", remembered.rooms);
+}
+
+function saveQueries() {
+  save(sessionStorage, "chat-queries", [...views.values()].filter((v) => v.kind === "query").map((v) => ({
+    name: v.name, unread: v.unread,
+    lines: v.lines.slice(-KEPT_PRIVATE).map(({kind, parts, nick, text, time, mine}) => ({kind, parts, nick, text, time, mine})),
+  })));
+}
+
+function restoreQueries() {
+  for (const saved of load(sessionStorage, "chat-queries", [])) {
+    const view = ensureView("query", saved.name);
+    for (const line of saved.lines) addLine(view, line);
+    view.unread = saved.unread || 0;
+    updateItem(view);
+  }
+}
+
+// --- Lines: stored per view in order of seq, each shown at most once ---
+
+function insertionIndex(lines, seq) {
+  let at = lines.length;
+  if (!seq) return at;
+  for (let i = lines.length - 1; i >= 0; i--) {
+    const other = lines[i].seq;
+    if (!other) continue;
+    if (other < seq) break;
+    at = i;   // a later line: go before it
+  }
+  return at;
+}
+
+// Adds line to view unless (room, seq) is there already; returns whether it was added.
+function addLine(view, line) {
+  if (line.seq) {
+    if (view.seqs.has(line.seq)) return false;
+    view.seqs.add(line.seq);
+    view.last = Math.max(view.last, line.seq);
+  }
+  const at = insertionIndex(view.lines, line.seq);
+  view.lines.splice(at, 0, line);
+  if (view === current) placeLine(line, at);
+  if (at === view.lines.length - 1 && view.lines.length > MAX_LINES) {
+    const old = view.lines.shift();
+    view.seqs.delete(old.seq);
+    if (old.el) old.el.remove();
+    if (old === view.marker) view.marker = null;
+    view.more = view.kind === "room";
+  }
+  return true;
+}
+
+function placeLine(line, at) {
+  const near = atBottom(), next = current.lines[at + 1];
+  log.insertBefore(lineElement(line), next ? next.el : null);
+  if (next) return;
+  if (near || line.mine) toBottom(); else $("jump").hidden = false;
+}
+
+function info(view, parts, kind) {
+  if (view) addLine(view, {kind: kind || "info", parts, time: new Date().toISOString()});
+}
+
+function chatLine(ev) {
+  const kind = ev.type === "private" ? (ev.action ? "acted" : "said") : ev.type;
+  const mine = fold(ev.nick) === fold(me || "");
+  return {kind, nick: ev.nick, text: ev.text, time: ev.time, seq: ev.seq || 0, mine,
+    mention: !mine && mentions(ev.text), private: ev.type === "private"};
+}
+
+function mentions(text) {
+  if (!me) return false;
+  const name = me.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  return new RegExp("(^|[^\\p{L}\\p{N}_-])" + name + "($|[^\\p{L}\\p{N}_-])", "iu").test(text);
+}
+
+function lineElement(line) {
+  if (line.el) return line.el;
+  const div = make("div", "msg " + line.kind + (line.mine ? " mine" : "") + (line.mention ? " mention" : ""));
+  div.append(stamp(line.time));
+  if (line.parts) {
+    for (const part of line.parts) div.append(typeof part === "string" ? part : who(part.nick));
+  } else if (line.kind === "acted") {
+    div.append("* ", who(line.nick), " ");
+    withLinks(div, line.text);
+  } else {
+    div.append(line.kind === "noticed" ? "-" : "", who(line.nick), line.kind === "noticed" ? "- " : ": ");
+    withLinks(div, line.text);
+  }
+  line.el = div;
+  return div;
+}
+
+function who(name) {
+  const span = make("span", "who", name);
   let hash = 0;
-  for (const c of nick.toLowerCase()) hash = (hash * 31 + c.codePointAt(0)) >>> 0;
-  return "hsl(" + (hash % 360) + " 60% var(--l))";
+  for (const c of fold(name)) hash = (hash * 31 + c.codePointAt(0)) >>> 0;
+  span.style.setProperty("--hue", hash % 360);   // CSSOM, allowed by the CSP
+  span.dataset.nick = name;
+  return span;
 }
-function clock(iso) {
-  const when = iso ? new Date(iso) : new Date();
-  return when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+
+function stamp(iso) {
+  const when = iso ? new Date(iso) : new Date(), time = make("time");
+  const today = when.toDateString() === new Date().toDateString();
+  const clock = when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+  time.textContent = today ? clock : when.toLocaleDateString([], {weekday: "short", day: "numeric", month: "short"}) + " " + clock;
+  time.dateTime = when.toISOString();
+  time.title = when.toLocaleString();
+  return time;
 }
+
+// Links: http and https only, whatever else the text says.
 function withLinks(parent, text) {
-  const url = /\bhttps?:\/\/[^\s<>"']+/g;
+  const url = /\bhttps?:\/\/[^\s<>"]+/gi;
   let last = 0, found;
   while ((found = url.exec(text))) {
+    const href = found[0].replace(/[.,;:!?'")\]]+$/, "");
     parent.append(text.slice(last, found.index));
-    const a = document.createElement("a");
-    a.href = found[0]; a.textContent = found[0]; a.rel = "noopener noreferrer"; a.target = "_blank";
+    const a = make("a", "", href);
+    a.href = href; a.rel = "noopener noreferrer"; a.target = "_blank";
     parent.append(a);
-    last = found.index + found[0].length;
+    last = found.index + href.length;
+    url.lastIndex = last;
   }
   parent.append(text.slice(last));
 }
-function show(kind, parts, when, past) {
-  const near = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-  const div = document.createElement("div");
-  div.className = "msg " + kind + (past ? " past" : "");
-  const stamp = document.createElement("span");
-  stamp.className = "time"; stamp.textContent = clock(when);
-  div.append(stamp);
-  for (const part of parts) {
-    if (typeof part === "string") { withLinks(div, part); continue; }
-    const span = document.createElement("span");
-    span.className = "nick"; span.style.color = colour(part.nick); span.textContent = part.nick;
-    div.append(span);
+
+// --- Unread counts, the marker, the title, notifications ---
+
+function arrived(view, line) {
+  if (line.mine || line.kind === "info") return;
+  const seen = view === current && !document.hidden;
+  if (!seen) {
+    if (!view.marker) setMarker(view, line);
+    view.unread += 1;
+    if (line.mention || line.private) view.mention = true;
+    updateItem(view);
+    updateTitle();
+  } else if (line.seq) markRead(view);
+  if (line.mention || line.private) {
+    const where = line.private ? "from " + line.nick : line.nick + " in " + view.name;
+    announce("Message " + where + ": " + line.text);   // only these: the log itself is not live
+    notify(view, line, where);
   }
-  log.append(div);
-  while (log.childElementCount > 2000) log.firstElementChild.remove();
-  if (near) log.scrollTop = log.scrollHeight;
-  return div;
 }
-function mentions(text) {
-  if (!me) return false;
-  const escaped = me.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-  return new RegExp("(^|[^\\p{L}\\p{N}_-])" + escaped + "($|[^\\p{L}\\p{N}_-])", "iu").test(text);
+
+function setMarker(view, line) {
+  view.marker = line;
+  if (view === current && line.el) log.insertBefore(markerElement(), line.el);
 }
-function attention(summary) {
-  if (!document.hidden) return;
-  unread += 1;
-  document.title = "(" + unread + ") " + title;
-  if (window.Notification && Notification.permission === "granted") new Notification(summary);
+
+function markerElement() {
+  const old = log.querySelector(".marker");
+  if (old) old.remove();
+  return make("div", "marker", "New messages");
 }
-function chatLine(ev, past) {
-  const mine = ev.nick === me, said = ev.type === "said";
-  const parts = said ? ["<", {nick: ev.nick}, "> " + ev.text] : ev.type === "noticed" ? ["-", {nick: ev.nick}, "- " + ev.text] : ["* ", {nick: ev.nick}, " " + ev.text];
-  const div = show(mine ? "mine" : "", parts, ev.time, past);
-  if (!past && !mine && mentions(ev.text)) { div.classList.add("mention"); attention(ev.nick + ": " + ev.text); }
-  else if (!past && !mine) attention(ev.nick + ": " + ev.text);
+
+function markRead(view) {
+  if (view.kind !== "room" || view.last <= (remembered.read[view.key] || 0)) return;
+  remembered.read[view.key] = view.last;
+  save(localStorage, "chat-read", remembered.read);
 }
-function listMembers() {
-  memberList.replaceChildren(...members.slice().sort((a, b) => a.localeCompare(b)).map((nick) => {
-    const li = document.createElement("li"), b = document.createElement("button");
-    b.type = "button"; b.textContent = (operators.has(nick) ? "@" : voiced.has(nick) ? "+" : "") + nick; b.style.color = colour(nick);
-    b.addEventListener("click", () => { input.value = "/msg " + nick + " "; input.focus(); });
-    li.append(b); return li;
+
+function updateTitle() {
+  let total = 0;
+  for (const view of views.values()) total += view.unread;
+  document.title = (total ? "(" + total + ") " : "") + (current ? current.name + " - " : "") + "chat";
+  const badge = $("menu-count");
+  badge.textContent = total;
+  badge.hidden = !total;
+  badge.classList.toggle("at", [...views.values()].some((v) => v.mention));
+  $("menu").setAttribute("aria-label", "Rooms and people" + (total ? ", " + total + " unread" : ""));
+}
+
+function notify(view, line, where) {
+  if (!document.hidden || !view.notify || !window.Notification || Notification.permission !== "granted") return;
+  try {
+    const note = new Notification(where, {body: line.text, tag: view.key});
+    note.onclick = () => { window.focus(); switchTo(view); note.close(); };
+  } catch (e) { /* Chrome on Android shows notifications only through a service worker */ }
+}
+
+function announce(text) {
+  const region = $("announce");
+  region.textContent = "";
+  setTimeout(() => { region.textContent = text; }, 50);   // a change, even for the same words
+}
+
+// --- The sidebar ---
+
+function makeItem(view) {
+  const li = make("li"), button = make("button", "view"), close = make("button", "close", "\u00d7");
+  button.type = close.type = "button";
+  // The name from the content: the visible name, then the counts in words for screen readers.
+  const badge = make("span", "badge");
+  badge.setAttribute("aria-hidden", "true");
+  button.append(make("span", "name", view.name), badge, make("span", "sr-only"));
+  button.addEventListener("click", () => { switchTo(view); chosen(); });
+  close.setAttribute("aria-label", (view.kind === "room" ? "Leave " : "Close the conversation with ") + view.name);
+  close.addEventListener("click", () => (view.kind === "room" ? send("/part " + view.name) : dropView(view)));
+  li.append(button, close);
+  view.item = li;
+  $(view.kind === "room" ? "rooms" : "queries").append(li);
+  updateItem(view);
+  $("no-queries").hidden = !!$("queries").childElementCount;
+}
+
+function updateItem(view) {
+  const button = view.item.firstChild, badge = button.children[1];
+  badge.textContent = (view.mention && view.kind === "room" ? "@" : "") + (view.unread || "");
+  badge.hidden = !view.unread && !view.mention;
+  badge.classList.toggle("at", view.mention);
+  button.classList.toggle("unread", !!view.unread);
+  button.lastChild.textContent = (view.unread ? ", " + view.unread + " unread" : "") + (view.mention ? (view.kind === "room" ? ", you were mentioned" : ", new private message") : "");
+  if (view === current) button.setAttribute("aria-current", "true"); else button.removeAttribute("aria-current");
+}
+
+function refreshLists() {
+  $("no-queries").hidden = !!$("queries").childElementCount;
+  $("others").replaceChildren(...otherRooms.filter((r) => !views.has(fold(r.name))).map((r) => {
+    const li = make("li"), button = make("button", "", "Join " + r.name + " (" + r.members + ")");
+    button.type = "button";
+    button.addEventListener("click", () => { joinRoom(r.name); chosen(); });
+    li.append(button);
+    return li;
   }));
-  $("members-title").textContent = "People (" + members.length + ")";
+  $("others-title").hidden = !$("others").childElementCount;
+  $("room-names").replaceChildren(...otherRooms.map((r) => { const o = make("option"); o.value = r.name; return o; }));
 }
-function listRooms() {
-  roomList.replaceChildren(...rooms.map((r) => {
-    const li = document.createElement("li"), b = document.createElement("button");
-    b.type = "button"; b.textContent = r.name + " (" + r.members + ")";
-    if (r.name === room) li.setAttribute("aria-current", "true");
-    b.addEventListener("click", () => send("/join " + r.name));
-    li.append(b); return li;
+
+function renderPeople() {
+  const list = $("members"), view = current, focusedNick = list.contains(document.activeElement) ? document.activeElement.dataset.nick : null;
+  if (!view || view.kind !== "room") {
+    $("people-title").textContent = view ? "Conversation with " + view.name : "People";
+    list.replaceChildren();
+    return;
+  }
+  const rank = (n) => (view.ops.has(fold(n)) ? 0 : view.voiced.has(fold(n)) ? 1 : 2);
+  const nicks = [...view.members.values()].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+  $("people-title").textContent = "People in " + view.name + " (" + Math.max(view.count, nicks.length) + ")";
+  list.replaceChildren(...nicks.map((n) => {
+    const self = fold(n) === fold(me || ""), li = make("li");
+    const entry = make(self ? "span" : "button", self ? "self" : "", ["@", "+", ""][rank(n)] + n);
+    entry.dataset.nick = n;
+    if (rank(n) < 2) entry.classList.add("op");
+    if (view.away.has(fold(n))) { entry.classList.add("away"); entry.append(make("span", "hint", " (away)")); }
+    if (self) entry.append(make("span", "hint", " (you)"));
+    else { entry.type = "button"; entry.addEventListener("click", () => openQuery(n)); }
+    li.append(entry);
+    return li;
   }));
+  if (focusedNick) { const again = list.querySelector("[data-nick=\"" + CSS.escape(focusedNick) + "\"]"); if (again) again.focus(); }
 }
-function setRoom(name, topic) {
-  room = name;
-  $("title").textContent = room;
-  $("topic").textContent = topic || "";
-  $("prompt").textContent = room + " " + me;
-  title = room + " - chat";
-  document.title = unread ? "(" + unread + ") " + title : title;
+
+function renderHeader() {
+  const view = current;
+  $("title").textContent = view ? view.name : "chat";
+  $("modes").textContent = view && view.modes ? "+" + view.modes : "";
+  $("topic").replaceChildren();
+  withLinks($("topic"), view ? (view.kind === "room" ? view.topic : "Private conversation (the server keeps no copy)") : "");
+  $("prompt").textContent = view ? "Message " + view.name : "Message";
+  const bell = $("bell");
+  bell.hidden = !view;
+  bell.setAttribute("aria-pressed", String(!!(view && view.notify)));
+  bell.setAttribute("aria-label", view ? "Notify me of " + (view.kind === "room" ? "mentions in " : "messages from ") + view.name + " while this page is hidden" : "Notifications");
+  bell.title = bell.getAttribute("aria-label");
 }
+
+// --- Switching between views ---
+
+function switchTo(view) {
+  if (current && current !== view) leaveView(current);
+  const previous = current;
+  current = view;
+  localStorage.setItem("chat-current", view.key);
+  view.unread = 0;
+  view.mention = false;
+  markRead(view);
+  if (previous) updateItem(previous);
+  updateItem(view);
+  renderHeader();
+  renderPeople();
+  renderLog();
+  updateTitle();
+  if (view.kind === "query") saveQueries();   // its unread count, for a reload
+}
+
+function leaveView(view) {
+  view.scroll = atBottom() ? null : log.scrollTop;
+  view.marker = null;
+  markRead(view);
+}
+
+function showNothing() {
+  current = null;
+  renderHeader();
+  renderPeople();
+  log.replaceChildren(make("p", "top", "You are in no room. Join one from the list of rooms."));
+  updateTitle();
+}
+
+function renderLog() {
+  const view = current;
+  log.replaceChildren(topElement(view), ...view.lines.map(lineElement));
+  $("jump").hidden = true;
+  if (view.marker && view.marker.el) {
+    log.insertBefore(markerElement(), view.marker.el);
+    log.scrollTop = view.marker.el.offsetTop - log.offsetTop - 48;
+  } else if (view.scroll !== null) log.scrollTop = view.scroll;
+  else toBottom();
+  stuck = atBottom();
+  fillUp();
+}
+
+// The top of a log: a button for older lines, or where it starts.
+function topElement(view) {
+  const top = make("div", "top");
+  top.id = "top";
+  if (view.kind === "query") top.textContent = "Your private conversation with " + view.name + ". Only this tab keeps it.";
+  else if (!view.entered) top.textContent = "Joining " + view.name + "\u2026";
+  else if (view.loading) top.textContent = "Loading older lines\u2026";
+  else if (view.more) {
+    const button = make("button", "", "Show older lines");
+    button.type = "button";
+    button.addEventListener("click", () => loadOlder(view));
+    top.append(button);
+  } else top.textContent = "The start of " + view.name + "'s history.";
+  return top;
+}
+
+function updateTop(view) {
+  if (view === current) $("top").replaceWith(topElement(view));
+}
+
+function step(by) {
+  const order = [...views.values()];
+  if (!order.length) return;
+  const at = order.indexOf(current);
+  switchTo(order[(at + by + order.length) % order.length]);
+}
+
+function openQuery(name) {
+  switchTo(ensureView("query", name));
+  saveQueries();
+  chosen(true);
+}
+
+// --- Scrolling ---
+
+function atBottom() { return log.scrollHeight - log.scrollTop - log.clientHeight < 48; }
+function toBottom() { log.scrollTop = log.scrollHeight; $("jump").hidden = true; }
+
+// A log too short to scroll gets older lines at once: scrolling is how one asks for them.
+function fillUp() {
+  if (current && log.scrollHeight <= log.clientHeight) loadOlder(current);
+}
+
+function loadOlder(view) {
+  if (view.loading || !view.more || view.kind !== "room") return;
+  const first = view.lines.find((line) => line.seq);
+  view.loading = true;
+  updateTop(view);
+  ask(view, "before", first ? first.seq : view.serverSeq + 1);
+}
+
+log.addEventListener("scroll", () => {
+  stuck = atBottom();
+  if (stuck) $("jump").hidden = true;
+  if (current && log.scrollTop < 120) loadOlder(current);
+});
+$("jump").addEventListener("click", () => { toBottom(); log.focus(); });
+// The log keeps its last lines in sight when it shrinks (an on-screen keyboard, a rotation).
+new ResizeObserver(() => { if (stuck) toBottom(); }).observe(log);
+log.addEventListener("click", (event) => {
+  const name = event.target.dataset && event.target.dataset.nick;
+  if (name && fold(name) !== fold(me || "")) openQuery(name);
+});
+
+// --- History requests: one at a time, retried when the server is busy ---
+
+const asks = [];
+let asking = null, askTimer = 0;
+
+function ask(view, how, seq) {
+  asks.push({key: view.key, room: view.name, how, seq});
+  nextAsk();
+}
+
+function nextAsk() {
+  if (asking || !asks.length || !admitted) return;
+  asking = asks.shift();
+  askTimer = setTimeout(answered, 10000);   // never wait forever for an answer
+  send("/history " + asking.room + " " + asking.how + " " + asking.seq + " " + (asking.how === "after" ? 200 : PAGE));
+}
+
+function answered() {
+  clearTimeout(askTimer);
+  const done = asking && views.get(asking.key);
+  if (done && done.loading) { done.loading = false; updateTop(done); }
+  asking = null;
+  nextAsk();
+}
+
+function askAgainSoon() {
+  clearTimeout(askTimer);
+  asks.unshift(asking);
+  asking = null;
+  askTimer = setTimeout(nextAsk, 1000);
+}
+
+// --- Events from the server ---
+
 const handlers = {
-  welcome(ev) { me = ev.nick; retry = 1000; state(""); show("notice", ["Welcome to " + ev.server + ", you are ", {nick: me}]); },
+  welcome(ev) {
+    me = nick = ev.nick;
+    admitted = true;
+    retry = 1000;
+    nickTries = 0;
+    resuming = true;
+    localStorage.setItem("chat-nick", me);
+    save(sessionStorage, "chat-session", {nick: me, password});
+    showLogin(false);
+    $("login-button").disabled = false;
+    state("");
+    welcomeText = "Welcome to " + ev.server + ", you are ";
+    if (opPassword) send("/op " + opPassword);
+    checkJoined = true;
+    send("/rooms");
+  },
   room(ev) {
-    setRoom(ev.room, ev.topic); members = ev.members.slice(); operators = new Set(ev.operators); voiced = new Set(ev.voiced); listMembers();
-    show("notice", ["You are in " + ev.room + " (" + ev.count + " here)" + (ev.topic ? ": " + ev.topic : "")]);
-    if (returnTo && returnTo !== ev.room) { const back = returnTo; returnTo = null; send("/join " + back); }
-    else { returnTo = null; send("/rooms"); }
+    const view = ensureView("room", ev.room);
+    if (Math.max(view.last, remembered.read[view.key] || 0) > ev.seq) forget(view);
+    view.serverSeq = ev.seq;
+    view.known = view.last;   // the replay that follows shows only what is newer
+    view.topic = ev.topic || "";
+    view.modes = ev.modes || "";
+    view.count = ev.count;
+    view.members = new Map(ev.members.map((n) => [fold(n), n]));
+    view.ops = new Set(ev.operators.map(fold));
+    view.voiced = new Set(ev.voiced.map(fold));
+    view.entered = true;
+    if (pendingSwitch === view.key) {   // joined from here: the server focused it too
+      focused = view.key;
+      pendingSwitch = null;
+      switchTo(view);
+      chosen();
+      announce("You joined " + view.name + ".");
+    }
+    else if (!current) switchTo(view);
+    else if (current === view) { renderHeader(); renderPeople(); updateTop(view); }
+    if (welcomeText) greet(view);
+    refreshLists();
   },
   history(ev) {
-    show("notice", ["Earlier in " + ev.room + ":"], null, true);
-    for (const line of ev.lines) chatLine(line, true);
+    const view = views.get(fold(ev.room));
+    if (ev.before !== null || ev.after !== null) {
+      if (view && ev.before !== null) older(view, ev);
+      else if (view) newer(view, ev);
+      answered();
+    } else if (view) replay(view, ev);
   },
-  said(ev) { if (ev.room === room) chatLine(ev, false); },
-  acted(ev) { if (ev.room === room) chatLine(ev, false); },
-  noticed(ev) { if (ev.room === room) chatLine(ev, false); },
+  said: live, acted: live, noticed: live,
   private(ev) {
-    const parts = ev.sent ? ["to ", {nick: ev.to}, ": " + ev.text] : ["from ", {nick: ev.nick}, ": " + ev.text];
-    show("private", parts, ev.time);
-    if (!ev.sent) attention("private from " + ev.nick + ": " + ev.text);
+    const view = ensureView("query", ev.sent ? ev.to : ev.nick), line = chatLine(ev);
+    line.mine = ev.sent;
+    line.mention = false;
+    addLine(view, line);
+    arrived(view, line);
+    if (pendingSwitch === view.key) { pendingSwitch = null; switchTo(view); }
+    saveQueries();
   },
   joined(ev) {
-    if (ev.room !== room) return;
-    if (!members.includes(ev.nick)) { members.push(ev.nick); listMembers(); }
-    if (!ev.quiet) show("notice", [{nick: ev.nick}, " joined"]);
+    const view = roomView(ev);
+    if (!view || view.members.has(fold(ev.nick))) return;
+    view.members.set(fold(ev.nick), ev.nick);
+    view.count += 1;
+    if (ev.away) view.away.add(fold(ev.nick));
+    if (!ev.quiet) info(view, [{nick: ev.nick}, " joined"]);
+    peopleChanged(view);
   },
-  opped(ev) { if (ev.room !== room) return; operators.add(ev.nick); listMembers(); show("notice", [{nick: ev.nick}, " is now an operator"]); },
-  mode(ev) {
-    if (ev.room !== room) return;
-    let sign = "+", i = 0;
-    for (const c of ev.changes) {
-      if (c === "+" || c === "-") { sign = c; continue; }
-      if (c !== "o" && c !== "v" && !(c === "k" || (c === "l" && sign === "+"))) continue;
-      const arg = ev.args[i++];
-      if (c === "o" || c === "v") { const set = c === "o" ? operators : voiced; if (sign === "+") set.add(arg); else set.delete(arg); }
+  left(ev) {
+    if (fold(ev.nick) === fold(me)) { const view = roomView(ev); if (view) dropView(view, "You left " + ev.room + "."); return; }
+    gone(roomView(ev), ev, ev.to ? " left for " + ev.to : " left (" + ev.reason + ")");
+  },
+  kicked(ev) {
+    if (fold(ev.nick) === fold(me)) {
+      const view = roomView(ev);
+      if (view) dropView(view, "You were kicked from " + ev.room + " by " + ev.by + " (" + ev.reason + ").");
+      return;
     }
-    listMembers(); show("notice", [{nick: ev.nick}, " set " + ev.changes + " " + ev.args.filter((a) => a !== undefined).join(" ")]);
+    gone(roomView(ev), ev, " was kicked by " + ev.by + " (" + ev.reason + ")");
   },
-  left(ev) { gone(ev, ev.to ? " left for " + ev.to : " left (" + ev.reason + ")"); },
-  quit(ev) { gone(ev, " left (" + ev.reason + ")"); },
-  kicked(ev) { gone(ev, " was kicked by " + ev.by + " (" + ev.reason + ")"); },
-  whois(ev) { show("notice", [{nick: ev.nick}, ": " + ev.details]); },
+  quit(ev) {   // about a person, maybe once per shared room: each room's list, once
+    let present = false;
+    for (const view of views.values()) if (view.kind === "room" && gone(view, ev, " left the chat (" + ev.reason + ")")) present = true;
+    const query = views.get("@" + fold(ev.nick));
+    if (present && query) info(query, [{nick: ev.nick}, " left the chat"]);
+  },
   renamed(ev) {
-    if (ev.room !== room) return;
-    members = members.map((n) => (n === ev.old ? ev.new : n));
-    if (operators.delete(ev.old)) operators.add(ev.new);
-    listMembers();
-    if (ev.old === me) { me = ev.new; setRoom(room, $("topic").textContent); }
-    if (!ev.quiet) show("notice", [{nick: ev.old}, " is now known as ", {nick: ev.new}]);
+    const old = fold(ev.old);
+    if (old === fold(me)) { me = nick = ev.new; localStorage.setItem("chat-nick", me); save(sessionStorage, "chat-session", {nick: me, password}); }
+    for (const view of [...views.values()]) {
+      if (view.kind === "room" && view.members.has(old)) {
+        view.members.delete(old);
+        view.members.set(fold(ev.new), ev.new);
+        for (const set of [view.ops, view.voiced, view.away]) if (set.delete(old)) set.add(fold(ev.new));
+        if (!ev.quiet) info(view, [{nick: ev.old}, " is now known as ", {nick: ev.new}]);
+        peopleChanged(view);
+      } else if (view.key === "@" + old) renameQuery(view, ev.new);
+    }
   },
-  topic(ev) { if (ev.room === room) $("topic").textContent = ev.text; show("notice", [{nick: ev.nick}, " set the topic of " + ev.room + ": " + ev.text]); },
-  topic_info(ev) { show("notice", [ev.text ? "Topic of " + ev.room + ": " + ev.text : "No topic is set in " + ev.room]); },
-  who(ev) { if (ev.own) { members = ev.members.slice(); operators = new Set(ev.operators); voiced = new Set(ev.voiced); listMembers(); } show("notice", [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]); },
-  rooms(ev) { rooms = ev.rooms; listRooms(); },
-  help(ev) { for (const line of ev.lines) show("notice", [line]); },
+  away(ev) {
+    const view = roomView(ev);
+    if (!view) return;
+    if (ev.text) view.away.add(fold(ev.nick)); else view.away.delete(fold(ev.nick));
+    peopleChanged(view);
+  },
+  topic(ev) {
+    const view = roomView(ev);
+    if (!view) return;
+    view.topic = ev.text;
+    info(view, [{nick: ev.nick}, ev.text ? " set the topic: " + ev.text : " cleared the topic"]);
+    if (view === current) renderHeader();
+  },
+  topic_info(ev) { info(roomView(ev) || current, [ev.text ? "Topic of " + ev.room + ": " + ev.text : "No topic is set in " + ev.room]); },
+  mode(ev) {
+    const view = roomView(ev);
+    if (!view) return;
+    applyModes(view, ev.changes, ev.args);
+    info(view, [{nick: ev.nick}, " set " + ev.changes + " " + ev.args.join(" ")]);
+    peopleChanged(view);
+    if (view === current) renderHeader();
+  },
+  opped(ev) {
+    const view = roomView(ev);
+    if (!view) return;
+    view.ops.add(fold(ev.nick));
+    info(view, [{nick: ev.nick}, " is now a server operator"]);
+    peopleChanged(view);
+  },
+  who(ev) {
+    const view = roomView(ev);
+    if (view && ev.own) {
+      view.members = new Map(ev.members.map((n) => [fold(n), n]));
+      view.ops = new Set(ev.operators.map(fold));
+      view.voiced = new Set(ev.voiced.map(fold));
+      view.count = ev.members.length;
+      peopleChanged(view);
+    }
+    info(view || current, [ev.room + ": " + ev.members.length + " here: " + ev.members.join(", ")]);
+  },
+  whois(ev) { info(current, [{nick: ev.nick}, ": " + ev.details]); },
+  rooms(ev) {
+    otherRooms = ev.rooms;
+    if (checkJoined) {   // after a (re)connect: forget rooms the server did not let us back in
+      checkJoined = false;
+      const joined = new Set(ev.joined.map(fold));
+      for (const view of [...views.values()]) {
+        if (view.kind === "room" && !joined.has(view.key)) dropView(view, "You are not in " + view.name + " any more.");
+      }
+      if (!current) { const first = views.values().next().value; if (first) switchTo(first); else showNothing(); }
+    }
+    refreshLists();
+  },
+  help(ev) { for (const text of ev.lines) info(current, [text]); },
   notice(ev) {
-    if (ev.code === "password_required") { if (password === null) askPassword(""); return; }
+    if (ev.code === "password_required") { if (!password) askLogin("This server needs a password.", "password"); return; }
     if (ev.code === "kicked_you") leaving = ev.text + "; reload the page to come back";
-    if (ev.code === "renamed_self") { me = ev.nick; localStorage.setItem("chat-nick", me); setRoom(room, $("topic").textContent); }
-    if (ev.code !== "help_hint" && ev.code !== "pace") show("notice", [ev.text]);
+    if (ev.code === "renamed_self" || ev.code === "nick_collision") { me = nick = ev.new || ev.nick; localStorage.setItem("chat-nick", me); }
+    if (ev.code === "help_hint" || ev.code === "pace") return;
+    info(roomView(ev) || current, [ev.text]);
   },
   error(ev) {
-    if (ev.code === "wrong_password" || ev.code === "guesses_throttled") { password = null; leaving = ev.text; askPassword(ev.text); return; }
-    if (ev.code === "nick_taken" || ev.code === "nick_lookalike") { send("/nick " + ev.nick + "_"); }
-    if (ev.code === "banned") leaving = "this address is banned from the chat";
-    show("error", [ev.text]);
+    const code = ev.code;
+    if (code === "wrong_password" || code === "guesses_throttled") {
+      password = null;
+      sessionStorage.removeItem("chat-session");
+      leaving = ev.text;
+      askLogin(sentence(ev.text), "password");
+      return;
+    }
+    if (!admitted && (code === "nick_taken" || code === "nick_lookalike" || code === "invalid_nick")) { nickRefused(ev); return; }
+    if (code === "history_busy" && asking) { askAgainSoon(); return; }
+    if (asking && (code === "not_in_room" || code === "usage")) answered();
+    if (code === "banned") leaving = "This address is banned from the chat.";
+    if (code === "wrong_op_password") opPassword = null;   // not again at each reconnect
+    if (pendingSwitch && ev.room && fold(ev.room) === pendingSwitch) pendingSwitch = null;
+    info(roomView(ev) || current, [ev.text], "error");
+    if (!admitted) askLogin(sentence(ev.text));
+    else announce(ev.text);
   },
 };
-function gone(ev, how) {
-  if (ev.room !== room) return;
-  members = members.filter((n) => n !== ev.nick); operators.delete(ev.nick); listMembers();
-  if (!ev.quiet) show("notice", [{nick: ev.nick}, how]);
+
+function live(ev) {
+  const view = roomView(ev);
+  if (!view) return;
+  const line = chatLine(ev);
+  if (addLine(view, line)) arrived(view, line);
 }
+
+function roomView(ev) { return ev.room ? views.get(fold(ev.room)) : null; }
+function sentence(text) { return text.charAt(0).toUpperCase() + text.slice(1); }
+
+function greet(view) {
+  info(view, [welcomeText, {nick: me}]);
+  welcomeText = "";
+}
+
+// Someone out of a room's list; whether they were in it.
+function gone(view, ev, how) {
+  if (!view || !view.members.delete(fold(ev.nick))) return false;
+  view.count = Math.max(0, view.count - 1);
+  for (const set of [view.ops, view.voiced, view.away]) set.delete(fold(ev.nick));
+  if (!ev.quiet) info(view, [{nick: ev.nick}, how]);
+  peopleChanged(view);
+  return true;
+}
+
+// People lists change in bursts (a netsplit, a big room): drawn once per frame at most.
+let peopleQueued = false;
+function peopleChanged(view) {
+  if (view !== current || peopleQueued) return;
+  peopleQueued = true;
+  requestAnimationFrame(() => { peopleQueued = false; renderPeople(); });
+}
+
+function renameQuery(view, name) {
+  const merged = views.get("@" + fold(name));
+  info(merged || view, [{nick: view.name}, " is now known as ", {nick: name}]);
+  if (merged) {   // a conversation with the new name exists: it goes on there
+    const reading = current === view;
+    dropView(view);
+    if (reading) switchTo(merged);
+    return;
+  }
+  views.delete(view.key);
+  view.key = "@" + fold(name);
+  view.name = name;
+  views.set(view.key, view);
+  view.item.firstChild.firstChild.textContent = name;
+  updateItem(view);
+  if (view === current) { renderHeader(); localStorage.setItem("chat-current", view.key); }
+  saveQueries();
+}
+
+function applyModes(view, changes, args) {
+  let sign = "+", next = 0;
+  for (const letter of changes) {
+    if (letter === "+" || letter === "-") { sign = letter; continue; }
+    const takes = "ovk".includes(letter) || (letter === "l" && sign === "+") || letter === "b";
+    const arg = takes ? args[next++] : undefined;
+    if (letter === "o" || letter === "v") {
+      const set = letter === "o" ? view.ops : view.voiced;
+      if (sign === "+") set.add(fold(arg)); else set.delete(fold(arg));
+    } else if (letter !== "b") {
+      view.modes = view.modes.replace(letter, "") + (sign === "+" ? letter : "");
+    }
+  }
+  view.modes = [...view.modes].sort().join("");
+}
+
+// The server restarted without its history: what we remembered of the room is gone.
+function forget(view) {
+  view.lines = [];
+  view.seqs.clear();
+  view.last = 0;
+  view.marker = null;
+  delete remembered.read[view.key];
+  info(view, ["The server lost the earlier lines of " + view.name + "."]);
+  if (view === current) renderLog();
+}
+
+// Lines replayed on entering a room: on a reconnect, only those we have not seen,
+// and the gap before them asked for.
+function replay(view, ev) {
+  const known = view.known, read = remembered.read[view.key];
+  if (!known) view.more = ev.more;
+  for (const entry of ev.lines) {
+    const line = chatLine(entry);
+    if (line.seq <= known || !addLine(view, line)) continue;
+    const unseen = known || (read !== undefined && line.seq > read);
+    if (unseen && !line.mine && !view.marker) setMarker(view, line);
+    if (unseen) arrived(view, line);
+  }
+  if (!known && read === undefined) markRead(view);
+  const first = ev.lines.length ? ev.lines[0].seq : view.serverSeq + 1;
+  if (known && first > known + 1) ask(view, "after", known);
+  if (view === current) {
+    updateTop(view);
+    if (view.marker && !known) renderLog();   // after a reload: show where you left off
+    fillUp();
+  }
+}
+
+function older(view, ev) {
+  const fromBottom = log.scrollHeight - log.scrollTop;
+  for (const entry of ev.lines) addLine(view, chatLine(entry));
+  view.more = ev.more;
+  view.loading = false;
+  if (view === current) {
+    updateTop(view);
+    log.scrollTop = log.scrollHeight - fromBottom;   // what was in sight stays in sight
+    fillUp();
+  }
+}
+
+function newer(view, ev) {
+  for (const entry of ev.lines) {
+    const line = chatLine(entry);
+    if (addLine(view, line)) arrived(view, line);
+  }
+  if (ev.more && ev.lines.length) ask(view, "after", ev.lines[ev.lines.length - 1].seq);
+}
+
+// --- The connection ---
+
 function state(text) { $("state").textContent = text; }
 function send(text) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(text); }
+
 function connect() {
-  const nick = localStorage.getItem("chat-nick") || "";
+  clearTimeout(retryTimer);
+  admitted = false;
+  focused = null;
   ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
-  state("connecting...");
-  ws.onopen = () => { state(""); ws.send("/nick " + nick); if (password) ws.send("/pass " + password); };
+  state(resuming ? "Connecting\u2026" : "");
+  ws.onopen = () => {
+    // The rooms to come back to, before the nick: the server puts us straight in them.
+    for (const name of remembered.rooms) ws.send("/join " + name + (remembered.keys[fold(name)] ? " " + remembered.keys[fold(name)] : ""));
+    ws.send("/nick " + nick);
+    if (password) ws.send("/pass " + password);
+  };
   ws.onmessage = (message) => {
     let ev;
     try { ev = JSON.parse(message.data); } catch (e) { return; }
     const handler = handlers[ev.type];
     if (handler) handler(ev);
   };
-  ws.onclose = () => {
-    ws = null;
-    if (leaving) { state(leaving); return; }
-    returnTo = room || returnTo;
-    const wait = Math.min(retry, 30000);
-    state("reconnecting in " + Math.round(wait / 1000) + " s...");
-    setTimeout(connect, wait);
-    retry = Math.min(retry * 2, 30000);
-  };
+  ws.onclose = closed;
 }
-function askPassword(why) {
-  $("login").hidden = false;
-  $("password-row").classList.remove("hidden");
-  $("login-error").textContent = why;
-  $("password").focus();
+
+function closed() {
+  const was = admitted;
+  ws = null;
+  admitted = false;
+  asks.length = 0;
+  asking = null;
+  for (const view of views.values()) { view.loading = false; view.entered = false; }
+  if (leaving) { state(leaving); return; }
+  if (!resuming) { if ($("login").hidden) askLogin("The connection closed. Try again."); else $("login-button").disabled = false; return; }
+  if (was && current) info(current, ["Connection lost. Reconnecting\u2026"]);
+  const wait = Math.min(retry, 30000);
+  state("Disconnected. Reconnecting in " + Math.round(wait / 1000) + " s\u2026");
+  retryTimer = setTimeout(connect, wait);
+  retry = Math.min(retry * 2, 30000);
 }
+
+// A nick refused before joining: on a reconnect our old connection may still hold it
+// for a moment, so try again a few times; else ask the person.
+function nickRefused(ev) {
+  if (resuming && ev.code !== "invalid_nick" && nickTries < 4) {
+    nickTries += 1;
+    setTimeout(() => send("/nick " + nick), 500 * nickTries);
+    return;
+  }
+  resuming = false;
+  askLogin(sentence(ev.text) + ". Choose another nick.", "nick");
+}
+
+function showLogin(shown) {
+  $("login").hidden = !shown;
+  $("main").inert = drawer.inert = shown;   // the dialog is modal
+}
+
+function askLogin(why, field) {
+  showLogin(true);
+  $("login-button").disabled = false;
+  $("login-error").textContent = why || "";
+  $("nick").value = nick || localStorage.getItem("chat-nick") || "";
+  $(field || "nick").focus();
+}
+
 $("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  const nick = $("nick").value.trim();
-  if (!nick) return;
-  localStorage.setItem("chat-nick", nick);
+  nick = $("nick").value.trim();
   password = $("password").value || null;
-  $("login").hidden = true;
-  leaving = false;
-  if (ws && ws.readyState === WebSocket.OPEN && !me) {   // asked for a password: same socket
+  opPassword = $("op-password").value || null;
+  $("login-error").textContent = "";
+  $("login-button").disabled = true;
+  leaving = "";
+  if (ws && ws.readyState === WebSocket.OPEN && !admitted) {   // the same socket waits for another try
     ws.send("/nick " + nick);
     if (password) ws.send("/pass " + password);
-  } else if (!ws) connect();
-  input.focus();
+  } else connect();
 });
+
+// --- What the person types ---
+
+function ensureFocus(view) {
+  if (view.kind === "room" && focused !== view.key) { send("/focus " + view.name); focused = view.key; }
+}
+
+function joinRoom(text) {
+  let [name, key] = text.trim().split(/\s+/);
+  if (!name) return;
+  if (!name.startsWith("#")) name = "#" + name;
+  if (key) { remembered.keys[fold(name)] = key; save(sessionStorage, "chat-keys", remembered.keys); }
+  const view = views.get(fold(name));
+  if (view) { switchTo(view); return; }
+  pendingSwitch = fold(name);
+  send("/join " + name + (key ? " " + key : ""));
+}
+
+function submitLine(text) {
+  const word = text.split(" ")[0], rest = text.slice(word.length + 1).trim();
+  const command = text.startsWith("/") && !text.startsWith("//") ? fold(word.slice(1)) : "";
+  const view = current;
+  if (command === "join") return joinRoom(rest);
+  if (command === "query") return rest ? openQuery(rest.split(" ")[0]) : undefined;
+  if (command === "part" && view && view.kind === "query" && !rest) return dropView(view);
+  if (command === "part" && view && !rest) return send("/part " + view.name);
+  if (command === "msg") pendingSwitch = "@" + fold(rest.split(" ")[0]);
+  if (command === "quit") { leaving = "You left the chat. Reload the page to come back."; sessionStorage.removeItem("chat-session"); }
+  if (view && view.kind === "query" && (!command || command === "me")) {
+    if (command === "me") return info(view, ["/me works in rooms only: private actions cannot be sent."], "error");
+    return send("/msg " + view.name + " " + (text.startsWith("//") ? text.slice(1) : text));
+  }
+  if (view) ensureFocus(view);
+  send(text);
+}
+
 $("send").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = input.value;
   if (!text.trim()) return;
-  if (!/^\/(op|pass) /i.test(text) && (!sent.length || sent[sent.length - 1] !== text)) sent.push(text);
+  if (!/^\/(op|pass)\b/i.test(text) && sent[sent.length - 1] !== text) sent.push(text);
   browsing = -1;
-  if (/^\/quit\b/i.test(text)) leaving = "you left";
-  send(text);
-  if (me && !text.startsWith("/")) chatLine({type: "said", nick: me, text: text}, false);
-  else if (me && /^\/me /i.test(text)) chatLine({type: "acted", nick: me, text: text.slice(4)}, false);
-  else if (me && text.startsWith("//")) chatLine({type: "said", nick: me, text: text.slice(1)}, false);
+  if (!admitted) { info(current, ["Not connected: the line was not sent."], "error"); return; }
   input.value = "";
+  stuck = true;
+  submitLine(text);
 });
+
 input.addEventListener("keydown", (event) => {
-  if (event.key === "ArrowUp" || event.key === "ArrowDown") {
-    if (!sent.length) return;
-    event.preventDefault();
-    browsing = browsing < 0 ? sent.length : browsing;
-    browsing = Math.max(0, Math.min(sent.length, browsing + (event.key === "ArrowUp" ? -1 : 1)));
-    input.value = browsing < sent.length ? sent[browsing] : "";
-  } else if (event.key === "Tab") {
-    const upto = input.value.slice(0, input.selectionStart), start = upto.lastIndexOf(" ") + 1;
-    const word = upto.slice(start).toLowerCase(), first = input.value.split(" ")[0].toLowerCase();
-    if (!word) return;
-    event.preventDefault();
-    const pool = start === 0 && word[0] === "/" ? COMMANDS
-      : (first === "/join" || first === "/who") && start === first.length + 1 ? rooms.map((r) => r.name)
-      : members.filter((n) => n !== me);
-    const found = pool.filter((name) => name.toLowerCase().startsWith(word));
-    if (found.length === 1) {
-      const ending = pool === COMMANDS || start > 0 ? " " : ": ";
-      input.value = upto.slice(0, start) + found[0] + ending + input.value.slice(upto.length);
-    } else if (found.length > 1) show("notice", [found.join("  ")]);
-  } else if (event.key === "Escape") input.value = "";
+  if (event.altKey) return;
+  if (event.key === "ArrowUp" || event.key === "ArrowDown") recall(event);
+  else if (event.key === "Tab") complete(event);
+  else if (event.key === "Escape" && input.value) input.value = "";
 });
-document.addEventListener("visibilitychange", () => { if (!document.hidden) { unread = 0; document.title = title; } });
-$("notify").addEventListener("click", () => { if (window.Notification) Notification.requestPermission(); });
-$("people").addEventListener("click", () => { if ($("side").classList.toggle("open")) send("/rooms"); });
-setInterval(() => { if (!document.hidden && me) send("/rooms"); }, 30000);   // counts stay fresh
-$("nick").value = localStorage.getItem("chat-nick") || "";
-$("nick").focus();
+
+function recall(event) {
+  if (!sent.length) return;
+  event.preventDefault();
+  browsing = browsing < 0 ? sent.length : browsing;
+  browsing = Math.max(0, Math.min(sent.length, browsing + (event.key === "ArrowUp" ? -1 : 1)));
+  input.value = browsing < sent.length ? sent[browsing] : "";
+}
+
+// Tab completes commands, room names and nicks (of the room being read, and conversations).
+function complete(event) {
+  const upto = input.value.slice(0, input.selectionStart), start = upto.lastIndexOf(" ") + 1;
+  const word = fold(upto.slice(start));
+  if (!word) return;
+  event.preventDefault();
+  const rooms = [...new Set([...views.values()].filter((v) => v.kind === "room").map((v) => v.name).concat(otherRooms.map((r) => r.name)))];
+  const nicks = [...(current && current.kind === "room" ? current.members.values() : [])]
+    .concat([...views.values()].filter((v) => v.kind === "query").map((v) => v.name))
+    .filter((n) => fold(n) !== fold(me || ""));
+  const pool = start === 0 && word[0] === "/" ? COMMANDS : word[0] === "#" ? rooms : [...new Set(nicks)];
+  const found = pool.filter((name) => fold(name).startsWith(word));
+  if (found.length === 1) {
+    const ending = start === 0 && pool !== COMMANDS && pool !== rooms ? ": " : " ";
+    input.value = upto.slice(0, start) + found[0] + ending + input.value.slice(upto.length);
+  } else if (found.length > 1) info(current, [found.join("  ")]);
+}
+
+// --- The drawer (on a narrow screen), keys, and the rest of the page ---
+
+function openDrawer() {
+  drawer.classList.add("open");
+  $("scrim").hidden = false;
+  $("menu").setAttribute("aria-expanded", "true");
+  $("main").inert = true;
+  send("/rooms");
+  const here = drawer.querySelector("[aria-current]") || drawer.querySelector("button, input");
+  if (here) here.focus();
+}
+
+function closeDrawer(focusMenu) {
+  if (!drawer.classList.contains("open")) return;
+  drawer.classList.remove("open");
+  $("scrim").hidden = true;
+  $("menu").setAttribute("aria-expanded", "false");
+  $("main").inert = false;
+  if (focusMenu) $("menu").focus();
+}
+
+// After choosing a room or a person: the drawer closes; typing follows.
+function chosen(typing) {
+  if (narrow.matches) { closeDrawer(!typing); if (typing) input.focus(); } else input.focus();
+}
+
+$("menu").addEventListener("click", () => (drawer.classList.contains("open") ? closeDrawer(true) : openDrawer()));
+$("scrim").addEventListener("click", () => closeDrawer(true));
+// People come after the conversation in the focus order on a wide screen (a column on its
+// right), and inside the drawer, after the rooms, on a narrow one.
+function placePeople() {
+  if (narrow.matches) drawer.append($("people")); else $("main").after($("people"));
+}
+narrow.addEventListener("change", () => { closeDrawer(false); placePeople(); });
+placePeople();
+$("join-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  joinRoom($("join-name").value);
+  $("join-name").value = "";
+  chosen();
+});
+$("topic").addEventListener("click", () => $("topic").classList.toggle("full"));
+
+document.addEventListener("keydown", (event) => {
+  if (event.altKey && (event.key === "ArrowUp" || event.key === "ArrowDown")) {
+    event.preventDefault();
+    step(event.key === "ArrowUp" ? -1 : 1);
+  } else if (event.key === "Escape" && drawer.classList.contains("open")) closeDrawer(true);
+});
+
+// The bell: per view; the browser is asked for permission only on this tap.
+$("bell").addEventListener("click", async () => {
+  const view = current;
+  if (!view) return;
+  view.notify = !view.notify;
+  if (view.notify) delete remembered.quiet[view.key]; else remembered.quiet[view.key] = true;
+  save(localStorage, "chat-quiet", remembered.quiet);
+  renderHeader();
+  if (view.notify && window.Notification && Notification.permission === "default") await Notification.requestPermission();
+  if (view.notify && (!window.Notification || Notification.permission === "denied")) state("This browser does not allow notifications from this page (see its site settings).");
+});
+
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden || !current) return;
+  current.unread = 0;
+  current.mention = false;
+  markRead(current);
+  updateItem(current);
+  updateTitle();
+});
+
+// The visible height, without the on-screen keyboard: the input stays above it.
+function fitViewport() {
+  const seen = window.visualViewport;   // scaled back, so a pinch zoom changes nothing
+  document.documentElement.style.setProperty("--app-h", Math.round(seen.height * seen.scale) + "px");
+  if (seen.scale === 1) window.scrollTo(0, 0);   // Safari scrolls the page up under its keyboard
+}
+if (window.visualViewport) { window.visualViewport.addEventListener("resize", fitViewport); fitViewport(); }
+
+setInterval(() => { if (!document.hidden && admitted) send("/rooms"); }, 60000);   // counts of other rooms
+
+// --- Start: back in the same tab after a reload, or ask who you are ---
+
+for (const name of remembered.rooms) ensureView("room", name);   // listed until the server says
+restoreQueries();
+if (views.has(remembered.current)) switchTo(views.get(remembered.current));
+updateTitle();
+const session = load(sessionStorage, "chat-session", null);
+if (session) {
+  nick = session.nick;
+  password = session.password;
+  resuming = true;
+  showLogin(false);
+  connect();
+} else askLogin("");
 """.replace("@COMMAND_WORDS@", json.dumps(COMMAND_WORDS))
 
 _PAGE_BODY = """
-<header>
-<h1 id="title">chat</h1>
-<span id="topic"></span>
-<span id="state" role="status" aria-live="polite"></span>
-<button id="people" type="button" aria-controls="side">People &amp; rooms</button>
-<button id="notify" type="button" title="Desktop notifications for messages while this tab is hidden">Notify me</button>
-</header>
-<main>
-<section id="log" aria-live="polite" aria-label="Messages" tabindex="0"></section>
-<aside id="side" aria-label="People and rooms">
-<h2>Rooms</h2>
-<ul id="rooms"></ul>
-<h2 id="members-title">People</h2>
-<ul id="members"></ul>
-</aside>
-</main>
-<form id="send" autocomplete="off">
-<label for="line" id="prompt">Message</label>
-<input id="line" name="line" autocomplete="off" enterkeyhint="send" placeholder="Message, or /help">
-<button type="submit">Send</button>
-</form>
-<div id="login">
-<form id="login-form">
-<h1>Join the chat</h1>
-<label for="nick">Your nick</label>
-<input id="nick" name="nick" required maxlength="20" autocomplete="nickname">
-<div id="password-row" class="hidden">
-<label for="password">Password</label>
-<input id="password" name="password" type="password" autocomplete="current-password">
-</div>
-<p id="login-error" class="error" role="alert"></p>
+<div id="drawer">
+<nav id="nav" aria-label="Rooms and conversations">
+<h2 id="rooms-title">Rooms</h2>
+<ul id="rooms" aria-labelledby="rooms-title"></ul>
+<h2 id="queries-title">Conversations</h2>
+<ul id="queries" aria-labelledby="queries-title"></ul>
+<p id="no-queries" class="hint">Choose a name under People to talk in private.</p>
+<form id="join-form" autocomplete="off">
+<label for="join-name">Join a room</label>
+<div class="row">
+<input id="join-name" list="room-names" placeholder="#room" autocapitalize="none" spellcheck="false" enterkeyhint="go">
 <button type="submit">Join</button>
+</div>
+<datalist id="room-names"></datalist>
+</form>
+<h2 id="others-title">Other rooms</h2>
+<ul id="others" aria-labelledby="others-title"></ul>
+</nav>
+<aside id="people" aria-labelledby="people-title">
+<h2 id="people-title">People</h2>
+<ul id="members" aria-labelledby="people-title"></ul>
+</aside>
+</div>
+<div id="scrim" hidden></div>
+<main id="main">
+<header id="bar">
+<button id="menu" type="button" aria-controls="drawer" aria-expanded="false" aria-label="Rooms and people">
+<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M3 6h18M3 12h18M3 18h18"/></svg><span id="menu-count" class="badge" hidden></span>
+</button>
+<div id="heading">
+<h1 id="title">chat</h1>
+<span id="modes" class="hint"></span>
+<p id="topic"></p>
+</div>
+<button id="bell" type="button" aria-pressed="true" aria-label="Notifications">
+<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M6 16V11a6 6 0 0 1 12 0v5l2 2H4zM10 20a2 2 0 0 0 4 0"/><path class="slash" d="M3 3l18 18"/></svg>
+</button>
+</header>
+<p id="state" role="status"></p>
+<div id="log-box">
+<section id="log" aria-labelledby="title" tabindex="0"></section>
+<button id="jump" type="button" hidden>New messages below</button>
+</div>
+<form id="send" autocomplete="off">
+<label for="line" id="prompt" class="sr-only">Message</label>
+<input id="line" name="line" autocomplete="off" autocapitalize="sentences" enterkeyhint="send" placeholder="Message, or /help">
+<button id="send-button" type="submit"><svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 12l16-8-6 16-2-7zM12 13l8-9"/></svg><span class="sr-only">Send</span></button>
+</form>
+</main>
+<div id="announce" class="sr-only" aria-live="polite"></div>
+<div id="login" role="dialog" aria-modal="true" aria-labelledby="login-title">
+<form id="login-form" autocomplete="on">
+<h1 id="login-title">Join the chat</h1>
+<label for="nick">Your nick</label>
+<input id="nick" name="nick" maxlength="20" autocomplete="nickname" autocapitalize="none" spellcheck="false" aria-describedby="nick-hint">
+<p id="nick-hint" class="hint">Leave it empty to get a guest name.</p>
+<label for="password">Server password <span class="hint">(if the server has one)</span></label>
+<input id="password" name="password" type="password" autocomplete="current-password">
+<label for="op-password">Operator password <span class="hint">(optional)</span></label>
+<input id="op-password" name="op-password" type="password" autocomplete="off">
+<p id="login-error" class="error" role="alert"></p>
+<button id="login-button" type="submit">Join</button>
 </form>
 </div>
 """
 
 PAGE_HTML = (
     '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-    '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+    '<meta name="viewport" content="width=device-width, initial-scale=1, '
+    'interactive-widget=resizes-content">\n'
     '<meta name="color-scheme" content="light dark">\n<title>chat</title>\n'
     "<style>" + _PAGE_STYLE + "</style>\n</head>\n<body>" + _PAGE_BODY
     + "<script>" + _PAGE_SCRIPT + "</script>\n</body>\n</html>\n")

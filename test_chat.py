@@ -36,6 +36,7 @@ TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
 IRC_CAPS = ("away-notify batch cap-notify draft/chathistory echo-message extended-join "
             "invite-notify message-tags multi-prefix server-time setname userhost-in-names")
+CHROMIUM = shutil.which("chromium")
 HISTORY_ENTRY = re.compile(r"^\*\*\* \[\d\d:\d\d\] ")   # a replayed line, at any hour
 
 chat.log.addHandler(logging.NullHandler())   # in-process servers log quietly
@@ -234,6 +235,7 @@ class Cable:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.pairs = []
+        self.refusing = False       # cut with refuse: connections are closed at once
         self._lock = threading.Lock()
         test.addCleanup(self.close)
         threading.Thread(target=self._accept, name="cable", daemon=True).start()
@@ -242,6 +244,9 @@ class Cable:
         while True:
             try:
                 near, _ = self.listener.accept()
+                if self.refusing:
+                    near.close()
+                    continue
                 far = socket.create_connection(self.target, timeout=TIMEOUT)
             except OSError:
                 return
@@ -264,8 +269,10 @@ class Cable:
         except OSError:
             pass
 
-    def cut(self):
-        """End every connection through the cable, both ways at once."""
+    def cut(self, refuse=False):
+        """End every connection through the cable, both ways at once (and, refuse, every
+        new one until reopen())."""
+        self.refusing = refuse
         with self._lock:
             pairs, self.pairs = self.pairs, []
         for pair in pairs:
@@ -275,6 +282,9 @@ class Cable:
                 except OSError:
                     pass
                 sock.close()
+
+    def reopen(self):
+        self.refusing = False
 
     def close(self):
         self.listener.close()
@@ -3467,10 +3477,10 @@ class WebSocketBoundsTest(ServerTestCase):
 
 
 class Chromium:
-    """Headless Chromium driven over its DevTools pipe (fds 3 and 4), with nothing but
-    the standard library: one page, and JavaScript evaluated in it."""
+    """Headless Chromium driven over its DevTools pipe (fds 3 and 4): one page, and
+    JavaScript evaluated in it."""
 
-    def __init__(self, test):
+    def __init__(self, test, width=1280, height=800, mobile=False):
         self.profile = tempfile.mkdtemp(prefix="chat-chromium-")
         test.addCleanup(shutil.rmtree, self.profile, True)
         commands_r, self.commands = os.pipe()
@@ -3479,8 +3489,7 @@ class Chromium:
                  "--disable-background-networking --disable-component-update --disable-sync "
                  "--user-data-dir=%s --remote-debugging-pipe about:blank" % self.profile)
         self.proc = subprocess.Popen(
-            ["bash", "-c", "exec %s %s 3<&%d 4>&%d" % (shutil.which("chromium"), flags,
-                                                         commands_r, replies_w)],
+            ["bash", "-c", "exec %s %s 3<&%d 4>&%d" % (CHROMIUM, flags, commands_r, replies_w)],
             pass_fds=(commands_r, replies_w), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
         os.close(commands_r)
@@ -3491,13 +3500,14 @@ class Chromium:
         self._ids = itertools.count(1)
         threading.Thread(target=self._read, name="devtools", daemon=True).start()
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.page("Page.enable")   # for scripts added to every new document
+        self.resize(width, height, mobile)
 
     def _read(self):
         data = b""
         while True:
-            chunk = os.read(self.replies_r, 65536)
+            chunk = os.read(self.replies_r, 1 << 20)
             if not chunk:
                 return
             data += chunk
@@ -3523,9 +3533,16 @@ class Chromium:
             raise AssertionError("Chromium: %s" % reply["error"])
         return reply["result"]
 
+    def page(self, method, **params):
+        return self.call(method, self.session, **params)
+
+    def resize(self, width, height, mobile=False):
+        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=2 if mobile else 1, mobile=mobile)
+
     def js(self, expression):
-        result = self.call("Runtime.evaluate", self.session, expression=expression,
-                           returnByValue=True)
+        result = self.page("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
         if "exceptionDetails" in result:
             raise AssertionError("JavaScript failed: %s" % result["exceptionDetails"])
         return result["result"].get("value")
@@ -3535,12 +3552,49 @@ class Chromium:
         while not self.js(expression):
             if time.monotonic() > deadline:
                 raise AssertionError("never true in the page: %s; the log: %r" % (
-                    expression, self.js("document.getElementById('log').innerText")))
-            time.sleep(0.05)
+                    expression, self.js("document.getElementById('log').innerText")[-600:]))
+            time.sleep(0.03)
 
     def open(self, url):
-        self.call("Page.navigate", self.session, url=url)
+        self.page("Page.navigate", url=url)
         self.wait("document.readyState === 'complete' && !!document.getElementById('nick')")
+
+    def reload(self):
+        self.page("Page.reload")
+        self.wait("document.readyState === 'complete' && !!document.getElementById('nick')")
+
+    # What a person does
+
+    def login(self, nick, password="", op_password=""):
+        self.wait("!document.getElementById('login').hidden")
+        self.js("document.getElementById('nick').value = %s;"
+                "document.getElementById('password').value = %s;"
+                "document.getElementById('op-password').value = %s;"
+                "document.getElementById('login-form').requestSubmit()"
+                % (json.dumps(nick), json.dumps(password), json.dumps(op_password)))
+
+    def type(self, text):
+        self.js("document.getElementById('line').value = %s;"
+                "document.getElementById('send').requestSubmit()" % json.dumps(text))
+
+    def reading(self):
+        return self.js("document.getElementById('title').textContent")
+
+    def log_lines(self):
+        """The text of the lines in the log being read, without their times."""
+        return self.js("[...document.querySelectorAll('#log .msg')].map(d => "
+                       "d.textContent.slice(d.querySelector('time').textContent.length))")
+
+    def sidebar(self):
+        """{view name: what a screen reader says of it} for rooms and conversations, in order."""
+        return self.js("Object.fromEntries([...document.querySelectorAll('#rooms .view, #queries .view')]"
+                       ".map(b => [b.querySelector('.name').textContent, b.querySelector('.name').textContent"
+                       " + b.querySelector('.sr-only').textContent]))")
+
+    def choose(self, name):
+        self.js("[...document.querySelectorAll('.view')].find(b => "
+                "b.querySelector('.name').textContent === %s).click()" % json.dumps(name))
+        self.wait("document.getElementById('title').textContent === %s" % json.dumps(name))
 
     def close(self):
         os.close(self.commands)
@@ -3550,110 +3604,429 @@ class Chromium:
         os.close(self.replies_r)
 
 
-@unittest.skipUnless(shutil.which("chromium") and shutil.which("bash"), "Chromium is not installed")
-class BrowserTest(ServerTestCase):
-    """The page in a real browser, talking with an nc user."""
+@unittest.skipUnless(CHROMIUM and shutil.which("bash"), "Chromium is not installed")
+class PageTestCase(ServerTestCase):
+    """The page in a real browser, with nc users; each test its own Chromium and profile."""
 
-    options = {"greet_delay": 5.0, "op_password": "op secret"}
+    DEFAULTS = dict(ServerTestCase.DEFAULTS, greet_delay=5.0)
 
-    def test_the_page_in_chromium(self):
-        bob = self.connect("bob")
-        browser = Chromium(self)
-        browser.open("http://127.0.0.1:%d/" % self.address[1])
-        browser.js("document.getElementById('nick').value = 'webby';"
-                   "document.getElementById('login-form').requestSubmit()")
+    def setUp(self):
+        super().setUp()
+        self.url = "http://127.0.0.1:%d/" % self.address[1]
+
+    def nc(self, nick, *rooms, password=None):
+        """An nc user called nick, in the last of rooms (or #lobby)."""
+        peer = self.open_peer()
+        if password:
+            peer.say("/pass " + password)
+        peer.say("/nick " + nick)
+        peer.expect(r"\*\*\* type /help for commands")
+        for room in rooms:
+            peer.say("/join " + room)
+            peer.expect(r"\*\*\* you are in %s: .*" % re.escape(room))
+        return peer
+
+    def browser(self, url=None, **size):
+        browser = Chromium(self, **size)
+        browser.open(url or self.url)
+        return browser
+
+    def logged_in(self, nick="webby", **size):
+        browser = self.browser(**size)
+        browser.login(nick)
+        browser.wait("document.getElementById('login').hidden && "
+                     "document.getElementById('title').textContent === '#lobby'")
+        return browser
+
+    @staticmethod
+    def lines_of(browser, pattern):
+        return [line for line in browser.log_lines() if re.search(pattern, line)]
+
+
+class PageRoomsTest(PageTestCase):
+
+    def test_several_rooms_with_unread_counts_as_nc_users_talk(self):
+        bob, carol = self.nc("bob", "#dev"), self.nc("carol", "#ops")
+        page = self.logged_in()
+        page.type("/join #dev")
+        page.wait("document.getElementById('title').textContent === '#dev'")
+        page.wait("document.getElementById('members').innerText.includes('bob')")
         self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby joined")
-        browser.wait("document.getElementById('members').innerText.includes('bob')")
-        browser.js("document.getElementById('line').value = 'hello from the browser';"
-                   "document.getElementById('send').requestSubmit()")
-        self.assertEqual(bob.expect(r"<webby> .*"), "<webby> hello from the browser")
-        bob.say("<script>document.title='pwned'</script> see https://example.com/a?b=1",
-                "/msg webby just for you")
-        browser.wait("document.getElementById('log').innerText.includes('just for you')")
-        self.assertEqual(browser.js("document.querySelectorAll('#log script').length"), 0)
-        self.assertIn("<script>document.title='pwned'</script>",
-                      browser.js("document.getElementById('log').innerText"))
-        self.assertNotEqual(browser.js("document.title"), "pwned")
-        self.assertEqual(browser.js("[...document.querySelectorAll('#log a')].map("
-                                    "a => a.href + ' ' + a.rel)"),
-                         ["https://example.com/a?b=1 noopener noreferrer"])
-        self.assertEqual(browser.js("document.querySelectorAll('#log .private').length"), 1)
-        bob.say("/op op secret")
-        bob.expect(r"\*\*\* you are an operator now")
-        browser.js("document.getElementById('line').value = '/op not it';"
-                   "document.getElementById('send').requestSubmit()")
-        browser.wait("document.getElementById('log').innerText.includes('wrong operator password')")
-        self.assertEqual(browser.js("sent.filter(line => line.startsWith('/op')).length"), 0)
-        browser.js("document.getElementById('line').value = '/whois bob';"
-                   "document.getElementById('send').requestSubmit()")
-        browser.wait("document.getElementById('log').innerText.includes('bob: in #lobby; idle')")
-        browser.wait("document.getElementById('members').innerText.includes('@bob')")   # told
-        bob.say("/nick bobby")
-        browser.wait("document.getElementById('members').innerText.includes('@bobby')")
-        carol = self.connect("carol")
-        carol.say("/join #dev")
-        browser.js("document.getElementById('people').click()")   # the list: counts refreshed
-        browser.wait("document.getElementById('rooms').innerText.includes('#dev (1)')")
-        bob.say("/nick bob")
-        browser.wait("document.getElementById('members').innerText.includes('@bob\\n')"
-                     " || document.getElementById('members').innerText.endsWith('@bob')")
-        carol.say("/part", "/nick bobby")   # the old nick, taken by someone else: no mark
-        browser.wait("document.getElementById('members').innerText.includes('bobby')")
-        self.assertNotIn("@bobby", browser.js("document.getElementById('members').innerText"))
-        bob.say("/kick webby that will do")
-        browser.wait("document.getElementById('state').innerText.includes('reload the page')")
-        self.assertEqual(browser.js("document.getElementById('state').innerText"),
+        page.type("/join #ops")
+        page.wait("document.getElementById('title').textContent === '#ops'")
+        self.assertEqual(list(page.sidebar()), ["#lobby", "#dev", "#ops"])
+        page.type("hello ops")   # after a switch: /focus first, then the line
+        self.assertEqual(carol.expect(r"<webby> .*"), "<webby> hello ops")
+        page.wait("document.querySelectorAll('#log .msg.mine').length === 1")   # shown once, as it came back
+        bob.say("first in dev", "second in dev")
+        page.wait("document.title === '(2) #ops - chat'")
+        self.assertEqual(page.sidebar()["#dev"], "#dev, 2 unread")
+        bob.say("webby: are you there?")
+        page.wait("document.title.startsWith('(3) ')")
+        self.assertEqual(page.sidebar()["#dev"], "#dev, 3 unread, you were mentioned")
+        self.assertEqual(page.js("document.querySelector('#rooms li:nth-child(2) .badge').textContent"), "@3")
+        carol.say("more in ops")   # the room being read: nothing unread
+        page.wait("document.getElementById('log').innerText.includes('more in ops')")
+        self.assertEqual(page.sidebar()["#ops"], "#ops")
+        page.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowUp', altKey: true}))")
+        self.assertEqual(page.reading(), "#dev")   # Alt+Up: the room above
+        self.assertEqual(page.sidebar()["#dev"], "#dev")
+        self.assertEqual(page.js("document.title"), "#dev - chat")
+        self.assertEqual(page.js("document.querySelector('#log .marker').nextElementSibling.textContent.endsWith('first in dev')"), True)
+        self.assertEqual(self.lines_of(page, "webby: are you there"), ["bob: webby: are you there?"])
+        self.assertEqual(page.js("document.querySelectorAll('#log .mention').length"), 1)
+        page.type("back in dev")
+        self.assertEqual(bob.expect(r"<webby> .*"), "<webby> back in dev")
+        page.js("document.querySelector('#rooms li:nth-child(3) .close').click()")   # leave #ops: one tap
+        self.assertEqual(carol.expect(r"\*\*\* webby .*"), "*** webby left (part)")
+        page.wait("!document.getElementById('rooms').innerText.includes('#ops')")
+        page.type("/part")   # leaves the room being read
+        self.assertEqual(bob.expect(r"\*\*\* webby .*"), "*** webby left (part)")
+        page.wait("document.getElementById('title').textContent === '#lobby'")
+        self.assertEqual(json.loads(page.js("localStorage.getItem('chat-rooms')")), ["#lobby"])
+
+    def test_a_guest_keeps_its_name_across_a_reload(self):
+        bob = self.nc("bob")
+        page = self.logged_in("")   # no nick: the server names a guest
+        guest = bob.expect(r"\*\*\* guest\d+ joined").split()[1]
+        page.wait("document.getElementById('log').innerText.includes('you are %s')" % guest)
+        page.reload()
+        page.wait("document.getElementById('login').hidden && "
+                  "document.getElementById('log').innerText.includes('you are %s')" % guest)
+        bob.say("/who")
+        self.assertRegex(bob.expect(r"\*\*\* \d+ online: .*"), r"2 online: bob, %s$" % guest)
+
+    def test_people_lists_marks_topics_and_modes_live(self):
+        bob = self.nc("bob", "#dev")   # the first in #dev: its operator
+        page = self.logged_in()
+        page.type("/join #dev")
+        page.wait("document.getElementById('members').innerText.includes('@bob')")
+        carol = self.nc("carol", "#dev")
+        page.wait("document.getElementById('members').innerText.includes('carol')")
+        bob.say("/mode +v carol", "/topic release on friday", "/mode +m")
+        page.wait("document.getElementById('members').innerText.includes('+carol')")
+        page.wait("document.getElementById('topic').textContent === 'release on friday'")
+        page.wait("document.getElementById('modes').textContent.includes('m')")
+        carol.say("/nick caroline")
+        page.wait("document.getElementById('members').innerText.includes('+caroline')")
+        carol.say("/quit")
+        page.wait("!document.getElementById('members').innerText.includes('caroline')")
+        bob.say("/join #lobby")   # nc moves: left #dev for #lobby
+        page.wait("document.getElementById('people-title').textContent === 'People in #dev (1)'")
+        people = page.js("[...document.querySelectorAll('#members li')].map(b => b.textContent)")
+        self.assertEqual(people, ["webby (you)"])
+        page.choose("#lobby")
+        people = page.js("[...document.querySelectorAll('#members [data-nick]')].map(b => b.dataset.nick)")
+        self.assertEqual(sorted(people), ["bob", "webby"])   # nobody twice
+
+
+class PageKeyboardAndKickTest(PageTestCase):
+
+    options = {"op_password": "op secret"}
+
+    def key(self, page, key, **modifiers):
+        page.js("document.getElementById('line').dispatchEvent(new KeyboardEvent('keydown', "
+                "Object.assign({key: %s, bubbles: true, cancelable: true}, %s)))"
+                % (json.dumps(key), json.dumps(modifiers)))
+
+    def complete(self, page, text):
+        page.js("line.value = %s; line.selectionStart = line.selectionEnd = line.value.length" % json.dumps(text))
+        self.key(page, "Tab")
+        return page.js("line.value")
+
+    def test_completion_recall_and_being_kicked(self):
+        bob = self.nc("bob", "#dev")
+        page = self.logged_in()
+        page.type("/join #dev")
+        page.wait("document.getElementById('members').innerText.includes('bob')")
+        self.assertEqual(self.complete(page, "/jo"), "/join ")
+        self.assertEqual(self.complete(page, "/join #d"), "/join #dev ")
+        self.assertEqual(self.complete(page, "bo"), "bob: ")
+        page.type("first")
+        page.type("second")
+        bob.expect(r"<webby> second")
+        page.js("line.value = ''")
+        self.key(page, "ArrowUp")
+        self.key(page, "ArrowUp")
+        self.assertEqual(page.js("line.value"), "first")
+        self.key(page, "ArrowDown")
+        self.assertEqual(page.js("line.value"), "second")
+        bob.say("/kick webby not here")   # out of #dev: the page says so and drops it
+        page.wait("document.getElementById('title').textContent === '#lobby'")
+        page.wait("document.getElementById('log').innerText.includes("
+                  "'You were kicked from #dev by bob (not here).')")
+        self.assertEqual(list(page.sidebar()), ["#lobby"])
+        bob.say("/op op secret", "/join #lobby", "/kick webby that will do")   # out of the chat
+        page.wait("document.getElementById('state').textContent.includes('reload the page')")
+        self.assertEqual(page.js("document.getElementById('state').textContent"),
                          "you were kicked by bob (that will do); reload the page to come back")
 
 
-@unittest.skipUnless(shutil.which("chromium") and shutil.which("bash"), "Chromium is not installed")
-class BrowserVisitsTest(ServerTestCase):
-    """Browsers open spare sockets and speak on them later: with the real greeting delay,
-    every load gets the page and nobody appears in a room."""
+class PageConversationTest(PageTestCase):
 
-    options = {"greet_delay": chat.GREET_DELAY, "password": "letmein"}
+    def test_a_private_conversation(self):
+        bob = self.nc("bob")
+        page = self.logged_in()
+        page.wait("document.getElementById('members').innerText.includes('bob')")
+        bob.say("/msg webby psst, just for you")
+        page.wait("document.getElementById('queries').innerText.includes('bob')")
+        self.assertEqual(page.sidebar()["bob"], "bob, 1 unread, new private message")
+        self.assertEqual(self.lines_of(page, "psst"), [])   # not in the room's log
+        page.choose("bob")
+        self.assertEqual(self.lines_of(page, "psst"), ["bob: psst, just for you"])
+        page.type("hi bob <b>not bold</b>")
+        self.assertEqual(bob.expect(r"\*webby\* .*"), "*webby* hi bob <b>not bold</b>")
+        page.wait("document.querySelectorAll('#log .msg.mine').length === 1")
+        self.assertEqual(page.js("document.querySelectorAll('#log b').length"), 0)
+        page.choose("#lobby")   # a nick in the people list opens its conversation
+        page.js("document.querySelector('#members button[data-nick=bob]').click()")
+        page.wait("document.getElementById('title').textContent === 'bob'")
+        bob.say("/nick robert")
+        page.wait("document.getElementById('title').textContent === 'robert'")
+        page.type("still there?")
+        self.assertEqual(bob.expect(r"\*webby\* .*"), "*webby* still there?")
+        page.wait("document.getElementById('log').innerText.includes('still there?')")
+        page.reload()   # conversations live in this tab's storage
+        page.wait("document.getElementById('title').textContent === 'robert' && "
+                  "document.getElementById('log').innerText.includes('still there?')")
+        self.assertEqual(len(self.lines_of(page, "psst")), 1)
 
-    def submit_login(self, browser, nick, password):
-        browser.wait("!document.getElementById('login').hidden")
-        browser.js("document.getElementById('nick').value = %s;"
-                   "document.getElementById('password').value = %s;"
-                   "document.getElementById('login-form').requestSubmit()"
-                   % (json.dumps(nick), json.dumps(password)))
 
-    def test_reloads_a_preconnecting_page_and_a_password(self):
-        watcher = self.open_peer()
-        watcher.say("/pass letmein", "/nick watcher")
-        watcher.expect(r"\*\*\* type /help for commands")
-        preconnecting = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(preconnecting.close)
-        page = ('<link rel="preconnect" href="http://127.0.0.1:%d"><script>setTimeout(() => '
-                'location.href = "http://127.0.0.1:%d/", 300)</script>' % (
-                    self.address[1], self.address[1])).encode()
-        threading.Thread(target=self.serve_once, args=(preconnecting, page), daemon=True).start()
-        browser = Chromium(self)
-        browser.call("Page.navigate", browser.session,
-                     url="http://127.0.0.1:%d/" % preconnecting.getsockname()[1])
-        browser.wait("location.port == '%d' && !!document.getElementById('nick')"
-                     % self.address[1])
-        self.submit_login(browser, "webby", "wrong")
-        browser.wait("document.getElementById('login-error').innerText.includes('wrong password')")
-        self.submit_login(browser, "webby", "letmein")
+class PageScrollbackTest(PageTestCase):
+
+    options = {"history": 10}
+
+    def test_scrolling_up_loads_older_lines_keeping_the_place(self):
+        alice = self.nc("alice")
+        alice.say(*("line %03d" % number for number in range(1, 121)))
+        alice.sync()
+        page = self.logged_in()
+        # 10 lines replayed do not fill the log: the 50 before them come at once.
+        page.wait("document.querySelectorAll('#log .msg.said').length === 60")
+        page.wait("!!document.querySelector('#top button')")
+        for shown in (110, 120):
+            first = page.js("document.querySelector('#log .msg.said').textContent")
+            page.js("log.scrollTop = 0")
+            page.wait("document.querySelectorAll('#log .msg.said').length === %d" % shown)
+            # The line that was at the top is where it was: nothing jumped.
+            self.assertLess(abs(page.js(
+                "[...document.querySelectorAll('#log .msg.said')].find(d => d.textContent === %s)"
+                ".getBoundingClientRect().top - log.getBoundingClientRect().top" % json.dumps(first))), 80)
+            page.wait("!document.getElementById('top').textContent.includes('Loading')")
+        texts = [line.split(": ", 1)[1] for line in self.lines_of(page, r"^alice: ")]
+        self.assertEqual(texts, ["line %03d" % number for number in range(1, 121)])
+        page.wait("document.getElementById('top').textContent.includes('start of #lobby')")
+
+
+class PageReconnectTest(PageTestCase):
+
+    def setUp(self):
+        self.data = tempfile.mkdtemp(prefix="chat-page-data-")
+        self.addCleanup(shutil.rmtree, self.data, True)
+        self.options = {"data_dir": self.data, "history": 3}
+        super().setUp()
+
+    def test_a_restarted_server_fills_the_gap_once(self):
+        gate = Cable(self, self.address)
+        bob = self.nc("bob", "#dev")
+        page = self.browser("http://127.0.0.1:%d/" % gate.address[1])
+        page.login("webby")
+        page.wait("document.getElementById('title').textContent === '#lobby'")
+        page.type("/join #dev")
+        page.wait("document.getElementById('title').textContent === '#dev'")
+        bob.say("before 1", "before 2")
+        page.wait("document.getElementById('log').innerText.includes('before 2')")
+        gate.cut(refuse=True)   # the network is gone...
+        page.wait("document.getElementById('state').textContent.includes('Reconnecting')")
+        self.restart_server()   # ...and the server restarts, keeping its data directory
+        bob = self.nc("bob", "#dev")
+        bob.say(*("missed %d" % number for number in range(1, 7)))
+        bob.sync()
+        gate.reopen()
+        page.wait("document.getElementById('log').innerText.includes('missed 6')")
+        page.wait("document.getElementById('state').textContent === ''")
+        page.wait("document.querySelectorAll('#log .msg.said').length === 8")
+        self.assertEqual([line.split(": ", 1)[1] for line in self.lines_of(page, r"^bob: ")],
+                         ["before 1", "before 2"] + ["missed %d" % n for n in range(1, 7)])
+        bob.say("after it")
+        page.wait("document.getElementById('log').innerText.includes('after it')")
+        self.assertEqual(len(self.lines_of(page, r"^bob: ")), 9)   # never a line twice
+        self.assertEqual(page.js("document.getElementById('rooms').innerText.includes('#dev')"), True)
+
+
+class PageNotificationTest(PageTestCase):
+
+    # document.hidden as the test says, and every Notification the page makes, recorded.
+    HIDDEN = """(() => {
+      let hidden = false;
+      Object.defineProperty(Document.prototype, "hidden", {get: () => hidden, configurable: true});
+      Object.defineProperty(Document.prototype, "visibilityState",
+                            {get: () => (hidden ? "hidden" : "visible"), configurable: true});
+      window.setHidden = (value) => { hidden = value; document.dispatchEvent(new Event("visibilitychange")); };
+      window.shown = [];
+      const Real = window.Notification;
+      window.Notification = class extends Real {
+        constructor(title, options) { super(title, options); window.shown.push([title, options.body]); }
+      };
+    })();"""
+
+    def test_mentions_and_private_messages_notify_while_hidden(self):
+        bob = self.nc("bob")
+        page = Chromium(self)
+        page.call("Browser.grantPermissions", origin=self.url.rstrip("/"), permissions=["notifications"])
+        page.page("Page.addScriptToEvaluateOnNewDocument", source=self.HIDDEN)
+        page.open(self.url)
+        page.login("webby")
+        page.wait("document.getElementById('title').textContent === '#lobby'")
+        self.assertEqual(page.js("Notification.permission"), "granted")
+        bob.say("webby: seen while visible")
+        page.wait("document.getElementById('log').innerText.includes('seen while visible')")
+        page.js("setHidden(true)")
+        bob.say("no mention here", "webby, lunch?", "/msg webby a secret")
+        page.wait("window.shown.length === 2")
+        self.assertEqual(page.js("window.shown"), [["bob in #lobby", "webby, lunch?"],
+                                                   ["from bob", "a secret"]])
+        page.wait("document.title === '(3) #lobby - chat'")
+        page.js("setHidden(false)")
+        page.js("document.getElementById('bell').click()")   # this room: no more notifications
+        self.assertEqual(page.js("document.getElementById('bell').getAttribute('aria-pressed')"), "false")
+        page.js("setHidden(true)")
+        bob.say("webby: quiet now", "/msg webby but this one")
+        page.wait("window.shown.length === 3")
+        self.assertEqual(page.js("window.shown[2]"), ["from bob", "but this one"])
+        page.wait("document.getElementById('announce').textContent === 'Message from bob: but this one'")
+
+
+class PagePhoneLayoutTest(PageTestCase):
+
+    # Each visible part: its box, whether it lies inside the viewport, and pairs that overlap.
+    GEOMETRY = """(() => {
+      const boxes = {};
+      for (const [name, node] of Object.entries({
+          menu: document.getElementById("menu"), heading: document.getElementById("heading"),
+          bell: document.getElementById("bell"), state: document.getElementById("state"),
+          log: document.getElementById("log"), line: document.getElementById("line"),
+          send: document.getElementById("send-button")})) {
+        const r = node.getBoundingClientRect();
+        if (r.width && r.height) boxes[name] = [r.left, r.top, r.right, r.bottom];
+      }
+      const outside = Object.keys(boxes).filter((name) => { const [l, t, r, b] = boxes[name];
+        return l < 0 || t < 0 || r > innerWidth + 0.5 || b > innerHeight + 0.5; });
+      const names = Object.keys(boxes), overlaps = [];
+      for (const a of names) for (const b of names) {
+        if (a >= b) continue;
+        const [l1, t1, r1, b1] = boxes[a], [l2, t2, r2, b2] = boxes[b];
+        if (Math.min(r1, r2) - Math.max(l1, l2) > 0.5 && Math.min(b1, b2) - Math.max(t1, t2) > 0.5) overlaps.push(a + "/" + b);
+      }
+      const small = [...document.querySelectorAll("button, input")].filter((node) => {
+        const r = node.getBoundingClientRect();
+        return r.width && node.closest("#main, #drawer.open, #login:not([hidden])") && (r.width < 43.5 || r.height < 43.5);
+      }).map((node) => node.id || node.textContent);
+      const wide = document.documentElement.scrollWidth > innerWidth ||
+        document.getElementById("line").getBoundingClientRect().width < innerWidth / 2;   // room to type
+      return {names, outside, overlaps, small, wide, width: innerWidth, height: innerHeight};
+    })()"""
+
+    # Inside the open drawer: every button and field within it, and the drawer on screen.
+    DRAWER = """(() => {
+      const d = document.getElementById("drawer").getBoundingClientRect();
+      const out = [...document.querySelectorAll("#drawer button, #drawer input")].filter((node) => {
+        const r = node.getBoundingClientRect();
+        return r.width && (r.left < d.left - 0.5 || r.right > d.right + 0.5 || r.left < 0 || r.right > innerWidth);
+      }).map((node) => node.textContent || node.id);
+      return {out, inside: d.left >= 0 && d.right <= innerWidth && d.top >= 0 && d.bottom <= innerHeight + 0.5};
+    })()"""
+
+    def check_layout(self, page, what):
+        geometry = page.js(self.GEOMETRY)
+        self.assertEqual((geometry["outside"], geometry["overlaps"], geometry["small"], geometry["wide"]),
+                         ([], [], [], False), "%s: %r" % (what, geometry))
+        self.assertTrue({"menu", "heading", "bell", "log", "line", "send"} <= set(geometry["names"]), what)
+
+    def check_phone(self, width, height):
+        self.nc("bob", "#dev").say("a-very-long-word-" * 12 + " https://example.com/" + "x" * 80)
+        page = self.logged_in(width=width, height=height, mobile=True)
+        self.assertEqual(page.js("innerWidth"), width)
+        page.type("/join #dev")
+        page.wait("document.getElementById('log').innerText.includes('example.com')")
+        self.check_layout(page, "%dx%d" % (width, height))
+        self.assertTrue(page.js("log.scrollWidth <= log.clientWidth"), "long words wrap")
+        page.js("document.getElementById('menu').click()")
+        page.wait("document.getElementById('drawer').getBoundingClientRect().left >= 0")
+        self.assertEqual(page.js("document.getElementById('menu').getAttribute('aria-expanded')"), "true")
+        self.assertEqual(page.js(self.DRAWER), {"out": [], "inside": True})
+        page.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'}))")   # Esc closes
+        self.assertEqual(page.js("document.getElementById('menu').getAttribute('aria-expanded')"), "false")
+        self.assertEqual(page.js("document.activeElement.id"), "menu")
+        page.js("document.getElementById('menu').click()")
+        page.choose("#lobby")   # a choice closes the drawer
+        self.assertEqual(page.js("document.getElementById('menu').getAttribute('aria-expanded')"), "false")
+        self.assertFalse(page.js("document.getElementById('main').inert"))
+        # The on-screen keyboard takes 40 % of the height: the input stays in sight.
+        page.resize(width, int(height * 0.6), mobile=True)
+        page.wait("document.getElementById('line').getBoundingClientRect().bottom <= innerHeight")
+        self.check_layout(page, "keyboard")
+        page.resize(width, height, mobile=True)
+        page.js("document.documentElement.style.fontSize = '200%'")   # text at 200 %
+        self.check_layout(page, "200%")
+        return page
+
+    def test_390_by_844(self):
+        self.check_phone(390, 844)
+
+    def test_360_by_640(self):
+        self.check_phone(360, 640)
+
+
+class PagePasswordTest(PageTestCase):
+
+    options = {"password": "letmein", "op_password": "op secret"}
+
+    def test_login_with_a_server_password(self):
+        watcher = self.nc("watcher", password="letmein")
+        page = self.browser()
+        page.login("webby")   # no password: the form asks for it
+        page.wait("document.getElementById('login-error').textContent === 'This server needs a password.'")
+        self.assertEqual(page.js("document.activeElement.id"), "password")
+        page.login("webby", "wrong")
+        page.wait("document.getElementById('login-error').textContent === 'Error: wrong password'")
+        page.login("watcher", "letmein")   # taken: explained on the form, before joining
+        page.wait("document.getElementById('login-error').textContent.includes('nick watcher is taken')")
+        self.assertFalse(page.js("document.getElementById('login').hidden"))
+        page.login("webby", "letmein", "op secret")
         self.assertEqual(watcher.expect(r"\*\*\* webby .*"), "*** webby joined")
-        for _ in range(20):
-            browser.call("Page.reload", browser.session)
-            browser.wait("document.readyState === 'complete' && !!document.getElementById('nick')"
-                         " && !!document.getElementById('log')")
-        watcher.say("/who")
-        self.assertRegex(watcher.expect(r"\*\*\* \d+ online: .*"),
-                         r"\*\*\* [12] online: (webby, )?watcher")
+        page.wait("document.getElementById('login').hidden")
+        page.wait("document.getElementById('log').innerText.includes('you are an operator now')")
+        self.assertEqual(page.js("sessionStorage.getItem('chat-session')"),
+                         json.dumps({"nick": "webby", "password": "letmein"}, separators=(",", ":")))
 
-    @staticmethod
-    def serve_once(listener, page):
-        sock, _ = listener.accept()
-        with sock:
-            sock.recv(65536)
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (len(page), page))
+
+class PageReloadTest(PageTestCase):
+
+    options = {"password": "letmein", "greet_delay": chat.GREET_DELAY}
+
+    def test_twenty_reloads_in_a_row(self):
+        watcher = self.nc("watcher", "#dev", password="letmein")
+        page = self.browser()
+        page.login("webby", "letmein")
+        page.wait("document.getElementById('title').textContent === '#lobby'")
+        page.type("/join #dev")
+        page.wait("document.getElementById('title').textContent === '#dev'")
+        watcher.say("one line before the reloads")
+        page.wait("document.getElementById('log').innerText.includes('one line before')")
+        for number in range(20):
+            page.reload()
+            page.wait("document.getElementById('title').textContent === '#dev' && "
+                      "document.getElementById('login').hidden && "
+                      "document.getElementById('log').innerText.includes('one line before') && "
+                      "document.getElementById('state').textContent === ''")
+        self.assertEqual(len(self.lines_of(page, "one line before")), 1)
+        page.type("still here after 20 reloads")
+        self.assertEqual(watcher.expect(r"<webby> .*"), "<webby> still here after 20 reloads")
+        watcher.say("/who")
+        self.assertRegex(watcher.expect(r"\*\*\* #dev: \d+ online: .*|\*\*\* \d+ online: .*"),
+                         r"2 online: (webby, @watcher|@watcher, webby)$")
+        self.assertEqual(list(page.sidebar()), ["#lobby", "#dev"])
 
 
 class HttpKeepAliveTest(ServerTestCase):
@@ -5783,7 +6156,8 @@ class ClusterApartTest(ClusterTestCase):
     NODES = 2
 
     def test_a_private_message_to_a_node_out_of_reach_is_refused(self):
-        alice, bob = self.connect(0, "alice"), self.connect(1, "bob")
+        alice = self.connect(0, "alice")
+        self.connect(1, "bob")
         self.wait_listed(0, "bob")
         self.redis.stop()
         alice.expect(r"\*\*\* the other servers of this chat are out of reach.*")
