@@ -95,6 +95,7 @@ def setUpModule():
 
 
 def tearDownModule():
+    Chromium.stop()   # the one browser of the tests that need one
     for path in PKI.values():
         os.unlink(path)
     os.rmdir(os.path.dirname(PKI["ca"]))
@@ -3477,12 +3478,26 @@ class WebSocketBoundsTest(ServerTestCase):
 
 
 class Chromium:
-    """Headless Chromium driven over its DevTools pipe (fds 3 and 4): one page, and
-    JavaScript evaluated in it."""
+    """Headless Chromium driven over its DevTools pipe (fds 3 and 4). One process serves
+    every test that needs a browser (started by the first, ended with the module): each
+    test gets a tab in a browser context of its own, as fresh as a new profile."""
 
-    def __init__(self, test, width=1280, height=800, mobile=False):
+    running = None
+
+    @classmethod
+    def tab(cls, test, width=1280, height=800, mobile=False):
+        if cls.running is None or cls.running.proc.poll() is not None:
+            cls.running = cls()
+        return Tab(test, cls.running, width, height, mobile)
+
+    @classmethod
+    def stop(cls):
+        if cls.running is not None:
+            cls.running.close()
+            cls.running = None
+
+    def __init__(self):
         self.profile = tempfile.mkdtemp(prefix="chat-chromium-")
-        test.addCleanup(shutil.rmtree, self.profile, True)
         commands_r, self.commands = os.pipe()
         self.replies_r, replies_w = os.pipe()
         flags = ("--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "
@@ -3494,15 +3509,10 @@ class Chromium:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
         os.close(commands_r)
         os.close(replies_w)
-        test.addCleanup(self.close)
         self.replies = {}
         self._changed = threading.Condition()
         self._ids = itertools.count(1)
         threading.Thread(target=self._read, name="devtools", daemon=True).start()
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.page("Page.enable")   # for scripts added to every new document
-        self.resize(width, height, mobile)
 
     def _read(self):
         data = b""
@@ -3533,8 +3543,42 @@ class Chromium:
             raise AssertionError("Chromium: %s" % reply["error"])
         return reply["result"]
 
+    def close(self):
+        os.close(self.commands)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        os.close(self.replies_r)
+        shutil.rmtree(self.profile, True)
+
+
+class Tab:
+    """A page of the browser, in a context of its own, and what a person does in it."""
+
+    def __init__(self, test, browser, width, height, mobile):
+        self.browser = browser
+        self.context = browser.call("Target.createBrowserContext")["browserContextId"]
+        test.addCleanup(self.close)
+        target = browser.call("Target.createTarget", url="about:blank",
+                              browserContextId=self.context)["targetId"]
+        self.session = browser.call("Target.attachToTarget", targetId=target,
+                                    flatten=True)["sessionId"]
+        self.page("Page.enable")   # for scripts added to every new document
+        self.resize(width, height, mobile)
+
+    def call(self, method, **params):
+        return self.browser.call(method, **params)
+
+    def grant(self, origin, permissions):
+        self.call("Browser.grantPermissions", origin=origin, permissions=permissions,
+                  browserContextId=self.context)
+
+    def close(self):
+        if self.browser.proc.poll() is None:
+            self.call("Target.disposeBrowserContext", browserContextId=self.context)
+
     def page(self, method, **params):
-        return self.call(method, self.session, **params)
+        return self.browser.call(method, self.session, **params)
 
     def resize(self, width, height, mobile=False):
         self.page("Emulation.setDeviceMetricsOverride", width=width, height=height,
@@ -3596,12 +3640,6 @@ class Chromium:
                 "b.querySelector('.name').textContent === %s).click()" % json.dumps(name))
         self.wait("document.getElementById('title').textContent === %s" % json.dumps(name))
 
-    def close(self):
-        os.close(self.commands)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(TIMEOUT)
-        os.close(self.replies_r)
 
 
 @unittest.skipUnless(CHROMIUM and shutil.which("bash"), "Chromium is not installed")
@@ -3627,7 +3665,7 @@ class PageTestCase(ServerTestCase):
         return peer
 
     def browser(self, url=None, **size):
-        browser = Chromium(self, **size)
+        browser = Chromium.tab(self, **size)
         browser.open(url or self.url)
         return browser
 
@@ -3872,8 +3910,8 @@ class PageNotificationTest(PageTestCase):
 
     def test_mentions_and_private_messages_notify_while_hidden(self):
         bob = self.nc("bob")
-        page = Chromium(self)
-        page.call("Browser.grantPermissions", origin=self.url.rstrip("/"), permissions=["notifications"])
+        page = Chromium.tab(self)
+        page.grant(self.url.rstrip("/"), ["notifications"])
         page.page("Page.addScriptToEvaluateOnNewDocument", source=self.HIDDEN)
         page.open(self.url)
         page.login("webby")
