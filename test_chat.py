@@ -5,6 +5,7 @@ and the real client in a subprocess. Run with: python -m unittest -v
 import base64
 import codecs
 import collections
+import concurrent.futures
 import hashlib
 import json
 import itertools
@@ -3544,9 +3545,12 @@ class Chromium:
         return reply["result"]
 
     def close(self):
-        os.close(self.commands)
-        if self.proc.poll() is None:
+        try:
+            self.call("Browser.close")   # its helper processes end with it, none left over
+            self.proc.wait(TIMEOUT)
+        except (AssertionError, OSError, subprocess.TimeoutExpired):
             self.proc.kill()
+        os.close(self.commands)
         self.proc.wait(TIMEOUT)
         os.close(self.replies_r)
         shutil.rmtree(self.profile, True)
@@ -4117,6 +4121,12 @@ def run_cli(*args, env=None):
                           env=child_env(**(env or {})))
 
 
+def run_clis(argument_lists):
+    """run_cli for each list of arguments, the processes side by side; results in order."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda args: run_cli(*args), argument_lists))
+
+
 class CommandLineTest(unittest.TestCase):
 
     def peer(self, port, host="127.0.0.1"):
@@ -4128,25 +4138,24 @@ class CommandLineTest(unittest.TestCase):
         return peer
 
     def test_help_explains_every_flag(self):
-        top = run_cli("--help").stdout
+        top, server_help, client_help, version = (result.stdout for result in run_clis(
+            [("--help",), ("server", "--help"), ("client", "--help"), ("--version",)]))
         self.assertIn("server", top)
         self.assertIn("client", top)
-        server_help = run_cli("server", "--help").stdout
         for flag in ("--host", "--port", "-4", "-6", "--max-clients", "--max-line",
                      "--announce-limit", "--name", "--verbose", "--quiet", "--tls-cert",
                      "--tls-key", "--password-file", "CHAT_PASSWORD", "--register-timeout",
                      "--rate", "--burst", "--max-per-ip", "--room", "--max-rooms", "--history"):
             self.assertIn(flag, server_help)
-        client_help = run_cli("client", "--help").stdout
         for flag in ("--host", "--port", "-4", "-6", "--nick", "--tls", "--tls-ca",
                      "--tls-fingerprint", "--password-file", "CHAT_PASSWORD", "--listen-only"):
             self.assertIn(flag, client_help)
-        self.assertEqual(run_cli("--version").stdout.strip(), "chat.py " + chat.__version__)
+        self.assertEqual(version.strip(), "chat.py " + chat.__version__)
 
     def test_bad_arguments_are_usage_errors(self):
-        for args in (("server", "--port", "70000"), ("server", "--max-line", "0"), (),
-                     ("client", "--port", "0"), ("server", "--room", "#a b")):
-            result = run_cli(*args)
+        wrong = (("server", "--port", "70000"), ("server", "--max-line", "0"), (),
+                 ("client", "--port", "0"), ("server", "--room", "#a b"))
+        for args, result in zip(wrong, run_clis(wrong)):
             self.assertEqual(result.returncode, 2, args)
             self.assertIn("usage:", result.stderr)
             self.assertNotIn("Traceback", result.stderr)
@@ -4163,9 +4172,8 @@ class CommandLineTest(unittest.TestCase):
                  (("client", "--host", "box:80", "--port", "81"), "not the one --port says"),
                  (("server", "--host", "127.0.0.1:notaport"), "is not a port number"),
                  (("server", "--port", "0", "--data-dir", PKI["ca"]), "is not a directory")]
-        for args, message in cases:
+        for (args, message), result in zip(cases, run_clis([args for args, _ in cases])):
             with self.subTest(args=args):
-                result = run_cli(*args)
                 self.assertEqual(result.returncode, 1)
                 self.assertIn(message, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
