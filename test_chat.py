@@ -5850,9 +5850,9 @@ class ClusterCommandLineTest(unittest.TestCase):
                  ("unix://" + redis.path, r"Redis refused INFO: NOAUTH"),
                  ("redis://:right%40@127.0.0.1:1", r"cannot reach Redis at redis://:\*\*\*@127.0.0.1:1/0"),
                  ("redis://u:right@127.0.0.1:99999", r"not a number from 1 to 65535")]
-        for url, message in cases:
+        results = run_clis([("server", "--port", "0", "--redis", url) for url, _ in cases])
+        for (url, message), result in zip(cases, results):
             with self.subTest(url=url):
-                result = run_cli("server", "--port", "0", "--redis", url)
                 self.assertEqual(result.returncode, 1, result.stderr)
                 self.assertRegex(result.stderr, r"chat.py: (invalid --redis: )?.*" + message)
                 self.assertNotIn("Traceback", result.stderr)
