@@ -2898,6 +2898,14 @@ class RealIrcClientTest(ServerTestCase):
         irssi.wait_for(r"< ?nina> in dev now")
         irssi.type("/me smiles")
         self.assertEqual(nina.expect(r"\* ircbob .*"), "* ircbob smiles")
+        irssi.type("/op nina")   # the room's first member runs it, from irssi too
+        self.assertEqual(nina.expect(r"\*\*\* ircbob gave .*"),
+                         "*** ircbob gave nina operator status in #dev")
+        nina.say("/mode +m", "/mode +b troll")
+        irssi.wait_for(r"mode/#dev \[\+m\] by nina")
+        irssi.wait_for(r"mode/#dev \[\+b troll!\*@\*\] by nina")
+        irssi.type("/names")
+        irssi.wait_for(r"\[@ircbob\] \[@nina\]")   # irssi's nick list has both operators
         irssi.type("/part")
         self.assertEqual(nina.expect(r"\*\*\* ircbob .*"), "*** ircbob left (part)")
 
