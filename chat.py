@@ -5626,6 +5626,8 @@ class IrcReplies:
             return data + self._line("ERROR :Closing link: %s" % text)
         if key == "wallops":
             return self._line(":%s WALLOPS :%s" % (irc_source(fields["nick"]), fields["text"]))
+        if key == "opped":   # 381, and the user mode that comes with it
+            return data + self._line(":%s MODE %s +o" % (irc_source(self.nick), self.nick))
         if key == "renamed_self":
             return self._line(":%s NICK :%s" % (irc_source(fields.get("old", fields["nick"])),
                                                  fields["nick"]))

@@ -1768,6 +1768,7 @@ class IrcModerationTest(ServerTestCase):
         alice.irc("OPER alice wrong", "OPER alice :op secret", "NAMES #lobby", "AWAY :brb")
         self.assertEqual(alice.numeric("464"), ":testroom 464 alice :Password incorrect")
         self.assertEqual(alice.numeric("381"), ":testroom 381 alice :You are now an IRC operator")
+        self.assertEqual(alice.next_line(), ":alice!alice@chat MODE alice +o")   # the user mode
         self.assertEqual(alice.numeric("353"), ":testroom 353 alice = #lobby :@alice bob")
         self.assertEqual(alice.numeric("306"), ":testroom 306 alice :You have been marked as "
                                                "being away")
