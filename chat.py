@@ -605,7 +605,15 @@ class Wording:
 
     def __init__(self):
         self.templates = dict(self.SHAPES)
-        self._patterns = [(key, re.compile(self._regex(template))) for key, template in self.SHAPES]
+        self._patterns = None   # compiled at the first parse: a server never needs them
+
+    def _compiled(self):
+        """The shapes as regexes, built once when first wanted, since that costs a
+        quarter of the client's start-up and the server never parses a notice."""
+        if self._patterns is None:
+            self._patterns = [(key, re.compile(self._regex(template)))
+                              for key, template in self.SHAPES]
+        return self._patterns
 
     def _regex(self, template):
         parts, seen, regex = re.split(r"\{(\w+)\}", template), set(), []
@@ -629,7 +637,7 @@ class Wording:
 
     def parse(self, line):
         """(shape, fields) of a received line; (None, {}) for a line of no known shape."""
-        for key, pattern in self._patterns:
+        for key, pattern in self._compiled():
             found = pattern.fullmatch(line)
             if found:
                 return key, found.groupdict()

@@ -33,6 +33,10 @@ except ImportError:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
+# chat.py as most tests start it: run as the module, so that its compiled code is kept
+# (in the test run's own folder, see child_env) rather than compiled anew in each of
+# some ninety processes. Two tests start it as "python chat.py", as people do.
+RUN_CHAT = [sys.executable, "-m", "chat"]
 TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
 IRC_CAPS = ("away-notify batch cap-notify draft/chathistory echo-message extended-join "
@@ -83,6 +87,7 @@ TEST_CERT_FINGERPRINT = (
 
 
 PKI = {}   # name -> path of the test PEM files, written by setUpModule
+BYTECODE = tempfile.mkdtemp(prefix="chat-test-bytecode-")   # for the processes' compiled chat.py
 
 
 def setUpModule():
@@ -100,6 +105,7 @@ def tearDownModule():
     for path in PKI.values():
         os.unlink(path)
     os.rmdir(os.path.dirname(PKI["ca"]))
+    shutil.rmtree(BYTECODE, ignore_errors=True)
 
 
 def raise_fd_limit(test, needed):
@@ -129,8 +135,10 @@ def child_env(**changes):
     """The environment for a chat.py process: ours, without what would change its behaviour
     (a password, NO_COLOR, a locale or terminal of the caller), plus changes."""
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("CHAT_", "LC_")) and name not in ("NO_COLOR", "LANG", "TERM")}
-    env.update(LANG="C.UTF-8", PYTHONIOENCODING="utf-8")
+           if not name.startswith(("CHAT_", "LC_"))
+           and name not in ("NO_COLOR", "LANG", "TERM", "PYTHONDONTWRITEBYTECODE")}
+    env.update(LANG="C.UTF-8", PYTHONIOENCODING="utf-8", PYTHONPATH=HERE,
+               PYTHONPYCACHEPREFIX=BYTECODE)
     env.update(changes)
     return env
 
@@ -1085,25 +1093,22 @@ class SlowReaderTest(ServerTestCase):
         alice, bob = self.connect("alice"), self.connect("bob")
         self.reader_that_never_reads("slow")
         self.assertEqual(alice.expect(r"\*\*\* slow joined"), "*** slow joined")
-        # bob talks until the server gives up on slow, however much the kernel buffers hold.
-        dropped = threading.Event()
-        sent = []
-
-        def talk():
+        # bob talks until the server gives up on slow, however much the kernel buffers
+        # hold; each batch waits for alice to have the one before, so that alice, who
+        # reads, is never behind by more than the queue limit, however slow the machine.
+        dropped, sent, received = "*** slow left (send queue exceeded)", [], []
+        with self.assertLogs(chat.log, logging.WARNING) as logs:
             for number in range(200):
-                batch = ["%03d %04d %s" % (number, i, "p" * 1000) for i in range(1000)]
+                batch = ["%03d %04d %s" % (number, i, "p" * 1000) for i in range(500)]
                 bob.send("".join(line + "\n" for line in batch).encode())
                 sent.extend(batch)
-                if dropped.is_set():
+                received += alice.lines_until(re.escape("<bob> " + batch[-1]))
+                received.append("<bob> " + batch[-1])
+                if dropped in received:
                     break
             bob.say("the end")
-        sender = threading.Thread(target=talk, name="sender", daemon=True)
-        with self.assertLogs(chat.log, logging.WARNING) as logs:
-            sender.start()
-            received = alice.lines_until(r"\*\*\* slow left \(send queue exceeded\)")
-            dropped.set()
             received += alice.lines_until(r"<bob> the end")
-            sender.join(TIMEOUT)
+        received.remove(dropped)
         self.assertEqual(received, ["<bob> " + line for line in sent])
         self.assertIn("send queue exceeded", "\n".join(logs.output))
 
@@ -4104,7 +4109,7 @@ class ServerProcess:
     """chat.py server in a subprocess; its stderr is collected by a thread."""
 
     def __init__(self, test, *args, preexec_fn=None, env=None):
-        argv = [sys.executable, CHAT, "server", "--port", "0", "--name", "proc"] + list(args)
+        argv = RUN_CHAT + ["server", "--port", "0", "--name", "proc"] + list(args)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, preexec_fn=preexec_fn,
                                      env=child_env(**(env or {})))
@@ -4125,7 +4130,7 @@ class ServerProcess:
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, CHAT] + list(args), stdin=subprocess.DEVNULL,
+    return subprocess.run(RUN_CHAT + list(args), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=TIMEOUT * 2,
                           env=child_env(**(env or {})))
 
@@ -4321,7 +4326,7 @@ class ClientProcess:
     """chat.py client in a subprocess with piped stdin, stdout and stderr."""
 
     def __init__(self, test, port, *args, stdin_data=None, env=None):
-        argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
+        argv = RUN_CHAT + ["client", "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(argv + list(args), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=child_env(**(env or {})))
@@ -4439,7 +4444,7 @@ class ClientTest(ServerTestCase):
 
     def test_host_may_carry_the_port(self):
         alice = self.connect("alice")
-        result = subprocess.run(
+        result = subprocess.run(   # "python chat.py", exactly as people start it
             [sys.executable, CHAT, "client", "--host", "127.0.0.1:%d" % self.address[1],
              "--nick", "ci"], input=b"by host:port\n", capture_output=True, timeout=TIMEOUT * 2,
             env=child_env())
@@ -4902,7 +4907,7 @@ class TerminalSession:
         self.slave_attributes = termios.tcgetattr(slave)
         self.slave = os.dup(slave)   # to read the terminal mode after the client exits
         environment = child_env(**dict({"TERM": "xterm-256color"}, **(env or {})))
-        argv = [sys.executable, CHAT, "client", "--host", "127.0.0.1", "--port", str(port)]
+        argv = RUN_CHAT + ["client", "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(argv + list(args), stdin=slave, stdout=slave, stderr=slave,
                                      env=environment, start_new_session=True)
         os.close(slave)
