@@ -626,6 +626,26 @@ class HubTest(unittest.TestCase):
         self.assertEqual(self.sink.published, [])   # 5 members: too many for notices
 
 
+class FlushPacerTest(unittest.TestCase):
+    """When a turn's output goes: at once in a quiet chat and for one sender's lines;
+    under load, lines of others wait to share a send, never longer than FLUSH_GAP."""
+
+    def test_only_another_speakers_lines_wait_and_not_for_long(self):
+        pacer, alice, bob = chat.FlushPacer(), object(), object()
+        pacer.source = alice
+        self.assertTrue(pacer.due(100, 50.0))   # nothing flushed yet: at once
+        pacer.flushed(50.0, 50.001)   # a flush that took a millisecond
+        self.assertTrue(pacer.due(100, 50.0015))   # alice's next line: no wait
+        pacer.source = bob
+        self.assertFalse(pacer.due(100, 50.0015))   # bob's waits for more...
+        self.assertTrue(pacer.due(100, 50.002))   # ...as long as the flush took
+        self.assertTrue(pacer.due(chat.SEND_CHUNK, 50.0015))   # a full send never waits
+        pacer.flushed(60.0, 61.0)   # a slow flush: the wait is capped
+        pacer.source = alice
+        self.assertFalse(pacer.due(100, 61.0 + chat.FLUSH_GAP / 2))
+        self.assertTrue(pacer.due(100, 61.0 + chat.FLUSH_GAP))
+
+
 class TurnBatcherTest(unittest.TestCase):
     """What each connection gets of a turn: in order, once, only while it was there."""
 
