@@ -42,10 +42,12 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import importlib.util
 import ipaddress
 import itertools
 import json
 import logging
+import marshal
 import math
 import os
 import random
@@ -11500,6 +11502,56 @@ def log_start_notes(args, options, fingerprint):
 
 
 WORKER_VARIABLE = "CHAT_WORKER"       # set in the processes --workers starts
+SOURCE_VARIABLE = "CHAT_PY_SOURCE"    # set in a process that runs from compiled code
+
+
+def run_from_compiled_code():
+    """Started as a script, become a process that runs this file's compiled code:
+    by exec, so with the same PID and descriptors, on Linux with Python 3.10+.
+
+    Python compiles a script at every start (only modules it imports are kept
+    compiled), and the compiler's peak of about 20 MB stays in the process for
+    good, scattered through its heap: a server started as "python chat.py"
+    would hold 49 MB where 27 do, and spend a quarter more CPU on every new
+    connection. The code goes into an anonymous memory file, so nothing is
+    written to disk. Elsewhere, the server runs as it was started.
+    """
+    if os.environ.get(SOURCE_VARIABLE) is not None:   # this is that process
+        if __file__.startswith("/proc/self/fd/"):
+            os.close(int(__file__.rsplit("/", 1)[1]))   # read already
+        return
+    if (__spec__ is not None or not sys.executable or not hasattr(os, "memfd_create")
+            or not hasattr(sys, "orig_argv")):
+        return
+    source = os.path.abspath(__file__)
+    try:
+        with open(source, "rb") as file:
+            code = compile(file.read(), source, "exec")
+        image = importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
+        descriptor = os.memfd_create("chat.py", 0)   # inherited across exec
+        with open(descriptor, "wb", closefd=False) as file:
+            file.write(image)
+        os.lseek(descriptor, 0, os.SEEK_SET)
+    except (OSError, ValueError) as exc:
+        log.debug("running from source: %s", exc)
+        return
+    argv, at = list(sys.orig_argv), len(sys.orig_argv) - len(sys.argv)
+    if os.path.abspath(argv[at]) != source:   # started by another program (a debugger...)
+        os.close(descriptor)
+        return
+    argv[at] = "/proc/self/fd/%d" % descriptor
+    os.environ[SOURCE_VARIABLE] = source
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as exc:
+        del os.environ[SOURCE_VARIABLE]
+        os.close(descriptor)
+        log.debug("running from source: %s", exc)
+
+
+def own_source():
+    """This file's path, also in a process that runs from its compiled code."""
+    return os.environ.get(SOURCE_VARIABLE) or os.path.abspath(__file__)
 
 
 def run_workers(args):
@@ -11514,8 +11566,9 @@ def run_workers(args):
     workers = []
     for number in range(1, args.workers + 1):
         env = dict(os.environ, **{WORKER_VARIABLE: str(number)})
-        workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)]
-                                        + sys.argv[1:], env=env))
+        env.pop(SOURCE_VARIABLE, None)   # so that it, too, runs from compiled code
+        workers.append(subprocess.Popen([sys.executable, own_source()] + sys.argv[1:],
+                                        env=env))
     stop = threading.Event()
     for name in ("SIGINT", "SIGTERM"):
         signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
@@ -11528,6 +11581,7 @@ def run_workers(args):
 
 
 def run_server(args):
+    run_from_compiled_code()
     configure_logging(args)
     worker = os.environ.get(WORKER_VARIABLE)
     if args.workers > 1 and not worker:

@@ -4129,8 +4129,9 @@ class HttpKeepAliveTest(ServerTestCase):
 class ServerProcess:
     """chat.py server in a subprocess; its stderr is collected by a thread."""
 
-    def __init__(self, test, *args, preexec_fn=None, env=None):
-        argv = RUN_CHAT + ["server", "--port", "0", "--name", "proc"] + list(args)
+    def __init__(self, test, *args, preexec_fn=None, env=None, as_script=False):
+        start = [sys.executable, CHAT] if as_script else RUN_CHAT
+        argv = start + ["server", "--port", "0", "--name", "proc"] + list(args)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, preexec_fn=preexec_fn,
                                      env=child_env(**(env or {})))
@@ -4268,6 +4269,17 @@ class CommandLineTest(unittest.TestCase):
         alice, bob = self.peer(server.port, "127.0.0.1"), self.peer(server.port, "::1")
         alice.say("/nick alice", "over v4")
         self.assertEqual(bob.expect(r"<alice> .*"), "<alice> over v4")
+
+    def test_started_as_a_script_it_runs_from_compiled_code(self):
+        server = ServerProcess(self, "--host", "127.0.0.1", as_script=True)
+        self.peer(server.port)   # it serves
+        if not (sys.platform.startswith("linux") and sys.version_info >= (3, 10)):
+            return   # elsewhere it runs as it was started
+        with open("/proc/%d/cmdline" % server.proc.pid, "rb") as file:   # the same process
+            self.assertRegex(file.read().split(b"\0")[1], rb"^/proc/self/fd/\d+$")
+        folder = "/proc/%d/fd" % server.proc.pid
+        targets = [os.readlink(os.path.join(folder, name)) for name in os.listdir(folder)]
+        self.assertFalse([target for target in targets if "memfd" in target])   # closed once read
 
     def test_ipv4_only(self):
         server = ServerProcess(self, "-4")
