@@ -11520,10 +11520,10 @@ def run_from_compiled_code():
         if __file__.startswith("/proc/self/fd/"):
             os.close(int(__file__.rsplit("/", 1)[1]))   # read already
         return
-    if (__spec__ is not None or not sys.executable or not hasattr(os, "memfd_create")
-            or not hasattr(sys, "orig_argv")):
-        return
     source = os.path.abspath(__file__)
+    if (not started_as_script(source) or not sys.executable
+            or not hasattr(os, "memfd_create") or not hasattr(sys, "orig_argv")):
+        return
     try:
         with open(source, "rb") as file:
             code = compile(file.read(), source, "exec")
@@ -11535,11 +11535,8 @@ def run_from_compiled_code():
     except (OSError, ValueError) as exc:
         log.debug("running from source: %s", exc)
         return
-    argv, at = list(sys.orig_argv), len(sys.orig_argv) - len(sys.argv)
-    if os.path.abspath(argv[at]) != source:   # started by another program (a debugger...)
-        os.close(descriptor)
-        return
-    argv[at] = "/proc/self/fd/%d" % descriptor
+    argv = list(sys.orig_argv)
+    argv[len(argv) - len(sys.argv)] = "/proc/self/fd/%d" % descriptor
     os.environ[SOURCE_VARIABLE] = source
     try:
         os.execv(sys.executable, argv)
@@ -11547,6 +11544,15 @@ def run_from_compiled_code():
         del os.environ[SOURCE_VARIABLE]
         os.close(descriptor)
         log.debug("running from source: %s", exc)
+
+
+def started_as_script(source):
+    """Whether Python ran this file itself ("python chat.py"), rather than as a
+    module, or through another program (a profiler, a debugger, coverage)."""
+    frame = sys._getframe()
+    while frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_code.co_filename == source and frame.f_globals.get("__spec__") is None
 
 
 def own_source():
