@@ -2936,6 +2936,57 @@ class RealIrcClientTest(ServerTestCase):
         irssi.type("/part")
         self.assertEqual(nina.expect(r"\*\*\* ircbob .*"), "*** ircbob left (part)")
 
+    @unittest.skipUnless(shutil.which("weechat-headless"), "weechat-headless is not installed")
+    def test_weechat(self):
+        nina = self.connect("nina")
+        nina.say("/join #dev")   # nina's room: she runs it
+        nina.expect(r"\*\*\* you are in #dev: .*")
+        weechat = WeeChat(self, self.address[1], "wbob", "#dev", "/msg nina hello from weechat")
+        self.assertEqual(nina.expect(r".*hello from weechat"), "*wbob* hello from weechat")
+        weechat.wait_for(r"Channel #dev: 2 nicks \(1 op, 0 voices, 1 normal\)")
+        nina.say("/mode +o wbob", "/mode +mk sesame", "/mode +b troll", "modes set")
+        weechat.wait_for(r"Mode #dev \[\+o wbob\] by nina")
+        weechat.wait_for(r"Mode #dev \[\+mk sesame\] by nina|Mode #dev \[\+k sesame\] by nina")
+        weechat.wait_for(r"Mode #dev \[\+b troll!\*@\*\] by nina")
+        weechat.wait_for(r"@nina\tmodes set")
+        nina.say("/kick wbob enough")
+        weechat.wait_for(r"nina has kicked wbob \(enough\)")
+
+
+class WeeChat:
+    """weechat-headless (WeeChat with no screen, and here no FIFO or scripts) joined to
+    room, after which it runs command; read back from the room's log, which it writes
+    line by line."""
+
+    def __init__(self, test, port, nick, room, command):
+        home = tempfile.mkdtemp(prefix="chat-weechat-")
+        test.addCleanup(shutil.rmtree, home, True)
+        self.log = os.path.join(home, "logs", "irc.chatpy.%s.weechatlog" % room)
+        server = "irc.server.chatpy."
+        setup = ["/set logger.file.flush_delay 0", "/server add chatpy 127.0.0.1/%d" % port,
+                 "/set %snicks %s" % (server, nick), "/set %sautojoin %s" % (server, room),
+                 '/set %scommand "%s"' % (server, command), "/set %santi_flood_prio_high 0" % server,
+                 "/connect chatpy"]   # (its flood control would send a line each 2 s)
+        proc = subprocess.Popen(["weechat-headless", "-d", home, "-r", ";".join(setup)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=child_env())
+        test.addCleanup(proc.wait, TIMEOUT)
+        test.addCleanup(proc.kill)
+        self.room = room
+
+    def text(self):
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as file:
+                return file.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern):
+        try:
+            wait_for(lambda: re.search(pattern, self.text()))
+        except AssertionError:
+            raise AssertionError("no %r in WeeChat's log of %s:\n%s"
+                                 % (pattern, self.room, self.text())) from None
 
 # --- The browser: HTTP, WebSocket, the page ---
 
