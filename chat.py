@@ -11503,6 +11503,7 @@ def log_start_notes(args, options, fingerprint):
 
 WORKER_VARIABLE = "CHAT_WORKER"       # set in the processes --workers starts
 SOURCE_VARIABLE = "CHAT_PY_SOURCE"    # set in a process that runs from compiled code
+MEMORY_FILES = "/proc/self/fd/"       # where Linux shows a process's open files
 
 
 def run_from_compiled_code():
@@ -11513,37 +11514,52 @@ def run_from_compiled_code():
     compiled), and the compiler's peak of about 20 MB stays in the process for
     good, scattered through its heap: a server started as "python chat.py"
     would hold 49 MB where 27 do, and spend a quarter more CPU on every new
-    connection. The code goes into an anonymous memory file, so nothing is
-    written to disk. Elsewhere, the server runs as it was started.
+    connection. Elsewhere, the server runs as it was started.
     """
     if os.environ.get(SOURCE_VARIABLE) is not None:   # this is that process
-        if __file__.startswith("/proc/self/fd/"):
-            os.close(int(__file__.rsplit("/", 1)[1]))   # read already
+        if __file__.startswith(MEMORY_FILES):
+            os.close(int(__file__[len(MEMORY_FILES):]))   # read already
         return
     source = os.path.abspath(__file__)
-    if (not started_as_script(source) or not sys.executable
-            or not hasattr(os, "memfd_create") or not hasattr(sys, "orig_argv")):
+    if not (started_as_script(source) and sys.executable and hasattr(sys, "orig_argv")):
         return
-    try:
-        with open(source, "rb") as file:
-            code = compile(file.read(), source, "exec")
-        image = importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
-        descriptor = os.memfd_create("chat.py", 0)   # inherited across exec
-        with open(descriptor, "wb", closefd=False) as file:
-            file.write(image)
-        os.lseek(descriptor, 0, os.SEEK_SET)
-    except (OSError, ValueError) as exc:
-        log.debug("running from source: %s", exc)
+    image = compiled_image(source)
+    if image is None:
         return
     argv = list(sys.orig_argv)
-    argv[len(argv) - len(sys.argv)] = "/proc/self/fd/%d" % descriptor
+    argv[len(argv) - len(sys.argv)] = image
     os.environ[SOURCE_VARIABLE] = source
     try:
         os.execv(sys.executable, argv)
     except OSError as exc:
         del os.environ[SOURCE_VARIABLE]
-        os.close(descriptor)
+        os.close(int(image[len(MEMORY_FILES):]))
         log.debug("running from source: %s", exc)
+
+
+def compiled_image(source):
+    """The path of an anonymous memory file (nothing on disk) that holds source's
+    compiled code as Python runs a .pyc, open across exec; None where there can be
+    none (not Linux, or no /proc in a bare container)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        with open(source, "rb") as file:
+            code = compile(file.read(), source, "exec")
+        descriptor = os.memfd_create("chat.py", 0)   # no MFD_CLOEXEC: inherited
+    except (OSError, ValueError, SyntaxError):
+        return None
+    path = MEMORY_FILES + str(descriptor)
+    try:
+        with open(descriptor, "wb", closefd=False) as file:
+            file.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        if os.path.exists(path):
+            return path
+    except OSError:
+        pass
+    os.close(descriptor)
+    return None
 
 
 def started_as_script(source):
