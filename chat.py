@@ -576,17 +576,27 @@ class Wording:
         ("not_room_operator", "*** error: only operators of {room} may do that"),
         ("not_in_that_room", "*** error: {target} is not in {room}"),
         ("already_there", "*** error: {target} is already in {room}"),
-        ("unknown_mode", "*** error: no room mode {mode}: modes are +o +v +i +k +l +m +n +s "
-                         "+t (see /help)"),
+        ("unknown_mode", "*** error: no room mode {mode}: modes are +o +v +b +e +I +i +k +l "
+                         "+m +n +s +t (see /help)"),
         ("invite_only", "*** error: {room} is invite-only: ask one of its operators"),
         ("bad_room_key", "*** error: {room} needs its key: /join {room} KEY"),
         ("banned_from_room", "*** error: you are banned from {room}"),
         ("banned_in_room", "*** error: you are banned from {room}: you may not talk there"),
-        ("room_bans_full", "*** error: {room} has {count} bans already: lift one first"),
+        ("room_list_full", "*** error: {room} has {count} {list} already: lift one first"),
         ("room_ban_entry", "*** {room} bans {mask} (set by {by})"),
         ("room_bans_end", "*** end of the bans of {room}"),
+        ("room_exception_entry", "*** {room} lets {mask} in despite its bans (set by {by})"),
+        ("room_exceptions_end", "*** end of the ban exceptions of {room}"),
+        ("room_invitation_entry", "*** {room} lets {mask} in without an invitation "
+                                  "(set by {by})"),
+        ("room_invitations_end", "*** end of the invite exceptions of {room}"),
         ("room_banned", "*** {nick} banned {target} from {room}"),
         ("room_unbanned", "*** {nick} lifted the ban on {target} in {room}"),
+        ("room_excepted", "*** {nick} lets {target} into {room} despite its bans"),
+        ("room_unexcepted", "*** {nick} no longer lets {target} into {room} despite its bans"),
+        ("room_invexed", "*** {nick} lets {target} into {room} without an invitation"),
+        ("room_uninvexed", "*** {nick} no longer lets {target} into {room} without an "
+                           "invitation"),
         ("room_full", "*** error: {room} is full"),
         ("moderated", "*** error: {room} is moderated: only its operators and voiced "
                       "members talk"),
@@ -929,7 +939,7 @@ class Room:
     __slots__ = ("name", "key", "lookalikes", "members", "listed", "operators", "topic",
                  "history", "hearing_quiet", "cache", "history_cache", "_names", "_runs",
                  "_first", "seq", "ops", "voiced", "modes", "password", "limit", "invited",
-                 "created", "topic_by", "topic_at", "replayed", "bans")
+                 "created", "topic_by", "topic_at", "replayed", "masks")
 
     def __init__(self, name, history, kept=None):
         self.name = name
@@ -956,7 +966,7 @@ class Room:
         self.invited = set()            # nick keys invited in, until they come
         self.created = time.time()
         self.topic_by, self.topic_at = "", 0.0   # who set the topic, when (if known)
-        self.bans = {}                  # mask -> (who set it, when): see ban_mask
+        self.masks = {letter: {} for letter in MASK_LISTS}   # mask -> (by whom, when)
 
     @property
     def empty(self):
@@ -2010,8 +2020,13 @@ ROOM_MODES = {"i": "invite-only", "m": "moderated", "n": "closed to outsiders",
               "s": "secret", "t": "topic-locked"}   # with k (a key) and l (a limit)
 MODE_ARGS = 4                           # changes with an argument in one /mode (IRC's MODES)
 INVITES_KEPT = 1000                     # invitations a room remembers
-ROOM_BANS = 50                          # bans one room keeps (IRC's MAXLIST)
+ROOM_MASKS = 50                         # masks a room keeps in each list (IRC's MAXLIST)
 MAX_MASK = 100                          # bytes of a ban's mask
+MASK_LISTS = {"b": "bans", "e": "exceptions", "I": "invitations"}   # IRC's list modes:
+# who may not come in or talk, who a ban does not cover, who needs no invitation
+MASK_LIST_NOTICES = {"b": ("room_ban_entry", "room_bans_end"),
+                     "e": ("room_exception_entry", "room_exceptions_end"),
+                     "I": ("room_invitation_entry", "room_invitations_end")}
 
 
 def ban_mask(text):
@@ -2021,11 +2036,21 @@ def ban_mask(text):
     text = "".join(sanitize(text).split())
     if not text or len(text.encode()) > MAX_MASK or text.count("!") > 1 or text.count("@") > 1:
         return None
-    if "!" not in text and "@" not in text:
-        return "*!*@" + ban_host(text) if ban_host(text) != text else text + "!*@*"
+    if "!" not in text and "@" not in text:   # a nick, or an address or network
+        host = ban_host(text)
+        return "*!*@" + host if host != text or is_address_block(text) else text + "!*@*"
     nick, _, rest = text.partition("!") if "!" in text else ("*", "", text)
     user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
     return "%s!%s@%s" % (nick or "*", user or "*", ban_host(host or "*"))
+
+
+def is_address_block(text):
+    """Whether text is an address or a network (as ban_host writes it or otherwise)."""
+    try:
+        address_block(text)
+        return True
+    except ValueError:
+        return False
 
 
 def ban_host(host):
@@ -2099,8 +2124,8 @@ class RoomRights:
                                           what=self.describe_modes(room), modes=self.mode_line(
                                               room, room in member.rooms)))
             return
-        if changes.strip("+") == "b" and not args:
-            self._list_bans(member, room)
+        if changes.strip("+") in MASK_LISTS and not args:
+            self._list_masks(member, room, changes.strip("+"))
             return
         if not self.may_run(member, room):
             self.sink.send(member, notice("not_room_operator", room=room.name))
@@ -2110,28 +2135,36 @@ class RoomRights:
             self.apply_modes(room, changes, args, member.nick)
             self._publish_membership(room, ModeChanged(room.name, member.nick, changes,
                                                        tuple(args)), ())
-            if any(letter in changes for letter in "imnstklb"):
+            if any(letter in changes for letter in "imnstklbeI"):
                 self._keep_modes(room)
 
     def _keep_modes(self, room):
         """Modes, key, limit and bans outlive the room's members (with the topics)."""
         self.room_modes.pop(room.key, None)   # the newest last, as topics
-        if room.modes != "n" or room.password or room.limit or room.bans:
-            self.room_modes[room.key] = {
-                "modes": room.modes, "key": room.password, "limit": room.limit,
-                "bans": [[mask, by, since] for mask, (by, since) in room.bans.items()]}
+        if room.modes != "n" or room.password or room.limit or any(room.masks.values()):
+            kept = {"modes": room.modes, "key": room.password, "limit": room.limit}
+            for letter, name in MASK_LISTS.items():
+                kept[name] = [[mask, by, since] for mask, (by, since) in room.masks[letter].items()]
+            self.room_modes[room.key] = kept
         self._save_state()
 
-    def _list_bans(self, member, room):
-        for mask, (by, since) in room.bans.items():
-            self.sink.send(member, notice("room_ban_entry", room=room.name, mask=mask,
-                                          by=by or "?", since=int(since)))
-        self.sink.send(member, notice("room_bans_end", room=room.name))
+    def _list_masks(self, member, room, letter):
+        entry, end = MASK_LIST_NOTICES[letter]
+        for mask, (by, since) in room.masks[letter].items():
+            self.sink.send(member, notice(entry, room=room.name, mask=mask, by=by or "?",
+                                          since=int(since)))
+        self.sink.send(member, notice(end, room=room.name))
 
     def banned_from(self, member, room):
-        """Whether one of room's bans covers member (server operators: never)."""
-        return bool(room.bans) and not member.operator and any(
-            ban_covers(mask, member) for mask in room.bans)
+        """Whether one of room's bans covers member and none of its exceptions does
+        (server operators: never)."""
+        return (bool(room.masks["b"]) and not member.operator
+                and self.covered(member, room, "b") and not self.covered(member, room, "e"))
+
+    @staticmethod
+    def covered(member, room, letter):
+        """Whether a mask of room's list letter covers member."""
+        return any(ban_covers(mask, member) for mask in room.masks[letter])
 
     def _checked_modes(self, member, room, changes, args):
         """The changes member may make, as IRC writes them, and their arguments."""
@@ -2141,13 +2174,14 @@ class RoomRights:
                 sign = letter
                 continue
             arg = None
-            if letter in "ovklb" and (sign == "+" or letter in "ovb"):
+            if letter in "ovklbeI" and (sign == "+" or letter in "ovbeI"):
                 if not args or with_args >= MODE_ARGS:
                     continue
                 with_args, value = with_args + 1, args.pop(0)
                 arg = self._mode_argument(member, room, letter, value)
-                if arg is None or letter == "b" and (sign == "-") != (arg in room.bans):
-                    continue   # no such ban to lift, or that ban is set already
+                if arg is None or letter in MASK_LISTS and (sign == "-") != (
+                        arg in room.masks[letter]):
+                    continue   # no such mask to lift, or that mask is set already
             elif letter == "k":
                 arg = "*"   # -k takes the key, or anything
                 if args:
@@ -2173,18 +2207,21 @@ class RoomRights:
             return target.nick
         if letter == "k":
             return "".join(sanitize(value).split())[:23] or None
-        if letter == "b":
-            return self._ban_argument(member, room, value)
+        if letter in MASK_LISTS:
+            return self._mask_argument(member, room, letter, value)
         limit = number_word(value)
         return str(limit) if limit and limit < 100000 else None
 
-    def _ban_argument(self, member, room, value):
-        """The mask of a ban to set or lift (None: nothing to do, member told why)."""
-        mask = ban_mask(value)
+    def _mask_argument(self, member, room, letter, value):
+        """The mask to put in or take from room's list letter (None: nothing to do,
+        member told why)."""
+        mask, masks = ban_mask(value), room.masks[letter]
         if mask is None:
-            self.sink.send(member, notice("usage", usage="/mode +b NICK|ADDRESS|NETWORK|MASK"))
-        elif mask not in room.bans and len(room.bans) >= ROOM_BANS:
-            self.sink.send(member, notice("room_bans_full", room=room.name, count=ROOM_BANS))
+            self.sink.send(member, notice("usage", usage="/mode +%s NICK|ADDRESS|NETWORK|MASK"
+                                          % letter))
+        elif mask not in masks and len(masks) >= ROOM_MASKS:
+            self.sink.send(member, notice("room_list_full", room=room.name, count=ROOM_MASKS,
+                                          list=MASK_LISTS[letter], letter=letter))
             return None
         return mask
 
@@ -2194,12 +2231,12 @@ class RoomRights:
         for letter in changes:
             if letter in "+-":
                 sign = letter
-            elif letter == "b":
-                mask = args.pop(0) if args else None
+            elif letter in MASK_LISTS:
+                mask, masks = args.pop(0) if args else None, room.masks[letter]
                 if sign == "-":
-                    room.bans.pop(mask, None)
-                elif mask not in room.bans and len(room.bans) < ROOM_BANS:
-                    room.bans[mask] = (by, self.clock())
+                    masks.pop(mask, None)
+                elif mask not in masks and len(masks) < ROOM_MASKS:
+                    masks[mask] = (by, self.clock())
             elif letter in "ov":
                 target = self.find_member(args.pop(0)) if args else None
                 if target is not None and target in room.listed:
@@ -2233,10 +2270,11 @@ class RoomRights:
                         limit is not None and (isinstance(limit, bool) or not isinstance(
                             limit, int) or not 0 < limit < 100000):
                     raise ValueError(record)
-                readable[name_key(normalize_room(key))] = {
-                    "modes": "".join(sorted(set(modes))), "key": sanitize(password)
-                    if password else None, "limit": limit,
-                    "bans": RoomRights.readable_bans(record.get("bans", []))}
+                readable[name_key(normalize_room(key))] = dict(
+                    {name: RoomRights.readable_masks(record.get(name, []))
+                     for name in MASK_LISTS.values()},
+                    modes="".join(sorted(set(modes))), limit=limit,
+                    key=sanitize(password) if password else None)
             except (TypeError, ValueError, KeyError, AttributeError):
                 log.warning("skipped the kept modes of a room that cannot be read: %.60r", key)
         return readable
@@ -2245,20 +2283,21 @@ class RoomRights:
         kept = self.room_modes.get(room.key)
         if kept:
             room.modes, room.password, room.limit = kept["modes"], kept["key"], kept["limit"]
-            room.bans = {mask: (by, since) for mask, by, since in kept["bans"]}
+            room.masks = {letter: {mask: (by, since) for mask, by, since in kept[name]}
+                          for letter, name in MASK_LISTS.items()}
 
     @staticmethod
-    def readable_bans(kept):
+    def readable_masks(kept):
         """[[mask, by, since], ...] as kept, checked (ValueError when not right)."""
         if not isinstance(kept, list):
             raise ValueError(kept)
-        bans = []
-        for mask, by, since in kept[:ROOM_BANS]:
+        masks = []
+        for mask, by, since in kept[:ROOM_MASKS]:
             if ban_mask(mask) != mask or not isinstance(by, str) or \
                     finite_time(since) is None:
                 raise ValueError(mask)
-            bans.append([mask, sanitize(by)[:MAX_NICK], since])
-        return bans
+            masks.append([mask, sanitize(by)[:MAX_NICK], since])
+        return masks
 
     @staticmethod
     def mode_line(room, insider):
@@ -2282,7 +2321,8 @@ class RoomRights:
             return None
         if self.banned_from(member, room):
             return notice("banned_from_room", room=room.name)
-        if "i" in room.modes and member.key not in room.invited:
+        if "i" in room.modes and member.key not in room.invited and not (
+                room.masks["I"] and self.covered(member, room, "I")):
             return notice("invite_only", room=room.name)
         if room.password and key != room.password:
             return notice("bad_room_key", room=room.name)
@@ -2550,7 +2590,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         if "m" in room.modes and not room.rank(member):
             self.sink.send(member, notice("moderated", room=room.name))
             return
-        if room.bans and not room.rank(member) and self.banned_from(member, room):
+        if room.masks["b"] and not room.rank(member) and self.banned_from(member, room):
             self.sink.send(member, notice("banned_in_room", room=room.name))
             return
         self.announce(member)
@@ -4099,12 +4139,12 @@ class ClusterCodec:
         for letter in changes:
             if letter in "+-":
                 sign = letter
-            elif letter in "ovkb" or letter == "l" and sign == "+":
+            elif letter in "ovkbeI" or letter == "l" and sign == "+":
                 taking.append(sign + letter)
         args = tuple("".join(stored_text(arg).split())[:MAX_MASK] for arg in args)
         if len(args) != len(taking) or any(
                 kind == "+l" and not 0 < (number_word(arg) or 0) < 100000 or
-                kind[1] == "b" and ban_mask(arg) != arg for kind, arg in zip(taking, args)):
+                kind[1] in MASK_LISTS and ban_mask(arg) != arg for kind, arg in zip(taking, args)):
             raise ValueError("not the arguments of %s" % changes)
         return args
 
@@ -4799,6 +4839,9 @@ HELP_TEXT = (
     "      /mode +v NICK, -v NICK   give NICK a voice (to talk while moderated), or take it",
     "      /mode +i, +k KEY, +l N, +m, +t, +s, -n   invite-only, key, limit, moderated,",
     "                               topic for operators, secret, open to outsiders",
+    "      /mode +b MASK, +e MASK, +I MASK   ban MASK (a nick, address, network or",
+    "                               nick!user@host) from the room, let it in despite the",
+    "                               bans, let it in without an invitation; alone: the list",
     "  /invite NICK     let NICK into your room (invite-only rooms: operators)",
     "  /kick NICK [WHY] (room operators) put NICK out of the room",
     "  /history [ROOM] [before|after N] [COUNT]   a room's past lines, numbered",
@@ -4840,7 +4883,8 @@ def history_arguments(rest):
 
 
 RIGHTS_SHAPES = {"+o": "gave_op", "-o": "took_op", "+v": "gave_voice", "-v": "took_voice",
-                 "+b": "room_banned", "-b": "room_unbanned"}
+                 "+b": "room_banned", "-b": "room_unbanned", "+e": "room_excepted",
+                 "-e": "room_unexcepted", "+I": "room_invexed", "-I": "room_uninvexed"}
 
 
 def mode_lines(event):
@@ -4849,7 +4893,7 @@ def mode_lines(event):
     for letter in event.changes:
         if letter in "+-":
             sign = letter
-        elif letter in "ovb":
+        elif letter in "ovbeI":
             lines.append(line_bytes(RIGHTS_SHAPES[sign + letter], nick=event.nick,
                                     target=args.pop(0) if args else "?", room=event.room))
         elif letter in "kl":
@@ -5486,12 +5530,14 @@ class IrcReplies:
     def _welcome(self, event):
         name, nick = self.server_name, event.nick
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
-                    "PREFIX=(ov)@+ CHANMODES=b,k,l,imnst MODES=%d CHANLIMIT=#:%d MAXTARGETS=%d "
-                    "KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d MSGREFTYPES=msgid,timestamp MAXLIST=b:%d CLIENTTAGDENY=* "
+                    "PREFIX=(ov)@+ CHANMODES=beI,k,l,imnst EXCEPTS INVEX MODES=%d CHANLIMIT=#:%d "
+                    "MAXTARGETS=%d KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d "
+                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} CLIENTTAGDENY=* "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
+                    .replace("{m}", str(ROOM_MASKS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
-                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX, ROOM_BANS,
+                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         lines = [
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
@@ -5603,7 +5649,11 @@ class IrcReplies:
         "room_bans_end": ("368", "{room} :End of channel ban list"),
         "banned_from_room": ("474", "{room} :Cannot join channel (+b)"),
         "banned_in_room": ("404", "{room} :Cannot send to channel (+b)"),
-        "room_bans_full": ("478", "{room} :Channel ban list is full"),
+        "room_list_full": ("478", "{room} {letter} :Channel list is full"),
+        "room_exception_entry": ("348", "{room} {mask} {by} {since}"),
+        "room_exceptions_end": ("349", "{room} :End of channel exception list"),
+        "room_invitation_entry": ("346", "{room} {mask} {by} {since}"),
+        "room_invitations_end": ("347", "{room} :End of channel invite list"),
         "not_room_operator": ("482", "{room} :You're not channel operator"),
         "not_in_that_room": ("441", "{target} {room} :They aren't on that channel"),
         "not_in_room": ("442", "{room} :You're not on that channel"),
@@ -6284,7 +6334,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
                 self._numeric("403", "%s :No such channel" % sanitize(target)[:40])
             elif len(params) == 1:
                 self.hub.do_mode(self.conn.member, room.name)
-            elif params[1] == "-b" and len(params) == 2:
+            elif params[1] in ("-b", "-e", "-I") and len(params) == 2:
                 self._numeric("461", "MODE :Not enough parameters")
             else:
                 self.hub.do_mode(self.conn.member, room.name, params[1], params[2:])
@@ -10727,12 +10777,12 @@ function applyModes(view, changes, args) {
   let sign = "+", next = 0;
   for (const letter of changes) {
     if (letter === "+" || letter === "-") { sign = letter; continue; }
-    const takes = "ovk".includes(letter) || (letter === "l" && sign === "+") || letter === "b";
+    const takes = "ovkbeI".includes(letter) || (letter === "l" && sign === "+");
     const arg = takes ? args[next++] : undefined;
     if (letter === "o" || letter === "v") {
       const set = letter === "o" ? view.ops : view.voiced;
       if (sign === "+") set.add(fold(arg)); else set.delete(fold(arg));
-    } else if (letter !== "b") {
+    } else if (!"beI".includes(letter)) {
       view.modes = view.modes.replace(letter, "") + (sign === "+" ? letter : "");
     }
   }

@@ -1852,6 +1852,7 @@ class IrcModerationTest(ServerTestCase):
         member.address = "10.0.0.1"
         self.assertTrue(chat.ban_covers(chat.ban_mask("::ffff:10.0.0.0/120"), member))
         self.assertEqual(chat.ban_mask("::ffff:10.0.0.1"), "*!*@10.0.0.1/32")
+        self.assertEqual(chat.ban_mask("127.0.0.0/8"), "*!*@127.0.0.0/8")   # as it is kept
         self.assertIsNone(chat.ban_mask("\U0001d54f" * 30))   # over 100 bytes
 
     def test_kill_and_wallops_are_for_operators(self):
@@ -1906,6 +1907,42 @@ class IrcModerationTest(ServerTestCase):
         self.assertRegex(alice.numeric("367"), r":testroom 367 alice #dev BOB!\*@\* alice \d+")
         self.assertEqual(alice.numeric("368"), ":testroom 368 alice #dev :End of channel ban list")
 
+    def test_exceptions_to_bans_and_to_invitations(self):
+        alice = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        alice.irc("JOIN #dev", "MODE #dev +ib *!*@127.0.0.0/8", "MODE #dev +e Bob",
+                  "MODE #dev +I *!carol@*", "MODE #dev e", "MODE #dev I")
+        self.assertEqual(alice.expect(r".* MODE #dev \+e.*"), ":alice!alice@chat MODE #dev +e Bob!*@*")
+        self.assertEqual(alice.expect(r".* MODE #dev \+I.*"), ":alice!alice@chat MODE #dev +I *!carol@*")
+        self.assertRegex(alice.numeric("348"), r":testroom 348 alice #dev Bob!\*@\* alice \d+$")
+        self.assertEqual(alice.numeric("349"), ":testroom 349 alice #dev :End of channel exception list")
+        self.assertRegex(alice.numeric("346"), r":testroom 346 alice #dev \*!carol@\* alice \d+$")
+        self.assertEqual(alice.numeric("347"), ":testroom 347 alice #dev :End of channel invite list")
+        bob, carol, dave = self.connect("bob"), self.connect("carol"), self.connect("dave")
+        bob.say("/join #dev")   # excepted from the ban, but not invited
+        self.assertEqual(bob.expect(r"\*\*\* error: .*"),
+                         "*** error: #dev is invite-only: ask one of its operators")
+        alice.irc("MODE #dev +I bob")
+        self.assertEqual(alice.expect(r".* MODE #dev .*"), ":alice!alice@chat MODE #dev +I bob!*@*")
+        bob.say("/join #dev", "hi dev")
+        self.assertEqual(alice.expect(r".* PRIVMSG #dev .*"), ":bob!bob@chat PRIVMSG #dev :hi dev")
+        carol.say("/join #dev")   # no invitation needed, but banned
+        self.assertEqual(carol.expect(r"\*\*\* error: .*"), "*** error: you are banned from #dev")
+        bob.say("/mode -e bob")   # not an operator of #dev
+        self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: only operators of #dev may do that")
+        alice.irc("MODE #dev +e dave", "MODE #dev -e Bob", "MODE #dev -I", "MODE #dev -e bob!*@*")
+        self.assertEqual(bob.expect(r"\*\*\* alice .*"),
+                         "*** alice lets dave!*@* into #dev despite its bans")
+        self.assertEqual(bob.next_line(),
+                         "*** alice no longer lets Bob!*@* into #dev despite its bans")
+        self.assertEqual(alice.numeric("461"), ":testroom 461 alice MODE :Not enough parameters")
+        bob.say("still talking?")   # now the ban covers bob: he may not talk
+        self.assertEqual(bob.next_line(), "*** error: you are banned from #dev: you may not talk there")
+        dave.say("/join #dev")
+        self.assertEqual(dave.expect(r"\*\*\* error: .*"),
+                         "*** error: #dev is invite-only: ask one of its operators")
+
     def test_chat_commands_irc_has_no_word_for(self):
         early = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
         self.addCleanup(early.sock.close)
@@ -1941,9 +1978,11 @@ class PersistenceTest(ServerTestCase):
     def test_history_topics_and_bans_survive_a_restart(self):
         alice = self.connect("alice")
         alice.say("/op op secret", "in the lobby", "/join #dev", "/topic release friday",
-                  "in dev", "/me ships it", "/ban 10.1.2.3 7d a spammer", "/mode +b troll")
+                  "in dev", "/me ships it", "/ban 10.1.2.3 7d a spammer", "/mode +b troll",
+                  "/mode +eI friend 10.9.0.0/16")
         alice.expect(r"\*\*\* banned .*")
         alice.expect(r"\*\*\* alice banned troll!\*@\* from #dev")
+        alice.expect(r"\*\*\* alice lets \*!\*@10\.9\.0\.0/16 into #dev without .*")
         self.restart_server()
         bob = self.connect("bob")
         self.assertRegex(bob.expect(r"\*\*\* \[.*"), r"\*\*\* \[\d\d:\d\d\] <alice> in the lobby")
@@ -1952,8 +1991,12 @@ class PersistenceTest(ServerTestCase):
         self.assertEqual([HISTORY_ENTRY.sub("", line) for line in
                           bob.lines_until(r"\*\*\* --- end of history ---")[1:]],
                          ["<alice> in dev", "* alice ships it"])
-        bob.say("/mode #dev +b")
+        bob.say("/mode #dev +b", "/mode #dev e", "/mode #dev +I")
         self.assertEqual(bob.next_line(), "*** #dev bans troll!*@* (set by alice)")
+        self.assertEqual(bob.expect(r"\*\*\* #dev lets .*"),
+                         "*** #dev lets friend!*@* in despite its bans (set by alice)")
+        self.assertEqual(bob.expect(r"\*\*\* #dev lets .*"),
+                         "*** #dev lets *!*@10.9.0.0/16 in without an invitation (set by alice)")
         bob.say("/op op secret", "/bans")
         self.assertRegex(bob.expect(r"\*\*\* ban .*"), r"\*\*\* ban 10\.1\.2\.3 \(10\.1\.2\.3/32\) "
                          r"by alice, for 6d 23h: a spammer")
@@ -2374,7 +2417,8 @@ class IrcTest(ServerTestCase):
             self.assertIn(number, numbers)
         isupport = " ".join(line for line in lines if " 005 " in line)
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
-                      "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50",
+                      "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50,e:50,I:50",
+                      "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX",
                       "CLIENTTAGDENY=*", "MSGREFTYPES=msgid,timestamp"):
             self.assertIn(token, isupport)
         self.assertIn(":alice!alice@chat JOIN #lobby", lines)
