@@ -3010,6 +3010,7 @@ class WeeChat:
         setup = ["/set logger.file.flush_delay 0", "/server add chatpy 127.0.0.1/%d" % port,
                  "/set %snicks %s" % (server, nick), "/set %sautojoin %s" % (server, room),
                  '/set %scommand "%s"' % (server, command), "/set %santi_flood_prio_high 0" % server,
+                 "/set %sssl off" % server, "/set %stls off" % server,   # WeeChat 3 and 4 names
                  "/connect chatpy"]   # (its flood control would send a line each 2 s)
         proc = subprocess.Popen(["weechat-headless", "-d", home, "-r", ";".join(setup)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
