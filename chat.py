@@ -2041,6 +2041,8 @@ def ban_mask(text):
         return "*!*@" + host if host != text or is_address_block(text) else text + "!*@*"
     nick, _, rest = text.partition("!") if "!" in text else ("*", "", text)
     user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
+    if "/" in host and not is_address_block(host):
+        return None   # a "/" is only ever a network's
     return "%s!%s@%s" % (nick or "*", user or "*", ban_host(host or "*"))
 
 
@@ -2062,22 +2064,26 @@ def ban_host(host):
         return host
 
 
-def ban_covers(mask, member):
-    """Whether a room ban's mask covers member: its nick (or a look-alike of it, for a
-    mask without wildcards) and user name, and its host as IRC shows it or its real
-    address (a network covers the addresses in it)."""
+def ban_covers(mask, member, lookalikes=True):
+    """Whether a room mask covers member: its nick (for a ban, a look-alike of it too,
+    when the mask has no wildcards; an exception, which lets in, takes the nick
+    itself) and user name, and its host as IRC shows it or its real address (a
+    network covers the addresses in it)."""
     nick_user, _, host = mask.casefold().rpartition("@")
     nick, _, user = nick_user.partition("!")
     if not fnmatch.fnmatchcase((member.user or member.nick).casefold(), user):
         return False
-    if "*" in nick or "?" in nick:
+    if "*" in nick or "?" in nick or not lookalikes:
         if not fnmatch.fnmatchcase(member.nick.casefold(), nick):
             return False
     elif not lookalike_keys(nick) & set(member.lookalikes):
         return False
     if "/" in host:
         address = ip_address(member.address)
-        return address is not None and address in ipaddress.ip_network(host)
+        try:
+            return address is not None and address in ipaddress.ip_network(host)
+        except ValueError:   # not a network: ban_mask makes none such, but be safe
+            return False
     return any(fnmatch.fnmatchcase(name, host) for name in (IRC_HOST, member.address.casefold()))
 
 
@@ -2163,8 +2169,8 @@ class RoomRights:
 
     @staticmethod
     def covered(member, room, letter):
-        """Whether a mask of room's list letter covers member."""
-        return any(ban_covers(mask, member) for mask in room.masks[letter])
+        """Whether a mask of room's list letter covers member (look-alikes: by a ban only)."""
+        return any(ban_covers(mask, member, letter == "b") for mask in room.masks[letter])
 
     def _checked_modes(self, member, room, changes, args):
         """The changes member may make, as IRC writes them, and their arguments."""

@@ -1853,6 +1853,12 @@ class IrcModerationTest(ServerTestCase):
         self.assertTrue(chat.ban_covers(chat.ban_mask("::ffff:10.0.0.0/120"), member))
         self.assertEqual(chat.ban_mask("::ffff:10.0.0.1"), "*!*@10.0.0.1/32")
         self.assertEqual(chat.ban_mask("127.0.0.0/8"), "*!*@127.0.0.0/8")   # as it is kept
+        for not_a_network in ("*!*@foo/bar", "*!*@1.2.3.4/33", "a!b@c/d"):
+            self.assertIsNone(chat.ban_mask(not_a_network))
+        member.nick, member.lookalikes = "bobby", chat.lookalike_keys("bobby")
+        self.assertTrue(chat.ban_covers("b0bby!*@*", member))   # a ban covers look-alikes...
+        self.assertFalse(chat.ban_covers("b0bby!*@*", member, lookalikes=False))   # ...not so
+        self.assertTrue(chat.ban_covers("BOBBY!*@*", member, lookalikes=False))   # exceptions
         self.assertIsNone(chat.ban_mask("\U0001d54f" * 30))   # over 100 bytes
 
     def test_kill_and_wallops_are_for_operators(self):
@@ -1919,6 +1925,8 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(alice.numeric("349"), ":testroom 349 alice #dev :End of channel exception list")
         self.assertRegex(alice.numeric("346"), r":testroom 346 alice #dev \*!carol@\* alice \d+$")
         self.assertEqual(alice.numeric("347"), ":testroom 347 alice #dev :End of channel invite list")
+        alice.irc("MODE #dev +e *!*@not/anetwork")   # a "/" is only a network's
+        self.assertRegex(alice.expect(r".* NOTICE .*"), r".*usage: /mode \+e .*")
         bob, carol, dave = self.connect("bob"), self.connect("carol"), self.connect("dave")
         bob.say("/join #dev")   # excepted from the ban, but not invited
         self.assertEqual(bob.expect(r"\*\*\* error: .*"),
