@@ -42,7 +42,6 @@ import getpass
 import hashlib
 import heapq
 import hmac
-import importlib.util
 import ipaddress
 import itertools
 import json
@@ -11558,8 +11557,12 @@ def log_start_notes(args, options, fingerprint):
 
 
 WORKER_VARIABLE = "CHAT_WORKER"       # set in the processes --workers starts
-SOURCE_VARIABLE = "CHAT_PY_SOURCE"    # set in a process that runs from compiled code
-MEMORY_FILES = "/proc/self/fd/"       # where Linux shows a process's open files
+# What runs in place of "python chat.py" (see run_from_compiled_code): the compiled code
+# from descriptor %d, with this file's path as the script's, so that tracebacks, --workers
+# and "ps" or "pgrep -f chat.py" see chat.py as ever.
+COMPILED_LOADER = ("import marshal,os,sys;f=os.fdopen(%d,'rb');c=marshal.loads(f.read());"
+                   "f.close();m=sys.modules['__main__'];sys.argv[:]=sys.argv[1:];"
+                   "m.__file__=sys.argv[0];exec(c,m.__dict__)")
 
 
 def run_from_compiled_code():
@@ -11569,34 +11572,29 @@ def run_from_compiled_code():
     Python compiles a script at every start (only modules it imports are kept
     compiled), and the compiler's peak of about 20 MB stays in the process for
     good, scattered through its heap: a server started as "python chat.py"
-    would hold 49 MB where 27 do, and spend a quarter more CPU on every new
-    connection. Elsewhere, the server runs as it was started.
+    would hold 49 MB where 27 do. The code goes through an anonymous memory
+    file (nothing is written to disk). Elsewhere, the server runs as started.
     """
-    if os.environ.get(SOURCE_VARIABLE) is not None:   # this is that process
-        if __file__.startswith(MEMORY_FILES):
-            os.close(int(__file__[len(MEMORY_FILES):]))   # read already
-        return
     source = os.path.abspath(__file__)
     if not (started_as_script(source) and sys.executable and hasattr(sys, "orig_argv")):
         return
-    image = compiled_image(source)
-    if image is None:
+    descriptor = compiled_image(source)
+    if descriptor is None:
         return
     argv = list(sys.orig_argv)
-    argv[len(argv) - len(sys.argv)] = image
-    os.environ[SOURCE_VARIABLE] = source
+    script = len(argv) - len(sys.argv)
+    argv[script:script] = ["-c", COMPILED_LOADER % descriptor]
     try:
         os.execv(sys.executable, argv)
     except OSError as exc:
-        del os.environ[SOURCE_VARIABLE]
-        os.close(int(image[len(MEMORY_FILES):]))
+        os.close(descriptor)
         log.debug("running from source: %s", exc)
 
 
 def compiled_image(source):
-    """The path of an anonymous memory file (nothing on disk) that holds source's
-    compiled code as Python runs a .pyc, open across exec; None where there can be
-    none (not Linux, or no /proc in a bare container)."""
+    """A descriptor, open across exec, of an anonymous memory file that holds source's
+    compiled code (marshalled); None where there can be none (not Linux), or where it
+    would take the place of a closed standard stream."""
     if not hasattr(os, "memfd_create"):
         return None
     try:
@@ -11605,13 +11603,12 @@ def compiled_image(source):
         descriptor = os.memfd_create("chat.py", 0)   # no MFD_CLOEXEC: inherited
     except (OSError, ValueError, SyntaxError):
         return None
-    path = MEMORY_FILES + str(descriptor)
     try:
-        with open(descriptor, "wb", closefd=False) as file:
-            file.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
-        os.lseek(descriptor, 0, os.SEEK_SET)
-        if os.path.exists(path):
-            return path
+        if descriptor > 2:
+            with open(descriptor, "wb", closefd=False) as file:
+                file.write(marshal.dumps(code))
+            os.lseek(descriptor, 0, os.SEEK_SET)
+            return descriptor
     except OSError:
         pass
     os.close(descriptor)
@@ -11620,16 +11617,11 @@ def compiled_image(source):
 
 def started_as_script(source):
     """Whether Python ran this file itself ("python chat.py"), rather than as a
-    module, or through another program (a profiler, a debugger, coverage)."""
+    module, its compiled code, or through another program (a profiler, a debugger)."""
     frame = sys._getframe()
     while frame.f_back is not None:
         frame = frame.f_back
     return frame.f_code.co_filename == source and frame.f_globals.get("__spec__") is None
-
-
-def own_source():
-    """This file's path, also in a process that runs from its compiled code."""
-    return os.environ.get(SOURCE_VARIABLE) or os.path.abspath(__file__)
 
 
 def run_workers(args):
@@ -11644,9 +11636,8 @@ def run_workers(args):
     workers = []
     for number in range(1, args.workers + 1):
         env = dict(os.environ, **{WORKER_VARIABLE: str(number)})
-        env.pop(SOURCE_VARIABLE, None)   # so that it, too, runs from compiled code
-        workers.append(subprocess.Popen([sys.executable, own_source()] + sys.argv[1:],
-                                        env=env))
+        workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)]
+                                        + sys.argv[1:], env=env))
     stop = threading.Event()
     for name in ("SIGINT", "SIGTERM"):
         signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
