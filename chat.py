@@ -582,6 +582,8 @@ class Wording:
         ("banned_from_room", "*** error: you are banned from {room}"),
         ("banned_in_room", "*** error: you are banned from {room}: you may not talk there"),
         ("room_list_full", "*** error: {room} has {count} {list} already: lift one first"),
+        ("masks_kept_full", "*** error: this server's rooms have {count} bans and exceptions "
+                            "already: lift some first"),
         ("room_ban_entry", "*** {room} bans {mask} (set by {by})"),
         ("room_bans_end", "*** end of the bans of {room}"),
         ("room_exception_entry", "*** {room} lets {mask} in despite its bans (set by {by})"),
@@ -2020,6 +2022,7 @@ ROOM_MODES = {"i": "invite-only", "m": "moderated", "n": "closed to outsiders",
 MODE_ARGS = 4                           # changes with an argument in one /mode (IRC's MODES)
 INVITES_KEPT = 1000                     # invitations a room remembers
 ROOM_MASKS = 50                         # masks a room keeps in each list (IRC's MAXLIST)
+MASKS_KEPT = 3000                       # ...and all rooms together, in all lists
 MAX_MASK = 100                          # bytes of a ban's mask
 MASK_LISTS = {"b": "bans", "e": "exceptions", "I": "invitations"}   # IRC's list modes:
 # who may not come in or talk, who a ban does not cover, who needs no invitation
@@ -2173,7 +2176,7 @@ class RoomRights:
 
     def _checked_modes(self, member, room, changes, args):
         """The changes member may make, as IRC writes them, and their arguments."""
-        sign, done, taken, with_args = "+", "", [], 0
+        sign, done, taken, with_args, added = "+", "", [], 0, set()
         for letter in changes[:40]:
             if letter in "+-":
                 sign = letter
@@ -2184,9 +2187,9 @@ class RoomRights:
                     continue
                 with_args, value = with_args + 1, args.pop(0)
                 arg = self._mode_argument(member, room, letter, value)
-                if arg is None or letter in MASK_LISTS and (sign == "-") != (
-                        arg in room.masks[letter]):
-                    continue   # no such mask to lift, or that mask is set already
+                if arg is None or letter in MASK_LISTS and not self._mask_change(
+                        member, room, letter, sign, arg, added):
+                    continue
             elif letter == "k":
                 arg = "*"   # -k takes the key, or anything
                 if args:
@@ -2213,22 +2216,42 @@ class RoomRights:
         if letter == "k":
             return "".join(sanitize(value).split())[:23] or None
         if letter in MASK_LISTS:
-            return self._mask_argument(member, room, letter, value)
+            return self._mask_argument(member, letter, value)
         limit = number_word(value)
         return str(limit) if limit and limit < 100000 else None
 
-    def _mask_argument(self, member, room, letter, value):
-        """The mask to put in or take from room's list letter (None: nothing to do,
+    def _mask_argument(self, member, letter, value):
+        """The mask to put in or take from a room's list letter (None: there is none,
         member told why)."""
-        mask, masks = ban_mask(value), room.masks[letter]
+        mask = ban_mask(value)
         if mask is None:
             self.sink.send(member, notice("usage", usage="/mode +%s NICK|ADDRESS|NETWORK|MASK"
                                           % letter))
-        elif mask not in masks and len(masks) >= ROOM_MASKS:
-            self.sink.send(member, notice("room_list_full", room=room.name, count=ROOM_MASKS,
-                                          list=MASK_LISTS[letter], letter=letter))
-            return None
         return mask
+
+    def _mask_change(self, member, room, letter, sign, mask, added):
+        """Whether sign+letter mask changes room's list, within the limits; added holds
+        the (letter, mask) this command adds already, and gains this one."""
+        listed = mask in room.masks[letter] or (letter, mask) in added
+        if (sign == "-") != listed:
+            return False   # no such mask to lift, or that mask is set already
+        if sign == "+":
+            if len(room.masks[letter]) + sum(1 for kind, _ in added if kind == letter) >= \
+                    ROOM_MASKS:
+                self.sink.send(member, notice("room_list_full", room=room.name, letter=letter,
+                                              count=ROOM_MASKS, list=MASK_LISTS[letter]))
+                return False
+            if self._masks_kept() + len(added) >= MASKS_KEPT:
+                self.sink.send(member, notice("masks_kept_full", room=room.name, letter=letter,
+                                              count=MASKS_KEPT))
+                return False
+            added.add((letter, mask))
+        return True
+
+    def _masks_kept(self):
+        """The masks of every room's lists (room_modes keeps them all, gone rooms' too)."""
+        return sum(len(kept[name]) for kept in self.room_modes.values()
+                   for name in MASK_LISTS.values())
 
     def apply_modes(self, room, changes, args, by=""):
         """Make changes (checked, as a ModeChanged carries them) to room."""
@@ -3267,8 +3290,32 @@ class FileStore(Store):
             return {}
 
     def save_state(self, state):
-        self._writer.save(os.path.join(self.path, self.STATE),
-                          json.dumps(state, indent=1, ensure_ascii=False).encode())
+        self._writer.save(os.path.join(self.path, self.STATE), self._fitting(state))
+
+    @staticmethod
+    def _fitting(state):
+        """state as JSON that load_state will read back (STATE_LIMIT): past it, rooms'
+        kept modes and lists, then topics, go, the biggest first, so that no room
+        full of masks can cost the server's own bans and mutes at the next start."""
+        data = json.dumps(state, indent=1, ensure_ascii=False).encode()
+        excess = len(data) - STATE_LIMIT * 9 // 10   # room for the estimate's error
+        if excess <= 0:
+            return data
+        state, dropped = dict(state), 0
+        for part in ("rooms", "topics"):
+            kept = dict(state.get(part) or {})
+            sizes = {key: len(json.dumps({key: value}, indent=1, ensure_ascii=False).encode())
+                     for key, value in kept.items()}
+            for key in sorted(sizes, key=sizes.get, reverse=True):
+                if excess <= 0:
+                    break
+                del kept[key]
+                excess -= sizes[key]
+                dropped += 1
+            state[part] = kept
+        log.warning("state.json would be over %d bytes: left out the modes or topics of %d "
+                    "rooms, the biggest", STATE_LIMIT, dropped)
+        return json.dumps(state, indent=1, ensure_ascii=False).encode()
 
     # Public lines
 
@@ -5655,6 +5702,7 @@ class IrcReplies:
         "banned_from_room": ("474", "{room} :Cannot join channel (+b)"),
         "banned_in_room": ("404", "{room} :Cannot send to channel (+b)"),
         "room_list_full": ("478", "{room} {letter} :Channel list is full"),
+        "masks_kept_full": ("478", "{room} {letter} :Channel list is full"),
         "room_exception_entry": ("348", "{room} {mask} {by} {since}"),
         "room_exceptions_end": ("349", "{room} :End of channel exception list"),
         "room_invitation_entry": ("346", "{room} {mask} {by} {since}"),

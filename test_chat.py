@@ -2009,6 +2009,29 @@ class PersistenceTest(ServerTestCase):
         self.assertRegex(bob.expect(r"\*\*\* ban .*"), r"\*\*\* ban 10\.1\.2\.3 \(10\.1\.2\.3/32\) "
                          r"by alice, for 6d 23h: a spammer")
 
+    def test_rooms_full_of_masks_never_cost_the_servers_bans(self):
+        alice = self.connect("alice")
+        alice.say("/op op secret", "/ban 10.1.2.3 a spammer")
+        alice.expect(r"\*\*\* banned .*")
+        with mock.patch.object(chat, "STATE_LIMIT", 2500), mock.patch.object(chat, "MASKS_KEPT", 13):
+            for number in range(3):   # each room's masks take about 1 KB of state.json
+                alice.say("/join #full%d" % number, "/mode +bbbb %s" % " ".join(
+                    "%s%d!*@*" % ("\\" * 90, mask) for mask in range(4)))
+                alice.expect(r"\*\*\* alice banned .*")
+            alice.say("/mode +ee one one", "/mode +e two", "/mode +e")   # 13 masks: no more
+            self.assertEqual(alice.expect(r"\*\*\* alice lets .*"),
+                             "*** alice lets one!*@* into #full2 despite its bans")
+            self.assertEqual(alice.next_line(), "*** error: this server's rooms have 13 bans and "
+                                                "exceptions already: lift some first")
+            self.assertEqual(alice.next_line(), "*** #full2 lets one!*@* in despite its bans "
+                                                "(set by alice)")
+            with self.assertLogs(chat.log, logging.WARNING) as logs:
+                self.restart_server()   # the state is saved at the stop, trimmed to fit
+        self.assertIn("left out the modes or topics", "\n".join(logs.output))
+        bob = self.connect("bob")
+        bob.say("/op op secret", "/bans")
+        self.assertRegex(bob.expect(r"\*\*\* ban .*"), r"\*\*\* ban 10\.1\.2\.3 .*a spammer")
+
     def test_scrolling_back_reads_the_logs_after_a_restart(self):
         alice = self.connect("alice")
         alice.say(*("line %02d" % number for number in range(1, 41)))
