@@ -2012,7 +2012,12 @@ class Rooms:
         self.broker.publish(room, event, excluded, subject)
 
     def publish_here(self, room, event, excluded=()):
-        """A room event to this node's members: quiet ones only where one wants them."""
+        """A room event to this node's members: quiet ones only where one wants them,
+        changes of the exception lists only to the room's operators."""
+        if type(event) is ModeChanged and not event.changes.strip("+-").strip(
+                OPERATORS_ONLY_MODES):
+            excluded = tuple(excluded) + tuple(member for member in room.members
+                                               if not self.may_run(member, room))
         if not getattr(event, "quiet", False) or room.hearing_quiet:
             self.sink.publish(room, event, excluded)
 
@@ -2026,6 +2031,7 @@ MASKS_KEPT = 3000                       # ...and all rooms together, in all list
 MAX_MASK = 100                          # bytes of a ban's mask
 MASK_LISTS = {"b": "bans", "e": "exceptions", "I": "invitations"}   # IRC's list modes:
 # who may not come in or talk, who a ban does not cover, who needs no invitation
+OPERATORS_ONLY_MODES = "eI"             # lists only a room's operators see, and hear change
 MASK_LIST_NOTICES = {"b": ("room_ban_entry", "room_bans_end"),
                      "e": ("room_exception_entry", "room_exceptions_end"),
                      "I": ("room_invitation_entry", "room_invitations_end")}
@@ -2089,6 +2095,20 @@ def ban_covers(mask, member, lookalikes=True):
     return any(fnmatch.fnmatchcase(name, host) for name in (IRC_HOST, member.address.casefold()))
 
 
+def split_modes(changes, args, letters):
+    """Checked changes ("+o-k+e") and their args, cut in two: those not of letters, then
+    those of letters; each part that has any, as (changes, args)."""
+    parts, sign, args = ([], []), "+", list(args)
+    for letter in changes:
+        if letter in "+-":
+            sign = letter
+            continue
+        takes = letter in "ovkbeI" or letter == "l" and sign == "+"
+        parts[letter in letters].append((sign + letter, args.pop(0) if takes and args else None))
+    return [(mode_string("".join(change for change, _ in part)),
+             tuple(arg for _, arg in part if arg is not None)) for part in parts if part]
+
+
 def mode_string(changes):
     """'+o+v-k' as IRC writes it: '+ov-k'."""
     out, sign = "", None
@@ -2132,8 +2152,12 @@ class RoomRights:
                                           what=self.describe_modes(room), modes=self.mode_line(
                                               room, room in member.rooms)))
             return
-        if changes.strip("+") in MASK_LISTS and not args:
-            self._list_masks(member, room, changes.strip("+"))
+        letters = changes.lstrip("+")
+        if letters and not args and set(letters.lstrip("-")) <= set(MASK_LISTS):
+            if letters.startswith("-"):   # which mask to lift?
+                self.sink.send(member, notice("usage", usage="/mode %s MASK" % letters[:2]))
+            else:
+                self._list_lists(member, room, letters)
             return
         if not self.may_run(member, room):
             self.sink.send(member, notice("not_room_operator", room=room.name))
@@ -2141,10 +2165,19 @@ class RoomRights:
         changes, args = self._checked_modes(member, room, changes, list(args))
         if changes:
             self.apply_modes(room, changes, args, member.nick)
-            self._publish_membership(room, ModeChanged(room.name, member.nick, changes,
-                                                       tuple(args)), ())
+            for part, part_args in split_modes(changes, args, OPERATORS_ONLY_MODES):
+                self._publish_membership(room, ModeChanged(room.name, member.nick, part,
+                                                           part_args), ())
             if any(letter in changes for letter in "imnstklbeI"):
                 self._keep_modes(room)
+
+    def _list_lists(self, member, room, letters):
+        """/mode +b, +e, +I (IRC: MODE #room b): the exceptions only to who runs it."""
+        for letter in dict.fromkeys(letters):
+            if letter in OPERATORS_ONLY_MODES and not self.may_run(member, room):
+                self.sink.send(member, notice("not_room_operator", room=room.name))
+            else:
+                self._list_masks(member, room, letter)
 
     def _keep_modes(self, room):
         """Modes, key, limit and bans outlive the room's members (with the topics)."""

@@ -1939,13 +1939,19 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(carol.expect(r"\*\*\* error: .*"), "*** error: you are banned from #dev")
         bob.say("/mode -e bob")   # not an operator of #dev
         self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: only operators of #dev may do that")
-        alice.irc("MODE #dev +e dave", "MODE #dev -e Bob", "MODE #dev -I", "MODE #dev -e bob!*@*")
-        self.assertEqual(bob.expect(r"\*\*\* alice .*"),
-                         "*** alice lets dave!*@* into #dev despite its bans")
-        self.assertEqual(bob.next_line(),
-                         "*** alice no longer lets Bob!*@* into #dev despite its bans")
+        alice.irc("MODE #dev +ee dave dave", "MODE #dev -e Bob", "MODE #dev -I", "MODE #dev -e bob!*@*",
+                  "MODE #dev +ob bob evil", "MODE #dev eI")
+        self.assertEqual(alice.expect(r".* MODE #dev .*"), ":alice!alice@chat MODE #dev +e dave!*@*")
+        self.assertEqual(alice.expect(r".* MODE #dev .*"), ":alice!alice@chat MODE #dev -e Bob!*@*")
         self.assertEqual(alice.numeric("461"), ":testroom 461 alice MODE :Not enough parameters")
-        bob.say("still talking?")   # now the ban covers bob: he may not talk
+        self.assertRegex(alice.numeric("348"), r":testroom 348 alice #dev dave!\*@\* alice \d+$")
+        self.assertEqual(alice.numeric("349"), ":testroom 349 alice #dev :End of channel exception list")
+        self.assertEqual(alice.numeric("347"), ":testroom 347 alice #dev :End of channel invite list")
+        before = bob.lines_until(r"\*\*\* alice gave bob operator status in #dev")
+        self.assertEqual(before, [])   # exceptions are the operators' business: not told
+        self.assertEqual(bob.next_line(), "*** alice banned evil!*@* from #dev")
+        bob.say("/mode -o bob", "/mode e", "still talking?")   # now the ban covers bob
+        self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: only operators of #dev may do that")
         self.assertEqual(bob.next_line(), "*** error: you are banned from #dev: you may not talk there")
         dave.say("/join #dev")
         self.assertEqual(dave.expect(r"\*\*\* error: .*"),
@@ -1999,7 +2005,7 @@ class PersistenceTest(ServerTestCase):
         self.assertEqual([HISTORY_ENTRY.sub("", line) for line in
                           bob.lines_until(r"\*\*\* --- end of history ---")[1:]],
                          ["<alice> in dev", "* alice ships it"])
-        bob.say("/mode #dev +b", "/mode #dev e", "/mode #dev +I")
+        bob.say("/mode #dev +b", "/mode #dev eI")   # the first in again: bob runs #dev
         self.assertEqual(bob.next_line(), "*** #dev bans troll!*@* (set by alice)")
         self.assertEqual(bob.expect(r"\*\*\* #dev lets .*"),
                          "*** #dev lets friend!*@* in despite its bans (set by alice)")
