@@ -2014,8 +2014,7 @@ class Rooms:
     def publish_here(self, room, event, excluded=()):
         """A room event to this node's members: quiet ones only where one wants them,
         changes of the exception lists only to the room's operators."""
-        if type(event) is ModeChanged and not event.changes.strip("+-").strip(
-                OPERATORS_ONLY_MODES):
+        if type(event) is ModeChanged and set(event.changes) <= set("+-" + OPERATORS_ONLY_MODES):
             excluded = tuple(excluded) + tuple(member for member in room.members
                                                if not self.may_run(member, room))
         if not getattr(event, "quiet", False) or room.hearing_quiet:

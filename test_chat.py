@@ -1939,10 +1939,11 @@ class IrcModerationTest(ServerTestCase):
         self.assertEqual(carol.expect(r"\*\*\* error: .*"), "*** error: you are banned from #dev")
         bob.say("/mode -e bob")   # not an operator of #dev
         self.assertEqual(bob.expect(r"\*\*\* error: .*"), "*** error: only operators of #dev may do that")
-        alice.irc("MODE #dev +ee dave dave", "MODE #dev -e Bob", "MODE #dev -I", "MODE #dev -e bob!*@*",
-                  "MODE #dev +ob bob evil", "MODE #dev eI")
+        alice.irc("MODE #dev +ee dave dave", "MODE #dev -e+I Bob eve", "MODE #dev -I",
+                  "MODE #dev -e bob!*@*", "MODE #dev +ob-I bob evil eve", "MODE #dev eI")
         self.assertEqual(alice.expect(r".* MODE #dev .*"), ":alice!alice@chat MODE #dev +e dave!*@*")
-        self.assertEqual(alice.expect(r".* MODE #dev .*"), ":alice!alice@chat MODE #dev -e Bob!*@*")
+        self.assertEqual(alice.expect(r".* MODE #dev .*"),
+                         ":alice!alice@chat MODE #dev -e+I Bob!*@* eve!*@*")
         self.assertEqual(alice.numeric("461"), ":testroom 461 alice MODE :Not enough parameters")
         self.assertRegex(alice.numeric("348"), r":testroom 348 alice #dev dave!\*@\* alice \d+$")
         self.assertEqual(alice.numeric("349"), ":testroom 349 alice #dev :End of channel exception list")
