@@ -42,6 +42,7 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -97,6 +98,8 @@ SEND_QUEUE_LIMIT = 1 << 20           # bytes of unsent output a client may have 
 SEND_QUEUE_GRACE = 1.0               # none for this many seconds, before it is dropped...
 SEND_QUEUE_LAG = 30.0                # ...or while it stays over the limit this long,
 SEND_QUEUE_HARD = 4                  # ...or at once past this many times the limit
+DELAY_LINE_SLACK = 0.05              # seconds a connection's greeting or deadline may wait
+                                     # for others due soon after it (one turn for all)
 GREET_DELAY = 1.0                    # seconds of silence before the line protocol greets:
                                      # IRC clients and browsers speak first, nc users wait
 SHUTDOWN_FLUSH_TIMEOUT = 2.0         # seconds to flush "server shutting down" to everyone
@@ -174,6 +177,58 @@ log = logging.getLogger("chat")
 WOULD_BLOCK = (BlockingIOError, InterruptedError)
 if ssl is not None:
     WOULD_BLOCK += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+# --- Logging ---
+
+class LogHandler(logging.StreamHandler):
+    """Log lines as "date,ms LEVEL message" on standard error.
+
+    A storm of connects logs thousands of lines a second, so the date text is made
+    once per second, the formatter's layers are skipped, and once the server's loop
+    runs (hold_log_lines), its lines are written once per turn (flush_log), not with
+    a system call each. Other threads' lines go out at once, and so does everything
+    when standard error has no byte buffer to write through."""
+
+    def __init__(self, stream):
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            stream = io.TextIOWrapper(buffer, encoding=stream.encoding,
+                                      errors="backslashreplace")
+        super().__init__(stream)
+        self.holds = buffer is not None
+        self.holding_thread = None      # the thread whose lines wait for flush_log
+        self._second = None
+        self._date = ""
+
+    def emit(self, record):
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        try:
+            text = "%s,%03d %s %s\n" % (self._date, record.msecs, record.levelname,
+                                        record.getMessage())
+            if record.exc_info:
+                text += self.formatter.formatException(record.exc_info) + "\n"
+            self.stream.write(text)
+            if threading.get_ident() != self.holding_thread:
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def hold_log_lines():
+    """From now on, this thread's log lines wait for flush_log (see LogHandler)."""
+    for handler in log.handlers:
+        if isinstance(handler, LogHandler) and handler.holds:
+            handler.holding_thread = threading.get_ident()
+
+
+def flush_log():
+    """Write what the loop logged in its turn (see LogHandler)."""
+    for handler in log.handlers:
+        handler.flush()
 
 
 # --- Text safety ---
@@ -457,6 +512,27 @@ def enable_keepalive(sock):
     if hasattr(socket, "SIO_KEEPALIVE_VALS"):
         sock.ioctl(socket.SIO_KEEPALIVE_VALS,
                    (1, KEEPALIVE_IDLE * 1000, KEEPALIVE_INTERVAL * 1000))
+
+
+def set_stream_options(sock):
+    """A chat connection's options: no Nagle delay for short lines, and keepalive."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    enable_keepalive(sock)
+
+
+def stream_options_inherited(sock):
+    """Whether sock, just accepted, has the options set on its listening socket
+    already (Linux and the BSDs copy them; Windows' keepalive cannot be read back):
+    then every later connection is spared five system calls."""
+    if hasattr(socket, "SIO_KEEPALIVE_VALS"):
+        return False
+    try:
+        return (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+                and all(sock.getsockopt(socket.IPPROTO_TCP, option) == value
+                        for option, value in _KEEPALIVE_OPTIONS))
+    except OSError:
+        return False
 
 
 # --- Wording ---
@@ -1312,6 +1388,8 @@ class Sanctions:
         return changed
 
     def covering(self, ip):
+        if not self.items:
+            return None
         return next((item for item in self.items if item.covers(ip)), None)
 
     def add(self, sanction):
@@ -7507,6 +7585,11 @@ class TurnBatcher:
         self.seq += 1
         self._mark(conn, ENTER if entered else LEAVE, room)
 
+    def has_data(self, conn):
+        """Whether conn has bytes of its own in this turn (room events it would get are
+        not counted: they are no reply to it)."""
+        return any(kind is DATA for _, kind, _ in self.marks.get(conn, ()))
+
     def touch(self, conn):
         """Make sure conn is delivered to this turn, even with nothing to send."""
         self.marks.setdefault(conn, [])
@@ -7696,7 +7779,9 @@ class HubSink:
 class DelayLine:
     """Timers that all wait one delay (a connection's registration deadline, its greeting
     after a silence): in order of expiry as they are made, so a deque and one timer for
-    its head do the work of a timer each, for a few words a connection in a storm."""
+    its head do the work of a timer each, for a few words a connection in a storm. A
+    timer may fire up to DELAY_LINE_SLACK late, with those due meanwhile: a storm's
+    greetings then come in a few turns, not in a turn each."""
 
     __slots__ = ("server", "delay", "callback", "entries", "armed")
 
@@ -7718,9 +7803,9 @@ class DelayLine:
         now, entries = time.monotonic(), self.entries
         while entries and entries[0][0] <= now:
             self.server.run_timer(self.callback, entries.popleft()[1])
-        if entries:
+        if entries:   # those due next are gathered for one turn, not one turn each
             self.armed = True
-            self.server.call_later(entries[0][0] - now, self._fire)
+            self.server.call_later(entries[0][0] - now + DELAY_LINE_SLACK, self._fire)
 
 
 class Intake:
@@ -7765,8 +7850,10 @@ class Intake:
             return
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            enable_keepalive(sock)
+            if self._options_inherited is None:   # the first connection tells
+                self._options_inherited = stream_options_inherited(sock)
+            if not self._options_inherited:
+                set_stream_options(sock)
         except OSError as exc:
             log.debug("%s: setup failed: %s", format_address(*peer[:2]), exc)
             sock.close()
@@ -8121,7 +8208,7 @@ class Output:
         conn.stage = CLOSING
         conn.inbox = ()
         conn.inbox_bytes = 0
-        if conn.peer_done and not conn.outbox and conn not in self._batcher.marks:
+        if conn.peer_done and not conn.outbox and not self._batcher.has_data(conn):
             self._finish(conn)   # nothing to say and nothing to hear: the common hang-up
             return
         conn.reading = not conn.peer_done   # read, and discard, until the peer closes too
@@ -8138,12 +8225,12 @@ class Output:
                 conn.sock.unwrap()   # sends close_notify; the peer's is not waited for
             except (OSError, ValueError):
                 pass
+        if conn.peer_done:   # nothing unread can follow its EOF: close() sends the FIN
+            self._finish(conn)
+            return
         try:
             socket.socket.shutdown(conn.sock, socket.SHUT_WR)
         except OSError:
-            self._finish(conn)
-            return
-        if conn.peer_done:
             self._finish(conn)
             return
         conn.want_write = False
@@ -8294,6 +8381,7 @@ class ChatServer(Intake, Output, Operating):
         self._conns = {}               # every open connection, in accept order
         self._per_ip = collections.Counter()
         self._numbers = itertools.count(1)
+        self._options_inherited = None  # whether accepted sockets get the listener's
         self._timers = []              # heap of (when, seq, callback, args)
         self._timer_seq = itertools.count()
         self._batcher = TurnBatcher()
@@ -8473,6 +8561,10 @@ class ChatServer(Intake, Output, Operating):
                 port = sock.getsockname()[1]   # with --port 0, every listener shares the first port
         for sock in self._listeners:
             sock.setblocking(False)
+            try:   # for accepted sockets to inherit, where the system copies them
+                set_stream_options(sock)
+            except OSError:
+                pass
 
     # The dialects' interface
 
@@ -8599,6 +8691,7 @@ class ChatServer(Intake, Output, Operating):
     # The loop
 
     def _run_once(self):
+        flush_log()
         self._poll(self._select_timeout())
         self._gather_more()
         self._run_due_timers()
@@ -11532,29 +11625,12 @@ def read_password(path, variable="CHAT_PASSWORD"):
     return password
 
 
-class LogFormatter(logging.Formatter):
-    """The standard format, with the date text made once per second, not per line:
-    a storm of connects logs thousands of lines a second."""
-
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self._second = None
-        self._date = ""
-
-    def formatTime(self, record, datefmt=None):
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return "%s,%03d" % (self._date, record.msecs)
-
-
 def configure_logging(args):
     # The logging HOWTO's advice for speed: skip caller, thread and process lookups.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogFormatter())
+    handler = LogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter())
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)
 
@@ -11755,6 +11831,7 @@ def run_server(args):
             print("listening on %s" % format_address(host, port), file=sys.stderr, flush=True)
         log_start_notes(args, options, fingerprint)
         install_shutdown_signals(server)
+        hold_log_lines()
         server.serve_forever()
     return 0
 
