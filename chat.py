@@ -5477,6 +5477,32 @@ def irc_params(text):
     return (params[0].upper(), params[1:]) if params else ("", [])
 
 
+_IRC_LABEL = re.compile(r"(?:^@|;)label=([\x21-\x3a\x3c-\x7e]{1,64})(?=[; ])")
+
+
+def irc_label(text):
+    """The label a client put on its command (IRCv3 labeled-response), or None. Only
+    short printable ones are taken: they are sent back as they came, unescaped."""
+    if not text.startswith("@"):
+        return None
+    found = _IRC_LABEL.search(text, 0, text.find(" ") + 1)
+    return found.group(1) if found else None
+
+
+def with_irc_tag(line, tag):
+    """An IRC line (bytes) with one more tag, first."""
+    if line.startswith(b"@"):
+        return b"@" + tag + b";" + line[1:]
+    return b"@" + tag + b" " + line
+
+
+def has_irc_batch_tag(line):
+    if not line.startswith(b"@"):
+        return False
+    tags = line[1:line.find(b" ")]
+    return tags.startswith(b"batch=") or b";batch=" in tags
+
+
 def is_utf8(data):
     try:
         data.decode("utf-8")
@@ -5951,6 +5977,45 @@ class IrcTags:
         rest = ("@%s " % ";".join(common)).encode() if common else b""
         return head + lines[0] + b"\r\n" + b"".join(rest + line + b"\r\n" for line in lines[1:])
 
+    def answered(self, pieces):
+        """A turn's pieces with the answer to each labeled command labeled (IRCv3
+        labeled-response): no line becomes an ACK, one line is tagged, more become a
+        labeled-response batch."""
+        out, answer, start = [], None, None
+        for piece in pieces:
+            if type(piece) is ResponseEdge:
+                if piece.label is not None:
+                    start, answer = piece, []
+                elif answer is not None:
+                    out += self._labeled(start, b"".join(answer))
+                    answer = None
+            elif answer is not None:
+                answer.append(piece)
+            else:
+                out.append(piece)
+        return out + (answer or [])
+
+    def _labeled(self, start, data):
+        label = b"label=" + start.label.encode()
+        lines, aside = [], []
+        for line in data.split(b"\r\n")[:-1]:
+            # A message to oneself comes twice, delivered and echoed: the echo answers.
+            if lines and line == lines[-1] and start.command in ("PRIVMSG", "NOTICE"):
+                aside.append(line + b"\r\n")
+            else:
+                lines.append(line)
+        server = self.server_name.encode()
+        if not lines:
+            return [with_irc_tag(b":%s ACK" % server, label) + b"\r\n"] + aside
+        if len(lines) == 1:
+            return [with_irc_tag(lines[0], label) + b"\r\n"] + aside
+        batch = b"L%d" % next(BATCH_IDS)
+        out = [with_irc_tag(b":%s BATCH +%s labeled-response" % (server, batch), label)]
+        out += [line if has_irc_batch_tag(line) else with_irc_tag(line, b"batch=" + batch)
+                for line in lines]
+        out.append(b":%s BATCH -%s" % (server, batch))
+        return [b"\r\n".join(out) + b"\r\n"] + aside
+
     def past_lines(self, lines, target, batch):
         """Past lines (Said events) as they were said, with their times and msgids, in a
         chathistory batch when the client takes batches."""
@@ -6163,8 +6228,8 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
                  "greeted_as", "heard", "pinged", "caps")
 
     CAPABILITIES = ("away-notify", "batch", "cap-notify", "draft/chathistory", "echo-message",
-                    "extended-join", "invite-notify", "message-tags", "multi-prefix",
-                    "server-time", "setname", "userhost-in-names")
+                    "extended-join", "invite-notify", "labeled-response", "message-tags",
+                    "multi-prefix", "server-time", "setname", "userhost-in-names")
 
     multi_room = True
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
@@ -6209,6 +6274,23 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         command, params = irc_params(text)
         if not command:
             return
+        label = irc_label(text) if self.labels_answers() else None
+        if label is None:
+            self._run(message, text, command, params)
+            return
+        self.server.answer_edge(self.conn, ResponseEdge(label, command))
+        try:
+            self._run(message, text, command, params)
+        finally:
+            self.server.answer_edge(self.conn, ResponseEdge(None, command))
+
+    def labels_answers(self):
+        """IRCv3 labeled-response, for a registered client that takes batches too (as
+        InspIRCd does: an answer of several lines is a batch)."""
+        return (self.conn.member is not None and "labeled-response" in self.caps
+                and "batch" in self.caps)
+
+    def _run(self, message, text, command, params):
         if "\ufffd" in text and command not in self.LENIENT and not is_utf8(message):
             self._fail(sanitize(command)[:20], "INVALID_UTF8", "",
                        "Not sent: the line is not UTF-8 (the server announces UTF8ONLY)")
@@ -7507,6 +7589,10 @@ class RoomTurn:
 # What a connection's marks in a turn say, besides the room events it is due.
 DATA, SKIP, ENTER, LEAVE = range(4)
 
+# The start (label set) or end (label None) of what one command of a connection got
+# in a turn, among its pieces: its dialect may label that answer (IRCv3 labeled-response).
+ResponseEdge = collections.namedtuple("ResponseEdge", "label command")
+
 
 class FlushPacer:
     """When a turn's output goes: the server's one trade of latency for CPU.
@@ -7551,6 +7637,7 @@ class TurnBatcher:
         self.rooms = {}         # Room -> RoomTurn
         self.marks = {}         # Connection -> [(seq, DATA/SKIP/ENTER/LEAVE, value)]
         self.seq = 0
+        self.answering = set()  # connections with a ResponseEdge among their marks
         self.volume = 0         # bytes of chat text in the turn, roughly
         self.deliveries = 0     # connections handed a turn's output, ever (roughly: /metrics)
 
@@ -7585,10 +7672,18 @@ class TurnBatcher:
         self.seq += 1
         self._mark(conn, ENTER if entered else LEAVE, room)
 
+    def edge(self, conn, edge):
+        """Where the answer to one of conn's commands starts or ends (a ResponseEdge):
+        whatever conn gets between the two, its own data and room events alike."""
+        self.seq += 1
+        self._mark(conn, DATA, edge)
+        self.answering.add(conn)
+
     def has_data(self, conn):
         """Whether conn has bytes of its own in this turn (room events it would get are
         not counted: they are no reply to it)."""
-        return any(kind is DATA for _, kind, _ in self.marks.get(conn, ()))
+        return any(kind is DATA and type(value) is not ResponseEdge
+                   for _, kind, value in self.marks.get(conn, ()))
 
     def touch(self, conn):
         """Make sure conn is delivered to this turn, even with nothing to send."""
@@ -7603,13 +7698,16 @@ class TurnBatcher:
     def flush(self, deliver, deliver_shared):
         """Call deliver(conn, pieces) for every connection with output of its own this
         turn, and deliver_shared(conn, data) for each that gets only a room's bytes."""
-        rooms, marks = self.rooms, self.marks
-        self.rooms, self.marks, self.volume = {}, {}, 0
+        rooms, marks, answering = self.rooms, self.marks, self.answering
+        self.rooms, self.marks, self.volume, self.answering = {}, {}, 0, set()
         self.deliveries += len(marks) + sum(len(room.members) for room in rooms)
         for conn, conn_marks in marks.items():
             conn.owed = 0
             if conn.stage is not CLOSED:
-                deliver(conn, self._pieces(conn, conn_marks, rooms))
+                pieces = self._pieces(conn, conn_marks, rooms)
+                if conn in answering:
+                    pieces = conn.dialect.answered(pieces)
+                deliver(conn, pieces)
         done = set(marks)
         several = len(rooms) > 1   # else no member can have news of two rooms
         for room, turn in rooms.items():
@@ -8629,6 +8727,10 @@ class ChatServer(Intake, Output, Operating):
     def send_bytes(self, conn, data):
         """Send conn bytes a dialect made itself, in order with the rest of the turn."""
         self._batcher.send(conn, data)
+
+    def answer_edge(self, conn, edge):
+        """The answer to conn's command starts or ends here (see ResponseEdge)."""
+        self._batcher.edge(conn, edge)
 
     def refuse_password(self, conn, answer):
         """A wrong password: the answer, and the close, only after a pause, so guessing

@@ -40,7 +40,8 @@ RUN_CHAT = [sys.executable, "-m", "chat"]
 TIMEOUT = 10.0             # a hang detector, never a delay
 POSIX = os.name == "posix"
 IRC_CAPS = ("away-notify batch cap-notify draft/chathistory echo-message extended-join "
-            "invite-notify message-tags multi-prefix server-time setname userhost-in-names")
+            "invite-notify labeled-response message-tags multi-prefix server-time setname "
+            "userhost-in-names")
 CHROMIUM = shutil.which("chromium")
 HISTORY_ENTRY = re.compile(r"^\*\*\* \[\d\d:\d\d\] ")   # a replayed line, at any hour
 
@@ -2484,6 +2485,65 @@ class IrcTest(ServerTestCase):
         peer.irc("CAP LIST", "CAP NOTACOMMAND")
         self.assertEqual(peer.next_line(), ":testroom CAP * LIST :")
         self.assertEqual(peer.next_line(), ":testroom 410 * NOTACOMMAND :Invalid CAP command")
+
+    def test_labeled_responses(self):
+        """IRCv3 labeled-response: the answer to a labeled command carries its label (one
+        line), is a labeled-response batch (several, a replay's batch nested in it), or is
+        an ACK (none); nobody else ever sees the label."""
+        bob = self.connect("bob")
+        bob.say("said before")
+        bob.sync()
+        bar = self.irc_peer("bar")
+        foo = self.irc_peer()
+        foo.irc("CAP LS 302", "NICK foo", "USER foo 0 * :Foo",
+                "CAP REQ :labeled-response batch echo-message server-time", "CAP END")
+        foo.numeric("376")
+
+        def answer(line):   # its lines, their tags but the time
+            foo.irc(line)
+            tagged = [irc_tagged(got) for got in foo.barrier()]
+            return [({name: value for name, value in tags.items() if name != "time"}, rest)
+                    for tags, rest in tagged]
+        self.assertEqual(answer("@label=p1 PING :x"),
+                         [({"label": "p1"}, ":testroom PONG testroom :x")])
+        self.assertEqual(answer("@label=p2 PONG :x"), [({"label": "p2"}, ":testroom ACK")])
+        self.assertEqual(answer("@label=p3 NOSUCH"),
+                         [({"label": "p3"}, ":testroom 421 foo NOSUCH :Unknown command")])
+        joined = answer("@a=b;label=p4 JOIN #lobby")
+        self.assertEqual(joined[0][0], {"label": "p4"})
+        start = joined[0][1].split()
+        self.assertEqual(start[1:3] + start[3:], ["BATCH", start[2], "labeled-response"])
+        self.assertRegex(start[2], r"^\+[A-Za-z0-9-]+$")
+        outer = start[2][1:]
+        self.assertEqual(joined[-1], ({}, ":testroom BATCH -" + outer))
+        inside = joined[1:-1]
+        self.assertEqual(inside[0], ({"batch": outer}, ":foo!foo@chat JOIN #lobby"))
+        replay = [(tags, line) for tags, line in inside if tags.get("batch") != outer]
+        self.assertEqual([line for _, line in replay], [":bob!bob@chat PRIVMSG #lobby :said before"])
+        inner = replay[0][0]["batch"]
+        self.assertIn(({"batch": outer}, ":testroom BATCH +%s chathistory #lobby" % inner), inside)
+        self.assertIn(({"batch": outer}, ":testroom BATCH -" + inner), inside)
+        self.assertTrue(all(tags for tags, _ in inside), inside)
+
+        self.assertEqual(answer("@label=p5 PRIVMSG bar :hi"),
+                         [({"label": "p5"}, ":foo!foo@chat PRIVMSG bar :hi")])
+        self.assertEqual(bar.expect(r".*PRIVMSG bar .*"), ":foo!foo@chat PRIVMSG bar :hi")
+        to_self = answer("@label=p6 PRIVMSG foo :me")   # delivered, and echoed: one answers
+        self.assertEqual(to_self, [({"label": "p6"}, ":foo!foo@chat PRIVMSG foo :me"),
+                                   ({}, ":foo!foo@chat PRIVMSG foo :me")])
+        self.assertEqual(answer("@label=p7 PRIVMSG #lobby :all"),
+                         [({"label": "p7"}, ":foo!foo@chat PRIVMSG #lobby :all")])
+        self.assertEqual(bar.expect(r".*PRIVMSG #lobby :all"), ":foo!foo@chat PRIVMSG #lobby :all")
+        self.assertEqual(bob.expect(r"<foo> .*"), "<foo> all")
+        for sent, label in (("@label=has;ok=no", "has"), ("@label=a\\sb", "a b")):
+            self.assertEqual(answer(sent + " PING :o"),
+                             [({"label": label}, ":testroom PONG testroom :o")])
+        self.assertEqual(answer("@label=" + "x" * 65 + " PING :o"),
+                         [({}, ":testroom PONG testroom :o")])
+        plain = self.irc_peer()   # labels need batches too
+        plain.irc("CAP LS 302", "NICK plain", "USER p 0 * :P", "CAP REQ :labeled-response",
+                  "CAP END", "@label=p8 PING :y")
+        self.assertEqual(plain.expect(r".* PONG .*"), ":testroom PONG testroom :y")
 
     def test_server_time_msgids_batches_and_chathistory(self):
         bob = self.connect("bob")
