@@ -218,6 +218,13 @@ class LogHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+    def flush(self):
+        try:
+            super().flush()
+        except (OSError, ValueError):   # a log nobody reads (closed pipe, full disk)
+            pass                        # must not stop the chat; its lines are dropped
+
+
 def hold_log_lines():
     """From now on, this thread's log lines wait for flush_log (see LogHandler)."""
     for handler in log.handlers:
@@ -867,6 +874,7 @@ class Private:
     action: bool = False
     sent: bool = False
     time: float = 0.0
+    notice: bool = False    # IRC's NOTICE: a bot's words, which no program answers
 
 
 @dataclass(frozen=True)
@@ -1926,7 +1934,8 @@ class Rooms:
         if complete:
             answer(())
         elif self._may_read(member):
-            self.store.lines(room.name, before, after, count + 1, answer)
+            self.store.lines(room.name, before, after, count + 1,
+                             self.sink.answer_later(member, answer))
         else:
             self.sink.send(member, notice("history_busy", room=room.name))
 
@@ -2532,8 +2541,9 @@ class Hub(Moderation, Names, Rooms, RoomRights):
 
     sink receives what happens: publish(room, event, exclude) for room events,
     send(member, event) for replies, moved(member, room, entered) when a
-    member's rooms change, close(member, reason, farewell) to let one go, and
-    call_later(delay, function, *args).
+    member's rooms change, close(member, reason, farewell) to let one go,
+    call_later(delay, function, *args), and answer_later(member, callback): callback,
+    made to answer member's command when the store calls it in a later turn.
     """
 
     def __init__(self, options, sink, name, clock=time.time, store=None, broker=None,
@@ -2769,7 +2779,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             return
         self.do_say(member, text.strip(), action=True)
 
-    def do_msg(self, member, target_name, text, action=False):
+    def do_msg(self, member, target_name, text, action=False, as_notice=False):
         text = tidy_text(text)
         if not target_name or not text:
             self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
@@ -2783,7 +2793,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             return
         member.active = time.monotonic()
         now = self.clock()
-        said = Private(member.nick, target.nick, text, action, False, now)
+        said = Private(member.nick, target.nick, text, action, False, now, as_notice)
         if target.remote is not None and not self.broker.linked:
             self.sink.send(member, notice("unreachable", nick=target.nick))
             return
@@ -2791,8 +2801,9 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             self.broker.forward(target, said)
         elif member.key not in target.ignoring:   # the ignored are not told
             self.sink.send(target, said)
-        self.sink.send(member, Private(member.nick, target.nick, text, action, True, now))
-        if target.away:
+        self.sink.send(member, Private(member.nick, target.nick, text, action, True, now,
+                                       as_notice))
+        if target.away and not as_notice:   # no program answers a NOTICE, not even this
             self.sink.send(member, notice("is_away", nick=target.nick, text=target.away))
 
     def do_who(self, member, room_name=None):
@@ -4365,7 +4376,8 @@ class ClusterCodec:
         said = record["e"]
         return Private(self.nick(said["sender"]), self.nick(said["target"]),
                        stored_text(said["text"])[:MAX_STORED_TEXT], self.flag(said["action"]),
-                       False, finite_time(said["time"]) or 0.0)
+                       False, finite_time(said["time"]) or 0.0,
+                       self.flag(said.get("notice", False)))
 
 
 class RedisBroker(Broker):
@@ -4414,7 +4426,7 @@ class RedisBroker(Broker):
     def forward(self, member, event):
         self.link.publish(self.codec.dumps("P", {"to": member.cid, "e": {
             "sender": event.sender, "target": event.target, "text": event.text,
-            "action": event.action, "time": event.time}}))
+            "action": event.action, "time": event.time, "notice": event.notice}}))
 
     def invite(self, member, room, by):
         self.link.publish(self.codec.dumps("I", {"to": member.cid, "by": by, "room": room.name}))
@@ -5795,8 +5807,9 @@ class IrcReplies:
         if event.sent and "echo-message" not in self.caps:
             return b""   # IRC clients show what they sent themselves
         text = "\x01ACTION %s\x01" % event.text if event.action else event.text
-        return self.tag_lines(irc_split(":%s PRIVMSG %s :" % (irc_source(event.sender),
-                                                              event.target), text), event.time)
+        return self.tag_lines(irc_split(":%s %s %s :" % (
+            irc_source(event.sender), "NOTICE" if event.notice else "PRIVMSG", event.target),
+            text), event.time)
 
     def _topic(self, event):
         if event.text:
@@ -5984,10 +5997,11 @@ class IrcTags:
         out, answer, start = [], None, None
         for piece in pieces:
             if type(piece) is ResponseEdge:
-                if piece.label is not None:
+                if piece.kind is STARTS:
                     start, answer = piece, []
-                elif answer is not None:
-                    out += self._labeled(start, b"".join(answer))
+                elif answer is not None:   # the rest of a LATER answer comes as its own
+                    out += (self._labeled(start, b"".join(answer)) if piece.kind is ENDS
+                            else answer)
                     answer = None
             elif answer is not None:
                 answer.append(piece)
@@ -6278,11 +6292,11 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         if label is None:
             self._run(message, text, command, params)
             return
-        self.server.answer_edge(self.conn, ResponseEdge(label, command))
+        self.server.answer_edge(self.conn, ResponseEdge(label, command, STARTS))
         try:
             self._run(message, text, command, params)
         finally:
-            self.server.answer_edge(self.conn, ResponseEdge(None, command))
+            self.server.answer_edge(self.conn, ResponseEdge(label, command, ENDS))
 
     def labels_answers(self):
         """IRCv3 labeled-response, for a registered client that takes batches too (as
@@ -6478,7 +6492,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             elif room is not None:
                 error("404", "%s :Cannot send to channel" % room.name)
             elif self.hub.find_member(target) is not None and not target.startswith("#"):
-                self.hub.do_msg(member, target, text, action)
+                self.hub.do_msg(member, target, text, action, as_notice=quiet)
             else:
                 error("401", "%s :No such nick/channel" % sanitize(target)[:40])
 
@@ -7589,9 +7603,12 @@ class RoomTurn:
 # What a connection's marks in a turn say, besides the room events it is due.
 DATA, SKIP, ENTER, LEAVE = range(4)
 
-# The start (label set) or end (label None) of what one command of a connection got
-# in a turn, among its pieces: its dialect may label that answer (IRCv3 labeled-response).
-ResponseEdge = collections.namedtuple("ResponseEdge", "label command")
+# Where what one command of a connection got starts or ends, among its pieces: its
+# dialect may label that answer (IRCv3 labeled-response). An answer that comes in a later
+# turn (read from the store) ends with LATER where the command ended, and is an answer
+# of its own when it comes.
+ResponseEdge = collections.namedtuple("ResponseEdge", "label command kind")
+STARTS, ENDS, LATER = range(3)
 
 
 class FlushPacer:
@@ -7638,6 +7655,8 @@ class TurnBatcher:
         self.marks = {}         # Connection -> [(seq, DATA/SKIP/ENTER/LEAVE, value)]
         self.seq = 0
         self.answering = set()  # connections with a ResponseEdge among their marks
+        self.open_answers = {}  # connection -> the ResponseEdge its command started
+        self.deferred = set()   # connections whose command is answered in a later turn
         self.volume = 0         # bytes of chat text in the turn, roughly
         self.deliveries = 0     # connections handed a turn's output, ever (roughly: /metrics)
 
@@ -7675,15 +7694,40 @@ class TurnBatcher:
     def edge(self, conn, edge):
         """Where the answer to one of conn's commands starts or ends (a ResponseEdge):
         whatever conn gets between the two, its own data and room events alike."""
+        if edge.kind is STARTS:
+            self.open_answers[conn] = edge
+        else:
+            self.open_answers.pop(conn, None)
+            if conn in self.deferred:
+                self.deferred.discard(conn)
+                edge = edge._replace(kind=LATER)
         self.seq += 1
         self._mark(conn, DATA, edge)
         self.answering.add(conn)
 
+    def later(self, conn, callback):
+        """callback, made to answer conn's command (if it is one) when it is called."""
+        started = self.open_answers.get(conn)
+        if started is None:
+            return callback
+        self.deferred.add(conn)
+
+        def answer(*args):
+            if self.open_answers.get(conn) is started:   # at once, within the command
+                self.deferred.discard(conn)
+                callback(*args)
+                return
+            self.edge(conn, started)
+            try:
+                callback(*args)
+            finally:
+                self.edge(conn, started._replace(kind=ENDS))
+        return answer
+
     def has_data(self, conn):
-        """Whether conn has bytes of its own in this turn (room events it would get are
-        not counted: they are no reply to it)."""
-        return any(kind is DATA and type(value) is not ResponseEdge
-                   for _, kind, value in self.marks.get(conn, ()))
+        """Whether conn has bytes of its own in this turn, or the answer to a labeled
+        command (room events it would get otherwise are no reply to it)."""
+        return any(kind is DATA for _, kind, _ in self.marks.get(conn, ()))
 
     def touch(self, conn):
         """Make sure conn is delivered to this turn, even with nothing to send."""
@@ -7872,6 +7916,9 @@ class HubSink:
 
     def call_later(self, delay, function, *args):
         self._server.call_later(delay, function, *args)
+
+    def answer_later(self, member, callback):
+        return self._batcher.later(member.endpoint, callback)
 
 
 class DelayLine:

@@ -541,6 +541,9 @@ class RecordingSink:
     def call_later(self, delay, function, *args):
         self.timers.append((delay, function, args))
 
+    def answer_later(self, member, callback):
+        return callback
+
 
 class HubTest(unittest.TestCase):
     """The core alone: rooms, moves, topics, history and limits, without a socket."""
@@ -2007,6 +2010,28 @@ class PersistenceTest(ServerTestCase):
     def log_file(self, room):
         return os.path.join(self.options["data_dir"], "room-%s.log" % room.replace("#", "%23"))
 
+    def test_a_labeled_history_read_from_disk_is_one_labeled_answer(self):
+        """CHATHISTORY beyond the lines in memory is read from the data dir in a thread and
+        answered turns later: still as the labeled command's answer, never as an ACK."""
+        alice = self.connect("alice")
+        alice.say(*("line %d" % number for number in range(1, 9)))
+        alice.sync()
+        self.restart_server()
+        peer = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(peer.sock.close)
+        peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve",
+                 "CAP REQ :labeled-response batch server-time", "CAP END", "JOIN #lobby")
+        peer.barrier()   # past the join and its replay
+        peer.irc("@label=h1 CHATHISTORY LATEST #lobby * 8")
+        first = irc_tagged(peer.expect(r".*(BATCH|ACK).*"))
+        self.assertEqual(first[0]["label"], "h1")
+        self.assertRegex(first[1], r"^:testroom BATCH \+\S+ labeled-response$")
+        outer = first[1].split()[2][1:]
+        lines = peer.lines_until(r":testroom BATCH -%s" % outer)
+        said = [irc_tagged(line)[1] for line in lines if " PRIVMSG " in line]
+        self.assertEqual(said, [":alice!alice@chat PRIVMSG #lobby :line %d" % number
+                                for number in range(1, 9)])
+
     def test_history_topics_and_bans_survive_a_restart(self):
         alice = self.connect("alice")
         alice.say("/op op secret", "in the lobby", "/join #dev", "/topic release friday",
@@ -2528,6 +2553,9 @@ class IrcTest(ServerTestCase):
         self.assertEqual(answer("@label=p5 PRIVMSG bar :hi"),
                          [({"label": "p5"}, ":foo!foo@chat PRIVMSG bar :hi")])
         self.assertEqual(bar.expect(r".*PRIVMSG bar .*"), ":foo!foo@chat PRIVMSG bar :hi")
+        self.assertEqual(answer("@label=n1 NOTICE bar :note"),   # a NOTICE stays one
+                         [({"label": "n1"}, ":foo!foo@chat NOTICE bar :note")])
+        self.assertEqual(bar.expect(r".* bar :note"), ":foo!foo@chat NOTICE bar :note")
         to_self = answer("@label=p6 PRIVMSG foo :me")   # delivered, and echoed: one answers
         self.assertEqual(to_self, [({"label": "p6"}, ":foo!foo@chat PRIVMSG foo :me"),
                                    ({}, ":foo!foo@chat PRIVMSG foo :me")])
@@ -4374,6 +4402,25 @@ def run_clis(argument_lists):
 
 
 class CommandLineTest(unittest.TestCase):
+
+    def test_a_log_nobody_reads_does_not_stop_the_server(self):
+        """Standard error piped to a reader that goes away (a log shipper, head): the log
+        lines are lost, the chat goes on."""
+        proc = subprocess.Popen(RUN_CHAT + ["server", "--host", "127.0.0.1", "--port", "0",
+                                            "--name", "proc"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=child_env())
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(proc.kill)
+        port = int(proc.stderr.readline().decode().rsplit(":", 1)[1])
+        proc.stderr.close()   # every later log line meets a broken pipe
+        for nick in ("alice", "bob", "carol"):
+            peer = Peer(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+            self.addCleanup(peer.sock.close)
+            peer.say("/nick " + nick)
+            self.assertEqual(peer.expect(r"\*\*\* welcome .*"), "*** welcome to proc, you are "
+                             + nick)
+        self.assertIsNone(proc.poll())
 
     def peer(self, port, host="127.0.0.1"):
         sock = socket.create_connection((host, port), timeout=TIMEOUT)
