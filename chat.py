@@ -158,6 +158,7 @@ RESERVED_NICKS = ("NickServ", "ChanServ", "OperServ", "MemoServ", "HostServ", "B
                   "SaslServ", "HelpServ", "InfoServ", "StatServ", "GroupServ", "Global",
                   "Alis", "Server", "chat", "chatpy", "admin", "root", "system", "services")
 MAX_STORED_TEXT = 8192               # code points of a line read back from the data dir
+MAX_CLIENT_TAGS = 4094               # bytes of tags a client may put on a message (IRCv3)
 MAX_MARKS = 4                        # combining marks kept on one character
 RESERVED_FDS = 32                    # descriptors for listeners, logs, the selector...
 CONNECT_TIMEOUT = 10.0
@@ -376,6 +377,31 @@ def stored_text(value):
     if not isinstance(value, str):
         raise TypeError("not text")
     return tidy_text(sanitize(value.encode("utf-8", "replace").decode("utf-8")))
+
+
+_CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+\Z")
+_TAG_VALUE_ESCAPE = re.compile(r"\\(.?)")
+_TAG_VALUE_ESCAPES = {":": ";", "s": " ", "\\": "\\", "r": "\r", "n": "\n"}
+
+
+def client_tags(tags):
+    """The client-only tags (IRCv3 message-tags: keys that start with "+") of a message's
+    tags, as they are passed on: typing notices, reactions, replies. The chat keeps and
+    relays them without reading them. Only well-formed keys whose values hold nothing a
+    terminal would obey are kept, in one escaping, the last of a repeated key winning;
+    "" for none. Tags read back (the data dir, Redis) go through here too."""
+    if not isinstance(tags, str):
+        raise TypeError("not tags")
+    kept = {}
+    tags = tags.encode("utf-8", "replace")[:MAX_CLIENT_TAGS].decode("utf-8", "ignore")
+    for item in tags.split(";"):
+        key, _, value = item.partition("=")
+        if key[:1] == "+" and _CLIENT_TAG_KEY.match(key):
+            value = _TAG_VALUE_ESCAPE.sub(lambda m: _TAG_VALUE_ESCAPES.get(m[1], m[1]), value)
+            if sanitize(value) == value:
+                kept[key] = value
+    return ";".join(key + "=" + value.replace("\\", "\\\\").replace(";", "\\:")
+                    .replace(" ", "\\s") if value else key for key, value in kept.items())
 
 
 def strip_transport(raw):
@@ -767,6 +793,18 @@ class Said:
     time: float = 0.0
     seq: int = 0            # its number in the room, the same on every node (0: unknown)
     notice: bool = False    # IRC's NOTICE: a bot's words, which no program answers
+    tags: str = ""          # its client tags (see client_tags): for IRC clients that read them
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A message made only of client tags (IRC's TAGMSG: a typing notice, a reaction):
+    nothing to show, for the clients that read tags; not kept."""
+    room: str
+    nick: str
+    tags: str
+    msgid: str              # its own id, as a message's: a reaction may answer one
+    time: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -875,6 +913,8 @@ class Private:
     sent: bool = False
     time: float = 0.0
     notice: bool = False    # IRC's NOTICE: a bot's words, which no program answers
+    tags: str = ""          # its client tags; with no text, it is a Signal to one member
+    msgid: str = ""         # its id (not a number: conversations are not kept)
 
 
 @dataclass(frozen=True)
@@ -1206,7 +1246,7 @@ class HistoryBudget:
 
     @classmethod
     def cost(cls, event):
-        return cls.LINE + len(event.text) + len(event.nick)
+        return cls.LINE + len(event.text) + len(event.nick) + len(event.tags)
 
     def remember(self, room, event):
         if not room.history.maxlen:
@@ -1426,10 +1466,10 @@ class Broker:
     def attach(self, hub):
         self.hub = hub
 
-    def line(self, room, speaker, text, action, notice=False):
+    def line(self, room, speaker, text, action, notice=False, tags=""):
         room.seq += 1
         self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
-                                         self.hub.clock(), room.seq, notice), speaker)
+                                         self.hub.clock(), room.seq, notice, tags), speaker)
 
     def publish(self, room, event, excluded, subject=None):
         """A room event (subject: the member it is about, or None)."""
@@ -2575,6 +2615,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self._guests = itertools.count(self.directory.first_guest)
         self.lines_told = 0             # room lines told to the members here
         self._uids = itertools.count(1)
+        self._message_ids = itertools.count(1)
+        self._id_token = os.urandom(4).hex()   # this node's, for the ids of new_msgid
         self.broker.attach(self)
         self.directory.attach(self)
         self.default_room = self._add_room(normalize_room(options.room))
@@ -2724,26 +2766,46 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         if member.announced:
             self.directory.changed(member)
 
-    def do_say(self, member, text, action=False, room=None, as_notice=False):
+    def do_say(self, member, text, action=False, room=None, as_notice=False, tags=""):
         """A public line in room (by default the member's room): not for those who ignore
         its speaker."""
         room = room or member.room
+        text = tidy_text(text)
+        if text and self._may_speak(member, room):
+            self.broker.line(room, member, text, action, as_notice, tags)
+
+    def do_signal(self, member, room, tags):
+        """Client tags alone (a typing notice, a reaction) to a room: the same rules as a
+        line, since a reaction says something too."""
+        if self._may_speak(member, room):
+            self.broker.publish(room, Signal(room.name, member.nick, tags, self.new_msgid(),
+                                             self.clock()), self._not_told(room, member))
+
+    def deliver_signal(self, room, event):
+        """Another node's Signal, to the members here: not to who ignores its sender."""
+        self.publish_here(room, event, self._not_told(room, None, event.nick))
+
+    def _may_speak(self, member, room):
+        """Whether member may say something in room now (told why not, unless muted)."""
         if room is None or member not in room.members and "n" in room.modes:
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
-            return
-        text = tidy_text(text)
-        if not text or self.muted(member):
-            return
+            return False
+        if self.muted(member):
+            return False
         if "m" in room.modes and not room.rank(member):
             self.sink.send(member, notice("moderated", room=room.name))
-            return
+            return False
         if room.masks["b"] and not room.rank(member) and self.banned_from(member, room):
             self.sink.send(member, notice("banned_in_room", room=room.name))
-            return
+            return False
         self.announce(member)
         member.active = time.monotonic()
-        self.broker.line(room, member, text, action, as_notice)
+        return True
+
+    def new_msgid(self):
+        """An id for a message that has no number in a room: unique on every node."""
+        return "m%d-%s" % (next(self._message_ids), self._id_token)
 
     def backfill(self, room, events):
         """Older lines of a room, read late (from another node's time): put before the
@@ -2760,18 +2822,22 @@ class Hub(Moderation, Names, Rooms, RoomRights):
     def deliver_line(self, room, event, speaker=None):
         """A room's line, numbered, to its members here: not to its speaker (when here),
         nor to who ignores it; kept in its history."""
-        excluded = (speaker,) if speaker is not None and speaker in room.members and \
-            not speaker.echo else ()
-        ignorers = self.ignored_by.get(speaker.key if speaker is not None
-                                       else name_key(event.nick))
-        if ignorers:
-            excluded += tuple(other for other in ignorers if room in other.rooms)
-        self.sink.publish(room, event, excluded)
+        self.sink.publish(room, event, self._not_told(room, speaker, event.nick))
         self.lines_told += 1
         if event.seq > room.seq:
             room.seq = event.seq
         self.store.append(room.name, event)
         self.history_budget.remember(room, event)
+
+    def _not_told(self, room, speaker, nick=None):
+        """The members here not told what speaker (here, or elsewhere: None, and its nick)
+        says in room: itself, unless it takes echoes, and who ignores it."""
+        excluded = (speaker,) if speaker is not None and speaker in room.members and \
+            not speaker.echo else ()
+        ignorers = self.ignored_by.get(speaker.key if speaker is not None else name_key(nick))
+        if ignorers:
+            excluded += tuple(other for other in ignorers if room in other.rooms)
+        return excluded
 
     def do_me(self, member, text):
         if not text.strip():
@@ -2779,9 +2845,10 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             return
         self.do_say(member, text.strip(), action=True)
 
-    def do_msg(self, member, target_name, text, action=False, as_notice=False):
+    def do_msg(self, member, target_name, text, action=False, as_notice=False, tags=""):
+        """A private message; without text, client tags alone (see Signal)."""
         text = tidy_text(text)
-        if not target_name or not text:
+        if not target_name or not (text or tags):
             self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
             return
         self.announce(member)
@@ -2793,7 +2860,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             return
         member.active = time.monotonic()
         now = self.clock()
-        said = Private(member.nick, target.nick, text, action, False, now, as_notice)
+        said = Private(member.nick, target.nick, text, action, False, now, as_notice, tags,
+                       self.new_msgid())
         if target.remote is not None and not self.broker.linked:
             self.sink.send(member, notice("unreachable", nick=target.nick))
             return
@@ -2801,9 +2869,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
             self.broker.forward(target, said)
         elif member.key not in target.ignoring:   # the ignored are not told
             self.sink.send(target, said)
-        self.sink.send(member, Private(member.nick, target.nick, text, action, True, now,
-                                       as_notice))
-        if target.away and not as_notice:   # no program answers a NOTICE, not even this
+        self.sink.send(member, dataclasses.replace(said, sent=True))
+        if target.away and text and not as_notice:   # no program answers a NOTICE
             self.sink.send(member, notice("is_away", nick=target.nick, text=target.away))
 
     def do_who(self, member, room_name=None):
@@ -2981,6 +3048,9 @@ class ClusterView:
         """Another node's room event, to the members here."""
         room = self.hub.rooms.get(name_key(event.room))
         if room is None:
+            return
+        if isinstance(event, Signal):
+            self.hub.deliver_signal(room, event)
             return
         if isinstance(event, ModeChanged):
             self.hub.apply_modes(room, event.changes, event.args, event.nick)
@@ -3545,7 +3615,7 @@ class FileStore(Store):
                 seq = 0
             return Said(room, normalize_nick(stored_text(record["nick"])),
                         stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted", when,
-                        seq, kind == "noticed")
+                        seq, kind == "noticed", client_tags(record.get("tags", "")))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
@@ -3553,6 +3623,8 @@ class FileStore(Store):
         record = {"time": event.time, "seq": event.seq, "nick": event.nick,
                   "kind": "noticed" if event.notice else "acted" if event.action else "said",
                   "text": event.text}
+        if event.tags:
+            record["tags"] = event.tags
         self._pending.setdefault(room, []).append(
             json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
@@ -4225,7 +4297,7 @@ class RedisLink:
 
 
 CLUSTER_EVENTS = {kind.__name__: kind for kind in (Joined, Parted, Quit, Renamed, Kicked,
-                                                     Opped, TopicSet, ModeChanged)}
+                                                     Opped, TopicSet, ModeChanged, Signal)}
 
 
 class ClusterCodec:
@@ -4298,10 +4370,29 @@ class ClusterCodec:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError("not a number")
                 value = self.view.local_uid(node, value)
+            elif item.name in self.CHECKS:
+                value = getattr(self, self.CHECKS[item.name])(value)
             elif value is not None:
                 value = stored_text(value)[:MAX_TOPIC]
             values[item.name] = value
         return kind(**values)
+
+    CHECKS = {"tags": "tags", "msgid": "msgid", "time": "when"}   # fields (of Signal)
+
+    tags = staticmethod(client_tags)
+
+    @staticmethod
+    def msgid(value):
+        if not isinstance(value, str) or not re.fullmatch(r"[\w-]{0,40}", value):
+            raise ValueError("not a message id: %.40r" % (value,))
+        return value
+
+    @staticmethod
+    def when(value):
+        when = finite_time(value)
+        if when is None:
+            raise ValueError("not a time")
+        return when
 
     @staticmethod
     def mode_args(changes, args):
@@ -4355,9 +4446,9 @@ class ClusterCodec:
     # Lines
 
     @staticmethod
-    def line_record(node, number, room, speaker, text, action, when, notice):
+    def line_record(node, number, room, speaker, text, action, when, notice, tags):
         return {"n": node, "i": number, "r": room.name, "k": speaker.nick, "x": text,
-                "a": action, "w": when, "o": notice}
+                "a": action, "w": when, "o": notice, "t": tags}
 
     def line(self, seq, record):
         """(node, its number for the line, the Said event)."""
@@ -4370,14 +4461,15 @@ class ClusterCodec:
         return self.ident(record["n"]), number, Said(
             self.room(record["r"]), self.nick(record["k"]),
             stored_text(record["x"])[:MAX_STORED_TEXT], self.flag(record["a"]), when, seq,
-            self.flag(record.get("o", False)))
+            self.flag(record.get("o", False)), client_tags(record.get("t", "")))
 
     def private(self, record):
         said = record["e"]
         return Private(self.nick(said["sender"]), self.nick(said["target"]),
                        stored_text(said["text"])[:MAX_STORED_TEXT], self.flag(said["action"]),
                        False, finite_time(said["time"]) or 0.0,
-                       self.flag(said.get("notice", False)))
+                       self.flag(said.get("notice", False)), client_tags(said.get("tags", "")),
+                       self.msgid(said.get("msgid", "")))
 
 
 class RedisBroker(Broker):
@@ -4406,10 +4498,11 @@ class RedisBroker(Broker):
     def linked(self):
         return self.link.up
 
-    def line(self, room, speaker, text, action, notice=False):
+    def line(self, room, speaker, text, action, notice=False, tags=""):
         number = next(self._numbers)
         message = json.dumps(self.codec.line_record(self.cluster.node, number, room, speaker,
-                                                    text, action, self.hub.clock(), notice),
+                                                    text, action, self.hub.clock(), notice,
+                                                    tags),
                              ensure_ascii=False, separators=(",", ":"))
         if self.link.up:
             self.in_flight[number] = (room.key, speaker, message)
@@ -4417,7 +4510,7 @@ class RedisBroker(Broker):
         else:
             self._hold(number, room.key, message)
             self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
-                                             self.hub.clock(), 0, notice), speaker)
+                                             self.hub.clock(), 0, notice, tags), speaker)
 
     def publish(self, room, event, excluded, subject=None):
         self.hub.publish_here(room, event, excluded)
@@ -4426,7 +4519,8 @@ class RedisBroker(Broker):
     def forward(self, member, event):
         self.link.publish(self.codec.dumps("P", {"to": member.cid, "e": {
             "sender": event.sender, "target": event.target, "text": event.text,
-            "action": event.action, "time": event.time, "notice": event.notice}}))
+            "action": event.action, "time": event.time, "notice": event.notice,
+            "tags": event.tags, "msgid": event.msgid}}))
 
     def invite(self, member, room, by):
         self.link.publish(self.codec.dumps("I", {"to": member.cid, "by": by, "room": room.name}))
@@ -5354,7 +5448,7 @@ class LineDialect(Dialect):
         kind = type(event)
         if kind is Said:
             return (said_line(event.nick, event.text, event.action, event.notice) + "\n").encode()
-        if kind in MEMBERSHIP_EVENTS and event.quiet or kind in (MemberChanged, Invited):
+        if kind in MEMBERSHIP_EVENTS and event.quiet or kind in (MemberChanged, Invited, Signal):
             return b""
         if kind is Joined:
             return line_bytes("joined", nick=event.nick)
@@ -5384,6 +5478,8 @@ class LineDialect(Dialect):
         return line_bytes(event.key, **event.fields)
 
     def _private(self, event):
+        if not event.text:
+            return b""   # client tags alone: nothing to show
         text = said_line(event.sender, event.text, True) if event.action else event.text
         if event.sent:
             return line_bytes("private_sent", nick=event.target, text=text)
@@ -5468,6 +5564,7 @@ _IRC_FIRST_LINE = re.compile(
     rb"|CAP [A-Z]{1,20}\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
+IRC_INPUT_LINE = 1 + MAX_CLIENT_TAGS + 1 + IRC_LINE - 2   # a client's: "@" tags " " line
 RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL
 
 
@@ -5725,6 +5822,9 @@ class IrcReplies:
         if kind is Kicked:
             return cls._line(":%s KICK %s %s :%s" % (irc_source(event.by), event.room, event.nick,
                                                      event.reason))
+        if kind is Signal:
+            return cls._line(":%s TAGMSG %s" % (irc_source(event.nick), event.room)
+                             ) if "message-tags" in cls.takes else b""
         raise TypeError("no IRC line for %r" % (event,))
 
     def _welcome(self, event):
@@ -5732,8 +5832,8 @@ class IrcReplies:
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=beI,k,l,imnst EXCEPTS INVEX MODES=%d CHANLIMIT=#:%d "
                     "MAXTARGETS=%d KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d "
-                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} CLIENTTAGDENY=* "
-                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},NAMES:{t},KICK:{t},WHOIS:1 "
+                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} "
+                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},TAGMSG:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     .replace("{m}", str(ROOM_MASKS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
@@ -5806,10 +5906,14 @@ class IrcReplies:
     def _private(self, event):
         if event.sent and "echo-message" not in self.caps:
             return b""   # IRC clients show what they sent themselves
+        if not event.text:   # client tags alone
+            return self.tag_lines(self._line(":%s TAGMSG %s" % (
+                irc_source(event.sender), event.target)), event.time, event.msgid,
+                client=event.tags) if "message-tags" in self.takes else b""
         text = "\x01ACTION %s\x01" % event.text if event.action else event.text
         return self.tag_lines(irc_split(":%s %s %s :" % (
             irc_source(event.sender), "NOTICE" if event.notice else "PRIVMSG", event.target),
-            text), event.time)
+            text), event.time, event.msgid, client=event.tags)
 
     def _topic(self, event):
         if event.text:
@@ -5969,20 +6073,25 @@ class IrcTags:
         data = cls.plain_shared(event)
         if not cls.takes or not data:
             return data
-        if type(event) is Said:
+        kind = type(event)
+        if kind is Said:
             return cls.tag_lines(data, event.time, irc_msgid(event.room, event.seq)
-                                 if event.seq else None)
+                                 if event.seq else None, client=event.tags)
+        if kind is Signal:
+            return cls.tag_lines(data, event.time, event.msgid, client=event.tags)
         return cls.tag_lines(data, time.time())
 
     @classmethod
-    def tag_lines(cls, data, when, msgid=None, batch=None):
-        """IRC lines (data) with the tags this variant takes: a long line's msgid is on
-        its first part only."""
+    def tag_lines(cls, data, when, msgid=None, batch=None, client=""):
+        """IRC lines (data) with the tags this variant takes: a long line's msgid and
+        client tags are on its first part only."""
         tags = cls.takes
         common = ["batch=" + batch] if batch and "batch" in tags else []
         if "server-time" in tags:
             common.append("time=" + irc_time(when))
-        first = common + (["msgid=" + msgid] if msgid and "message-tags" in tags else [])
+        first = common
+        if "message-tags" in tags:
+            first = common + (["msgid=" + msgid] if msgid else []) + ([client] if client else [])
         if not first:
             return data
         lines = data.split(b"\r\n")[:-1]
@@ -6014,7 +6123,7 @@ class IrcTags:
         lines, aside = [], []
         for line in data.split(b"\r\n")[:-1]:
             # A message to oneself comes twice, delivered and echoed: the echo answers.
-            if lines and line == lines[-1] and start.command in ("PRIVMSG", "NOTICE"):
+            if lines and line == lines[-1] and start.command in ("PRIVMSG", "NOTICE", "TAGMSG"):
                 aside.append(line + b"\r\n")
             else:
                 lines.append(line)
@@ -6037,7 +6146,7 @@ class IrcTags:
         out = [self._line(":%s BATCH +%s chathistory %s" % (self.server_name, batch, target))
                ] if opened else []
         out += [self.tag_lines(self.plain_shared(said), said.time, irc_msgid(
-            said.room, said.seq) if said.seq else None, batch) for said in lines]
+            said.room, said.seq) if said.seq else None, batch, said.tags) for said in lines]
         if opened:
             out.append(self._line(":%s BATCH -%s" % (self.server_name, batch)))
         return b"".join(out)
@@ -6239,7 +6348,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     """
 
     __slots__ = ("wanted_nick", "user", "realname", "password", "negotiating",
-                 "greeted_as", "heard", "pinged", "caps")
+                 "greeted_as", "heard", "pinged", "caps", "line_tags")
 
     CAPABILITIES = ("away-notify", "batch", "cap-notify", "draft/chathistory", "echo-message",
                     "extended-join", "invite-notify", "labeled-response", "message-tags",
@@ -6249,7 +6358,8 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
 
     def framer(self, limit):
-        return LineFramer(limit, cr_ends_lines=True)   # clients end lines with CR LF, LF, or CR
+        """Lines end with CR LF, LF or CR; a line is at most its tags and 512 bytes."""
+        return LineFramer(IRC_INPUT_LINE, cr_ends_lines=True)
 
     def rooms_to_enter(self):
         return ()           # IRC clients join what they choose, as on any server
@@ -6264,6 +6374,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         self.greeted_as = "*"       # the nick of its greeting, while it is being greeted
         self.heard = time.monotonic()
         self.pinged = None          # when the server's PING went out unanswered
+        self.line_tags = ""         # the client tags of the line being handled
 
     @property
     def nick(self):
@@ -6281,10 +6392,13 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     def handle(self, message):
         self.heard = time.monotonic()
         self.pinged = None
-        if message is TOO_LONG:
+        if message is TOO_LONG or message.startswith(b"@") and (
+                message.find(b" ") if b" " in message else len(message)) > MAX_CLIENT_TAGS + 1:
             self._numeric("417", ":Input line was too long")
             return
         text = message.decode("utf-8", "replace")
+        self.line_tags = client_tags(text[1:text.find(" ")]) if text.startswith("@") and \
+            "message-tags" in self.caps else ""
         command, params = irc_params(text)
         if not command:
             return
@@ -6429,8 +6543,10 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     # Commands
 
     def _tagmsg(self, params):
-        """TAGMSG carries only client tags (typing notices, reactions): tags from
-        clients are not relayed, and this is no error either."""
+        """TAGMSG carries only client tags (typing notices, reactions), to clients that
+        read tags; without any, there is nothing to pass on, and no error either."""
+        for target in params[0].split(",")[:MAX_TARGETS]:
+            self._message(target, "", False, False, self._numeric)
 
     def _ping(self, params):
         self._send(":%s PONG %s :%s" % (self.server_name, self.server_name, irc_text(params[0])))
@@ -6481,20 +6597,28 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         if not text:
             error("412", ":No text to send")
             return
-        member = self.conn.member
         for target in params[0].split(",")[:MAX_TARGETS]:
             if not self._fits(target, text, action, quiet):
                 error("417", ":Input line was too long (it would not fit one line as relayed)")
                 continue
-            room = self.hub.find_room(target) if target.startswith("#") else None
-            if room is not None and (room in member.rooms or "n" not in room.modes):
-                self.hub.do_say(member, text, action, room, as_notice=quiet)
-            elif room is not None:
-                error("404", "%s :Cannot send to channel" % room.name)
-            elif self.hub.find_member(target) is not None and not target.startswith("#"):
-                self.hub.do_msg(member, target, text, action, as_notice=quiet)
-            else:
-                error("401", "%s :No such nick/channel" % sanitize(target)[:40])
+            self._message(target, text, action, quiet, error)
+
+    def _message(self, target, text, action, quiet, error):
+        """PRIVMSG, NOTICE or (no text) TAGMSG to one target, with the line's tags."""
+        member, tags = self.conn.member, self.line_tags
+        room = self.hub.find_room(target) if target.startswith("#") else None
+        if room is not None and (room in member.rooms or "n" not in room.modes):
+            if text:
+                self.hub.do_say(member, text, action, room, as_notice=quiet, tags=tags)
+            elif tags:
+                self.hub.do_signal(member, room, tags)
+        elif room is not None:
+            error("404", "%s :Cannot send to channel" % room.name)
+        elif self.hub.find_member(target) is not None and not target.startswith("#"):
+            if text or tags:
+                self.hub.do_msg(member, target, text, action, as_notice=quiet, tags=tags)
+        else:
+            error("401", "%s :No such nick/channel" % sanitize(target)[:40])
 
     def _fits(self, target, text, action, notice):
         """Whether a message from this client fits one line as others get it (with its
@@ -7113,7 +7237,7 @@ class WebSocketDialect(LineDialect):
 
     @classmethod
     def render_shared(cls, event):
-        return cls.frame(cls.event_json(event))
+        return b"" if type(event) is Signal else cls.frame(cls.event_json(event))
 
     @staticmethod
     def event_json(event):
@@ -7193,7 +7317,8 @@ class WebSocketDialect(LineDialect):
         Notice: _notice,
         Private: lambda self, event: self.frame({
             "type": "private", "nick": event.sender, "to": event.target, "text": event.text,
-            "action": event.action, "sent": event.sent, "time": json_time(event.time)}),
+            "action": event.action, "sent": event.sent, "time": json_time(event.time)}
+        ) if event.text else b"",
         Welcome: lambda self, event: self.frame({"type": "welcome", "server": event.server,
                                                  "nick": event.nick}),
         RoomState: lambda self, event: self.frame({

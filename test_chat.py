@@ -2014,13 +2014,19 @@ class PersistenceTest(ServerTestCase):
         """CHATHISTORY beyond the lines in memory is read from the data dir in a thread and
         answered turns later: still as the labeled command's answer, never as an ACK."""
         alice = self.connect("alice")
-        alice.say(*("line %d" % number for number in range(1, 9)))
+        alice.say(*("line %d" % number for number in range(1, 8)))
         alice.sync()
+        tagger = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(tagger.sock.close)
+        tagger.irc("CAP REQ :message-tags", "NICK alice2", "USER a 0 * :A", "CAP END",
+                   "JOIN #lobby", "@+draft/reply=1-x;+e=\\:) PRIVMSG #lobby :line 8")   # tags kept
+        self.assertEqual(alice.expect(r"<alice2> .*"), "<alice2> line 8")
         self.restart_server()
         peer = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
         self.addCleanup(peer.sock.close)
         peer.irc("CAP LS 302", "NICK eve", "USER eve 0 * :Eve",
-                 "CAP REQ :labeled-response batch server-time", "CAP END", "JOIN #lobby")
+                 "CAP REQ :labeled-response batch server-time message-tags", "CAP END",
+                 "JOIN #lobby")
         peer.barrier()   # past the join and its replay
         peer.irc("@label=h1 CHATHISTORY LATEST #lobby * 8")
         first = irc_tagged(peer.expect(r".*(BATCH|ACK).*"))
@@ -2030,7 +2036,10 @@ class PersistenceTest(ServerTestCase):
         lines = peer.lines_until(r":testroom BATCH -%s" % outer)
         said = [irc_tagged(line)[1] for line in lines if " PRIVMSG " in line]
         self.assertEqual(said, [":alice!alice@chat PRIVMSG #lobby :line %d" % number
-                                for number in range(1, 9)])
+                                for number in range(1, 8)]
+                         + [":alice2!alice2@chat PRIVMSG #lobby :line 8"])
+        tags = [irc_tagged(line)[0] for line in lines if line.endswith(":line 8")][0]
+        self.assertEqual((tags["+draft/reply"], tags["+e"]), ("1-x", ";)"))
 
     def test_history_topics_and_bans_survive_a_restart(self):
         alice = self.connect("alice")
@@ -2498,9 +2507,10 @@ class IrcTest(ServerTestCase):
         isupport = " ".join(line for line in lines if " 005 " in line)
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
                       "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50,e:50,I:50",
-                      "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX",
-                      "CLIENTTAGDENY=*", "MSGREFTYPES=msgid,timestamp"):
+                      "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX", "TAGMSG:4",
+                      "MSGREFTYPES=msgid,timestamp"):
             self.assertIn(token, isupport)
+        self.assertNotIn("CLIENTTAGDENY", isupport)   # client tags are relayed
         self.assertIn(":alice!alice@chat JOIN #lobby", lines)
         self.assertIn(":testroom 353 alice = #lobby :alice", lines)
         self.assertFalse([line for line in lines if line.startswith("***")])
@@ -2572,6 +2582,12 @@ class IrcTest(ServerTestCase):
         plain.irc("CAP LS 302", "NICK plain", "USER p 0 * :P", "CAP REQ :labeled-response",
                   "CAP END", "@label=p8 PING :y")
         self.assertEqual(plain.expect(r".* PONG .*"), ":testroom PONG testroom :y")
+        foo.irc("CAP REQ :message-tags")
+        foo.expect(r".* ACK :message-tags")
+        to_self = answer("@label=t1;+r=x TAGMSG foo")   # client tags alone, the same way
+        self.assertEqual([(tags.get("label"), tags["+r"], line) for tags, line in to_self],
+                         [("t1", "x", ":foo!foo@chat TAGMSG foo"),
+                          (None, "x", ":foo!foo@chat TAGMSG foo")])
 
     def test_server_time_msgids_batches_and_chathistory(self):
         bob = self.connect("bob")
@@ -2631,9 +2647,85 @@ class IrcTest(ServerTestCase):
         self.assertEqual(bob.expect(r"<eve> .*"), "<eve> mine")
         self.assertEqual(plain.expect(r".*PRIVMSG #lobby :mine"),
                          ":eve!eve@chat PRIVMSG #lobby :mine")   # no tags unasked
-        bob.say("/msg eve just you")   # private: a time, and no msgid (they are not kept)
+        bob.say("/msg eve just you")   # private: a time, and an id that is not a number
         tags, line = irc_tagged(peer.expect(r".*PRIVMSG eve .*"))
-        self.assertEqual((sorted(tags), line), (["time"], ":bob!bob@chat PRIVMSG eve :just you"))
+        self.assertEqual((sorted(tags), line),
+                         (["msgid", "time"], ":bob!bob@chat PRIVMSG eve :just you"))
+        self.assertEqual(history("AROUND #lobby msgid=" + tags["msgid"], "3"),
+                         ":testroom FAIL CHATHISTORY INVALID_PARAMS AROUND "
+                         ":Unknown message reference")
+
+    def tags_peer(self, nick, caps="message-tags echo-message batch labeled-response"):
+        peer = self.irc_peer()
+        peer.irc("CAP LS 302", "NICK " + nick, "USER %s 0 * :x" % nick, "CAP REQ :" + caps,
+                 "CAP END", "JOIN #lobby")
+        peer.lines_until(r":testroom 366 %s .*" % nick)
+        return peer
+
+    def test_client_tags_go_to_the_clients_that_read_them(self):
+        """IRCv3 client-only tags (replies, reactions, typing notices) go with a message to
+        the clients that took message-tags, checked and in one escaping; a TAGMSG reaches
+        nobody else."""
+        alice, bob = self.tags_peer("alice"), self.tags_peer("bob")
+        plain, nc = self.irc_peer("plain"), self.connect("carol")
+        web = WsPeer(self.address)
+        self.addCleanup(web.close)
+        web.say("/nick dave")
+        web.expect(type="room")
+        for peer in (alice, bob):
+            peer.barrier()
+        alice.irc("@+draft/reply=1-x;+react=a\\:b\\sc;label=l1;+bad=\x07;other=no;+typing;"
+                  "+bad!key=1 PRIVMSG #lobby :hi")
+        relayed = {"+draft/reply": "1-x", "+react": "a;b c", "+typing": ""}
+        tags, line = irc_tagged(bob.expect(r".* PRIVMSG #lobby :hi"))
+        self.assertEqual(({key: tags[key] for key in tags if key != "msgid"}, line),
+                         (relayed, ":alice!alice@chat PRIVMSG #lobby :hi"))
+        echo, _ = irc_tagged(alice.expect(r".* PRIVMSG #lobby :hi"))
+        self.assertEqual(echo, dict(relayed, label="l1", msgid=tags["msgid"]))
+        self.assertEqual(plain.expect(r".* PRIVMSG #lobby :hi"), ":alice!alice@chat PRIVMSG #lobby :hi")
+        alice.irc("@+draft/react=\U0001f44d;label=l2 TAGMSG #lobby", "@+typing=active TAGMSG bob",
+                  "@+typing=done TAGMSG plain,carol", "TAGMSG #lobby", "PRIVMSG #lobby :after")
+        tags, line = irc_tagged(bob.next_line())
+        self.assertEqual((sorted(tags), tags["+draft/react"], line),
+                         (["+draft/react", "msgid"], "\U0001f44d", ":alice!alice@chat TAGMSG #lobby"))
+        echo, _ = irc_tagged(alice.next_line())   # the labeled answer: its echo
+        self.assertEqual(echo, dict(tags, label="l2"))
+        tags, line = irc_tagged(bob.next_line())
+        self.assertEqual((tags["+typing"], line), ("active", ":alice!alice@chat TAGMSG bob"))
+        self.assertRegex(bob.next_line(), r".* PRIVMSG #lobby :after")   # a TAGMSG without tags:
+        self.assertEqual(plain.next_line(), ":alice!alice@chat PRIVMSG #lobby :after")   # nothing
+        self.assertEqual(nc.expect(r"<alice> .*"), "<alice> hi")
+        self.assertEqual(nc.next_line(), "<alice> after")
+        self.assertEqual([web.expect(type="said")["text"] for _ in "12"], ["hi", "after"])
+        self.assertFalse([line for line in nc.sync() if "alice" in line])   # nothing more
+        plain.irc("@+x=1 PRIVMSG #lobby :untagged")   # tags from a client that did not ask
+        tags, line = irc_tagged(bob.expect(r".* PRIVMSG #lobby :untagged"))
+        self.assertEqual(sorted(tags), ["msgid"])
+
+    def test_client_tags_are_bounded_and_follow_the_rules_of_talk(self):
+        alice, bob = self.tags_peer("alice"), self.tags_peer("bob")
+        alice.barrier()
+        alice.irc("@+big=%s TAGMSG #lobby" % ("a" * 4089))   # 4094 bytes of tags: the most
+        tags, _ = irc_tagged(bob.expect(r".* TAGMSG #lobby"))
+        self.assertEqual(len(tags["+big"]), 4089)
+        alice.irc("@+big=%s TAGMSG #lobby" % ("a" * 4090), "@+big=%s PRIVMSG #lobby :%s" % (
+            "a" * 4090, "b" * 400))
+        self.assertEqual(alice.expect(r".* 417 .*"), ":testroom 417 alice :Input line was too long")
+        self.assertEqual(alice.next_line(), ":testroom 417 alice :Input line was too long")
+        alice.irc("JOIN #quiet", "MODE #quiet +m")
+        bob.irc("JOIN #quiet")
+        alice.expect(r":bob!bob@chat JOIN #quiet")
+        bob.irc("@+typing=active TAGMSG #quiet", "@+r=1 TAGMSG #nowhere", "@+r=1 TAGMSG nobody")
+        self.assertEqual(bob.expect(r":testroom 404 .*"),
+                         ":testroom 404 bob #quiet :Cannot send to channel")
+        self.assertEqual(bob.expect(r":testroom 401 .*"), ":testroom 401 bob #nowhere :No such nick/channel")
+        self.assertEqual(bob.next_line(), ":testroom 401 bob nobody :No such nick/channel")
+        alice.irc("IGNORE bob")
+        alice.expect(r".*ignoring bob.*")
+        bob.irc("@+typing=active TAGMSG #lobby", "@+typing=active TAGMSG alice")
+        bob.expect(r"\S+ :bob!bob@chat TAGMSG #lobby")   # its echoes: both were sent
+        bob.expect(r"\S+ :bob!bob@chat TAGMSG alice")
+        self.assertFalse([line for line in alice.barrier() if "TAGMSG" in line])
 
     def test_a_message_relayed_whole_or_refused(self):
         alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
@@ -5967,6 +6059,31 @@ class ClusterTest(ClusterTestCase):
                          "*** 4 online: alice, bob, carol, dave")
         bob.irc("NAMES #lobby")
         self.assertRegex(bob.numeric("353"), r"^:\S+ 353 bob = #lobby :.*")
+
+    def test_client_tags_cross_nodes_and_come_back_from_redis(self):
+        alice, bob, carol = self.irc(0, "alice"), self.irc(1, "bob"), self.irc(2, "carol")
+        for peer in (alice, bob, carol):
+            peer.irc("CAP REQ :message-tags")
+            peer.expect(r":\S+ CAP \S+ ACK :message-tags")
+        self.wait_listed(0, "bob", "carol")
+        self.wait_listed(1, "alice")
+        alice.irc("@+draft/reply=7-x;+a=b\\sc PRIVMSG #lobby :hi", "@+typing=active TAGMSG #lobby",
+                  "@+typing=paused TAGMSG bob", "@+r=1 PRIVMSG bob :psst")
+        tags, line = irc_tagged(bob.expect(r".* PRIVMSG #lobby :hi"))
+        self.assertEqual((tags["+draft/reply"], tags["+a"]), ("7-x", "b c"))
+        said_id = tags["msgid"]
+        tags, line = irc_tagged(bob.next_line())
+        self.assertEqual((tags["+typing"], line), ("active", ":alice!alice@chat TAGMSG #lobby"))
+        tags, line = irc_tagged(bob.next_line())
+        self.assertEqual((tags["+typing"], line), ("paused", ":alice!alice@chat TAGMSG bob"))
+        tags, line = irc_tagged(bob.next_line())
+        self.assertEqual((tags["+r"], line), ("1", ":alice!alice@chat PRIVMSG bob :psst"))
+        self.assertRegex(tags["msgid"], r"^m\d+-")
+        self.assertEqual(irc_tagged(carol.expect(r".* TAGMSG #lobby"))[0]["+typing"], "active")
+        newcomer = self.irc(2, "dave")   # the line comes back from Redis' stream, tags and all
+        newcomer.irc("CAP REQ :message-tags batch draft/chathistory", "CHATHISTORY LATEST #lobby * 5")
+        tags, _ = irc_tagged(newcomer.expect(r".* PRIVMSG #lobby :hi"))
+        self.assertEqual((tags["msgid"], tags["+draft/reply"]), (said_id, "7-x"))
 
     def test_every_member_sees_one_order_once(self):
         alice, dave = self.connect(0, "alice"), self.connect(1, "dave")
