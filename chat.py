@@ -388,20 +388,28 @@ def client_tags(tags):
     """The client-only tags (IRCv3 message-tags: keys that start with "+") of a message's
     tags, as they are passed on: typing notices, reactions, replies. The chat keeps and
     relays them without reading them. Only well-formed keys whose values hold nothing a
-    terminal would obey are kept, in one escaping, the last of a repeated key winning;
-    "" for none. Tags read back (the data dir, Redis) go through here too."""
+    terminal would obey are kept (a character with MAX_MARKS combining marks at most),
+    in one escaping, the last of a repeated key winning, as many as fit MAX_CLIENT_TAGS
+    bytes; "" for none. Tags read back (the data dir, Redis) go through here too, and
+    what is not text there has no tags."""
     if not isinstance(tags, str):
-        raise TypeError("not tags")
+        return ""
     kept = {}
-    tags = tags.encode("utf-8", "replace")[:MAX_CLIENT_TAGS].decode("utf-8", "ignore")
-    for item in tags.split(";"):
+    for item in tags[:2 * MAX_CLIENT_TAGS].encode("utf-8", "replace").decode().split(";"):
         key, _, value = item.partition("=")
         if key[:1] == "+" and _CLIENT_TAG_KEY.match(key):
             value = _TAG_VALUE_ESCAPE.sub(lambda m: _TAG_VALUE_ESCAPES.get(m[1], m[1]), value)
             if sanitize(value) == value:
-                kept[key] = value
-    return ";".join(key + "=" + value.replace("\\", "\\\\").replace(";", "\\:")
-                    .replace(" ", "\\s") if value else key for key, value in kept.items())
+                kept[key] = value if value.isascii() else _cap_marks(value)
+    out, size = [], -1
+    for key, value in kept.items():
+        item = key + "=" + value.replace("\\", "\\\\").replace(";", "\\:").replace(
+            " ", "\\s") if value else key
+        size += 1 + len(item.encode())
+        if size > MAX_CLIENT_TAGS:
+            break
+        out.append(item)
+    return ";".join(out)
 
 
 def strip_transport(raw):
@@ -1473,6 +1481,10 @@ class Broker:
 
     def publish(self, room, event, excluded, subject=None):
         """A room event (subject: the member it is about, or None)."""
+        self.hub.publish_here(room, event, excluded)
+
+    def signal(self, room, event, excluded):
+        """A Signal (client tags alone) to a room's members."""
         self.hub.publish_here(room, event, excluded)
 
     def forward(self, member, event):
@@ -2778,8 +2790,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         """Client tags alone (a typing notice, a reaction) to a room: the same rules as a
         line, since a reaction says something too."""
         if self._may_speak(member, room):
-            self.broker.publish(room, Signal(room.name, member.nick, tags, self.new_msgid(),
-                                             self.clock()), self._not_told(room, member))
+            self.broker.signal(room, Signal(room.name, member.nick, tags, self.new_msgid(),
+                                            self.clock()), self._not_told(room, member))
 
     def deliver_signal(self, room, event):
         """Another node's Signal, to the members here: not to who ignores its sender."""
@@ -2847,8 +2859,8 @@ class Hub(Moderation, Names, Rooms, RoomRights):
 
     def do_msg(self, member, target_name, text, action=False, as_notice=False, tags=""):
         """A private message; without text, client tags alone (see Signal)."""
-        text = tidy_text(text)
-        if not target_name or not (text or tags):
+        said, text = text, tidy_text(text)
+        if not target_name or not text and (said or not tags):
             self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
             return
         self.announce(member)
@@ -4516,8 +4528,16 @@ class RedisBroker(Broker):
         self.hub.publish_here(room, event, excluded)
         self.cluster.directory.tell(self.codec.event_record(event), subject)
 
+    def signal(self, room, event, excluded):
+        """Signals go as T, which nodes of older versions skip (with a warning) instead of
+        showing anything."""
+        self.hub.publish_here(room, event, excluded)
+        self.link.publish(self.codec.dumps("T", {"n": self.cluster.node,
+                                                 "e": self.codec.event_record(event)}))
+
     def forward(self, member, event):
-        self.link.publish(self.codec.dumps("P", {"to": member.cid, "e": {
+        kind = "P" if event.text else "T"   # see signal
+        self.link.publish(self.codec.dumps(kind, {"to": member.cid, "e": {
             "sender": event.sender, "target": event.target, "text": event.text,
             "action": event.action, "time": event.time, "notice": event.notice,
             "tags": event.tags, "msgid": event.msgid}}))
@@ -4761,9 +4781,14 @@ class RedisDirectory(Directory):
             for last in self.cluster.broker.last_from.values():
                 last.pop(record["node"], None)
             log.warning("node %s stopped answering: %d of its members gone", record["node"], lost)
-        elif kind in "PKI":
+        elif kind == "T" and "to" not in record:
+            event = self.codec.event(record["e"], self.codec.ident(node))
+            if type(event) is not Signal:
+                raise ValueError("not client tags alone")
+            view.tell(event)
+        elif kind in "PKIT":
             member = self.local.get(record["to"])
-            if member is not None and kind == "P":
+            if member is not None and kind in "PT":
                 view.private(member, self.codec.private(record))
             elif member is not None and kind == "I":
                 room = self.hub.rooms.get(name_key(self.codec.room(record["room"])))
@@ -5065,7 +5090,7 @@ class RedisCluster:
             if seq <= 0:
                 raise ValueError("not a line's number")
             self.broker.heard(seq, self.codec.loads(body))
-        elif kind in (b"E", b"G", b"X", b"P", b"K", b"I"):
+        elif kind in (b"E", b"G", b"X", b"P", b"K", b"I", b"T"):
             self.directory.heard(kind.decode(), self.codec.loads(payload[1:]))
         elif kind == b"S":
             if self.codec.loads(payload[1:]).get("n") != self.node:
@@ -5564,7 +5589,8 @@ _IRC_FIRST_LINE = re.compile(
     rb"|CAP [A-Z]{1,20}\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
-IRC_INPUT_LINE = 1 + MAX_CLIENT_TAGS + 1 + IRC_LINE - 2   # a client's: "@" tags " " line
+WHOX_FIELDS = "tcuihsnfdlaor"          # what WHOX may ask, in the order it is answered
+WHOX_CACHED = 16                       # replies a room keeps rendered, WHOX shapes included
 RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL
 
 
@@ -5731,18 +5757,37 @@ class IrcReplies:
             shared = room.cache[key] = render()
         return shared.replace(RECEIVER.encode(), self.nick.encode())
 
-    def _who_lines(self, room, members, mask=None):
-        """352 for each member (channel "*" when the question named none; H here, G
-        away; * and, in a channel, @ for an operator), then 315."""
-        lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
-            room.name if room else "*", m.user or m.nick, IRC_HOST, self.server_name, m.nick,
-            ("G" if m.away else "H") + ("*" if m.operator else "")
-            + ((room.ranks(m) if "multi-prefix" in self.caps else room.rank(m)) if room else ""),
-            m.realname or m.nick),
-            RECEIVER) for m in members]
+    def _who_lines(self, room, members, mask=None, whox=None):
+        """352 for each member (channel "*" when the question named none), or with WHOX
+        (whox: the fields asked, and the token) 354 with those fields; then 315."""
+        if whox:
+            lines = [self._numeric_bytes("354", self._whox_fields(room, m, *whox), RECEIVER)
+                     for m in members]
+        else:
+            lines = [self._numeric_bytes("352", "%s %s %s %s %s %s :0 %s" % (
+                room.name if room else "*", m.user or m.nick, IRC_HOST, self.server_name,
+                m.nick, self._who_flags(room, m), m.realname or m.nick), RECEIVER)
+                for m in members]
         lines.append(self._numeric_bytes("315", "%s :End of /WHO list" % (
             room.name if room else sanitize(mask)[:40]), RECEIVER))
         return b"".join(lines)
+
+    def _who_flags(self, room, m):
+        """H here, G away; * a server operator; in a room, its rank (all, multi-prefix)."""
+        return ("G" if m.away else "H") + ("*" if m.operator else "") + (
+            (room.ranks(m) if "multi-prefix" in self.caps else room.rank(m)) if room else "")
+
+    def _whox_fields(self, room, m, fields, token):
+        """A 354's fields, in WHOX's order whatever the order asked: no accounts yet (0),
+        and an address only for a server operator."""
+        me = self.conn.member
+        values = {"t": token, "c": room.name if room else "*", "u": m.user or m.nick,
+                  "i": m.address if me.operator and m.address else "255.255.255.255",
+                  "h": IRC_HOST, "s": self.server_name, "n": m.nick,
+                  "f": self._who_flags(room, m), "d": "0",
+                  "l": "%d" % (time.monotonic() - m.active), "a": "0", "o": "n/a",
+                  "r": ":" + (m.realname or m.nick)}
+        return " ".join(values[name] for name in WHOX_FIELDS if name in fields)
 
     def _whois_reply(self, event):
         nick = event.nick
@@ -5832,7 +5877,7 @@ class IrcReplies:
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=beI,k,l,imnst EXCEPTS INVEX MODES=%d CHANLIMIT=#:%d "
                     "MAXTARGETS=%d KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d "
-                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} "
+                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} WHOX "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},TAGMSG:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     .replace("{m}", str(ROOM_MASKS))
@@ -6245,8 +6290,8 @@ class IrcChatHistory:
 
 
 class IrcLookups:
-    """A part of IrcDialect: the questions that change nothing (LIST, LUSERS, WHOWAS,
-    HELP, TIME, INFO, ISON, USERHOST)."""
+    """A part of IrcDialect: the questions that change nothing (WHO, LIST, LUSERS,
+    WHOWAS, HELP, TIME, INFO, ISON, USERHOST)."""
 
     __slots__ = ()
 
@@ -6275,6 +6320,43 @@ class IrcLookups:
                 names.add(name_key(word))
         return lambda room: more < len(room.listed) < fewer and (
             not names or room.key in names)
+
+    def _who(self, params):
+        """WHO a room, a nick or a mask (o: server operators only), as 352s, or with
+        WHOX fields (%fields,token) as 354s."""
+        mask = params[0] if params else "*"
+        flags, whox, wanted = (params[1] if len(params) > 1 else "").partition("%")
+        whox = self._whox_wanted(wanted) if whox else None
+        me = self.conn.member
+        room = self.hub.find_room(mask) if mask.startswith("#") else None
+        if room is not None and self.hub.visible(me, room):
+            members = [m for m in room.listed if m.operator] if "o" in flags else room.listed
+            render = functools.partial(self._who_lines, room, members, None, whox)
+            if whox and ("l" in whox[0] or "i" in whox[0] and me.operator
+                         or len(room.cache) >= WHOX_CACHED):   # not the same for long
+                self.conn_send(render().replace(RECEIVER.encode(), self.nick.encode()))
+            else:
+                self.conn_send(self._for_me(room, ("who", "multi-prefix" in self.caps,
+                                                   "o" in flags, whox), render))
+            return
+        if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
+            pattern = re.compile(fnmatch.translate(mask if mask != "0" else "*"), re.IGNORECASE)
+            found = [member for member in self.hub.members.values() if member.announced
+                     and pattern.match(member.nick) and self.hub.seen_by(me, member)
+                     ][:WHO_MASK_LIMIT]
+        else:
+            found = [self.hub.find_member(mask)] if self.hub.find_member(mask) else []
+        found = [member for member in found if member.operator or "o" not in flags]
+        self.conn_send(self._who_lines(None, found, mask, whox).replace(
+            RECEIVER.encode(), self.nick.encode()))
+
+    @staticmethod
+    def _whox_wanted(wanted):
+        """(fields, token) of a WHOX request: the known fields, in WHOX's order, and its
+        token (up to three digits; 0 when it has none)."""
+        fields, _, token = wanted.partition(",")
+        return ("".join(name for name in WHOX_FIELDS if name in fields),
+                token if re.fullmatch(r"[0-9]{1,3}", token) else "0")
 
     def _lusers(self, params):
         self.conn_send(b"".join(self._numeric_bytes(number, text)
@@ -6358,8 +6440,8 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     hears_quiet = True      # clients keep member lists: every JOIN, PART, QUIT and NICK
 
     def framer(self, limit):
-        """Lines end with CR LF, LF or CR; a line is at most its tags and 512 bytes."""
-        return LineFramer(IRC_INPUT_LINE, cr_ends_lines=True)
+        """Lines end with CR LF, LF or CR; a line is at most its tags and limit bytes."""
+        return LineFramer(1 + MAX_CLIENT_TAGS + 1 + limit, cr_ends_lines=True)
 
     def rooms_to_enter(self):
         return ()           # IRC clients join what they choose, as on any server
@@ -6392,8 +6474,9 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
     def handle(self, message):
         self.heard = time.monotonic()
         self.pinged = None
-        if message is TOO_LONG or message.startswith(b"@") and (
-                message.find(b" ") if b" " in message else len(message)) > MAX_CLIENT_TAGS + 1:
+        tags = (message.find(b" ") + 1 or len(message)) if message[:1] == b"@" else 0
+        if message is TOO_LONG or tags > MAX_CLIENT_TAGS + 2 or \
+                len(message) - tags > self.server.options.max_line:
             self._numeric("417", ":Input line was too long")
             return
         text = message.decode("utf-8", "replace")
@@ -6644,24 +6727,6 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
                 self.conn_send(self._names_reply(room, end=not several))
         if params and (several or not all(rooms)):
             self._numeric("366", "%s :End of /NAMES list" % sanitize(params[0])[:200])
-
-    def _who(self, params):
-        mask = params[0] if params else "*"
-        room = self.hub.find_room(mask) if mask.startswith("#") else None
-        if room is not None and self.hub.visible(self.conn.member, room):
-            self.conn_send(self._for_me(room, ("who", "multi-prefix" in self.caps),
-                                        lambda: self._who_lines(room, room.listed)))
-            return
-        if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
-            pattern = re.compile(fnmatch.translate(mask if mask != "0" else "*"), re.IGNORECASE)
-            me = self.conn.member
-            found = [member for member in self.hub.members.values() if member.announced
-                     and pattern.match(member.nick) and self.hub.seen_by(me, member)
-                     ][:WHO_MASK_LIMIT]
-        else:
-            found = [self.hub.find_member(mask)] if self.hub.find_member(mask) else []
-        self.conn_send(self._who_lines(None, found, mask).replace(
-            RECEIVER.encode(), self.nick.encode()))
 
     def _whois(self, params):
         nick = params[-1]
@@ -7803,7 +7868,8 @@ class TurnBatcher:
         uid = getattr(event, "uid", 0)
         if uid:
             turn.uids.add(uid)
-        self.volume += len(getattr(event, "text", None) or "") + 40
+        self.volume += len(getattr(event, "text", None) or "") + len(
+            getattr(event, "tags", None) or "") + 40
 
     def send(self, conn, data):
         self.seq += 1

@@ -419,6 +419,20 @@ class ServerTestCase(unittest.TestCase):
 class ProtocolTextTest(unittest.TestCase):
     """The pure helpers every line goes through."""
 
+    def test_client_tags_are_checked_escaped_once_and_bounded(self):
+        tags = chat.client_tags
+        self.assertEqual(tags("+a=b;c=d;+e;label=x;+=1;+a_b=2;+vendor.org/x=3"),
+                         "+a=b;+e;+vendor.org/x=3")   # only well-formed client tags
+        self.assertEqual(tags("+k=a\\:b\\sc\\\\d\\x;+k2=trailing\\;+k=last"),
+                         "+k=last;+k2=trailing")   # the last of a key wins
+        self.assertEqual(tags("+k=a\\:b\\sc\\\\d\\x"), "+k=a\\:b\\sc\\\\dx")
+        self.assertEqual(tags("+a=\x1b[31m;+b=\u202e;+c=\\n;+d=\t;+ok=\U0001f44d"),
+                         "+ok=\U0001f44d")   # nothing a terminal would obey
+        self.assertEqual(tags("+r=e" + "\u0301" * 10), "+r=e" + "\u0301" * 4)
+        self.assertEqual([tags(value) for value in (5, None, ["+a"])], ["", "", ""])
+        many = tags(";".join("+k%d=%s" % (n, "v w" * 50) for n in range(100)))
+        self.assertTrue(0 < len(many.encode()) <= 4094, len(many))   # escaped, and still fits
+
     def test_sanitize_keeps_plain_and_unicode_text(self):
         for text in ("hello world", "héllo wörld", "日本語テキスト", "emoji 🎉 ok", "a\u00a0b"):
             self.assertEqual(chat.sanitize(text), text)
@@ -1112,6 +1126,16 @@ class LimitsTest(ServerTestCase):
         bob.send(b"z" * 50000 + b"\nshort line\n")
         self.assertEqual(alice.expect(r"<bob> .*"), "<bob> short line")
         self.assertEqual(bob.sync(), [])
+
+    def test_irc_lines_are_bounded_by_the_limit_their_tags_aside(self):
+        alice = self.connect("alice")
+        peer = IrcPeer(socket.create_connection(self.address, timeout=TIMEOUT))
+        self.addCleanup(peer.sock.close)
+        peer.irc("CAP REQ :message-tags", "NICK tagger", "USER t 0 * :T", "CAP END",
+                 "JOIN #lobby", "PRIVMSG #lobby :" + "y" * 100,
+                 "@+t=%s PRIVMSG #lobby :short" % ("a" * 3000))
+        self.assertEqual(peer.expect(r".* 417 .*"), ":testroom 417 tagger :Input line was too long")
+        self.assertEqual(alice.expect(r"<tagger> .*"), "<tagger> short")
 
     def test_full_server_refuses_with_a_message(self):
         peers = [self.connect() for _ in range(4)]
@@ -2207,7 +2231,8 @@ class PersistenceTest(ServerTestCase):
             '"kind": "said", "text": "x"}', dict(good, nick="not a nick!"), [1, 2],
             dict(good, text="\x1b[2J\x07wiped\x1b]0;title\x07"), '{"time": 1, "nick": "alice",'
             ' "kind": "said", "text": "lone \\ud800 surrogate"}', dict(good, time=True),
-            "[" * 100000, dict(good, text="x" * 70000), good])
+            "[" * 100000, dict(good, text="x" * 70000), dict(good, text="tagged", tags=5),
+            dict(good, text="big tags", tags="+a=" + " " * 5000), good])
         with open(os.path.join(self.options["data_dir"], "state.json"), "w") as state:
             state.write('{"topics": {"#lobby": "\\u001b[31mred"}, "bans": [{"target": "x", '
                         '"network": "10.0.0.0/8", "until": Infinity, "reason": "r", "by": "b"}]}')
@@ -2215,7 +2240,7 @@ class PersistenceTest(ServerTestCase):
             self.restart_server()
             bob = self.connect("bob")
         self.assertEqual(history_of(bob), ["<alice> wiped", "<alice> lone ? surrogate",
-                                           "<alice> fine"])
+                                           "<alice> tagged", "<alice> big tags", "<alice> fine"])
         bob.say("/topic")
         self.assertEqual(bob.expect(r"\*\*\* topic .*"), "*** topic of #lobby: red")
         self.connect("carol").say("still here")   # a newcomer is not dropped by that room
@@ -2507,7 +2532,7 @@ class IrcTest(ServerTestCase):
         isupport = " ".join(line for line in lines if " 005 " in line)
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
                       "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50,e:50,I:50",
-                      "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX", "TAGMSG:4",
+                      "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX", "TAGMSG:4", "WHOX",
                       "MSGREFTYPES=msgid,timestamp"):
             self.assertIn(token, isupport)
         self.assertNotIn("CLIENTTAGDENY", isupport)   # client tags are relayed
@@ -2655,6 +2680,22 @@ class IrcTest(ServerTestCase):
                          ":testroom FAIL CHATHISTORY INVALID_PARAMS AROUND "
                          ":Unknown message reference")
 
+    def test_whox_answers_the_fields_asked_in_its_order(self):
+        alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
+        alice.irc("AWAY :lunch")
+        alice.numeric("306")
+        bob.irc("WHO alice %tnfuar,42", "WHO alice %raufnt,42", "WHO alice %tn,1234",
+                "WHO alice %il", "WHO #lobby %cnf", "WHO #lobby o%n", "WHO #lobby o")
+        for _ in "12":
+            self.assertEqual(bob.numeric("354"), ":testroom 354 bob 42 alice alice G 0 "
+                                                 ":alice the tester")
+        self.assertEqual(bob.numeric("354"), ":testroom 354 bob 0 alice")   # a bad token: 0
+        self.assertRegex(bob.numeric("354"), r"^:testroom 354 bob 255\.255\.255\.255 \d+$")
+        self.assertEqual(bob.lines_until(r":testroom 315 bob #lobby :.*")[1:],
+                         [":testroom 354 bob #lobby alice G", ":testroom 354 bob #lobby bob H"])
+        self.assertEqual(bob.next_line(), ":testroom 315 bob #lobby :End of /WHO list")
+        self.assertEqual(bob.next_line(), ":testroom 315 bob #lobby :End of /WHO list")
+
     def tags_peer(self, nick, caps="message-tags echo-message batch labeled-response"):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK " + nick, "USER %s 0 * :x" % nick, "CAP REQ :" + caps,
@@ -2720,6 +2761,9 @@ class IrcTest(ServerTestCase):
                          ":testroom 404 bob #quiet :Cannot send to channel")
         self.assertEqual(bob.expect(r":testroom 401 .*"), ":testroom 401 bob #nowhere :No such nick/channel")
         self.assertEqual(bob.next_line(), ":testroom 401 bob nobody :No such nick/channel")
+        alice.irc("@+a=b PRIVMSG bob :\u200b")   # words that tidy away are no TAGMSG
+        self.assertFalse([line for line in alice.barrier() if "TAGMSG" in line])
+        self.assertFalse([line for line in bob.barrier() if "alice" in line])
         alice.irc("IGNORE bob")
         alice.expect(r".*ignoring bob.*")
         bob.irc("@+typing=active TAGMSG #lobby", "@+typing=active TAGMSG alice")
