@@ -5589,6 +5589,7 @@ _IRC_FIRST_LINE = re.compile(
     rb"|CAP [A-Z]{1,20}\r\n")
 IRC_HOST = "chat"                    # the host part of every nick!user@host: no addresses
 IRC_LINE = 512                       # bytes in a line the server sends, CR LF included
+LIST_WISHES = 20                       # names, masks and sizes one LIST may ask
 WHOX_FIELDS = "tcuihsnfdlaor"          # what WHOX may ask, in the order it is answered
 WHOX_CACHED = 16                       # replies a room keeps rendered, WHOX shapes included
 RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL
@@ -5877,7 +5878,7 @@ class IrcReplies:
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=beI,k,l,imnst EXCEPTS INVEX MODES=%d CHANLIMIT=#:%d "
                     "MAXTARGETS=%d KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d "
-                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} WHOX "
+                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} WHOX ELIST=MNU "
                     "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},TAGMSG:{t},NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     .replace("{m}", str(ROOM_MASKS))
@@ -6309,17 +6310,20 @@ class IrcLookups:
 
     @staticmethod
     def _list_filter(arguments):
-        """LIST's wishes: channel names, >N (more members than N), <N (fewer)."""
-        names, more, fewer = set(), -1, float("inf")
-        for word in arguments.split(","):
+        """LIST's wishes (ELIST=MNU): channel names or masks, !masks (rooms that do not
+        match), >N (more members than N), <N (fewer)."""
+        wanted, unwanted, more, fewer = [], [], -1, float("inf")
+        for word in arguments.split(",")[:LIST_WISHES]:
             if word[:1] == ">" and number_word(word[1:]) is not None:
                 more = number_word(word[1:])
             elif word[:1] == "<" and number_word(word[1:]) is not None:
                 fewer = number_word(word[1:])
-            elif word:
-                names.add(name_key(word))
+            elif word.strip("!"):
+                (unwanted if word[0] == "!" else wanted).append(
+                    re.compile(fnmatch.translate(name_key(word.lstrip("!")))).match)
         return lambda room: more < len(room.listed) < fewer and (
-            not names or room.key in names)
+            not wanted or any(match(room.key) for match in wanted)) and not any(
+            match(room.key) for match in unwanted)
 
     def _who(self, params):
         """WHO a room, a nick or a mask (o: server operators only), as 352s, or with

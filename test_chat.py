@@ -2533,6 +2533,7 @@ class IrcTest(ServerTestCase):
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
                       "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50,e:50,I:50",
                       "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX", "TAGMSG:4", "WHOX",
+                      "ELIST=MNU",
                       "MSGREFTYPES=msgid,timestamp"):
             self.assertIn(token, isupport)
         self.assertNotIn("CLIENTTAGDENY", isupport)   # client tags are relayed
@@ -2893,9 +2894,19 @@ class IrcTest(ServerTestCase):
         self.assertEqual(alice.expect(r":testroom 374 .*"), ":testroom 374 alice :End of /INFO list")
         self.assertEqual(alice.next_line(), ":testroom 321 alice Channel :Users  Name")
         self.assertEqual(alice.next_line(), ":testroom 322 alice #lobby 1 :")   # not #dev: gone
-        alice.irc("JOIN #dev")
+        self.assertEqual(alice.next_line(), ":testroom 323 alice :End of /LIST")
         self.assertEqual(alice.expect(r":testroom 319 .*"), ":testroom 319 alice alice :#lobby")
-        alice.irc("WHOIS alice", "KICK #dev alice")
+        alice.irc("JOIN #dev,#d-v,#ops", "LIST *ev,#o?s,#d-v", "LIST !#d*", "LIST #D-V",
+                  "LIST !*,<1,>0")
+
+        def listed():
+            return [line.split()[3] for line in alice.lines_until(r":testroom 323 .*")
+                    if " 322 " in line]
+        self.assertEqual(sorted(listed()), ["#d-v", "#dev", "#ops"])   # masks (ELIST=M)
+        self.assertEqual(sorted(listed()), ["#lobby", "#ops"])          # not (ELIST=N)
+        self.assertEqual(listed(), ["#d-v"])   # a name, in any case
+        self.assertEqual(listed(), [])
+        alice.irc("PART #d-v,#ops", "WHOIS alice", "KICK #dev alice")
         self.assertEqual(alice.expect(r":testroom 319 .*"), ":testroom 319 alice alice :#lobby @#dev")
         self.assertEqual(alice.expect(r":\S+ KICK .*"), ":alice!alice@chat KICK #dev alice :alice")
 
