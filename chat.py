@@ -121,6 +121,7 @@ IRC_PING_TIMEOUT = 60.0              # ...and before it is dropped if it does no
 MAX_TARGETS = 4                      # rooms or nicks one IRC command may name
 MAX_JOINED = 50                      # rooms one member may be in at once (a nick change
                                      # is told in each)
+WATCH_LIMIT = 100                    # nicks one member may watch (IRC's MONITOR)
 NICK_RUN = 250                       # bytes of nicks in one line of a member list
 HTTP_HEAD_LIMIT = 8 * 1024           # bytes of an HTTP request's line and headers
 WEB_MEMBERS = 1000                   # names a browser gets when it enters a room
@@ -652,6 +653,11 @@ class Wording:
         ("is_away", "*** {nick} is away: {text}"),
         ("ignoring", "*** ignoring {nick} (/unignore {nick} to hear them again)"),
         ("unignoring", "*** no longer ignoring {nick}"),
+        ("watched_online", "*** online: {nicks}"),
+        ("watched_offline", "*** offline: {nicks}"),
+        ("watch_list", "*** watching: {nicks}"),
+        ("watch_list_end", "*** end of the watch list"),
+        ("watch_list_full", "*** error: you may watch {limit} nicks at most; not watched: {nicks}"),
         ("bye", "*** bye"),
         ("shutting_down", "*** server shutting down"),
         ("password_required", "*** password required: /pass PASSWORD"),
@@ -1017,7 +1023,7 @@ class Member:
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
                  "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
-                 "since", "echo", "focus", "invisible", "read_at")
+                 "since", "echo", "focus", "invisible", "read_at", "watching")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -1031,6 +1037,7 @@ class Member:
         self.away = None                # its away message
         self.mute = None                # the Sanction that silences it, while in force
         self.ignoring = NOBODY          # keys of the nicks it does not want to hear
+        self.watching = None            # nick key -> the nick as asked, of nicks it watches
         self.active = self.since = time.monotonic()   # when it last said something; came
         self.nick = self.key = None
         self.lookalikes = ()
@@ -1863,21 +1870,27 @@ class Names:
         self.directory.claimed(member, old)
 
     def enter_directory(self, member, nick):
-        self._unregister(member)
+        changed = name_key(nick) != member.key   # not a change of case only
+        self._unregister(member, told=changed)
         member.nick, member.key = nick, name_key(nick)
         member.lookalikes = tuple(lookalike_keys(nick))   # smaller than the set
         if self.members.setdefault(member.key, member) is not member:
             return   # another node's member holds it until the directory settles it
         for key in member.lookalikes:
             self.lookalikes.setdefault(key, member)
+        if changed:
+            self.tell_watchers(member.key, member.nick, True)
 
     def local_members(self):
         """The members on this node (a list: the caller may change who is online)."""
         return [member for member in self.members.values() if member.remote is None]
 
-    def _unregister(self, member):
+    def _unregister(self, member, told=True):
+        """member's nick is free (told: to who watches it)."""
         if self.members.get(member.key) is member:
             del self.members[member.key]
+            if told:
+                self.tell_watchers(member.key, member.nick, False)
         for key in member.lookalikes:
             if self.lookalikes.get(key) is member:
                 del self.lookalikes[key]
@@ -2588,7 +2601,81 @@ class RoomRights:
             self._enter(target, self.default_room)
 
 
-class Hub(Moderation, Names, Rooms, RoomRights):
+class Watches:
+    """A part of the Hub: nicks members watch (IRC's MONITOR), to be told when one
+    comes online or goes, here or on another node. A nick, not a mask: nobody can
+    follow someone through a change of nick."""
+
+    def do_watch(self, member, action, names=""):
+        """+ watch names (told which are online), - stop, C clear, L list, S status."""
+        watching = member.watching
+        if action == "+":
+            keys = [self._watch_key(member, name) for name in names.split(",") if name]
+            keys = [key for key in keys if key]
+            if watching is None:
+                watching = member.watching = {}
+            room = max(0, WATCH_LIMIT - len(watching))
+            for key, nick in keys[:room]:
+                watching[key] = nick
+                self.watchers.setdefault(key, set()).add(member)
+            if keys[room:]:
+                self.sink.send(member, notice("watch_list_full", limit=WATCH_LIMIT, nicks=",".join(
+                    nick for _, nick in keys[room:])))
+            self._watch_status(member, [key for key, _ in keys[:room]])
+        elif action == "-":
+            for name in names.split(","):
+                self._unwatch(member, name_key(name))
+        elif action == "C":
+            self.forget_watches(member)
+        elif action == "L":
+            for run in nick_runs((watching or {}).values()):
+                self.sink.send(member, notice("watch_list", nicks=run))
+            self.sink.send(member, notice("watch_list_end"))
+        elif action == "S":
+            self._watch_status(member, list(watching or ()))
+
+    def _watch_key(self, member, name):
+        """(key, nick) of a nick to watch, or None (told why)."""
+        key = self._nick_key(member, name, "MONITOR + NICK")
+        return key and (key, normalize_nick(name))
+
+    def _watch_status(self, member, keys):
+        online = [self.members[key].nick for key in keys if key in self.members]
+        offline = [member.watching[key] for key in keys if key not in self.members]
+        for shape, nicks in (("watched_online", online), ("watched_offline", offline)):
+            for run in nick_runs(nicks):
+                self.sink.send(member, notice(shape, nicks=run))
+
+    def _unwatch(self, member, key):
+        if member.watching and member.watching.pop(key, None) is not None:
+            watchers = self.watchers[key]
+            watchers.discard(member)
+            if not watchers:
+                del self.watchers[key]
+
+    def forget_watches(self, member):
+        for key in list(member.watching or ()):
+            self._unwatch(member, key)
+
+    def tell_watchers(self, key, nick, online):
+        for watcher in self.watchers.get(key, ()):
+            self.sink.send(watcher, notice("watched_online" if online else "watched_offline",
+                                           nicks=nick))
+
+
+def nick_runs(nicks):
+    """Nicks, comma-joined in runs that each fit a line (IRC's 730-732)."""
+    runs, size = [], NICK_RUN
+    for nick in nicks:
+        if size + 1 + len(nick.encode()) > NICK_RUN:
+            runs.append([])
+            size = -1
+        runs[-1].append(nick)
+        size += 1 + len(nick.encode())
+    return [",".join(run) for run in runs]
+
+
+class Hub(Moderation, Names, Rooms, RoomRights, Watches):
     """The chat: nicks, rooms and every command, for members of every dialect.
 
     sink receives what happens: publish(room, event, exclude) for room events,
@@ -2613,6 +2700,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
         self.guesses = GuessThrottle()
         self.op_guesses = GuessThrottle()
         self.ignored_by = {}            # nick key -> members that ignore that nick
+        self.watchers = {}              # nick key -> members here that watch that nick
         state = self.store.load_state()
         self.topics = self._readable_topics(state.get("topics"))   # room key -> topic
         self.room_modes = self.readable_modes(state.get("rooms"))   # room key -> its modes
@@ -2714,6 +2802,7 @@ class Hub(Moderation, Names, Rooms, RoomRights):
     def leave(self, member, reason):
         """member leaves the chat (its connection is closing): every room is told (of a
         muted member, not its own words)."""
+        self.forget_watches(member)
         if self.members.get(member.key) is not member:
             return
         if member.mute is not None and self.muted(member, told=False):
@@ -5879,11 +5968,12 @@ class IrcReplies:
                     "PREFIX=(ov)@+ CHANMODES=beI,k,l,imnst EXCEPTS INVEX MODES=%d CHANLIMIT=#:%d "
                     "MAXTARGETS=%d KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d "
                     "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} WHOX ELIST=MNU "
-                    "TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},TAGMSG:{t},NAMES:{t},KICK:{t},WHOIS:1 "
+                    "MONITOR=%d TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},TAGMSG:{t},"
+                    "NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
                     .replace("{m}", str(ROOM_MASKS))
                     % (MAX_NICK, MAX_ROOM + 1, MAX_TOPIC, MODE_ARGS, MAX_JOINED, MAX_TARGETS,
-                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX,
+                       MAX_REASON, MAX_REASON, SCROLLBACK_MAX, WATCH_LIMIT,
                        re.sub(r"[^\w.-]", "-", self.hub.name)[:30] or "chat.py"))
         lines = [
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
@@ -5982,6 +6072,11 @@ class IrcReplies:
         "nick_taken": ("433", "{nick} :Nickname is already in use"),
         "nick_lookalike": ("433", "{nick} :Nickname looks like {other}, who is online"),
         "invalid_nick": ("432", "{name} :Erroneous nickname: {reason}"),
+        "watched_online": ("730", ":{nicks}"),
+        "watched_offline": ("731", ":{nicks}"),
+        "watch_list": ("732", ":{nicks}"),
+        "watch_list_end": ("733", ":End of MONITOR list"),
+        "watch_list_full": ("734", "{limit} {nicks} :Monitor list is full"),
         "no_such_nick": ("401", "{nick} :No such nick/channel"),
         "no_such_room": ("403", "{room} :No such channel"),
         "invalid_room": ("479", "{name} :Illegal channel name: {reason}"),
@@ -6629,6 +6724,13 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
 
     # Commands
 
+    def _monitor(self, params):
+        action = params[0].upper()
+        if action in ("+", "-") and len(params) < 2:
+            self._numeric("461", "MONITOR :Not enough parameters")
+        elif action in ("+", "-", "C", "L", "S"):
+            self.hub.do_watch(self.conn.member, action, params[1] if len(params) > 1 else "")
+
     def _tagmsg(self, params):
         """TAGMSG carries only client tags (typing notices, reactions), to clients that
         read tags; without any, there is nothing to pass on, and no error either."""
@@ -6826,6 +6928,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         "INVITE": ("_invite", 2), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
         "HELP": ("_help", 0), "HELPOP": ("_help", 0), "TIME": ("_time", 0),
         "INFO": ("_info", 0), "CHATHISTORY": ("_chathistory", 1), "TAGMSG": ("_tagmsg", 1),
+        "MONITOR": ("_monitor", 1),
         "KILL": ("_kill", 1), "WALLOPS": ("_wallops", 1), "SETNAME": ("_setname", 1),
     }
     BEFORE_REGISTRATION = frozenset(("CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"))

@@ -2697,6 +2697,45 @@ class IrcTest(ServerTestCase):
         self.assertEqual(bob.next_line(), ":testroom 315 bob #lobby :End of /WHO list")
         self.assertEqual(bob.next_line(), ":testroom 315 bob #lobby :End of /WHO list")
 
+    def test_monitor_tells_when_watched_nicks_come_and_go(self):
+        alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
+        alice.irc("MONITOR + bob,Carol,*!x@y", "MONITOR L")
+
+        def news():
+            return alice.expect(r":testroom (432|73[0-4]) .*")
+        self.assertEqual(news(), ":testroom 432 alice *!x@y :Erroneous nickname: "
+                                            "a nick may contain only letters, digits, _ and -")
+        self.assertEqual(news(), ":testroom 730 alice :bob")
+        self.assertEqual(news(), ":testroom 731 alice :Carol")
+        self.assertEqual(news(), ":testroom 732 alice :bob,Carol")
+        self.assertEqual(news(), ":testroom 733 alice :End of MONITOR list")
+        carol = self.connect("carol")   # from nc: a nick is a nick
+        self.assertEqual(news(), ":testroom 730 alice :carol")
+        bob.irc("NICK BOB", "NICK robert")   # a change of case is no news
+        self.assertEqual(news(), ":testroom 731 alice :BOB")
+        carol.say("/quit")
+        self.assertEqual(news(), ":testroom 731 alice :carol")
+        alice.irc("MONITOR - bob", "MONITOR S", "MONITOR + " + ",".join(
+            "n%d" % n for n in range(120)))
+        self.assertEqual(news(), ":testroom 731 alice :Carol")
+        self.assertRegex(news(), r"^:testroom 734 alice 100 n99,n100,.*,n119 "
+                                            r":Monitor list is full$")
+        alice.irc("MONITOR L")
+        offline = alice.lines_until(r":testroom 733 .*")
+        listed = ",".join(line.split(":")[2] for line in offline if " 732 " in line)
+        self.assertEqual(sorted(listed.split(",")), sorted(["Carol"] + ["n%d" % n for n in range(99)]))
+        self.assertTrue(all(len(line.encode()) <= 510 for line in offline), offline)
+        alice.irc("MONITOR C", "MONITOR L")
+        self.assertEqual(alice.expect(r":testroom 73[23] .*"),
+                         ":testroom 733 alice :End of MONITOR list")
+        watcher = self.irc_peer("watcher")
+        watcher.irc("MONITOR + dora")
+        watcher.numeric("731")
+        watcher.sock.close()   # a watcher that leaves is no longer told
+        self.connect("dora")
+        alice.irc("MONITOR + dora")
+        self.assertEqual(alice.numeric("730"), ":testroom 730 alice :dora")
+
     def tags_peer(self, nick, caps="message-tags echo-message batch labeled-response"):
         peer = self.irc_peer()
         peer.irc("CAP LS 302", "NICK " + nick, "USER %s 0 * :x" % nick, "CAP REQ :" + caps,
@@ -6139,6 +6178,15 @@ class ClusterTest(ClusterTestCase):
         newcomer.irc("CAP REQ :message-tags batch draft/chathistory", "CHATHISTORY LATEST #lobby * 5")
         tags, _ = irc_tagged(newcomer.expect(r".* PRIVMSG #lobby :hi"))
         self.assertEqual((tags["msgid"], tags["+draft/reply"]), (said_id, "7-x"))
+
+    def test_monitor_sees_nicks_come_and_go_on_other_nodes(self):
+        alice = self.irc(0, "alice")
+        alice.irc("MONITOR + bob")
+        alice.numeric("731")
+        bob = self.connect(1, "bob")
+        self.assertRegex(alice.numeric("730"), r"^:\S+ 730 alice :bob$")
+        bob.say("/quit")
+        self.assertRegex(alice.numeric("731"), r"^:\S+ 731 alice :bob$")
 
     def test_every_member_sees_one_order_once(self):
         alice, dave = self.connect(0, "alice"), self.connect(1, "dave")
