@@ -808,6 +808,7 @@ class Said:
     seq: int = 0            # its number in the room, the same on every node (0: unknown)
     notice: bool = False    # IRC's NOTICE: a bot's words, which no program answers
     tags: str = ""          # its client tags (see client_tags): for IRC clients that read them
+    bot: bool = False       # said by a program that says it is one (IRC's bot mode)
 
 
 @dataclass(frozen=True)
@@ -819,6 +820,7 @@ class Signal:
     tags: str
     msgid: str              # its own id, as a message's: a reaction may answer one
     time: float = 0.0
+    bot: bool = False
 
 
 @dataclass(frozen=True)
@@ -929,6 +931,7 @@ class Private:
     notice: bool = False    # IRC's NOTICE: a bot's words, which no program answers
     tags: str = ""          # its client tags; with no text, it is a Signal to one member
     msgid: str = ""         # its id (not a number: conversations are not kept)
+    bot: bool = False
 
 
 @dataclass(frozen=True)
@@ -979,6 +982,7 @@ class Whois:
     user: str = ""
     ranks: tuple = ()                   # "@", "+" or "" in each of rooms
     signon: float = 0.0                 # when it came
+    bot: bool = False
 
 
 @dataclass(frozen=True)
@@ -1023,7 +1027,7 @@ class Member:
     __slots__ = ("endpoint", "multi_room", "hears_quiet", "realname", "address", "nick", "key",
                  "lookalikes", "rooms", "heralded", "announced", "room_tokens", "room_refilled",
                  "operator", "away", "mute", "ignoring", "active", "remote", "cid", "user",
-                 "since", "echo", "focus", "invisible", "read_at", "watching")
+                 "since", "echo", "focus", "invisible", "read_at", "watching", "bot")
 
     def __init__(self, endpoint, multi_room=False, hears_quiet=False, realname="", address=""):
         self.endpoint = endpoint        # the sink's handle for it: its connection
@@ -1044,6 +1048,7 @@ class Member:
         self.rooms = {}                 # Room -> None, in join order
         self.focus = None               # of several rooms, the one plain lines go to
         self.invisible = False          # IRC's +i: found by a mask only by who shares a room
+        self.bot = False                # a program that says it is one (IRC's bot mode)
         self.read_at = 0.0              # when its last /history read the store
         self.heralded = {}              # rooms whose members were told it joined (a dict: small)
         self.announced = False          # it chose a nick or spoke: its arrival is told
@@ -1484,7 +1489,8 @@ class Broker:
     def line(self, room, speaker, text, action, notice=False, tags=""):
         room.seq += 1
         self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
-                                         self.hub.clock(), room.seq, notice, tags), speaker)
+                                         self.hub.clock(), room.seq, notice, tags, speaker.bot),
+                              speaker)
 
     def publish(self, room, event, excluded, subject=None):
         """A room event (subject: the member it is about, or None)."""
@@ -2880,7 +2886,8 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
         line, since a reaction says something too."""
         if self._may_speak(member, room):
             self.broker.signal(room, Signal(room.name, member.nick, tags, self.new_msgid(),
-                                            self.clock()), self._not_told(room, member))
+                                            self.clock(), member.bot),
+                               self._not_told(room, member))
 
     def deliver_signal(self, room, event):
         """Another node's Signal, to the members here: not to who ignores its sender."""
@@ -2962,7 +2969,7 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
         member.active = time.monotonic()
         now = self.clock()
         said = Private(member.nick, target.nick, text, action, False, now, as_notice, tags,
-                       self.new_msgid())
+                       self.new_msgid(), member.bot)
         if target.remote is not None and not self.broker.linked:
             self.sink.send(member, notice("unreachable", nick=target.nick))
             return
@@ -2995,6 +3002,14 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
         self.sink.send(member, notice("away_set", text=member.away) if member.away
                        else notice("away_cleared"))
         self.tell_change(member, (member,))
+        self.directory.changed(member)
+
+    def set_bot(self, member, bot):
+        """member says it is a program (or no longer): its messages are marked, and WHO
+        and WHOIS say so, on every node."""
+        member.bot = bot
+        for room in member.rooms:
+            room.cache.clear()   # WHO shows bots
         self.directory.changed(member)
 
     def do_setname(self, member, realname):
@@ -3051,7 +3066,7 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
                 time.monotonic() - target.active, target.away, target.operator,
                 target.address if member.operator else None, target.user,
                 tuple(room.rank(target) for room in rooms),
-                self.clock() - (time.monotonic() - target.since)))
+                self.clock() - (time.monotonic() - target.since), target.bot))
 
     def seen_by(self, member, other):
         """Whether member may find other by a mask: not an invisible one, unless they
@@ -3073,6 +3088,7 @@ class MemberState:
     address: str = ""
     user: str = ""
     ranks: dict = field(default_factory=dict)   # room key -> "@", "+" or "" there
+    bot: bool = False
 
 
 class ClusterView:
@@ -3118,7 +3134,7 @@ class ClusterView:
         away_changed = known and member.away != state.away
         realname_changed = known and member.realname != state.realname
         member.realname, member.address, member.away = state.realname, state.address, state.away
-        member.user = state.user
+        member.user, member.bot = state.user, state.bot
         if member.nick != state.nick:
             self._rename(member, state.nick, told and event is None)
         if member.operator != state.operator:
@@ -3716,7 +3732,8 @@ class FileStore(Store):
                 seq = 0
             return Said(room, normalize_nick(stored_text(record["nick"])),
                         stored_text(record["text"])[:MAX_STORED_TEXT], kind == "acted", when,
-                        seq, kind == "noticed", client_tags(record.get("tags", "")))
+                        seq, kind == "noticed", client_tags(record.get("tags", "")),
+                        record.get("bot") is True)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
@@ -3726,6 +3743,8 @@ class FileStore(Store):
                   "text": event.text}
         if event.tags:
             record["tags"] = event.tags
+        if event.bot:
+            record["bot"] = True
         self._pending.setdefault(room, []).append(
             json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
@@ -4459,7 +4478,7 @@ class ClusterCodec:
                 value = self.room(value)
             elif item.name in ("nick", "old", "new", "by"):
                 value = self.nick(value)
-            elif item.name == "quiet":
+            elif item.name in ("quiet", "bot"):
                 value = self.flag(value)
             elif item.name == "changes":
                 if not isinstance(value, str) or not re.fullmatch(r"(?:[+-][ovklbimnst]+){1,8}",
@@ -4521,7 +4540,7 @@ class ClusterCodec:
                 "rooms": [room.name for room in member.rooms if member in room.listed],
                 "ranks": [room.rank(member) for room in member.rooms if member in room.listed],
                 "away": member.away, "real": member.realname, "addr": member.address,
-                "user": member.user}
+                "user": member.user, "bot": member.bot}
 
     def state(self, record):
         rooms = record["rooms"]
@@ -4542,14 +4561,15 @@ class ClusterCodec:
                            None if away is None else stored_text(away)[:MAX_REASON] or None,
                            stored_text(record.get("real") or "")[:MAX_REASON], address,
                            "".join(stored_text(record.get("user") or "").split())[:10],
-                           dict(zip(map(name_key, map(self.room, rooms)), ranks)))
+                           dict(zip(map(name_key, map(self.room, rooms)), ranks)),
+                           self.flag(record.get("bot", False)))
 
     # Lines
 
     @staticmethod
     def line_record(node, number, room, speaker, text, action, when, notice, tags):
         return {"n": node, "i": number, "r": room.name, "k": speaker.nick, "x": text,
-                "a": action, "w": when, "o": notice, "t": tags}
+                "a": action, "w": when, "o": notice, "t": tags, "b": speaker.bot}
 
     def line(self, seq, record):
         """(node, its number for the line, the Said event)."""
@@ -4562,7 +4582,8 @@ class ClusterCodec:
         return self.ident(record["n"]), number, Said(
             self.room(record["r"]), self.nick(record["k"]),
             stored_text(record["x"])[:MAX_STORED_TEXT], self.flag(record["a"]), when, seq,
-            self.flag(record.get("o", False)), client_tags(record.get("t", "")))
+            self.flag(record.get("o", False)), client_tags(record.get("t", "")),
+            self.flag(record.get("b", False)))
 
     def private(self, record):
         said = record["e"]
@@ -4570,7 +4591,7 @@ class ClusterCodec:
                        stored_text(said["text"])[:MAX_STORED_TEXT], self.flag(said["action"]),
                        False, finite_time(said["time"]) or 0.0,
                        self.flag(said.get("notice", False)), client_tags(said.get("tags", "")),
-                       self.msgid(said.get("msgid", "")))
+                       self.msgid(said.get("msgid", "")), self.flag(said.get("bot", False)))
 
 
 class RedisBroker(Broker):
@@ -4611,7 +4632,8 @@ class RedisBroker(Broker):
         else:
             self._hold(number, room.key, message)
             self.hub.deliver_line(room, Said(room.name, speaker.nick, text, action,
-                                             self.hub.clock(), 0, notice, tags), speaker)
+                                             self.hub.clock(), 0, notice, tags, speaker.bot),
+                                  speaker)
 
     def publish(self, room, event, excluded, subject=None):
         self.hub.publish_here(room, event, excluded)
@@ -4629,7 +4651,7 @@ class RedisBroker(Broker):
         self.link.publish(self.codec.dumps(kind, {"to": member.cid, "e": {
             "sender": event.sender, "target": event.target, "text": event.text,
             "action": event.action, "time": event.time, "notice": event.notice,
-            "tags": event.tags, "msgid": event.msgid}}))
+            "tags": event.tags, "msgid": event.msgid, "bot": event.bot}}))
 
     def invite(self, member, room, by):
         self.link.publish(self.codec.dumps("I", {"to": member.cid, "by": by, "room": room.name}))
@@ -5863,8 +5885,9 @@ class IrcReplies:
         return b"".join(lines)
 
     def _who_flags(self, room, m):
-        """H here, G away; * a server operator; in a room, its rank (all, multi-prefix)."""
-        return ("G" if m.away else "H") + ("*" if m.operator else "") + (
+        """H here, G away; * a server operator; B a bot; in a room, its rank (all, with
+        multi-prefix)."""
+        return ("G" if m.away else "H") + ("*" if m.operator else "") + ("B" if m.bot else "") + (
             (room.ranks(m) if "multi-prefix" in self.caps else room.rank(m)) if room else "")
 
     def _whox_fields(self, room, m, fields, token):
@@ -5890,6 +5913,8 @@ class IrcReplies:
         lines.append(("312", "%s %s :chat.py" % (nick, self.server_name)))
         if event.operator:
             lines.append(("313", "%s :is an IRC operator" % nick))
+        if event.bot:
+            lines.append(("335", "%s :is a bot" % nick))
         if event.away:
             lines.append(("301", "%s :%s" % (nick, event.away)))
         if event.address:
@@ -5967,7 +5992,7 @@ class IrcReplies:
         isupport = ("CASEMAPPING=rfc7613 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d TOPICLEN=%d "
                     "PREFIX=(ov)@+ CHANMODES=beI,k,l,imnst EXCEPTS INVEX MODES=%d CHANLIMIT=#:%d "
                     "MAXTARGETS=%d KICKLEN=%d AWAYLEN=%d CHATHISTORY=%d "
-                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} WHOX ELIST=MNU "
+                    "MSGREFTYPES=msgid,timestamp MAXLIST=b:{m},e:{m},I:{m} WHOX ELIST=MNU BOT=B "
                     "MONITOR=%d TARGMAX=JOIN:{t},PART:{t},PRIVMSG:{t},NOTICE:{t},TAGMSG:{t},"
                     "NAMES:{t},KICK:{t},WHOIS:1 "
                     "NETWORK=%s UTF8ONLY".replace("{t}", str(MAX_TARGETS))
@@ -5979,7 +6004,7 @@ class IrcReplies:
             ("001", ":Welcome to %s, %s" % (self.hub.name, irc_source(nick))),
             ("002", ":Your host is %s, running chat.py %s" % (name, __version__)),
             ("003", ":This server was started %s" % self.server.started),
-            ("004", "%s chat.py-%s io biklmnostv bklov" % (name, __version__)),
+            ("004", "%s chat.py-%s Bio biklmnostv bklov" % (name, __version__)),
         ] + [
             ("005", "%s :are supported by this server" % " ".join(tokens))
             for tokens in (isupport.split()[at:at + 12] for at in range(0, 36, 12)) if tokens
@@ -6045,11 +6070,11 @@ class IrcReplies:
         if not event.text:   # client tags alone
             return self.tag_lines(self._line(":%s TAGMSG %s" % (
                 irc_source(event.sender), event.target)), event.time, event.msgid,
-                client=event.tags) if "message-tags" in self.takes else b""
+                client=event.tags, bot=event.bot) if "message-tags" in self.takes else b""
         text = "\x01ACTION %s\x01" % event.text if event.action else event.text
         return self.tag_lines(irc_split(":%s %s %s :" % (
             irc_source(event.sender), "NOTICE" if event.notice else "PRIVMSG", event.target),
-            text), event.time, event.msgid, client=event.tags)
+            text), event.time, event.msgid, client=event.tags, bot=event.bot)
 
     def _topic(self, event):
         if event.text:
@@ -6217,22 +6242,23 @@ class IrcTags:
         kind = type(event)
         if kind is Said:
             return cls.tag_lines(data, event.time, irc_msgid(event.room, event.seq)
-                                 if event.seq else None, client=event.tags)
+                                 if event.seq else None, client=event.tags, bot=event.bot)
         if kind is Signal:
-            return cls.tag_lines(data, event.time, event.msgid, client=event.tags)
+            return cls.tag_lines(data, event.time, event.msgid, client=event.tags, bot=event.bot)
         return cls.tag_lines(data, time.time())
 
     @classmethod
-    def tag_lines(cls, data, when, msgid=None, batch=None, client=""):
-        """IRC lines (data) with the tags this variant takes: a long line's msgid and
-        client tags are on its first part only."""
+    def tag_lines(cls, data, when, msgid=None, batch=None, client="", bot=False):
+        """IRC lines (data) with the tags this variant takes: a long line's msgid, client
+        tags and bot tag are on its first part only."""
         tags = cls.takes
         common = ["batch=" + batch] if batch and "batch" in tags else []
         if "server-time" in tags:
             common.append("time=" + irc_time(when))
         first = common
         if "message-tags" in tags:
-            first = common + (["msgid=" + msgid] if msgid else []) + ([client] if client else [])
+            first = common + (["msgid=" + msgid] if msgid else []) + (["bot"] if bot else []) \
+                + ([client] if client else [])
         if not first:
             return data
         lines = data.split(b"\r\n")[:-1]
@@ -6287,7 +6313,8 @@ class IrcTags:
         out = [self._line(":%s BATCH +%s chathistory %s" % (self.server_name, batch, target))
                ] if opened else []
         out += [self.tag_lines(self.plain_shared(said), said.time, irc_msgid(
-            said.room, said.seq) if said.seq else None, batch, said.tags) for said in lines]
+            said.room, said.seq) if said.seq else None, batch, said.tags, said.bot)
+            for said in lines]
         if opened:
             out.append(self._line(":%s BATCH -%s" % (self.server_name, batch)))
         return b"".join(out)
@@ -6898,12 +6925,12 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             self._numeric("502", ":Can't change mode for other users")
 
     def _user_mode(self, changes):
-        """A client's own modes: +i (invisible) it sets; +o comes with OPER; +w is
-        taken (WALLOPS go to operators)."""
+        """A client's own modes: +i (invisible) and +B (a bot) it sets; +o comes with
+        OPER; +w is taken (WALLOPS go to operators)."""
         member = self.conn.member
         if not changes:
-            self._numeric("221", "+" + ("i" if member.invisible else "") +
-                          ("o" if member.operator else ""))
+            self._numeric("221", "+" + ("B" if member.bot else "") + (
+                "i" if member.invisible else "") + ("o" if member.operator else ""))
             return
         sign, done = "+", ""
         for letter in changes[:20]:
@@ -6912,7 +6939,10 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             elif letter == "i" and member.invisible != (sign == "+"):
                 member.invisible = sign == "+"
                 done += sign + letter
-            elif letter not in "iwo":
+            elif letter == "B" and member.bot != (sign == "+"):
+                self.hub.set_bot(member, sign == "+")
+                done += sign + letter
+            elif letter not in "iwoB":
                 self._numeric("501", ":Unknown MODE flag")
         if done:
             self._send(":%s MODE %s %s" % (irc_source(self.nick), self.nick, mode_string(done)))

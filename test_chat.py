@@ -2533,7 +2533,7 @@ class IrcTest(ServerTestCase):
         for token in ("CASEMAPPING=", "CHANTYPES=#", "NICKLEN=20", "CHANNELLEN=31", "PREFIX=",
                       "NETWORK=testroom", "UTF8ONLY", "CHATHISTORY=200", "MAXLIST=b:50,e:50,I:50",
                       "CHANMODES=beI,k,l,imnst", "EXCEPTS", "INVEX", "TAGMSG:4", "WHOX",
-                      "ELIST=MNU",
+                      "ELIST=MNU", "BOT=B",
                       "MSGREFTYPES=msgid,timestamp"):
             self.assertIn(token, isupport)
         self.assertNotIn("CLIENTTAGDENY", isupport)   # client tags are relayed
@@ -2742,6 +2742,28 @@ class IrcTest(ServerTestCase):
                  "CAP END", "JOIN #lobby")
         peer.lines_until(r":testroom 366 %s .*" % nick)
         return peer
+
+    def test_bot_mode_marks_a_program_wherever_irc_looks(self):
+        bot, user = self.tags_peer("beep", "message-tags echo-message"), self.tags_peer("user")
+        plain = self.irc_peer("plain")
+        bot.irc("MODE beep +B", "MODE beep")
+        self.assertEqual(bot.expect(r".* MODE beep .*"), ":beep!beep@chat MODE beep +B")
+        self.assertEqual(bot.numeric("221"), ":testroom 221 beep +B")
+        bot.irc("PRIVMSG #lobby :beep boop", "PRIVMSG user :psst")
+        for peer, line in ((user, "#lobby :beep boop"), (user, "user :psst"),
+                           (bot, "#lobby :beep boop")):
+            tags, _ = irc_tagged(peer.expect(r".* PRIVMSG %s" % line))
+            self.assertEqual(tags.get("bot"), "", (peer, line, tags))
+        self.assertEqual(plain.expect(r".* PRIVMSG #lobby :beep boop"),
+                         ":beep!beep@chat PRIVMSG #lobby :beep boop")   # no tags unasked
+        user.irc("WHOIS beep", "WHO #lobby")
+        self.assertEqual(user.numeric("335"), ":testroom 335 user beep :is a bot")
+        who = [line for line in user.lines_until(r":testroom 315 .*") if " 352 " in line]
+        self.assertEqual([line.split()[8] for line in who if line.split()[7] == "beep"], ["HB"])
+        bot.irc("MODE beep -B", "PRIVMSG #lobby :a person again")
+        self.assertEqual(bot.expect(r".* MODE beep .*"), ":beep!beep@chat MODE beep -B")
+        tags, _ = irc_tagged(user.expect(r".* PRIVMSG #lobby :a person again"))
+        self.assertNotIn("bot", tags)
 
     def test_client_tags_go_to_the_clients_that_read_them(self):
         """IRCv3 client-only tags (replies, reactions, typing notices) go with a message to
@@ -6161,10 +6183,13 @@ class ClusterTest(ClusterTestCase):
             peer.expect(r":\S+ CAP \S+ ACK :message-tags")
         self.wait_listed(0, "bob", "carol")
         self.wait_listed(1, "alice")
+        alice.irc("MODE alice +B")   # a bot, and every node knows
+        alice.expect(r".* MODE alice \+B")
+        wait_for(lambda: ":is a bot" in "\n".join(self.irc_whois(bob, "alice")), message="335")
         alice.irc("@+draft/reply=7-x;+a=b\\sc PRIVMSG #lobby :hi", "@+typing=active TAGMSG #lobby",
                   "@+typing=paused TAGMSG bob", "@+r=1 PRIVMSG bob :psst")
         tags, line = irc_tagged(bob.expect(r".* PRIVMSG #lobby :hi"))
-        self.assertEqual((tags["+draft/reply"], tags["+a"]), ("7-x", "b c"))
+        self.assertEqual((tags["+draft/reply"], tags["+a"], tags["bot"]), ("7-x", "b c", ""))
         said_id = tags["msgid"]
         tags, line = irc_tagged(bob.next_line())
         self.assertEqual((tags["+typing"], line), ("active", ":alice!alice@chat TAGMSG #lobby"))
@@ -6178,6 +6203,11 @@ class ClusterTest(ClusterTestCase):
         newcomer.irc("CAP REQ :message-tags batch draft/chathistory", "CHATHISTORY LATEST #lobby * 5")
         tags, _ = irc_tagged(newcomer.expect(r".* PRIVMSG #lobby :hi"))
         self.assertEqual((tags["msgid"], tags["+draft/reply"]), (said_id, "7-x"))
+
+    @staticmethod
+    def irc_whois(peer, nick):
+        peer.irc("WHOIS " + nick)
+        return peer.lines_until(r":\S+ 318 .*")
 
     def test_monitor_sees_nicks_come_and_go_on_other_nodes(self):
         alice = self.irc(0, "alice")
