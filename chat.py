@@ -6896,7 +6896,16 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             self.hub.do_kick_from(self.conn.member, room, nick, reason)
 
     def _invite(self, params):
-        self.hub.do_invite(self.conn.member, params[0], params[1])
+        """INVITE nick #room; alone, the rooms one is invited to (336, 337)."""
+        if len(params) >= 2:
+            self.hub.do_invite(self.conn.member, params[0], params[1])
+        elif params:
+            self._numeric("461", "INVITE :Not enough parameters")
+        else:
+            key = self.conn.member.key
+            self.conn_send(b"".join(self._numeric_bytes("336", room.name) for room in
+                                    self.hub.rooms.values() if key in room.invited)
+                           + self._numeric_bytes("337", ":End of /INVITE list"))
 
     def _away(self, params):
         self.hub.do_away(self.conn.member, irc_text(params[0]) if params else "")
@@ -6955,7 +6964,7 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
         "WHOIS": ("_whois", 1), "LIST": ("_list", 0), "TOPIC": ("_topic_command", 1),
         "MODE": ("_mode", 1), "ISON": ("_ison", 1), "USERHOST": ("_userhost", 1),
         "OPER": ("_oper", 2), "KICK": ("_kick", 2), "AWAY": ("_away", 0),
-        "INVITE": ("_invite", 2), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
+        "INVITE": ("_invite", 0), "LUSERS": ("_lusers", 0), "WHOWAS": ("_whowas", 0),
         "HELP": ("_help", 0), "HELPOP": ("_help", 0), "TIME": ("_time", 0),
         "INFO": ("_info", 0), "CHATHISTORY": ("_chathistory", 1), "TAGMSG": ("_tagmsg", 1),
         "MONITOR": ("_monitor", 1),

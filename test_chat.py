@@ -6611,6 +6611,10 @@ class RoomRightsTest(ServerTestCase):
         alice.irc("INVITE carol #chan", "MODE #chan +i-k *")
         self.assertEqual(alice.numeric("341"), ":testroom 341 alice carol #chan")
         self.assertEqual(carol.expect(r":\S+ INVITE .*"), ":alice!alice@chat INVITE carol :#chan")
+        carol.irc("INVITE", "INVITE x")   # where one is invited: 336s and 337
+        self.assertEqual(carol.next_line(), ":testroom 336 carol #chan")
+        self.assertEqual(carol.next_line(), ":testroom 337 carol :End of /INVITE list")
+        self.assertEqual(carol.next_line(), ":testroom 461 carol INVITE :Not enough parameters")
         carol.irc("JOIN #chan")
         self.assertEqual(carol.expect(r":testroom 353 .*"), ":testroom 353 carol = #chan :@alice @bob carol")
         bob.irc("KICK #chan carol,alice :out")
