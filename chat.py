@@ -2616,7 +2616,8 @@ class Watches:
         """+ watch names (told which are online), - stop, C clear, L list, S status."""
         watching = member.watching
         if action == "+":
-            keys = [self._watch_key(member, name) for name in names.split(",") if name]
+            keys = [self._watch_key(member, name) for name in names.split(",")[:2 * WATCH_LIMIT]
+                    if name]
             keys = [key for key in keys if key]
             if watching is None:
                 watching = member.watching = {}
