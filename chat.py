@@ -1876,7 +1876,8 @@ class Names:
         self.directory.claimed(member, old)
 
     def enter_directory(self, member, nick):
-        changed = name_key(nick) != member.key   # not a change of case only
+        # news for who watches, unless member holds the nick already (a change of case)
+        changed = name_key(nick) != member.key or self.members.get(member.key) is not member
         self._unregister(member, told=changed)
         member.nick, member.key = nick, name_key(nick)
         member.lookalikes = tuple(lookalike_keys(nick))   # smaller than the set
@@ -2616,19 +2617,18 @@ class Watches:
         """+ watch names (told which are online), - stop, C clear, L list, S status."""
         watching = member.watching
         if action == "+":
-            keys = [self._watch_key(member, name) for name in names.split(",")[:2 * WATCH_LIMIT]
-                    if name]
-            keys = [key for key in keys if key]
             if watching is None:
                 watching = member.watching = {}
+            asked = dict(filter(None, (self._watch_key(member, name) for name in
+                                       names.split(",")[:2 * WATCH_LIMIT] if name)))
+            new = [key for key in asked if key not in watching]
             room = max(0, WATCH_LIMIT - len(watching))
-            for key, nick in keys[:room]:
-                watching[key] = nick
+            for key in new[:room]:
+                watching[key] = asked[key]
                 self.watchers.setdefault(key, set()).add(member)
-            if keys[room:]:
-                self.sink.send(member, notice("watch_list_full", limit=WATCH_LIMIT, nicks=",".join(
-                    nick for _, nick in keys[room:])))
-            self._watch_status(member, [key for key, _ in keys[:room]])
+            for run in nick_runs(asked[key] for key in new[room:]):
+                self.sink.send(member, notice("watch_list_full", limit=WATCH_LIMIT, nicks=run))
+            self._watch_status(member, [key for key in asked if key in watching])
         elif action == "-":
             for name in names.split(","):
                 self._unwatch(member, name_key(name))
@@ -2789,6 +2789,8 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
             self._enter(member, self.default_room, greeting=True)
         for name_and_key in rooms or ():
             self.do_join(member, *name_and_key)
+        if member.announced and not member.rooms:   # its rooms would have told the others
+            self.directory.changed(member)
         if problem:
             self.sink.send(member, problem)
         if member.mute is not None:   # its client must know before it speaks
@@ -3134,6 +3136,9 @@ class ClusterView:
             member.remote, member.cid, member.announced = state.node, state.cid, True
         away_changed = known and member.away != state.away
         realname_changed = known and member.realname != state.realname
+        if known and member.bot != state.bot:
+            for room in member.rooms:
+                room.cache.clear()   # WHO shows bots
         member.realname, member.address, member.away = state.realname, state.address, state.away
         member.user, member.bot = state.user, state.bot
         if member.nick != state.nick:
@@ -5705,6 +5710,7 @@ LIST_WISHES = 20                       # names, masks and sizes one LIST may ask
 WHOX_FIELDS = "tcuihsnfdlaor"          # what WHOX may ask, in the order it is answered
 WHOX_CACHED = 16                       # replies a room keeps rendered, WHOX shapes included
 RECEIVER = "\x00me\x00"               # a receiver's nick in shared replies: no nick has NUL
+SHARED_LINE = IRC_LINE - 2 - (4 * MAX_NICK - len(RECEIVER))   # bytes of one, before that
 
 
 def irc_params(text):
@@ -5930,13 +5936,16 @@ class IrcReplies:
         self.conn_send(self._line(line))
 
     def _numeric_bytes(self, number, text, receiver=None):
-        return self._line(":%s %s %s %s" % (self.server_name, number, receiver or self.nick, text))
+        """A numeric for this client, or (receiver RECEIVER) for anyone: then cut to leave
+        room for the longest nick that will stand in for RECEIVER."""
+        return self._line(":%s %s %s %s" % (self.server_name, number, receiver or self.nick, text),
+                          SHARED_LINE if receiver == RECEIVER else IRC_LINE - 2)
 
     @staticmethod
-    def _line(line):
-        """A line cut to 512 bytes with its CR LF, at a character boundary."""
+    def _line(line, size=IRC_LINE - 2):
+        """A line cut to size bytes (512 with its CR LF), at a character boundary."""
         data = line.encode()
-        return data[:utf8_boundary(data, IRC_LINE - 2)] + b"\r\n"
+        return data[:utf8_boundary(data, size)] + b"\r\n"
 
     def _numeric(self, number, text):
         self.conn_send(self._numeric_bytes(number, text))
@@ -6454,17 +6463,19 @@ class IrcLookups:
         mask = params[0] if params else "*"
         flags, whox, wanted = (params[1] if len(params) > 1 else "").partition("%")
         whox = self._whox_wanted(wanted) if whox else None
+        whox = whox if whox and whox[0] else None   # no field it knows: a plain WHO
         me = self.conn.member
         room = self.hub.find_room(mask) if mask.startswith("#") else None
         if room is not None and self.hub.visible(me, room):
             members = [m for m in room.listed if m.operator] if "o" in flags else room.listed
             render = functools.partial(self._who_lines, room, members, None, whox)
-            if whox and ("l" in whox[0] or "i" in whox[0] and me.operator
-                         or len(room.cache) >= WHOX_CACHED):   # not the same for long
+            what = ("who", "multi-prefix" in self.caps, "o" in flags, whox)
+            if whox and ("l" in whox[0] or "i" in whox[0] and me.operator   # not for long
+                         or (type(self), what) not in room.cache
+                         and len(room.cache) >= WHOX_CACHED):
                 self.conn_send(render().replace(RECEIVER.encode(), self.nick.encode()))
             else:
-                self.conn_send(self._for_me(room, ("who", "multi-prefix" in self.caps,
-                                                   "o" in flags, whox), render))
+                self.conn_send(self._for_me(room, what, render))
             return
         if mask in ("0", "*") or "*" in mask or "?" in mask:   # a glob over nicks
             pattern = re.compile(fnmatch.translate(mask if mask != "0" else "*"), re.IGNORECASE)
@@ -6942,18 +6953,20 @@ class IrcDialect(IrcTags, IrcChatHistory, IrcLookups, IrcReplies, Dialect):
             self._numeric("221", "+" + ("B" if member.bot else "") + (
                 "i" if member.invisible else "") + ("o" if member.operator else ""))
             return
-        sign, done = "+", ""
+        sign, done, bot = "+", "", member.bot
         for letter in changes[:20]:
             if letter in "+-":
                 sign = letter
             elif letter == "i" and member.invisible != (sign == "+"):
                 member.invisible = sign == "+"
                 done += sign + letter
-            elif letter == "B" and member.bot != (sign == "+"):
-                self.hub.set_bot(member, sign == "+")
-                done += sign + letter
-            elif letter not in "iwoB":
+            elif letter == "B":
+                bot = sign == "+"
+            elif letter not in "iwo":
                 self._numeric("501", ":Unknown MODE flag")
+        if bot != member.bot:   # once, whatever the toggles: other nodes are told
+            self.hub.set_bot(member, bot)
+            done += "+B" if bot else "-B"
         if done:
             self._send(":%s MODE %s %s" % (irc_source(self.nick), self.nick, mode_string(done)))
 

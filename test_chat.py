@@ -2686,7 +2686,8 @@ class IrcTest(ServerTestCase):
         alice.irc("AWAY :lunch")
         alice.numeric("306")
         bob.irc("WHO alice %tnfuar,42", "WHO alice %raufnt,42", "WHO alice %tn,1234",
-                "WHO alice %il", "WHO #lobby %cnf", "WHO #lobby o%n", "WHO #lobby o")
+                "WHO alice %il", "WHO #lobby %cnf", "WHO #lobby o%n", "WHO #lobby o",
+                "WHO alice %zz")
         for _ in "12":
             self.assertEqual(bob.numeric("354"), ":testroom 354 bob 42 alice alice G 0 "
                                                  ":alice the tester")
@@ -2696,10 +2697,11 @@ class IrcTest(ServerTestCase):
                          [":testroom 354 bob #lobby alice G", ":testroom 354 bob #lobby bob H"])
         self.assertEqual(bob.next_line(), ":testroom 315 bob #lobby :End of /WHO list")
         self.assertEqual(bob.next_line(), ":testroom 315 bob #lobby :End of /WHO list")
+        self.assertRegex(bob.next_line(), r"^:testroom 352 bob \* alice ")   # no field: plain
 
     def test_monitor_tells_when_watched_nicks_come_and_go(self):
         alice, bob = self.irc_peer("alice"), self.irc_peer("bob")
-        alice.irc("MONITOR + bob,Carol,*!x@y", "MONITOR L")
+        alice.irc("MONITOR + bob,Carol,*!x@y,BOB,bob", "MONITOR L")   # each nick once
 
         def news():
             return alice.expect(r":testroom (432|73[0-4]) .*")
@@ -2725,6 +2727,8 @@ class IrcTest(ServerTestCase):
         listed = ",".join(line.split(":")[2] for line in offline if " 732 " in line)
         self.assertEqual(sorted(listed.split(",")), sorted(["Carol"] + ["n%d" % n for n in range(99)]))
         self.assertTrue(all(len(line.encode()) <= 510 for line in offline), offline)
+        alice.irc("MONITOR + Carol")   # already watched: no room needed
+        self.assertEqual(news(), ":testroom 731 alice :Carol")
         alice.irc("MONITOR C", "MONITOR L")
         self.assertEqual(alice.expect(r":testroom 73[23] .*"),
                          ":testroom 733 alice :End of MONITOR list")
@@ -2735,6 +2739,21 @@ class IrcTest(ServerTestCase):
         self.connect("dora")
         alice.irc("MONITOR + dora")
         self.assertEqual(alice.numeric("730"), ":testroom 730 alice :dora")
+
+    def test_shared_replies_fit_512_bytes_whoever_reads_them(self):
+        wide = "\U00020000"   # a letter of four bytes
+        alice = self.irc_peer()
+        alice.irc("NICK " + wide * 20, "USER a 0 * :" + wide * 50, "JOIN #" + wide * 30)
+        alice.expect(r":\S+ 366 .*")
+        bob = self.irc_peer()
+        bob.irc("NICK " + "\U00020001" * 20, "USER b 0 * :b", "JOIN #" + wide * 30,
+                "WHO #%s %%tcuihsnfdlaor,999" % (wide * 30), "WHO #" + wide * 30,
+                "NAMES #" + wide * 30)
+        lines = bob.lines_until(r":\S+ 315 .*") + bob.lines_until(r":\S+ 315 .*")
+        lines += bob.lines_until(r":\S+ 366 .*")
+        self.assertTrue([line for line in lines if " 354 " in line])
+        self.assertTrue(all(len(line.encode()) <= 510 for line in lines),
+                        max(len(line.encode()) for line in lines))
 
     def tags_peer(self, nick, caps="message-tags echo-message batch labeled-response"):
         peer = self.irc_peer()
@@ -2760,7 +2779,7 @@ class IrcTest(ServerTestCase):
         self.assertEqual(user.numeric("335"), ":testroom 335 user beep :is a bot")
         who = [line for line in user.lines_until(r":testroom 315 .*") if " 352 " in line]
         self.assertEqual([line.split()[8] for line in who if line.split()[7] == "beep"], ["HB"])
-        bot.irc("MODE beep -B", "PRIVMSG #lobby :a person again")
+        bot.irc("MODE beep -B+B-B+B-B", "PRIVMSG #lobby :a person again")   # told once
         self.assertEqual(bot.expect(r".* MODE beep .*"), ":beep!beep@chat MODE beep -B")
         tags, _ = irc_tagged(user.expect(r".* PRIVMSG #lobby :a person again"))
         self.assertNotIn("bot", tags)
@@ -6217,6 +6236,13 @@ class ClusterTest(ClusterTestCase):
         self.assertRegex(alice.numeric("730"), r"^:\S+ 730 alice :bob$")
         bob.say("/quit")
         self.assertRegex(alice.numeric("731"), r"^:\S+ 731 alice :bob$")
+        alice.irc("MONITOR + later")
+        alice.numeric("731")
+        later = IrcPeer(socket.create_connection(self.nodes[1].addresses[0], timeout=TIMEOUT))
+        self.addCleanup(later.sock.close)
+        later.irc("NICK later", "USER l 0 * :L")   # in no room: still online everywhere
+        later.numeric("376")
+        self.assertRegex(alice.numeric("730"), r"^:\S+ 730 alice :later$")
 
     def test_every_member_sees_one_order_once(self):
         alice, dave = self.connect(0, "alice"), self.connect(1, "dave")
