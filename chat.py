@@ -2670,8 +2670,9 @@ class Watches:
                                            nicks=nick))
 
 
-def nick_runs(nicks):
-    """Nicks, comma-joined in runs that each fit a line (IRC's 730-732)."""
+def nick_runs(nicks, separator=","):
+    """Nicks, joined in runs of at most NICK_RUN bytes, so that each fits a line (IRC's
+    NAMES, MONITOR's 730-732)."""
     runs, size = [], NICK_RUN
     for nick in nicks:
         if size + 1 + len(nick.encode()) > NICK_RUN:
@@ -2679,7 +2680,7 @@ def nick_runs(nicks):
             size = -1
         runs[-1].append(nick)
         size += 1 + len(nick.encode())
-    return [",".join(run) for run in runs]
+    return [separator.join(run) for run in runs]
 
 
 class Hub(Moderation, Names, Rooms, RoomRights, Watches):
@@ -5853,18 +5854,9 @@ class IrcReplies:
         nick!user@host (userhost-in-names) when the client asked for them."""
         if not multi and not full:
             return [run for run, _ in room.nick_runs()]
-        runs, size = [], NICK_RUN
-        for member in room.listed:
-            name = (room.ranks(member) if multi else room.rank(member)) + member.nick + (
-                "!%s@%s" % (member.user or member.nick, IRC_HOST) if full else "")
-            length = len(name.encode())
-            if size + 1 + length <= NICK_RUN:
-                runs[-1].append(name)
-                size += 1 + length
-            else:
-                runs.append([name])
-                size = length
-        return [" ".join(run) for run in runs]
+        return nick_runs(((room.ranks(member) if multi else room.rank(member)) + member.nick + (
+            "!%s@%s" % (member.user or member.nick, IRC_HOST) if full else "")
+            for member in room.listed), " ")
 
     def _for_me(self, room, what, render):
         """A reply about a room, rendered once per change of the room for everyone (with a
