@@ -2898,7 +2898,8 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
         self.publish_here(room, event, self._not_told(room, None, event.nick))
 
     def _may_speak(self, member, room):
-        """Whether member may say something in room now (told why not, unless muted)."""
+        """Whether member may say something in room now (told why not, unless muted);
+        if it may, it has arrived and is active."""
         if room is None or member not in room.members and "n" in room.modes:
             self.sink.send(member, notice("error", text="you are not in %s" % (
                 room.name if room else "a room")))
@@ -2959,8 +2960,8 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
 
     def do_msg(self, member, target_name, text, action=False, as_notice=False, tags=""):
         """A private message; without text, client tags alone (see Signal)."""
-        said, text = text, tidy_text(text)
-        if not target_name or not text and (said or not tags):
+        typed, text = text, tidy_text(text)
+        if not target_name or not text and (typed or not tags):
             self.sink.send(member, notice("usage", usage="/msg NICK TEXT"))
             return
         self.announce(member)
