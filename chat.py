@@ -177,6 +177,7 @@ CLIENT_MAX_LINE = 1 << 20            # longest line the client takes from a serv
 MAX_HISTORY_BLOCK = 10000            # history lines the client gathers before showing them
 
 log = logging.getLogger("chat")
+LOG_STARTED = time.time()            # what log records' relativeCreated counts from
 
 # What a non-blocking socket raises when it has to wait; TLS adds its own two.
 WOULD_BLOCK = (BlockingIOError, InterruptedError)
@@ -228,6 +229,27 @@ class LogHandler(logging.StreamHandler):
             super().flush()
         except (OSError, ValueError):   # a log nobody reads (closed pipe, full disk)
             pass                        # must not stop the chat; its lines are dropped
+
+
+class LogLine(logging.LogRecord):
+    """A log record made at a third of the cost: a storm logs each connection twice, and
+    the standard record spends most of its time on the caller's file, thread and process,
+    which configure_logging turned off and LogHandler never shows."""
+
+    def __init__(self, name, level, pathname, lineno, msg, args, exc_info, func=None,
+                 sinfo=None, **kwargs):
+        created = time.time()
+        if args and len(args) == 1 and isinstance(args[0], dict) and args[0]:
+            args = args[0]   # log.info("%(x)s", {"x": 1}), as logging allows
+        self.name, self.msg, self.args = name, msg, args
+        self.levelno, self.levelname = level, logging.getLevelName(level)
+        self.pathname = self.filename = self.module = pathname
+        self.lineno, self.funcName = lineno, func
+        self.exc_info, self.exc_text, self.stack_info = exc_info, None, sinfo
+        self.created, self.msecs = created, int(created * 1000) % 1000
+        self.relativeCreated = (created - LOG_STARTED) * 1000
+        self.thread = self.threadName = self.process = self.processName = None
+        self.taskName = None
 
 
 def hold_log_lines():
@@ -1779,7 +1801,10 @@ class Moderation:
         self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
 
     def _remember_departure(self, member):
-        self.remember_nick(member)
+        """For WHOWAS (a guest that never showed itself was never seen), and for a ban by
+        nick after a kick."""
+        if member.announced:
+            self.remember_nick(member)
         self.recent[member.key] = member.address
         self.recent.move_to_end(member.key)
         while len(self.recent) > self.RECENT:
@@ -2837,8 +2862,8 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
         """member is gone from the chat: each of its rooms gets event_for(room, uid) (one
         uid, so a member of several hears it once), and its nick and ignores are let go."""
         uid = next(self._uids)
-        for room in list(member.rooms):
-            self._remove(member, room, event_for(room, uid))
+        for room in list(member.rooms):   # nobody is told of a guest that never showed itself
+            self._remove(member, room, event_for(room, uid) if member.announced else None)
         self._unregister(member)
         self.directory.gone(member)
         self._remember_departure(member)
@@ -12143,6 +12168,7 @@ def configure_logging(args):
     # The logging HOWTO's advice for speed: skip caller, thread and process lookups.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.setLogRecordFactory(LogLine)
     handler = LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter())
     log.addHandler(handler)
