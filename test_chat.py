@@ -1055,6 +1055,41 @@ class JoinNoticeTest(ServerTestCase):
 
 
 class SilentGuestTest(ServerTestCase):
+    """A connection greeted as a guest that never says anything (a browser's spare socket,
+    a port scan) hears the room but leaves no trace: no join or leave told, no WHOWAS."""
+
+    def guest(self):
+        peer = self.open_peer()
+        nick = re.match(r"\*\*\* welcome to .*, you are (\S+)$",
+                        peer.expect(r"\*\*\* welcome to .*")).group(1)
+        peer.expect(r"\*\*\* type /help for commands")
+        return peer, nick
+
+    def test_only_a_guest_that_spoke_is_remembered_by_whowas(self):
+        alice = IrcPeer(self.wrap(socket.create_connection(self.address, timeout=TIMEOUT)))
+        self.addCleanup(alice.sock.close)
+        alice.register("alice")
+        (silent, silent_nick), (talker, talker_nick) = self.guest(), self.guest()
+        talker.say("hello")
+        alice.expect(r":%s!\S+ PRIVMSG #lobby :hello" % talker_nick)
+        for peer in (silent, talker):
+            peer.sock.close()
+        alice.expect(r":%s!\S+ QUIT .*" % talker_nick)
+        wait_for(lambda: self.member(silent_nick) is None, message="the silent guest gone")
+        alice.irc("WHOWAS " + silent_nick, "WHOWAS " + talker_nick)
+        self.assertEqual(alice.lines_until(r":testroom 369 alice %s .*" % silent_nick), [
+            ":testroom 406 alice %s :There was no such nickname" % silent_nick])
+        self.assertRegex(alice.next_line(), r":testroom 314 alice %s %s " % (
+            talker_nick, talker_nick))
+
+    def test_replies_to_a_client_that_does_not_read_arrive_whole_and_in_order(self):
+        """Own replies go in one send() when nothing is queued, and are queued behind what
+        is when the socket is full: either way each arrives once, in order."""
+        peer, _ = self.guest()
+        count = 400
+        peer.sock.sendall(b"".join(b"/topic #r%d\n" % number for number in range(count)))
+        for number in range(count):
+            self.assertEqual(peer.next_line(), "*** error: no such room #r%d" % number)
 
     def test_a_silent_guest_hears_the_room_but_shows_only_once_it_speaks(self):
         alice = self.connect("alice")
@@ -3125,44 +3160,6 @@ class IrcTest(ServerTestCase):
         said = alice.barrier()
         self.assertEqual(said, [":carol!carol@chat NICK :caroline",
                                 ":caroline!caroline@chat QUIT :quit: bye"])
-
-
-class SilentGuestTest(ServerTestCase):
-    """A connection greeted as a guest that never says anything (a browser's spare socket,
-    a port scan) leaves no trace: no join or leave told, no WHOWAS entry."""
-
-    def guest(self):
-        peer = self.open_peer()
-        nick = re.match(r"\*\*\* welcome to .*, you are (\S+)$",
-                        peer.expect(r"\*\*\* welcome to .*")).group(1)
-        peer.expect(r"\*\*\* type /help for commands")
-        return peer, nick
-
-    def test_only_a_guest_that_spoke_is_remembered_by_whowas(self):
-        alice = IrcPeer(self.wrap(socket.create_connection(self.address, timeout=TIMEOUT)))
-        self.addCleanup(alice.sock.close)
-        alice.register("alice")
-        (silent, silent_nick), (talker, talker_nick) = self.guest(), self.guest()
-        talker.say("hello")
-        alice.expect(r":%s!\S+ PRIVMSG #lobby :hello" % talker_nick)
-        for peer in (silent, talker):
-            peer.sock.close()
-        alice.expect(r":%s!\S+ QUIT .*" % talker_nick)
-        wait_for(lambda: self.member(silent_nick) is None, message="the silent guest gone")
-        alice.irc("WHOWAS " + silent_nick, "WHOWAS " + talker_nick)
-        self.assertEqual(alice.lines_until(r":testroom 369 alice %s .*" % silent_nick), [
-            ":testroom 406 alice %s :There was no such nickname" % silent_nick])
-        self.assertRegex(alice.next_line(), r":testroom 314 alice %s %s " % (
-            talker_nick, talker_nick))
-
-    def test_replies_to_a_client_that_does_not_read_arrive_whole_and_in_order(self):
-        """Own replies go in one send() when nothing is queued, and are queued behind what
-        is when the socket is full: either way each arrives once, in order."""
-        peer, _ = self.guest()
-        count = 400
-        peer.sock.sendall(b"".join(b"/topic #r%d\n" % number for number in range(count)))
-        for number in range(count):
-            self.assertEqual(peer.next_line(), "*** error: no such room #r%d" % number)
 
 
 class IrcAmplificationTest(ServerTestCase):
