@@ -64,6 +64,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -7800,7 +7801,8 @@ class Connection(BufferedSocket):
 
     __slots__ = ("number", "peer", "ip", "tls", "stage", "framer", "dialect", "member", "inbox",
                  "inbox_bytes", "tokens", "refilled", "release_pending", "events", "reading",
-                 "want_write", "peer_done", "over_since", "stuck_since", "owed", "held")
+                 "want_write", "peer_done", "over_since", "stuck_since", "owed", "held",
+                 "__weakref__")
 
     def __init__(self, sock, peer, number, burst):
         super().__init__(sock)
@@ -8312,7 +8314,9 @@ class DelayLine:
     after a silence): in order of expiry as they are made, so a deque and one timer for
     its head do the work of a timer each, for a few words a connection in a storm. A
     timer may fire up to DELAY_LINE_SLACK late, with those due meanwhile: a storm's
-    greetings then come in a few turns, not in a turn each."""
+    greetings then come in a few turns, not in a turn each. It holds its connections
+    weakly: one that came and went is not kept until its deadline (30 s of a churn of
+    connections would be hundreds of megabytes)."""
 
     __slots__ = ("server", "delay", "callback", "entries", "armed")
 
@@ -8320,11 +8324,11 @@ class DelayLine:
         self.server = server
         self.delay = delay              # the delay, read as each timer is made
         self.callback = callback        # callback(conn)
-        self.entries = collections.deque()   # (when, conn), soonest first
+        self.entries = collections.deque()   # (when, weak reference to conn), soonest first
         self.armed = False
 
     def add(self, conn):
-        self.entries.append((time.monotonic() + self.delay(), conn))
+        self.entries.append((time.monotonic() + self.delay(), weakref.ref(conn)))
         if not self.armed:
             self.armed = True
             self.server.call_later(self.delay(), self._fire)
@@ -8333,7 +8337,9 @@ class DelayLine:
         self.armed = False
         now, entries = time.monotonic(), self.entries
         while entries and entries[0][0] <= now:
-            self.server.run_timer(self.callback, entries.popleft()[1])
+            conn = entries.popleft()[1]()
+            if conn is not None:
+                self.server.run_timer(self.callback, conn)
         if entries:   # those due next are gathered for one turn, not one turn each
             self.armed = True
             self.server.call_later(entries[0][0] - now + DELAY_LINE_SLACK, self._fire)

@@ -6,6 +6,7 @@ import base64
 import codecs
 import collections
 import concurrent.futures
+import gc
 import hashlib
 import json
 import itertools
@@ -1090,6 +1091,22 @@ class SilentGuestTest(ServerTestCase):
         peer.sock.sendall(b"".join(b"/topic #r%d\n" % number for number in range(count)))
         for number in range(count):
             self.assertEqual(peer.next_line(), "*** error: no such room #r%d" % number)
+
+    def test_connections_that_came_and_went_are_not_kept_until_their_deadlines(self):
+        """Each connection has a registration deadline, 30 s off: a churn of connections
+        must not pin every one of them in memory until then."""
+        peers = [self.open_peer() for _ in range(60)]
+        for peer in peers[::2]:
+            peer.sock.close()   # before its greeting
+        for peer in peers[1::2]:
+            peer.expect(r"\*\*\* type /help for commands")   # greeted as a guest
+            peer.sock.close()
+        wait_for(lambda: not self.server.connections(), message="all gone")
+
+        def connections_in_memory():
+            gc.collect()
+            return sum(isinstance(thing, chat.Connection) for thing in gc.get_objects())
+        self.assertEqual(self.server.run_in_loop(connections_in_memory), 0)
 
     def test_a_silent_guest_hears_the_room_but_shows_only_once_it_speaks(self):
         alice = self.connect("alice")
