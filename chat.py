@@ -240,7 +240,8 @@ class LogLine(logging.LogRecord):
     def __init__(self, name, level, pathname, lineno, msg, args, exc_info, func=None,
                  sinfo=None, **kwargs):
         created = time.time()
-        if args and len(args) == 1 and isinstance(args[0], dict) and args[0]:
+        if args and len(args) == 1 and isinstance(args[0], collections.abc.Mapping) \
+                and args[0]:
             args = args[0]   # log.info("%(x)s", {"x": 1}), as logging allows
         self.name, self.msg, self.args = name, msg, args
         self.levelno, self.levelname = level, logging.getLevelName(level)
@@ -250,7 +251,8 @@ class LogLine(logging.LogRecord):
         self.created, self.msecs = created, int(created * 1000) % 1000
         self.relativeCreated = (created - LOG_STARTED) * 1000
         self.thread = self.threadName = self.process = self.processName = None
-        self.taskName = None
+        if sys.version_info >= (3, 12):   # before, extra={"taskName": ...} is allowed
+            self.taskName = None
 
 
 def hold_log_lines():
@@ -346,10 +348,15 @@ _LOOKALIKE_SOURCES = (
     ('z', "\u01b5\u01b6\u0224\u0225\u0290\u0396\u13c3\u1d22\u1d76\ua4dc\uab93\U000118a9\U000118c4\U000118e5"),
 )
 _LOOKALIKE = {ord(source): target for target, sources in _LOOKALIKE_SOURCES for source in sources}
-# The ASCII part of it, as replacements: no target holds a source, so one after the other
-# they do what the table does at once.
+# A target is mapped on too ("Μ", Greek Mu, is "m", and "m" looks like "rn"): one pass of
+# the table then gives the same skeleton as two.
+_LOOKALIKE = {source: target.translate(_LOOKALIKE) for source, target in _LOOKALIKE.items()}
+# The ASCII part of it, as replacements: what they put in is never replaced again, so one
+# after the other they do what the table does at once.
 _ASCII_LOOKALIKE = tuple((chr(source), target) for source, target in _LOOKALIKE.items()
                          if source < 128)
+assert not any(source in target for source, _ in _ASCII_LOOKALIKE
+               for _, target in _ASCII_LOOKALIKE)
 
 
 def sanitize(text):
@@ -1798,14 +1805,18 @@ class Moderation:
         if target.remote is not None:
             self.broker.expel(target, by, reason)
             return
-        self._depart(target, lambda room, uid: Kicked(room.name, target.nick, by, reason, uid))
+        self._depart(target, lambda room, uid: Kicked(room.name, target.nick, by, reason, uid),
+                     kicked=True)
         self.sink.close(target, "kicked by %s" % by, notice("kicked_you", by=by, reason=reason))
 
-    def _remember_departure(self, member):
-        """For WHOWAS (a guest that never showed itself was never seen), and for a ban by
-        nick after a kick."""
+    def _remember_departure(self, member, kicked=False):
+        """For WHOWAS, and for a ban by nick after a kick. A guest that never showed itself
+        was never seen (unless kicked): a storm of such guests must not push the people
+        who were out of what is remembered."""
         if member.announced:
             self.remember_nick(member)
+        elif not kicked:
+            return
         self.recent[member.key] = member.address
         self.recent.move_to_end(member.key)
         while len(self.recent) > self.RECENT:
@@ -2859,7 +2870,7 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
         self._depart(member, lambda room, uid: Quit(
             room.name, member.nick, reason, room not in member.heralded or self._big(room), uid))
 
-    def _depart(self, member, event_for):
+    def _depart(self, member, event_for, kicked=False):
         """member is gone from the chat: each of its rooms gets event_for(room, uid) (one
         uid, so a member of several hears it once), and its nick and ignores are let go."""
         uid = next(self._uids)
@@ -2867,7 +2878,7 @@ class Hub(Moderation, Names, Rooms, RoomRights, Watches):
             self._remove(member, room, event_for(room, uid) if member.announced else None)
         self._unregister(member)
         self.directory.gone(member)
-        self._remember_departure(member)
+        self._remember_departure(member, kicked)
         for key in list(member.ignoring):
             self._stop_ignoring(member, key)
 

@@ -495,7 +495,8 @@ class ProtocolTextTest(unittest.TestCase):
 
     def test_look_alikes_share_a_skeleton(self):
         cases = {"alice": ("аӏісе", "alıce", "ɑlice", "aIice", "ALICE"),
-                 "bob": ("bօb", "ᏴᎾᏴ", "ꓐꓳꓐ", "b0b", "BOB")}
+                 "bob": ("bօb", "ᏴᎾᏴ", "ꓐꓳꓐ", "b0b", "BOB"),
+                 "mom": ("\u039c\u039f\u039c", "rnorn", "rn0rn")}
         for real, fakes in cases.items():
             for fake in fakes:
                 with self.subTest(fake=fake):
@@ -1059,6 +1060,8 @@ class SilentGuestTest(ServerTestCase):
     """A connection greeted as a guest that never says anything (a browser's spare socket,
     a port scan) hears the room but leaves no trace: no join or leave told, no WHOWAS."""
 
+    options = {"op_password": "op secret"}
+
     def guest(self):
         peer = self.open_peer()
         nick = re.match(r"\*\*\* welcome to .*, you are (\S+)$",
@@ -1096,6 +1099,7 @@ class SilentGuestTest(ServerTestCase):
         """Each connection has a registration deadline, 30 s off: a churn of connections
         must not pin every one of them in memory until then."""
         peers = [self.open_peer() for _ in range(60)]
+        ports = {peer.sock.getsockname()[1] for peer in peers}
         for peer in peers[::2]:
             peer.sock.close()   # before its greeting
         for peer in peers[1::2]:
@@ -1105,8 +1109,29 @@ class SilentGuestTest(ServerTestCase):
 
         def connections_in_memory():
             gc.collect()
-            return sum(isinstance(thing, chat.Connection) for thing in gc.get_objects())
+            return sum(isinstance(thing, chat.Connection) and thing.peer[1] in ports
+                       for thing in gc.get_objects())
         self.assertEqual(self.server.run_in_loop(connections_in_memory), 0)
+
+    def test_a_silent_guest_kicked_can_be_banned_by_nick_one_that_left_cannot(self):
+        """Departed guests that never showed themselves are not remembered (a storm of them
+        would push out the people who were), unless an operator kicked them."""
+        alice = self.connect("alice")
+        alice.say("/op op secret")
+        alice.expect(r"\*\*\* you are an operator now")
+        kicked, left = self.peer_from("127.0.0.2"), self.peer_from("127.0.0.3")
+        nicks = []
+        for peer in (kicked, left):
+            nicks.append(re.match(r"\*\*\* welcome to .*, you are (\S+)$",
+                                  peer.expect(r"\*\*\* welcome to .*")).group(1))
+            peer.expect(r"\*\*\* type /help for commands")
+        left.sock.close()
+        wait_for(lambda: self.member(nicks[1]) is None, message="the guest gone")
+        alice.say("/kick %s enough" % nicks[0], "/ban " + nicks[0], "/ban " + nicks[1])
+        kicked.expect_closed()
+        self.assertEqual(alice.expect(r"\*\*\* banned .*"),
+                         "*** banned %s (127.0.0.2/32) for good: no reason given" % nicks[0])
+        self.assertRegex(alice.next_line(), r"\*\*\* error: .*%s.*" % nicks[1])
 
     def test_a_silent_guest_hears_the_room_but_shows_only_once_it_speaks(self):
         alice = self.connect("alice")
