@@ -33,6 +33,7 @@ import calendar
 import codecs
 import concurrent.futures
 import collections
+import collections.abc
 import contextlib
 import dataclasses
 import errno
@@ -147,7 +148,7 @@ PACED_RECV_SIZE = 16 * 1024          # reads under flood control: a flooder is c
 SNIFF_LIMIT = 8 * 1024               # bytes read before a first line must have ended
 SEND_CHUNK = 64 * 1024               # most bytes joined for one send()
 GC_YOUNG_OBJECTS = 10000             # new objects between two young garbage collections
-                                     # (Python's default, 700, costs a storm twice the time)
+                                     # (Python's default, 700, doubles a storm's collecting)
 GREETING_NAMES = 20                  # names listed in the greeting before "and N more"
 ROOMS_LISTED = 20                    # rooms listed by /rooms before "and N more"
 MAX_NICK = 20                        # code points
